@@ -1,0 +1,607 @@
+"""The per-process connection pool: a drop-in replacement for Odoo's ``ConnectionPool``.
+
+State machine of one connection (every transition happens under ``_lock``)::
+
+    (opening) --connect ok--> IN USE --give_back--> IDLE --borrow--> IN USE
+        |                        |  \\--keep_in_pool=False, closed, expired--> (closed)
+        connect failed           \\--close_all, closed from outside--> (dropped)
+        v                                IDLE --idle timeout, max lifetime, dead socket,
+     (slot freed)                               close_all, room for another DSN--> (closed)
+
+A *slot* is counted for every connection in use, idle or being opened; there
+are never more than ``maxconn`` slots. When none is free a borrower waits in a
+FIFO queue. A freed slot is handed directly to the head of the queue (as the
+idle connection itself when its DSN matches, otherwise as the right to open a
+new one after closing the idle connection), so a newcomer can never overtake
+a waiter.
+
+Network round trips (connect, reset, health check) are never made while
+holding the lock. Idle eviction, max lifetime, dead-socket detection, leaked
+connection recovery and the leak warning run on a maintenance thread (see
+:mod:`.maintenance`), so they happen even when nobody borrows.
+"""
+import collections
+import logging
+import os
+import random
+import select
+import sys
+import threading
+import time
+import weakref
+
+import psycopg2
+import psycopg2.extensions
+
+from .dsn import dsn_key, key_database, dsn_equals
+from .errors import PoolError, PoolTimeout
+from .options import Settings
+from . import maintenance
+
+# Under odoo.sql_db so Odoo's PostgreSQL log handler (log_db) never logs our
+# own messages through a pooled connection.
+_logger = logging.getLogger('odoo.sql_db.pool')
+
+_NEW = object()        # grant: a reserved slot, open a new connection in it
+_MISSING = object()
+monotonic = time.monotonic
+
+
+class PooledConnection(psycopg2.extensions.connection):
+    """Default connection class outside Odoo (the installer uses Odoo's
+    ``PsycoConnection``). A Python subclass is needed: the pool keeps its
+    bookkeeping in attributes of the connection object."""
+
+
+class Holder:
+    """Who holds a borrowed connection: for the timeout error and leak warnings."""
+    __slots__ = ('since', 'wall_since', 'site', 'thread', 'url', 'warned')
+
+    def __init__(self, site):
+        thread = threading.current_thread()
+        self.since = monotonic()
+        self.wall_since = time.time()
+        self.site = site
+        self.thread = thread.name
+        self.url = getattr(thread, 'url', None)   # set by Odoo's HTTP layer
+        self.warned = False
+
+    def describe(self, cnx, now):
+        who = f"thread {self.thread!r}" + (f" ({self.url})" if self.url else '')
+        return (f"database {key_database(cnx._dbp_key)!r} for {now - self.since:.1f} s "
+                f"by {who} at {format_site(self.site)}")
+
+
+# Frames in these files are plumbing between the real caller and borrow().
+_PLUMBING = ('sql_db.py', os.sep + 'registry.py', 'contextlib.py', __file__.rstrip('c'))
+
+
+def borrow_site(depth=2):
+    """(file, line, function) of the first caller outside pool plumbing."""
+    frame = sys._getframe(depth)
+    while frame.f_back is not None and frame.f_code.co_filename.endswith(_PLUMBING):
+        frame = frame.f_back
+    code = frame.f_code
+    return code.co_filename, frame.f_lineno, code.co_name
+
+
+def format_site(site):
+    return '%s:%d in %s' % site if site else 'unknown'
+
+
+class _Waiter:
+    __slots__ = ('key', 'holder', 'cond', 'grant', 'since')
+
+    def __init__(self, key, holder, lock):
+        self.key = key
+        self.holder = holder
+        self.cond = threading.Condition(lock)
+        self.grant = None
+        self.since = monotonic()
+
+
+class PoolStats:
+    """Monotonic counters of one pool (the dashboard sums them across pools)."""
+    __slots__ = ('borrows', 'reused', 'opened', 'waits', 'timeouts', 'closed_idle',
+                 'closed_lifetime', 'closed_dead', 'closed_room', 'reclaimed_leaked',
+                 'dead_replaced', 'leak_warnings')
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class _Room:
+    """Grant of a slot taken from an idle connection of another DSN: the
+    grantee closes ``victim`` (waiting for its backend to exit), then connects."""
+    __slots__ = ('victim',)
+
+    def __init__(self, victim):
+        self.victim = victim
+
+
+class ConnectionPool:
+    """Pool of psycopg2 connections shared by the threads or greenlets of one process.
+
+    :param maxconn: most connections open at once (in use, idle, being opened
+        or being closed), Odoo's ``db_maxconn``.
+    :param readonly: Odoo 18+: cursors of this pool call
+        ``set_session(readonly=True)``.
+    :param settings: :class:`~.options.Settings`; the class attribute set by
+        the installer (from odoo.conf) when not given.
+    :param connection_factory: psycopg2 connection class; Odoo's
+        ``PsycoConnection`` once installed.
+    :param timer_period: seconds between two maintenance passes.
+    """
+    settings = Settings()
+    connection_factory = PooledConnection
+    timer_period = 1.0
+
+    def __init__(self, maxconn=64, readonly=False, *, settings=None,
+                 connection_factory=None, timer_period=None):
+        self._maxconn = max(int(maxconn), 1)
+        self._readonly = bool(readonly)
+        if settings is not None:
+            self.settings = settings
+        if connection_factory is not None:
+            self.connection_factory = connection_factory
+        if timer_period is not None:
+            self.timer_period = timer_period
+        self._lock = threading.Lock()
+        self._idle = {}              # dsn key -> [cnx, ...], last freed last (LIFO)
+        self._n_idle = 0
+        self._used = {}              # cnx -> Holder
+        self._opening = 0            # slots reserved by borrowers that are connecting
+        self._closing = 0            # slots of connections whose backend is exiting
+        self._waiters = collections.deque()
+        self._timer = None
+        self._closed = False
+        self.stats = PoolStats()
+        _live_pools.add(self)
+
+    # ------------------------------------------------------------------ Odoo's API
+    @property
+    def readonly(self):
+        return self._readonly
+
+    def __repr__(self):
+        mode = 'read-only' if self._readonly else 'read/write'
+        return (f"ConnectionPool({mode};used={len(self._used)}/"
+                f"count={self._count()}/max={self._maxconn})")
+
+    def _dsn_equals(self, dsn1, dsn2):
+        return dsn_equals(dsn1, dsn2)
+
+    def borrow(self, connection_info):
+        """Return a connection for ``connection_info``, waiting for a free slot if needed.
+
+        Reuses the connection of that DSN freed last; a reused connection is
+        reset (as stock Odoo does) and one found dead is replaced
+        transparently. Raises :class:`~.errors.PoolTimeout` (a ``PoolError``)
+        after ``db_pool_wait_timeout`` seconds without a free slot.
+        """
+        key = dsn_key(connection_info)
+        holder = Holder(borrow_site())
+        with self._lock:
+            if self._timer is None:
+                self._timer = maintenance.start(self)
+            self.stats.borrows += 1
+            grant = self._acquire_locked(key, holder)
+        if grant is _NEW:
+            return self._open(connection_info, key, holder)
+        try:
+            if type(grant) is _Room:
+                close_and_wait((grant.victim,))
+                grant = _NEW
+            elif self._revive(grant):
+                return grant
+            else:
+                with self._lock:    # dead: open a new one in its slot
+                    del self._used[grant]
+                    self._opening += 1
+                    self.stats.dead_replaced += 1
+                dead, grant = grant, _NEW
+                close_and_wait((dead,), timeout=0.5)
+        except BaseException:
+            with self._lock:
+                self._release_grant_locked(grant)
+            raise
+        return self._open(connection_info, key, holder)
+
+    def give_back(self, connection, keep_in_pool=True):
+        """Return a borrowed connection; ``keep_in_pool=False`` closes it."""
+        with self._lock:
+            holder = self._used.pop(connection, _MISSING)
+            if holder is _MISSING:
+                if connection.closed or connection in self._idle.get(
+                        getattr(connection, '_dbp_key', None), ()):
+                    # Closed by close_all() while in use, or given back twice.
+                    _logger.debug('%r: ignored give_back of a connection it no longer holds', self)
+                    return
+                raise PoolError('This connection does not belong to the pool')
+            if keep_in_pool and not connection.closed and not (
+                    connection._dbp_expires and connection._dbp_expires <= monotonic()):
+                self._push_idle_locked(connection)
+                if self._waiters:
+                    self._hand_off_locked()
+                return
+            self._closing += 1
+        self._retire((connection,))
+
+    def close_all(self, dsn=None):
+        """Close every connection (in use ones too, as stock Odoo) or those of ``dsn``."""
+        key = None if dsn is None else dsn_key(dsn)
+        with self._lock:
+            doomed = [cnx for cnx in self._used if key is None or cnx._dbp_key == key]
+            for cnx in doomed:
+                del self._used[cnx]
+            for stack_key in [k for k in self._idle if key is None or k == key]:
+                stack = self._idle.pop(stack_key)
+                self._n_idle -= len(stack)
+                doomed.extend(stack)
+            self._closing += len(doomed)
+        if doomed:
+            self._retire(doomed)
+            _logger.info('%r: Closed %d connections%s', self, len(doomed),
+                         f' to {key_database(key)!r}' if key else '')
+
+    # ------------------------------------------------------------------ slots
+    def _count(self):
+        return len(self._used) + self._n_idle + self._opening + self._closing
+
+    def _acquire_locked(self, key, holder):
+        """A reused idle connection (now in use), ``_NEW`` or a ``_Room``."""
+        if not self._waiters:
+            grant = self._grant_locked(key, holder)
+            if grant is None and self._reclaim_used_locked():
+                grant = self._grant_locked(key, holder)
+            if grant is not None:
+                return grant
+        return self._wait_locked(key, holder)
+
+    def _grant_locked(self, key, holder):
+        """Take a slot for ``key``: a reused idle connection (booked in use at
+        once, so the slot is never counted free in between), ``_NEW``, a
+        ``_Room`` or None when there is no slot."""
+        stack = self._idle.get(key)
+        if stack:
+            self._n_idle -= 1
+            self.stats.reused += 1
+            cnx = stack.pop()
+            self._used[cnx] = holder
+            return cnx
+        if self._count() < self._maxconn:
+            self._opening += 1
+            return _NEW
+        victim = self._least_recently_used_idle_locked()
+        if victim is not None:      # full, but idle for another DSN: make room
+            self.stats.closed_room += 1
+            self._opening += 1
+            return _Room(victim)
+        return None
+
+    def _wait_locked(self, key, holder):
+        timeout = self.settings.wait_timeout
+        if timeout <= 0:
+            self.stats.timeouts += 1
+            raise self._timeout_error(0.0)
+        waiter = _Waiter(key, holder, self._lock)
+        self._waiters.append(waiter)
+        self.stats.waits += 1
+        self._hand_off_locked()
+        deadline = waiter.since + timeout
+        try:
+            while waiter.grant is None:
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    self.stats.timeouts += 1
+                    raise self._timeout_error(monotonic() - waiter.since)
+                waiter.cond.wait(remaining)
+        except BaseException:
+            # Timed out, or interrupted (gevent.Timeout, KeyboardInterrupt):
+            # leave the queue, and pass on a grant that arrived meanwhile.
+            if waiter.grant is None:
+                self._waiters.remove(waiter)
+            else:
+                self._release_grant_locked(waiter.grant)
+            raise
+        return waiter.grant
+
+    def _release_grant_locked(self, grant):
+        """Undo a grant its borrower will not use (interrupted while waiting)."""
+        if grant is _NEW or type(grant) is _Room:
+            self._opening -= 1
+            if type(grant) is _Room and not grant.victim.closed:
+                self._push_idle_locked(grant.victim)    # back where it was
+        else:
+            del self._used[grant]
+            self._push_idle_locked(grant)
+        if self._waiters:
+            self._hand_off_locked()
+
+    def _hand_off_locked(self):
+        """Give free slots to waiters, first come first served."""
+        while self._waiters:
+            waiter = self._waiters[0]
+            grant = self._grant_locked(waiter.key, waiter.holder)
+            if grant is None:
+                return
+            self._waiters.popleft()
+            waiter.grant = grant
+            waiter.cond.notify()
+
+    def _least_recently_used_idle_locked(self):
+        oldest = None
+        for stack in self._idle.values():
+            if stack and (oldest is None or stack[0]._dbp_last_used < oldest._dbp_last_used):
+                oldest = stack[0]
+        if oldest is not None:
+            self._remove_idle_locked(oldest)
+        return oldest
+
+    def _push_idle_locked(self, cnx):
+        cnx._dbp_last_used = monotonic()
+        stack = self._idle.get(cnx._dbp_key)
+        if stack is None:
+            self._idle[cnx._dbp_key] = [cnx]
+        else:
+            stack.append(cnx)
+        self._n_idle += 1
+
+    def _remove_idle_locked(self, cnx):
+        stack = self._idle[cnx._dbp_key]
+        stack.remove(cnx)
+        if not stack:
+            del self._idle[cnx._dbp_key]
+        self._n_idle -= 1
+
+    def _retire(self, connections):
+        """Close connections already counted in ``_closing`` (lock not held),
+        then free their slots."""
+        close_and_wait(connections)
+        with self._lock:
+            self._closing -= len(connections)
+            if self._waiters:
+                self._hand_off_locked()
+
+    def _reclaim_used_locked(self):
+        """Free the slots of in-use connections closed from outside or flagged ``leaked``."""
+        freed = 0
+        for cnx in [c for c in self._used if c.closed or getattr(c, 'leaked', False)]:
+            del self._used[cnx]
+            if cnx.closed:
+                _logger.debug('%r: dropped a connection closed while in use', self)
+            else:
+                del cnx.leaked
+                self._push_idle_locked(cnx)
+                self.stats.reclaimed_leaked += 1
+                _logger.info('%r: Free leaked connection to %r', self, key_database(cnx._dbp_key))
+            freed += 1
+        return freed
+
+    # ------------------------------------------------------------------ network
+    def _open(self, connection_info, key, holder):
+        """Connect in a slot already reserved (``_opening``); give it back on failure."""
+        try:
+            cnx = psycopg2.connect(connection_factory=self.connection_factory, **connection_info)
+        except BaseException:
+            with self._lock:
+                self._opening -= 1
+                if self._waiters:
+                    self._hand_off_locked()
+            _logger.info('Connection to the database failed')
+            raise
+        now = monotonic()
+        lifetime = self.settings.max_lifetime
+        cnx._dbp_key = key
+        cnx._dbp_born = now
+        cnx._dbp_last_used = now
+        cnx._dbp_expires = now + lifetime * (1 - 0.1 * random.random()) if lifetime else 0
+        with self._lock:
+            self._opening -= 1
+            self._used[cnx] = holder
+            self.stats.opened += 1
+        return cnx
+
+    def _revive(self, cnx):
+        """Make an idle connection ready for a new borrower; False if it is dead."""
+        try:
+            if is_dead(cnx):
+                raise psycopg2.OperationalError('closed by the server while idle')
+            cnx.reset()             # stock behaviour: ABORT + DISCARD ALL
+        except psycopg2.Error as exc:
+            _logger.info('%r: replacing a dead idle connection to %r (%s)', self,
+                         key_database(cnx._dbp_key), str(exc).strip().splitlines()[0])
+            return False
+        return True
+
+    # ------------------------------------------------------------------ maintenance
+    def maintain(self):
+        """One maintenance pass (the timer calls this every ``timer_period``)."""
+        settings = self.settings
+        now = monotonic()
+        with self._lock:
+            doomed = self._evict_idle_locked(now, settings)
+            self._closing += len(doomed)
+            self._reclaim_used_locked()
+            if settings.leak_warn_after:
+                self._warn_leaks_locked(now, settings.leak_warn_after)
+            if self._waiters:
+                self._hand_off_locked()
+        if doomed:
+            self._retire(doomed)
+
+    def _evict_idle_locked(self, now, settings):
+        """Take out of the books the idle connections that must go; returns them."""
+        idle_deadline = now - settings.idle_timeout if settings.idle_timeout else None
+        doomed = []
+        for stack in list(self._idle.values()):
+            for cnx in list(stack):
+                if is_dead(cnx):
+                    reason = 'closed_dead'
+                elif idle_deadline is not None and cnx._dbp_last_used <= idle_deadline:
+                    reason = 'closed_idle'
+                elif cnx._dbp_expires and cnx._dbp_expires <= now:
+                    reason = 'closed_lifetime'
+                else:
+                    continue
+                self._remove_idle_locked(cnx)
+                doomed.append(cnx)
+                setattr(self.stats, reason, getattr(self.stats, reason) + 1)
+        return doomed
+
+    def _warn_leaks_locked(self, now, limit):
+        for cnx, holder in self._used.items():
+            if not holder.warned and now - holder.since >= limit:
+                holder.warned = True
+                self.stats.leak_warnings += 1
+                _logger.warning(
+                    '%r: a connection has been borrowed for more than %d s '
+                    '(db_pool_leak_warn_after): %s. A cursor held this long is usually '
+                    'a cursor that was never closed.', self, limit, holder.describe(cnx, now))
+
+    def _timeout_error(self, waited):
+        now = monotonic()
+        holders = sorted(self._used.items(), key=lambda item: item[1].since)[:5]
+        listed = '; '.join(f'[{i}] {h.describe(c, now)}' for i, (c, h) in enumerate(holders, 1))
+        return PoolTimeout(
+            f'The Connection Pool Is Full: all {self._maxconn} connections of this pool are in use '
+            f'(db_maxconn = {self._maxconn}) and none was freed after waiting {waited:.1f} s '
+            f'(db_pool_wait_timeout = {self.settings.wait_timeout:g}). '
+            f'Oldest holders: {listed or "none"}. If these holders are legitimate, raise '
+            f'db_maxconn or db_pool_wait_timeout; if one holds a cursor it never closes, fix '
+            f'the code at its borrow site.')
+
+    # ------------------------------------------------------------------ introspection
+    def snapshot(self):
+        """Plain data about this pool, for the dashboard, the CLI and tests."""
+        now = monotonic()
+        with self._lock:
+            return {
+                'readonly': self._readonly,
+                'maxconn': self._maxconn,
+                'in_use': len(self._used),
+                'idle': self._n_idle,
+                'opening': self._opening,
+                'closing': self._closing,
+                'waiting': len(self._waiters),
+                'holders': [
+                    {'database': key_database(c._dbp_key), 'age': now - h.since,
+                     'site': format_site(h.site), 'thread': h.thread, 'url': h.url}
+                    for c, h in sorted(self._used.items(), key=lambda item: item[1].since)],
+                'stats': self.stats.as_dict(),
+            }
+
+    def shutdown(self):
+        """Close every connection and stop maintaining this pool."""
+        self._closed = True
+        self.close_all()
+
+    def _forget_after_fork(self):
+        """In a forked child: drop the parent's connections and start afresh.
+
+        The child shares the parent's sockets; closing them here (or letting
+        the garbage collector do it) would send Terminate and end the parent's
+        sessions. Pointing the child's copy of each socket at /dev/null first
+        makes that close harmless."""
+        inherited = list(self._used)
+        for stack in self._idle.values():
+            inherited.extend(stack)
+        for cnx in inherited:
+            _neutralize(cnx)
+        self._lock = threading.Lock()
+        self._idle, self._n_idle, self._used = {}, 0, {}
+        self._opening = self._closing = 0
+        self._waiters = collections.deque()
+        self._timer = None
+
+
+def _neutralize(cnx):
+    if cnx.closed:
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, cnx.fileno())
+    finally:
+        os.close(devnull)
+
+
+def socket_readable(cnx):
+    """True when the server sent something to an idle connection: usually its
+    goodbye (shutdown, pg_terminate_backend) or a dropped socket. No round trip."""
+    try:
+        return bool(select.select((cnx.fileno(),), (), (), 0)[0])
+    except (OSError, ValueError, psycopg2.Error):
+        return True
+
+
+def is_dead(cnx):
+    """Whether an idle connection is known dead, without a round trip.
+
+    The server's goodbye arrives as an error message and then EOF: the first
+    ``poll()`` consumes the message, the next one hits EOF and raises."""
+    try:
+        for _ in range(4):
+            if cnx.closed:
+                return True
+            if not socket_readable(cnx):
+                return False
+            cnx.poll()
+    except psycopg2.Error:
+        return True
+    return bool(cnx.closed)
+
+
+def close_and_wait(connections, timeout=2.0):
+    """Close connections and wait until their server backends have exited.
+
+    ``close()`` only sends Terminate; the backend leaves pg_stat_activity a
+    moment later. The server closes its socket only after that, so keeping a
+    duplicate of our socket and waiting for EOF on it makes "closed" mean
+    "gone from the server": a slot freed here can be reused without the
+    server ever seeing one connection too many.
+    """
+    fds = []
+    for cnx in connections:
+        if not cnx.closed:
+            try:
+                fds.append(os.dup(cnx.fileno()))
+            except (OSError, psycopg2.Error):
+                pass
+            try:
+                cnx.close()
+            except Exception:       # pragma: no cover - close is best effort
+                _logger.debug('error while closing a connection', exc_info=True)
+    deadline = monotonic() + timeout
+    try:
+        while fds:
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                break
+            readable = select.select(fds, (), (), remaining)[0]
+            for fd in readable:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    data = b''
+                if not data:
+                    fds.remove(fd)
+                    os.close(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+# Pools of this process, to reset in a forked child.
+_live_pools = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    for pool in list(_live_pools):
+        pool._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

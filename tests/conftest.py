@@ -1,0 +1,65 @@
+"""Shared fixtures: real PostgreSQL clusters started in temp directories.
+
+``pg`` is one primary for the whole session (databases ``db1``..``db3`` and
+the role ``odoo`` exist). Tests isolate themselves by a unique
+``application_name`` (the ``app`` fixture), which is also how they count
+their own server connections in ``pg_stat_activity``.
+"""
+import logging
+import uuid
+
+import pytest
+
+from odoo_pool_patch.embedded_pg import Cluster
+
+DATABASES = ('db1', 'db2', 'db3')
+
+
+@pytest.fixture(scope='session')
+def pg():
+    cluster = Cluster('primary').init().start()
+    try:
+        cluster.create_role('odoo')
+        for name in DATABASES:
+            cluster.create_database(name)
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def app():
+    """A unique application_name for this test's connections."""
+    return 'dbpt-' + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def info(pg, app):
+    """connection_info(dbname) -> an Odoo-style connection_info dict for ``pg``."""
+    def make(dbname='db1', **extra):
+        data = {'database': dbname, 'application_name': app, 'host': pg.host,
+                'port': pg.port, 'user': 'odoo', 'password': 'unused', 'sslmode': 'disable'}
+        data.update(extra)
+        return data
+    return make
+
+
+@pytest.fixture
+def pools():
+    """Factory of pools that are shut down after the test."""
+    from odoo_pool_patch.pool import ConnectionPool
+    made = []
+
+    def make(maxconn=4, **kwargs):
+        pool = ConnectionPool(maxconn, **kwargs)
+        made.append(pool)
+        return pool
+    yield make
+    for pool in made:
+        pool.shutdown()
+
+
+@pytest.fixture
+def pool_log(caplog):
+    caplog.set_level(logging.INFO, logger='odoo.sql_db')
+    return caplog
