@@ -394,17 +394,23 @@ class ConnectionPool:
                     self._hand_off_locked()
             _logger.info('Connection to the database failed')
             raise
-        now = monotonic()
-        lifetime = self.settings.max_lifetime
-        cnx._dbp_key = key
-        cnx._dbp_born = now
-        cnx._dbp_last_used = now
-        cnx._dbp_expires = now + lifetime * (1 - 0.1 * random.random()) if lifetime else 0
+        self.prepare_connection(cnx, key)
         with self._lock:
             self._opening -= 1
             self._used[cnx] = holder
             self.stats.opened += 1
         return cnx
+
+    def prepare_connection(self, cnx, key):
+        """Set the bookkeeping attributes of a new connection for ``key``."""
+        now = monotonic()
+        lifetime = self.settings.max_lifetime
+        cnx._dbp_key = key
+        cnx._dbp_born = now
+        cnx._dbp_last_used = now
+        # Up to 10% jitter so that connections opened together do not all
+        # recycle together.
+        cnx._dbp_expires = now + lifetime * (1 - 0.1 * random.random()) if lifetime else 0
 
     def _revive(self, cnx):
         """Make an idle connection ready for a new borrower; False if it is dead."""

@@ -1,0 +1,261 @@
+"""Find an Odoo source tree and run it as a real server, for the demo, tests and benchmarks.
+
+Odoo is located through ``ODOO_PATH`` (a source tree: the directory holding
+the ``odoo`` package) and run with ``ODOO_PYTHON`` (default: a venv next to
+the tree, ``$ODOO_PATH-venv`` or ``$ODOO_PATH/.venv``, or this interpreter).
+Nothing here imports Odoo: the server runs in its own interpreter.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from .embedded_pg import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ADDONS = os.path.join(REPO, 'addons')
+
+
+class OdooNotFound(RuntimeError):
+    pass
+
+
+class OdooTree:
+    """An Odoo source tree and the interpreter that runs it."""
+
+    def __init__(self, path, python):
+        self.path = os.path.abspath(path)
+        self.python = python
+        self.series = read_series(self.path)
+        self.major = int(self.series.split('.')[0])
+
+    @property
+    def addons_path(self):
+        paths = [os.path.join(self.path, 'odoo', 'addons'), os.path.join(self.path, 'addons')]
+        return ','.join([p for p in paths if os.path.isdir(p)] + [ADDONS])
+
+    def command(self):
+        # A launcher script rather than "-m odoo": the prefork master re-runs
+        # sys.argv[0] to start the gevent process.
+        for launcher in ('odoo-bin', os.path.join('setup', 'odoo')):
+            if os.path.exists(os.path.join(self.path, launcher)):
+                return [self.python, os.path.join(self.path, launcher)]
+        return [self.python, '-m', 'odoo']
+
+    def env(self, extra=None):
+        env = dict(os.environ)
+        env['PYTHONPATH'] = os.pathsep.join(
+            p for p in (REPO, self.path, env.get('PYTHONPATH')) if p)
+        env.update(extra or {})
+        return env
+
+    def __repr__(self):
+        return f'<Odoo {self.series} at {self.path}>'
+
+
+def read_series(path):
+    with open(os.path.join(path, 'odoo', 'release.py')) as handle:
+        text = handle.read()
+    match = re.search(r'version_info\s*=\s*\(\s*(?:[\'"]saas~)?(\d+)\s*,\s*(\d+)', text)
+    if not match:
+        raise OdooNotFound(f'{path}/odoo/release.py has no version_info')
+    return f'{match.group(1)}.{match.group(2)}'
+
+
+def find_odoo(path=None, python=None, use_env_python=True):
+    """The Odoo tree named by ``path`` or ``ODOO_PATH``; raises OdooNotFound with the reason."""
+    path = path or os.environ.get('ODOO_PATH')
+    if not path:
+        raise OdooNotFound('ODOO_PATH is not set (point it at an Odoo 16.0-19.0 source tree, '
+                           'and ODOO_PYTHON at the interpreter of its virtualenv)')
+    if not os.path.exists(os.path.join(path, 'odoo', 'release.py')):
+        raise OdooNotFound(f'ODOO_PATH={path} is not an Odoo source tree (no odoo/release.py)')
+    python = python or (os.environ.get('ODOO_PYTHON') if use_env_python else None)
+    if not python:
+        for candidate in (path.rstrip('/') + '-venv/bin/python', os.path.join(path, '.venv/bin/python'),
+                          os.path.join(path, 'venv/bin/python')):
+            if os.path.exists(candidate):
+                python = candidate
+                break
+        else:
+            python = sys.executable
+    return OdooTree(path, python)
+
+
+def available_trees():
+    """Every Odoo tree to test against, and why there is none.
+
+    ``ODOO_PATH`` may list several trees separated by ``:``; without it, the
+    trees laid out as ``$ODOO_TREES/<series>`` with ``<series>-venv`` beside
+    them (default ``/opt/odoo``) are used.
+    """
+    paths = [p for p in os.environ.get('ODOO_PATH', '').split(':') if p]
+    if not paths:
+        root = os.environ.get('ODOO_TREES', '/opt/odoo')
+        paths = [os.path.join(root, s) for s in ('16.0', '17.0', '18.0', '19.0')
+                 if os.path.exists(os.path.join(root, s, 'odoo', 'release.py'))]
+    if not paths:
+        return [], ('no Odoo source tree: set ODOO_PATH to an Odoo 16.0-19.0 tree (and ODOO_PYTHON '
+                    'to its interpreter), or lay trees out as /opt/odoo/<series> with '
+                    '/opt/odoo/<series>-venv')
+    return [find_odoo(path, use_env_python=len(paths) == 1) for path in paths], ''
+
+
+class OdooServer:
+    """A real Odoo server process on a free port, with our addon on its addons path.
+
+    :param options: extra odoo.conf ``[options]`` entries.
+    """
+
+    def __init__(self, tree, cluster, workdir, options=None, load_pooling=True, name='odoo'):
+        self.tree = tree
+        self.cluster = cluster
+        self.workdir = workdir
+        self.port = free_port()
+        self.name = name
+        self.logfile = os.path.join(workdir, f'{name}.log')
+        self.conffile = os.path.join(workdir, f'{name}.conf')
+        self.options = {
+            'db_host': cluster.host, 'db_port': cluster.port, 'db_user': 'odoo',
+            'db_password': 'False', 'addons_path': tree.addons_path,
+            'data_dir': os.path.join(workdir, f'{name}-data'),
+            'http_port': self.port, 'http_interface': '127.0.0.1', 'gevent_port': free_port(),
+            'admin_passwd': 'master-test', 'list_db': 'True',
+            'log_level': 'info', 'logfile': self.logfile,
+            'server_wide_modules': 'base,web,db_pooling' if load_pooling else 'base,web',
+            'max_cron_threads': 1,
+        }
+        if tree.major < 19:                 # 19 loads no demo data by default
+            self.options['without_demo'] = 'all'
+        self.options.update(options or {})
+        self.proc = None
+
+    def write_config(self):
+        with open(self.conffile, 'w') as handle:
+            handle.write('[options]\n')
+            for key, value in self.options.items():
+                handle.write(f'{key} = {value}\n')
+        return self.conffile
+
+    def run(self, *args, timeout=600, check=True):
+        """Run Odoo once with this config (``--stop-after-init`` style); returns the process."""
+        self.write_config()
+        proc = subprocess.run(self.tree.command() + ['-c', self.conffile, *args],
+                              env=self.tree.env(), cwd=self.tree.path, timeout=timeout,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if check and proc.returncode:
+            raise RuntimeError(f'odoo {" ".join(args)} exited {proc.returncode}:\n'
+                               f'{proc.stdout[-3000:]}\n{self.log_tail()}')
+        return proc
+
+    def start(self, *args, wait=True):
+        self.write_config()
+        self.proc = subprocess.Popen(self.tree.command() + ['-c', self.conffile, *args],
+                                     env=self.tree.env(), cwd=self.tree.path,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        if wait:
+            self.wait_http()
+        return self
+
+    def wait_http(self, timeout=120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f'Odoo exited with {self.proc.returncode}:\n{self.log_tail()}')
+            try:
+                urllib.request.urlopen(self.url('/web/webclient/version_info'), data=b'{}', timeout=2)
+                return
+            except urllib.error.HTTPError:
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f'Odoo did not answer on port {self.port}:\n{self.log_tail()}')
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def url(self, path):
+        return f'http://127.0.0.1:{self.port}{path}'
+
+    def log_tail(self, lines=40):
+        try:
+            with open(self.logfile, errors='replace') as handle:
+                return ''.join(handle.readlines()[-lines:])
+        except OSError:
+            return ''
+
+    def log(self):
+        try:
+            with open(self.logfile, errors='replace') as handle:
+                return handle.read()
+        except OSError:
+            return ''
+
+    # ---------------------------------------------------------------- HTTP helpers
+    def post_form(self, path, fields, timeout=300):
+        data = urllib.parse.urlencode(fields).encode()
+        with urllib.request.urlopen(self.url(path), data=data, timeout=timeout) as response:
+            return response.status, response.read().decode(errors='replace')
+
+    def jsonrpc(self, service, method, *args, timeout=120):
+        payload = {'jsonrpc': '2.0', 'method': 'call', 'id': 1,
+                   'params': {'service': service, 'method': method, 'args': list(args)}}
+        request = urllib.request.Request(self.url('/jsonrpc'), json.dumps(payload).encode(),
+                                         {'Content-Type': 'application/json'})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = json.loads(response.read())
+        if 'error' in body:
+            raise RpcError(body['error'])
+        return body['result']
+
+    def execute(self, db, uid, password, model, method, *args, **kwargs):
+        return self.jsonrpc('object', 'execute_kw', db, uid, password, model, method,
+                            list(args), kwargs)
+
+    def session(self, db, login='admin', password='admin'):
+        """A logged-in web session: ``call(path, **params)`` posts JSON-RPC with its cookie."""
+        return WebSession(self, db, login, password)
+
+    def login(self, db, login='admin', password='admin'):
+        return self.jsonrpc('common', 'login', db, login, password)
+
+
+class RpcError(Exception):
+    def __init__(self, error):
+        data = error.get('data') or {}
+        super().__init__(data.get('message') or error.get('message'))
+        self.error = error
+        self.name = data.get('name', '')
+
+
+class WebSession:
+    def __init__(self, server, db, login, password):
+        import http.cookiejar
+        self.server = server
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        self.uid = self.call('/web/session/authenticate', db=db, login=login,
+                             password=password)['uid']
+
+    def call(self, path, timeout=120, **params):
+        payload = {'jsonrpc': '2.0', 'method': 'call', 'id': 1, 'params': params}
+        request = urllib.request.Request(self.server.url(path), json.dumps(payload).encode(),
+                                         {'Content-Type': 'application/json'})
+        with self.opener.open(request, timeout=timeout) as response:
+            body = json.loads(response.read())
+        if 'error' in body:
+            raise RpcError(body['error'])
+        return body['result']

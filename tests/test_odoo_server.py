@@ -1,0 +1,166 @@
+"""db_pooling inside real Odoo servers (16.0-19.0, every tree found; skipped without Odoo)."""
+import concurrent.futures
+import os
+import re
+import subprocess
+import uuid
+
+import pytest
+
+from odoo_pool_patch.odoo_runner import OdooServer, RpcError, available_trees
+
+TREES, WHY_NOT = available_trees()
+pytestmark = pytest.mark.skipif(not TREES, reason=WHY_NOT or 'no Odoo')
+ENGINE = 'odoo_pool_patch.pool.ConnectionPool'
+ADDON_TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           'addons', 'db_pooling', 'tests', 'test_pool_active.py')
+
+
+@pytest.fixture(scope='module', params=TREES or [None], ids=lambda t: t.series if t else 'none')
+def odoo_tree(request):
+    return request.param
+
+
+@pytest.fixture(scope='module')
+def server(odoo_tree, pg, tmp_path_factory):
+    """A prefork server (4 HTTP workers, 1 cron worker) with db_pooling server-wide and one
+    database ``dbp_<series>`` created through the database manager."""
+    workdir = str(tmp_path_factory.mktemp(f'odoo{odoo_tree.major}'))
+    os.chmod(workdir, 0o755)
+    srv = OdooServer(odoo_tree, pg, workdir, options={'workers': 4})
+    srv.db = f'dbp_{odoo_tree.major}'
+    srv.start()
+    try:
+        status, body = srv.post_form('/web/database/create', {
+            'master_pwd': 'master-test', 'name': srv.db, 'lang': 'en_US', 'password': 'admin',
+            'login': 'admin', 'country_code': '', 'phone': ''})
+        assert 'error' not in body.lower()[:2000] or srv.db in list_dbs(srv), body[:2000]
+        assert srv.db in list_dbs(srv), srv.log_tail()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def list_dbs(srv):
+    return srv.jsonrpc('db', 'list')
+
+
+def duplicate(srv, name, new_name):
+    # The db service rather than the /web/database/duplicate form: that form closes the
+    # request's cursor when the request's (mono)db is the one duplicated, and stock Odoo 18
+    # then answers 500 on a cold cache whichever pool is in use.
+    srv.jsonrpc('db', 'duplicate_database', 'master-test', name, new_name)
+
+
+def http_worker_pids(srv):
+    return set(int(pid) for pid in re.findall(r'WorkerHTTP \((\d+)\) alive', srv.log()))
+
+
+def test_database_manager_duplicate_and_drop(server, pg):
+    copy = server.db + '_copy'
+    duplicate(server, server.db, copy)
+    assert copy in list_dbs(server), server.log_tail()
+    uid = server.login(copy)
+    assert server.execute(copy, uid, 'admin', 'res.users', 'search_count', []) >= 1
+    server.post_form('/web/database/drop', {'master_pwd': 'master-test', 'name': copy})
+    assert copy not in list_dbs(server), server.log_tail()
+    assert not pg.sql('SELECT 1 FROM pg_database WHERE datname = %s', [copy])
+
+
+def test_every_worker_uses_our_pool_under_jsonrpc_load(server, pg):
+    databases = [server.db]
+    for suffix in ('b', 'c'):
+        name = f'{server.db}_{suffix}'
+        if name not in list_dbs(server):
+            duplicate(server, server.db, name)
+        databases.append(name)
+    assert set(databases) <= set(list_dbs(server))
+    sessions = {db: server.session(db) for db in databases}
+    uids = {db: server.login(db) for db in databases}
+
+    def work(number):
+        db = databases[number % len(databases)]
+        tag = uuid.uuid4().hex[:8]
+        partner = server.execute(db, uids[db], 'admin', 'res.partner', 'create',
+                                 {'name': f'pool {tag}'})
+        found = server.execute(db, uids[db], 'admin', 'res.partner', 'search_read',
+                               [['name', '=', f'pool {tag}']], fields=['id'])
+        assert [row['id'] for row in found] == [partner]
+        return sessions[db].call('/db_pooling/pool_info')
+
+    with concurrent.futures.ThreadPoolExecutor(8) as executor:
+        infos = list(executor.map(work, range(160)))
+    workers = http_worker_pids(server)
+    assert len(workers) == 4
+    seen = {info['pid'] for info in infos}
+    assert seen == workers, f'pool_info answered from {seen}, HTTP workers are {workers}'
+    for info in infos:
+        assert info['active'] and info['pool_class'] == ENGINE
+        assert info['pools']['_Pool']['class'] == ENGINE
+    # Our pool names this process's connections in pg_stat_activity.
+    assert pg.count_connections('odoo-%') >= 1
+
+
+def test_gevent_process_installs_our_pool(server):
+    log = server.log()
+    master = re.search(r'(\d+) INFO \S+ odoo.service.server: HTTP service \(werkzeug\)', log)
+    active = set(re.findall(r' (\d+) INFO \S+ odoo.sql_db.pool: db_pooling active in process', log))
+    assert len(active) >= 2, log[-3000:]          # the master and the separate gevent process
+    assert master is None or master.group(1) in active
+
+
+def test_stock_db_cursor_tests_pass(server, odoo_tree, pg, tmp_path):
+    """Odoo's own base/tests/test_db_cursor.py, run by Odoo's test runner with db_pooling
+    server-wide (pytest-odoo cannot run it: test_connection_readonly fails there with the
+    stock pool too, as pytest-odoo does not set up Odoo's test mode the same way)."""
+    stock = os.path.join(odoo_tree.path, 'odoo', 'addons', 'base', 'tests', 'test_db_cursor.py')
+    with open(stock) as handle:
+        classes = re.findall(r'^class (\w+)\(', handle.read(), re.M)
+    os.chmod(tmp_path, 0o755)
+    # As on Odoo's own CI, the "replica" of 18+ test mode is the primary itself (without it,
+    # 18's read-only pool connects to the default Unix socket, with the stock pool as well).
+    runner = OdooServer(odoo_tree, pg, str(tmp_path), name='stocktests', options={
+        'db_replica_host': pg.host, 'db_replica_port': pg.port})
+    proc = runner.run('-d', server.db, '-u', 'base', '--stop-after-init',
+                      '--test-tags', ','.join(f'/base:{name}' for name in classes),
+                      check=False, timeout=900)
+    log = runner.log()
+    assert proc.returncode == 0, log[-5000:]
+    assert 'db_pooling active in process' in log
+    ran = re.findall(r'(\d+) failed, (\d+) error\(s\) of (\d+) tests', log)
+    assert not re.search(r'ERROR .* (FAIL|ERROR): ', log), log[-5000:]
+    assert ran and int(ran[-1][2]) >= 5 and ran[-1][:2] == ('0', '0'), log[-5000:]
+
+
+def test_addon_tests_pass_in_odoo_with_pytest_odoo(server, odoo_tree, tmp_path):
+    """Our in-Odoo tests (pool active, access rules of the JSON route), through pytest-odoo."""
+    conf = server.write_config()
+    proc = subprocess.run(
+        [odoo_tree.python, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+         '-p', 'odoo_pool_patch.pytest_plugin',
+         f'--odoo-config={conf}', f'--odoo-database={server.db}', '--odoo-http', ADDON_TESTS],
+        env=odoo_tree.env(), cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
+    failures = proc.stdout.find('= FAILURES =')
+    assert proc.returncode == 0, (proc.stdout[failures:failures + 6000] if failures >= 0
+                                  else proc.stdout[-3000:] + proc.stderr[-3000:])
+    assert re.search(r'\b5 passed', proc.stdout), proc.stdout[-2000:]
+
+
+def test_bad_option_stops_startup_with_clear_message(odoo_tree, pg, tmp_path):
+    os.chmod(tmp_path, 0o755)
+    srv = OdooServer(odoo_tree, pg, str(tmp_path), name='badopt',
+                     options={'db_pool_wait_timeout': '-5', 'db_pool_idle_timeout': 'soon'})
+    proc = srv.run('--stop-after-init', check=False, timeout=120)
+    assert proc.returncode != 0
+    for text in (proc.stdout, srv.log()):
+        assert "db_pool_wait_timeout = '-5'" in text
+        assert "db_pool_idle_timeout = 'soon'" in text
+        assert 'a number of seconds >= 0' in text
+
+
+def test_installed_without_server_wide_loading_warns(server, odoo_tree, pg, tmp_path):
+    os.chmod(tmp_path, 0o755)
+    srv = OdooServer(odoo_tree, pg, str(tmp_path), name='notserverwide', load_pooling=False)
+    srv.run('-d', server.db, '-i', 'db_pooling', '--stop-after-init', timeout=300)
+    assert 'not loaded server-wide, so connection pooling is NOT active' in srv.log()
+    assert 'db_pooling active in process' not in srv.log()
