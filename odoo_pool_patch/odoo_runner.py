@@ -88,14 +88,28 @@ def find_odoo(path=None, python=None, use_env_python=True):
     return OdooTree(path, python)
 
 
+def _importable_odoo():
+    """The tree of an ``odoo`` importable by this interpreter, if it is a real one."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec('odoo.release')
+    except ImportError:
+        return []
+    if spec is None or not spec.origin:
+        return []
+    return [os.path.dirname(os.path.dirname(spec.origin))]
+
+
 def available_trees():
     """Every Odoo tree to test against, and why there is none.
 
-    ``ODOO_PATH`` may list several trees separated by ``:``; without it, the
-    trees laid out as ``$ODOO_TREES/<series>`` with ``<series>-venv`` beside
+    ``ODOO_PATH`` may list several trees separated by ``:``; without it, an
+    Odoo importable by this interpreter; without that, the trees laid out as ``$ODOO_TREES/<series>`` with ``<series>-venv`` beside
     them (default ``/opt/odoo``) are used.
     """
     paths = [p for p in os.environ.get('ODOO_PATH', '').split(':') if p]
+    if not paths:
+        paths = _importable_odoo()
     if not paths:
         root = os.environ.get('ODOO_TREES', '/opt/odoo')
         paths = [os.path.join(root, s) for s in ('16.0', '17.0', '18.0', '19.0')
@@ -128,7 +142,10 @@ class OdooServer:
             'http_port': self.port, 'http_interface': '127.0.0.1', 'gevent_port': free_port(),
             'admin_passwd': 'master-test', 'list_db': 'True',
             'log_level': 'info', 'logfile': self.logfile,
-            'server_wide_modules': 'base,web,db_pooling' if load_pooling else 'base,web',
+            # 19 serves /jsonrpc from the rpc module, server-wide by default there
+            'server_wide_modules': ','.join(
+                (['base', 'rpc', 'web'] if tree.major >= 19 else ['base', 'web'])
+                + (['db_pooling'] if load_pooling else [])),
             'max_cron_threads': 1,
         }
         if tree.major < 19:                 # 19 loads no demo data by default
