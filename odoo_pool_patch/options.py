@@ -48,9 +48,11 @@ OPTIONS = (
            'sessions and lets DNS or failover changes take effect.'),
     Option('db_pool_check_after', 'check_after', _seconds, 30.0,
            'a number of seconds >= 0',
-           'A connection idle for longer than this is health-checked with a round trip '
-           'before it is handed out; a dead one is replaced without the caller seeing an '
-           'error. Connections reused sooner are only checked for a closed socket.'),
+           'A connection idle for longer than this gets a round trip before it is handed '
+           'out; a dead one is replaced without the caller seeing an error. Every reuse is '
+           'first checked for a closed socket (no round trip). While every reused connection '
+           'is reset as stock Odoo does (DISCARD ALL), that reset is the round trip, so every '
+           'reuse is checked; this bound applies to connections handed out without a reset.'),
     Option('db_pool_leak_warn_after', 'leak_warn_after', _seconds, 300.0,
            'a number of seconds >= 0 (0 disables the warning)',
            'A connection borrowed for longer than this is logged once as a possible leak, '

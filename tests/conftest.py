@@ -63,3 +63,15 @@ def pools():
 def pool_log(caplog):
     caplog.set_level(logging.INFO, logger='odoo.sql_db')
     return caplog
+
+
+def pytest_report_header(config):
+    from odoo_pool_patch.odoo_runner import available_trees
+    trees, why_not = available_trees()
+    if trees:
+        return 'Odoo series under test: ' + ', '.join(f'{t.series} ({t.path})' for t in trees)
+    return f'Odoo-dependent tests will be SKIPPED: {why_not}'
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(pytest_report_header(None))

@@ -1,0 +1,71 @@
+"""The README's commands, odoo.conf.example and the wheel stay true to the code."""
+import os
+import re
+import subprocess
+import sys
+import zipfile
+
+from odoo_pool_patch.options import OPTIONS, OPTION_NAMES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(name):
+    with open(os.path.join(ROOT, name)) as handle:
+        return handle.read()
+
+
+def test_ci_runs_the_readme_test_command():
+    command = re.search(r'^TEST_COMMAND="(.*)"$', read('.ci/run'), re.M).group(1)
+    assert '    ' + command + '\n' in read('README.rst')
+
+
+def test_readme_demo_command_is_the_cli():
+    assert '    python3 -m venv .venv && .venv/bin/pip install -q -e . && .venv/bin/odoo-pool demo\n' \
+        in read('README.rst')
+
+
+def test_odoo_conf_example_lists_exactly_the_options_read():
+    example = read('odoo.conf.example')
+    listed = set(re.findall(r'^;? ?(db_pool_\w+) =', example, re.M))
+    assert listed == set(OPTION_NAMES)
+    for option in OPTIONS:
+        assert f'; {option.name} = {option.default:g}\n' in example
+
+
+def test_readme_documents_every_option():
+    readme = read('README.rst')
+    for name in OPTION_NAMES:
+        assert f'``{name}``' in readme
+
+
+def test_wheel_ships_engine_and_addon(tmp_path):
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps',
+                    '-w', str(tmp_path), ROOT], check=True, capture_output=True)
+    wheel = next(p for p in os.listdir(tmp_path) if p.endswith('.whl'))
+    names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    assert 'odoo_pool_patch/pool.py' in names
+    assert 'odoo/addons/db_pooling/__manifest__.py' in names
+    assert 'odoo/addons/db_pooling/controllers/status.py' in names
+    assert not any(n in names for n in ('odoo/__init__.py', 'odoo/addons/__init__.py'))
+
+
+def test_cli_help_and_unknown_command():
+    out = subprocess.run([sys.executable, '-m', 'odoo_pool_patch.cli', '--help'],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and 'demo' in out.stdout
+    bad = subprocess.run([sys.executable, '-m', 'odoo_pool_patch.cli', 'nope'],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
+
+
+def test_simulated_demo_shows_stock_keeping_and_us_releasing(tmp_path):
+    env = dict(os.environ, ODOO_PATH='')
+    out = subprocess.run([sys.executable, '-m', 'odoo_pool_patch.cli', 'demo', '--simulated',
+                          '--workers', '3', '--databases', '2', '--seconds', '3', '--rest', '5',
+                          '--idle-timeout', '1'],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = dict(re.findall(r'^(stock|db_pooling)\s+\d+\s+[\d.]+\s+(\d+)$', out.stdout, re.M))
+    assert int(rows['stock']) >= 2          # stock keeps its idle connections
+    assert int(rows['db_pooling']) == 0     # ours closed them after the idle timeout
