@@ -10,6 +10,7 @@ the monkey-patched ``threading`` makes it a greenlet, which is what we want.
 import logging
 import os
 import threading
+import time
 import weakref
 
 _logger = logging.getLogger('odoo.sql_db.pool')
@@ -33,19 +34,57 @@ def start(pool):
     return True
 
 
+SHED_TICK = 0.1     # how often processes check whether someone waits for the budget
+
+
 def _run(wake):
     my_pid = os.getpid()
+    next_full = 0.0
     while _state['pid'] == my_pid:
         pools = [pool for pool in list(_pools) if not pool._closed]
         period = min((pool.timer_period for pool in pools), default=1.0)
+        shared = [pool for pool in pools if pool.budget is not None]
+        now = time.monotonic()
+        full = now >= next_full
+        if full:
+            next_full = now + period
         for pool in pools:
             try:
-                pool.maintain()
+                if full:
+                    pool.maintain()
+                if pool.budget is not None:
+                    pool.shed_idle()
             except Exception:
                 _logger.exception('db_pooling maintenance of %r failed; will retry', pool)
+        if shared:
+            try:
+                _publish(shared)
+            except Exception:
+                _logger.exception('db_pooling could not publish to the shared state; will retry')
         del pools
-        wake.wait(period)
+        wake.wait(min(period, SHED_TICK) if shared else period)
         wake.clear()
+
+
+def _publish(pools):
+    """Write this process's figures to the shared state; reap dead processes; sample history."""
+    by_budget = {}
+    for pool in pools:
+        by_budget.setdefault(id(pool.budget), (pool.budget, []))[1].append(pool)
+    for budget, members in by_budget.values():
+        in_use = idle = long_lived = borrows = reused = opened = 0
+        for pool in members:
+            figures = pool.figures()
+            in_use += figures['in_use']
+            idle += figures['idle']
+            long_lived += figures['long_lived']
+            borrows += pool.stats.borrows
+            reused += pool.stats.reused
+            opened += pool.stats.opened
+        budget.publish(in_use, idle, long_lived, borrows=borrows, reused=reused, opened=opened)
+        if budget.state.reap():
+            _logger.info('db_pooling reclaimed the budget slots of processes that died')
+        budget.state.record_history()
 
 
 def _after_fork_in_child():

@@ -43,6 +43,7 @@ from . import maintenance
 _logger = logging.getLogger('odoo.sql_db.pool')
 
 _NEW = object()        # grant: a reserved slot, open a new connection in it
+_BUDGET = object()     # grant: a reserved local slot; take a slot of the shared budget first
 _MISSING = object()
 monotonic = time.monotonic
 
@@ -104,7 +105,7 @@ class PoolStats:
     """Monotonic counters of one pool (the dashboard sums them across pools)."""
     __slots__ = ('borrows', 'reused', 'opened', 'waits', 'timeouts', 'closed_idle',
                  'closed_lifetime', 'closed_dead', 'closed_room', 'reclaimed_leaked',
-                 'dead_replaced', 'leak_warnings')
+                 'dead_replaced', 'leak_warnings', 'shed', 'budget_waits', 'budget_timeouts')
 
     def __init__(self):
         for name in self.__slots__:
@@ -139,9 +140,10 @@ class ConnectionPool:
     settings = Settings()
     connection_factory = PooledConnection
     timer_period = 1.0
+    budget = None          # a SharedBudget: one connection budget for all processes
 
     def __init__(self, maxconn=64, readonly=False, *, settings=None,
-                 connection_factory=None, timer_period=None):
+                 connection_factory=None, timer_period=None, budget=None):
         self._maxconn = max(int(maxconn), 1)
         self._readonly = bool(readonly)
         if settings is not None:
@@ -150,6 +152,8 @@ class ConnectionPool:
             self.connection_factory = connection_factory
         if timer_period is not None:
             self.timer_period = timer_period
+        if budget is not None:
+            self.budget = budget
         self._lock = threading.Lock()
         self._idle = {}              # dsn key -> [cnx, ...], last freed last (LIFO)
         self._n_idle = 0
@@ -192,6 +196,9 @@ class ConnectionPool:
             grant = self._acquire_locked(key, holder)
         if grant is _NEW:
             return self._open(connection_info, key, holder)
+        if grant is _BUDGET:
+            self._wait_for_budget(key, holder)
+            return self._open(connection_info, key, holder)
         try:
             if type(grant) is _Room:
                 close_and_wait((grant.victim,))
@@ -224,10 +231,14 @@ class ConnectionPool:
                 raise PoolError('This connection does not belong to the pool')
             if keep_in_pool and not connection.closed and not (
                     connection._dbp_expires and connection._dbp_expires <= monotonic()):
-                self._push_idle_locked(connection)
-                if self._waiters:
-                    self._hand_off_locked()
-                return
+                if self.budget is None or self._waiters or not self.budget.waiting():
+                    self._push_idle_locked(connection)
+                    if self._waiters:
+                        self._hand_off_locked()
+                    return
+                # Another process waits for a slot of the shared budget and
+                # nobody here does: close this one so the slot moves there.
+                self.stats.shed += 1
             self._closing += 1
         self._retire((connection,))
 
@@ -273,7 +284,9 @@ class ConnectionPool:
             cnx = stack.pop()
             self._used[cnx] = holder
             return cnx
-        if self._count() < self._maxconn:
+        budget = self.budget
+        if self._count() < self._maxconn and (
+                budget is None or budget.try_acquire(budget.priority(key_database(key), holder.thread))):
             self._opening += 1
             return _NEW
         victim = self._least_recently_used_idle_locked()
@@ -281,6 +294,9 @@ class ConnectionPool:
             self.stats.closed_room += 1
             self._opening += 1
             return _Room(victim)
+        if self._count() < self._maxconn:   # room here, but the shared budget is full
+            self._opening += 1
+            return _BUDGET
         return None
 
     def _wait_locked(self, key, holder):
@@ -312,8 +328,10 @@ class ConnectionPool:
 
     def _release_grant_locked(self, grant):
         """Undo a grant its borrower will not use (interrupted while waiting)."""
-        if grant is _NEW or type(grant) is _Room:
+        if grant is _NEW or grant is _BUDGET or type(grant) is _Room:
             self._opening -= 1
+            if grant is _NEW and self.budget is not None:
+                self.budget.release()
             if type(grant) is _Room and not grant.victim.closed:
                 self._push_idle_locked(grant.victim)    # back where it was
         else:
@@ -364,6 +382,8 @@ class ConnectionPool:
         close_and_wait(connections)
         with self._lock:
             self._closing -= len(connections)
+            if self.budget is not None:
+                self.budget.release(len(connections))
             if self._waiters:
                 self._hand_off_locked()
 
@@ -374,6 +394,8 @@ class ConnectionPool:
             del self._used[cnx]
             if cnx.closed:
                 _logger.debug('%r: dropped a connection closed while in use', self)
+                if self.budget is not None:
+                    self.budget.release()
             else:
                 del cnx.leaked
                 self._push_idle_locked(cnx)
@@ -390,6 +412,8 @@ class ConnectionPool:
         except BaseException:
             with self._lock:
                 self._opening -= 1
+                if self.budget is not None:
+                    self.budget.release()
                 if self._waiters:
                     self._hand_off_locked()
             _logger.info('Connection to the database failed')
@@ -411,6 +435,33 @@ class ConnectionPool:
         # Up to 10% jitter so that connections opened together do not all
         # recycle together.
         cnx._dbp_expires = now + lifetime * (1 - 0.1 * random.random()) if lifetime else 0
+
+    def _wait_for_budget(self, key, holder):
+        """Wait for a slot of the shared budget (a local slot is already reserved)."""
+        budget = self.budget
+        self.stats.budget_waits += 1
+        started = monotonic()
+        try:
+            taken = budget.acquire(budget.priority(key_database(key), holder.thread),
+                                   self.settings.wait_timeout)
+        except BaseException:
+            taken = False
+            raise
+        finally:
+            if not taken:
+                with self._lock:
+                    self._opening -= 1
+                    if self._waiters:
+                        self._hand_off_locked()
+        if not taken:
+            self.stats.budget_timeouts += 1
+            raise PoolTimeout(
+                f'The Connection Pool Is Full: the instance-wide budget of {budget.budget} '
+                f'server connections (db_pool_max_connections) stayed in use for '
+                f'{monotonic() - started:.1f} s (db_pool_wait_timeout = '
+                f'{self.settings.wait_timeout:g}). Held by: {budget.describe_holders()}. '
+                f'Raise db_pool_max_connections if the server allows it, or look for long '
+                f'transactions in the processes above.')
 
     def _revive(self, cnx):
         """Make an idle connection ready for a new borrower; False if it is dead."""
@@ -440,16 +491,37 @@ class ConnectionPool:
         if doomed:
             self._retire(doomed)
 
+    def shed_idle(self):
+        """While borrowers wait for the shared budget, close our idle connections,
+        least recently used first (the maintenance thread calls this often)."""
+        budget = self.budget
+        if budget is None or not budget.waiting() or not self._n_idle:
+            return 0
+        with self._lock:
+            doomed = []
+            while self._n_idle and len(doomed) < budget.waiting() and not self._waiters:
+                doomed.append(self._least_recently_used_idle_locked())
+            self._closing += len(doomed)
+            self.stats.shed += len(doomed)
+        if doomed:
+            self._retire(doomed)
+        return len(doomed)
+
     def _evict_idle_locked(self, now, settings):
         """Take out of the books the idle connections that must go; returns them."""
         idle_deadline = now - settings.idle_timeout if settings.idle_timeout else None
+        # With a shared budget, min_idle connections stay open instance-wide.
+        spare = (self.budget.instance_idle() - self.budget.min_idle
+                 if self.budget is not None else self._n_idle)
         doomed = []
-        for stack in list(self._idle.values()):
+        for stack in sorted(self._idle.values(), key=lambda st: st[0]._dbp_last_used):
             for cnx in list(stack):
                 if is_dead(cnx):
                     reason = 'closed_dead'
-                elif idle_deadline is not None and cnx._dbp_last_used <= idle_deadline:
+                elif (idle_deadline is not None and cnx._dbp_last_used <= idle_deadline
+                      and spare > 0):
                     reason = 'closed_idle'
+                    spare -= 1
                 elif cnx._dbp_expires and cnx._dbp_expires <= now:
                     reason = 'closed_lifetime'
                 else:
@@ -500,6 +572,15 @@ class ConnectionPool:
                     for c, h in sorted(self._used.items(), key=lambda item: item[1].since)],
                 'stats': self.stats.as_dict(),
             }
+
+    def figures(self):
+        """Cheap counts for the shared state: in use (long-lived ones apart), idle."""
+        from .budget import LONG_LIVED_DATABASES
+        with self._lock:
+            long_lived = sum(1 for cnx in self._used
+                             if key_database(cnx._dbp_key) in LONG_LIVED_DATABASES)
+            return {'in_use': len(self._used) - long_lived + self._opening,
+                    'idle': self._n_idle, 'long_lived': long_lived}
 
     def shutdown(self):
         """Close every connection and stop maintaining this pool."""

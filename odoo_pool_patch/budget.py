@@ -1,0 +1,221 @@
+"""One connection budget for every process of an Odoo instance.
+
+A libpq connection cannot move between processes, so the budget is shared,
+not the connections: a process may open a server connection only after
+taking a slot of the budget, and gives the slot back once the connection is
+closed (and its backend has exited). Reusing a connection a process already
+holds costs no shared-state access at all, so the hot path stays local.
+
+When the budget is full, the borrower waits in a queue kept in shared memory
+and served by priority, then first come first served:
+
+    0  long-lived    connections to the ``postgres`` database (LISTEN for the bus
+                     and cron wake-ups, database manager), so they never stall
+    1  http          interactive requests (HTTP workers, threaded server)
+    2  gevent        the websocket / longpolling process
+    3  cron          scheduled jobs; ``cron_reserve`` slots are kept for them so a
+                     busy instance never starves cron
+
+A slot freed by any process is handed to the best waiter directly (its row is
+marked granted), and every process closes its idle connections promptly while
+someone waits (see ``ConnectionPool.shed_idle``), so idle connections in one
+worker never block a borrower in another.
+"""
+import os
+import time
+import weakref
+
+from . import shared_state as ss
+
+PRIORITIES = {'long': 0, 'http': 1, 'master': 1, 'threaded': 1, 'other': 1, 'gevent': 2, 'cron': 3}
+CRON = PRIORITIES['cron']
+LONG_LIVED_DATABASES = frozenset(('postgres', 'template0', 'template1'))
+
+
+class SharedBudget:
+    """This process's handle on the instance budget (one per process, shared by its pools).
+
+    :param state: the attached :class:`~.shared_state.SharedState`.
+    :param budget: most server connections the whole instance holds
+        (``db_pool_max_connections``).
+    :param cron_reserve: slots only cron may take when the rest is full.
+    :param min_idle: idle connections the whole instance keeps past the idle timeout.
+    :param role: this process's role (``http``, ``cron``, ``gevent``, ``master``,
+        ``threaded``); forked children re-register as ``http`` until told otherwise.
+    """
+    poll_interval = 0.005
+
+    def __init__(self, state, budget, cron_reserve=0, min_idle=0, role='other'):
+        self.state = state
+        self.budget = int(budget)
+        self.cron_reserve = int(cron_reserve)
+        self.min_idle = int(min_idle)
+        self.role = role
+        self.row = state.register(role)
+        self.pid = os.getpid()
+        _budgets.add(self)
+        with state.locked() as cells:
+            cells[ss.H_BUDGET] = self.budget
+            cells[ss.H_CRON_RESERVE] = self.cron_reserve
+            cells[ss.H_MIN_IDLE] = self.min_idle
+
+    # ------------------------------------------------------------------ identity
+    def set_role(self, role):
+        self.role = role
+        self.state.set_role(self.row, role)
+
+    def priority(self, database, thread_name=''):
+        if database in LONG_LIVED_DATABASES:
+            return PRIORITIES['long']
+        if self.role == 'threaded' and thread_name.startswith('odoo.service.cron'):
+            return CRON
+        return PRIORITIES.get(self.role, 1)
+
+    def after_fork_in_child(self, role='http'):
+        self.state.after_fork_in_child()
+        self.role = role
+        self.row = self.state.register(role)
+        self.pid = os.getpid()
+
+    # ------------------------------------------------------------------ slots
+    def waiting(self):
+        """How many borrowers wait instance-wide (a lock-free read)."""
+        return self.state.cells[ss.H_WAITING]
+
+    def held(self):
+        return self.state.cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD]
+
+    def try_acquire(self, priority):
+        """Take a slot if one is free and nobody waits; never blocks on the queue."""
+        with self.state.locked() as cells:
+            self.state._reap_locked(cells)
+            if cells[ss.H_WAITING] or not self._room_locked(cells, priority):
+                return False
+            cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD] += 1
+            return True
+
+    def acquire(self, priority, timeout):
+        """Take a slot, waiting in the shared queue up to ``timeout`` seconds. True if taken."""
+        deadline = time.monotonic() + timeout
+        with self.state.locked() as cells:
+            self.state._reap_locked(cells)
+            if not cells[ss.H_WAITING] and self._room_locked(cells, priority):
+                cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD] += 1
+                return True
+            slot = self._enqueue_locked(cells, priority)
+            self._count_locked(cells, 'waits')
+            self._grant_locked(cells)
+        state_index = ss.WAIT_BASE + slot * ss.W_FIELDS + ss.W_STATE
+        cells = self.state.cells
+        next_check = time.monotonic() + 0.25
+        try:
+            while cells[state_index] != ss.GRANTED:
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                if now >= next_check:       # a dead holder's slots come back through reaping
+                    next_check = now + 0.25
+                    with self.state.locked() as locked_cells:
+                        if self.state._reap_locked(locked_cells):
+                            self._grant_locked(locked_cells)
+                time.sleep(min(self.poll_interval, max(deadline - now, 0)))
+        finally:
+            with self.state.locked() as locked_cells:
+                granted = locked_cells[state_index] == ss.GRANTED
+                if not granted and locked_cells[state_index] == ss.WAITING:
+                    locked_cells[ss.H_WAITING] -= 1
+                base = ss.WAIT_BASE + slot * ss.W_FIELDS
+                locked_cells[base:base + ss.W_FIELDS] = memoryview(bytes(ss.W_FIELDS * 8)).cast('q')
+                if not granted:
+                    self._count_locked(locked_cells, 'timeouts')
+        return granted
+
+    def release(self, count=1):
+        """Give back slots of connections this process closed; wakes the best waiters."""
+        with self.state.locked() as cells:
+            index = ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD
+            cells[index] = max(cells[index] - count, 0)
+            self._count_locked(cells, 'closed', count)
+            if cells[ss.H_WAITING]:
+                self._grant_locked(cells)
+
+    # ------------------------------------------------------------------ under the lock
+    def _room_locked(self, cells, priority):
+        held = sum(cells[ss.PROC_BASE + ss.P_HELD:ss.WAIT_BASE:ss.P_FIELDS])
+        if priority == CRON or not self.cron_reserve:
+            return held < self.budget
+        cron_role = ss.ROLES.index('cron')
+        cron_held = sum(cells[ss.PROC_BASE + row * ss.P_FIELDS + ss.P_HELD]
+                        for row in range(ss.N_PROC)
+                        if cells[ss.PROC_BASE + row * ss.P_FIELDS + ss.P_ROLE] == cron_role
+                        and cells[ss.PROC_BASE + row * ss.P_FIELDS + ss.P_PID])
+        return held < self.budget - max(self.cron_reserve - cron_held, 0)
+
+    def _enqueue_locked(self, cells, priority):
+        for slot in range(ss.N_WAIT):
+            base = ss.WAIT_BASE + slot * ss.W_FIELDS
+            if cells[base + ss.W_STATE] == ss.FREE:
+                cells[ss.H_TICKET] += 1
+                cells[base + ss.W_PID] = self.pid
+                cells[base + ss.W_PROC] = self.row
+                cells[base + ss.W_PRIORITY] = priority
+                cells[base + ss.W_TICKET] = cells[ss.H_TICKET]
+                cells[base + ss.W_SINCE] = int(time.time() * 1000)
+                cells[base + ss.W_STATE] = ss.WAITING
+                cells[ss.H_WAITING] += 1
+                return slot
+        raise RuntimeError(f'db_pooling shared state {self.state.path}: more than '
+                           f'{ss.N_WAIT} borrowers waiting at once')
+
+    def _grant_locked(self, cells):
+        """Hand free slots to waiters: best priority first, then oldest ticket."""
+        while cells[ss.H_WAITING] > 0:
+            best, best_key = None, None
+            for slot in range(ss.N_WAIT):
+                base = ss.WAIT_BASE + slot * ss.W_FIELDS
+                if cells[base + ss.W_STATE] == ss.WAITING:
+                    key = (cells[base + ss.W_PRIORITY], cells[base + ss.W_TICKET])
+                    if (best_key is None or key < best_key) and self._room_locked(cells, key[0]):
+                        best, best_key = base, key
+            if best is None:
+                return
+            cells[best + ss.W_STATE] = ss.GRANTED
+            cells[ss.H_WAITING] -= 1
+            cells[ss.PROC_BASE + cells[best + ss.W_PROC] * ss.P_FIELDS + ss.P_HELD] += 1
+
+    def _count_locked(self, cells, name, count=1):
+        cells[ss.PROC_BASE + self.row * ss.P_FIELDS + 7 + ss.COUNTERS.index(name)] += count
+
+    # ------------------------------------------------------------------ published figures
+    def publish(self, in_use, idle, long_lived, borrows=None, reused=None, opened=None):
+        """Write this process's current figures (lock-free: only this process writes them)."""
+        cells = self.state.cells
+        base = ss.PROC_BASE + self.row * ss.P_FIELDS
+        cells[base + ss.P_IN_USE] = in_use
+        cells[base + ss.P_IDLE] = idle
+        cells[base + ss.P_LONG] = long_lived
+        for name, value in (('borrows', borrows), ('reused', reused), ('opened', opened)):
+            if value is not None:
+                cells[base + 7 + ss.COUNTERS.index(name)] = value
+
+    def instance_idle(self):
+        cells = self.state.cells
+        return sum(cells[ss.PROC_BASE + ss.P_IDLE:ss.WAIT_BASE:ss.P_FIELDS])
+
+    def describe_holders(self):
+        """Who holds the budget, for the timeout error: 'pid 12 (http): 3 in use, 1 idle; ...'."""
+        rows = sorted(self.state.processes(), key=lambda r: -r['held'])
+        return '; '.join(f"pid {r['pid']} ({r['role']}): {r['held']} held, {r['in_use']} in use, "
+                         f"{r['idle']} idle" for r in rows if r['held']) or 'none'
+
+
+# Budgets of this process: a forked child takes a process row of its own.
+_budgets = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    for budget in list(_budgets):
+        budget.after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,249 @@
+"""The shared-memory segment every process of one Odoo instance attaches to.
+
+A fixed-size file (under /dev/shm by default, or ``db_pool_shared_path`` on a
+volume shared by several containers) mapped with ``mmap(MAP_SHARED)`` and
+read as one flat array of signed 64-bit integers. Forked workers inherit the
+mapping; the gevent process (a separate interpreter) and other containers
+open the same file by path.
+
+Layout (indexes into the int64 array)::
+
+    header   16 cells         magic, version, budget, cron reserve, ticket counter, ...
+    process  N_PROC rows      pid, start time, role, held, in use, idle, long-lived,
+                              counters[N_COUNTERS]
+    waiter   N_WAIT rows      pid, process row, priority, ticket, state, since (ms)
+    history  N_HIST samples   time (ms), held, in use, idle, waiting, long-lived
+
+With N_PROC = 512, N_WAIT = 1024 and N_HIST = 720 (one sample per 5 s for
+an hour) the segment is 145,280 bytes, whatever the budget: 1,024
+connections need at most 1,024 waiter rows, and one row per process.
+
+Every change is made under :meth:`SharedState.locked`: a thread lock (for the
+threads of one process) plus ``lockf`` on the file (for processes). The
+kernel drops a ``lockf`` lock when its holder dies, even by SIGKILL, so a
+crash never deadlocks the others; rows of dead processes are then reclaimed
+by :meth:`SharedState.reap`. Values written by a process about itself only
+(its in-use and idle counts) are written without the lock.
+"""
+import contextlib
+import fcntl
+import hashlib
+import mmap
+import os
+import tempfile
+import threading
+import time
+
+MAGIC = 0x6462706F6F6C3031      # "dbpool01"
+VERSION = 1
+
+N_PROC = 512
+N_WAIT = 1024
+N_HIST = 720
+N_COUNTERS = 8
+
+# header cells
+H_MAGIC, H_VERSION, H_BUDGET, H_CRON_RESERVE, H_TICKET, H_WAITING, H_LAST_REAP, \
+    H_HIST_POS, H_HIST_LAST, H_MIN_IDLE = range(10)
+HEADER = 16
+
+# process row fields
+P_PID, P_START, P_ROLE, P_HELD, P_IN_USE, P_IDLE, P_LONG = range(7)
+P_FIELDS = 7 + N_COUNTERS
+COUNTERS = ('borrows', 'waits', 'timeouts', 'opened', 'closed', 'reused', 'shed', 'reaped')
+
+# waiter row fields and states
+W_PID, W_PROC, W_PRIORITY, W_TICKET, W_STATE, W_SINCE = range(6)
+W_FIELDS = 6
+FREE, WAITING, GRANTED = 0, 1, 2
+
+# history sample fields
+S_TIME, S_HELD, S_IN_USE, S_IDLE, S_WAITING, S_LONG = range(6)
+S_FIELDS = 6
+
+PROC_BASE = HEADER
+WAIT_BASE = PROC_BASE + N_PROC * P_FIELDS
+HIST_BASE = WAIT_BASE + N_WAIT * W_FIELDS
+CELLS = HIST_BASE + N_HIST * S_FIELDS
+SIZE = CELLS * 8
+
+ROLES = ('master', 'http', 'cron', 'gevent', 'threaded', 'other')
+
+
+def default_path(*identity):
+    """Segment path for an instance identified by ``identity`` (config file, db host, port...)."""
+    digest = hashlib.sha1(repr(identity).encode()).hexdigest()[:16]
+    directory = '/dev/shm' if os.path.isdir('/dev/shm') else tempfile.gettempdir()
+    return os.path.join(directory, f'odoo-db_pooling-{digest}')
+
+
+def process_start(pid):
+    """Start time of ``pid`` in clock ticks (from /proc), or None if it is gone or a zombie."""
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b')') + 2:].split()
+    if fields[0] in (b'Z', b'X'):
+        return None
+    return int(fields[19])
+
+
+class SharedState:
+    """One attached segment. ``cells`` is the int64 view of the whole file."""
+
+    def __init__(self, path):
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_size < SIZE:
+                    os.ftruncate(fd, SIZE)
+                self.map = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                self.cells = memoryview(self.map).cast('q')
+                if self.cells[H_MAGIC] != MAGIC or self.cells[H_VERSION] != VERSION:
+                    self.cells[:] = memoryview(bytes(SIZE)).cast('q')
+                    self.cells[H_VERSION] = VERSION
+                    self.cells[H_MAGIC] = MAGIC
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self._thread_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ locking
+    @contextlib.contextmanager
+    def locked(self):
+        with self._thread_lock:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX)
+            try:
+                yield self.cells
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def after_fork_in_child(self):
+        # lockf locks belong to a process, so the inherited descriptor is fine;
+        # only the thread lock may have been held by a thread that is gone.
+        self._thread_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ processes
+    @staticmethod
+    def proc_index(row, field):
+        return PROC_BASE + row * P_FIELDS + field
+
+    def register(self, role):
+        """Claim a process row for this process; returns the row number."""
+        pid, start = os.getpid(), process_start(os.getpid()) or 0
+        with self.locked() as cells:
+            self._reap_locked(cells, force=True)
+            free = None
+            for row in range(N_PROC):
+                base = PROC_BASE + row * P_FIELDS
+                if cells[base + P_PID] == pid and cells[base + P_START] == start:
+                    free = row      # re-registering (same process): reuse the row
+                    break
+                if free is None and cells[base + P_PID] == 0:
+                    free = row
+            if free is None:
+                raise RuntimeError(f'db_pooling shared state {self.path} has no free process row '
+                                   f'(all {N_PROC} in use)')
+            base = PROC_BASE + free * P_FIELDS
+            held = cells[base + P_HELD] if cells[base + P_PID] == pid else 0
+            cells[base:base + P_FIELDS] = memoryview(bytes(P_FIELDS * 8)).cast('q')
+            cells[base + P_PID] = pid
+            cells[base + P_START] = start
+            cells[base + P_ROLE] = ROLES.index(role) if role in ROLES else ROLES.index('other')
+            cells[base + P_HELD] = held
+        return free
+
+    def set_role(self, row, role):
+        self.cells[self.proc_index(row, P_ROLE)] = ROLES.index(role)
+
+    def processes(self):
+        """[dict] of the live process rows (for the dashboard, the CLI, tests)."""
+        cells, rows = self.cells, []
+        for row in range(N_PROC):
+            base = PROC_BASE + row * P_FIELDS
+            if cells[base + P_PID]:
+                rows.append({
+                    'row': row, 'pid': cells[base + P_PID], 'role': ROLES[cells[base + P_ROLE]],
+                    'held': cells[base + P_HELD], 'in_use': cells[base + P_IN_USE],
+                    'idle': cells[base + P_IDLE], 'long_lived': cells[base + P_LONG],
+                    **{name: cells[base + 7 + i] for i, name in enumerate(COUNTERS)},
+                })
+        return rows
+
+    def total_held(self):
+        cells = self.cells
+        return sum(cells[PROC_BASE + P_HELD:WAIT_BASE:P_FIELDS])
+
+    # ------------------------------------------------------------------ crash recovery
+    def reap(self, force=False, interval_ms=500):
+        if not force and int(time.monotonic() * 1000) - self.cells[H_LAST_REAP] < interval_ms:
+            return 0                    # someone reaped recently: skip the lock
+        with self.locked() as cells:
+            return self._reap_locked(cells, force)
+
+    def _reap_locked(self, cells, force=False, interval_ms=500):
+        """Free the rows (slots, waiters) of processes that died. Returns slots freed."""
+        now = int(time.monotonic() * 1000)
+        if not force and now - cells[H_LAST_REAP] < interval_ms:
+            return 0
+        cells[H_LAST_REAP] = now
+        freed = 0
+        for row in range(N_PROC):
+            base = PROC_BASE + row * P_FIELDS
+            pid = cells[base + P_PID]
+            if pid and process_start(pid) != cells[base + P_START]:
+                freed += cells[base + P_HELD]
+                cells[base:base + P_FIELDS] = memoryview(bytes(P_FIELDS * 8)).cast('q')
+        for row in range(N_WAIT):
+            base = WAIT_BASE + row * W_FIELDS
+            if cells[base + W_STATE] != FREE and cells[PROC_BASE + cells[base + W_PROC] * P_FIELDS
+                                                       + P_PID] != cells[base + W_PID]:
+                cells[base:base + W_FIELDS] = memoryview(bytes(W_FIELDS * 8)).cast('q')
+        cells[H_WAITING] = sum(1 for row in range(N_WAIT)
+                               if cells[WAIT_BASE + row * W_FIELDS + W_STATE] == WAITING)
+        return freed
+
+    # ------------------------------------------------------------------ history
+    def record_history(self, period_ms=5000):
+        """Append one sample of the instance totals if the last is older than the period."""
+        now = int(time.time() * 1000)
+        cells = self.cells
+        if now - cells[H_HIST_LAST] < period_ms:
+            return False
+        with self.locked() as cells:
+            if now - cells[H_HIST_LAST] < period_ms:
+                return False
+            cells[H_HIST_LAST] = now
+            pos = cells[H_HIST_POS] % N_HIST
+            base = HIST_BASE + pos * S_FIELDS
+            cells[base + S_TIME] = now
+            cells[base + S_HELD] = self.total_held()
+            cells[base + S_IN_USE] = sum(cells[PROC_BASE + P_IN_USE:WAIT_BASE:P_FIELDS])
+            cells[base + S_IDLE] = sum(cells[PROC_BASE + P_IDLE:WAIT_BASE:P_FIELDS])
+            cells[base + S_WAITING] = cells[H_WAITING]
+            cells[base + S_LONG] = sum(cells[PROC_BASE + P_LONG:WAIT_BASE:P_FIELDS])
+            cells[H_HIST_POS] = pos + 1
+        return True
+
+    def history(self):
+        """Samples oldest first: [(time_ms, held, in_use, idle, waiting, long_lived)]."""
+        cells, samples = self.cells, []
+        for pos in range(N_HIST):
+            base = HIST_BASE + pos * S_FIELDS
+            if cells[base + S_TIME]:
+                samples.append(tuple(cells[base:base + S_FIELDS]))
+        return sorted(samples)
+
+    def close(self):
+        try:
+            self.cells.release()
+            self.map.close()
+        finally:
+            os.close(self.fd)

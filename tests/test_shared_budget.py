@@ -1,0 +1,290 @@
+"""One budget for many processes: real forked processes, real PostgreSQL, SIGKILL."""
+import json
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from odoo_pool_patch import shared_state as ss
+from odoo_pool_patch.budget import SharedBudget
+from odoo_pool_patch.options import Settings
+from odoo_pool_patch.pool import ConnectionPool
+
+
+@pytest.fixture
+def shm_path(tmp_path):
+    path = str(tmp_path / 'segment')
+    yield path
+
+
+def make_budget(path, budget, role='http', **kwargs):
+    return SharedBudget(ss.SharedState(path), budget, role=role, **kwargs)
+
+
+def fork(function, *args):
+    """Run function(*args) in a child; its return value (JSON) comes back through a pipe."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                 # pragma: no cover - child
+        os.close(read_end)
+        code = 0
+        try:
+            result = function(*args)
+            os.write(write_end, json.dumps(result).encode())
+        except BaseException as exc:             # noqa: BLE001 - reported to the parent
+            os.write(write_end, json.dumps({'error': repr(exc)}).encode())
+            code = 1
+        finally:
+            os.close(write_end)
+            os._exit(code)
+    os.close(write_end)
+    return pid, read_end
+
+
+def collect(pid, read_end, timeout=120):
+    chunks = []
+    while True:
+        data = os.read(read_end, 65536)
+        if not data:
+            break
+        chunks.append(data)
+    os.close(read_end)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:                    # already reaped by the caller
+        pass
+    return json.loads(b''.join(chunks) or b'null')
+
+
+def test_segment_size_is_fixed_and_stated():
+    assert ss.SIZE == 145_280
+    assert ss.N_WAIT >= 1024
+
+
+def test_eight_processes_never_exceed_the_budget_and_never_fail(pg, shm_path, info, app):
+    budget_size = 4
+
+    def hammer(number):
+        budget = make_budget(shm_path, budget_size)
+        pool = ConnectionPool(8, settings=Settings(wait_timeout=60), budget=budget,
+                              timer_period=0.2)
+        rng = random.Random(number)
+        for _ in range(25):
+            cnx = pool.borrow(info(rng.choice(('db1', 'db2', 'db3'))))
+            with cnx.cursor() as cur:
+                cur.execute('SELECT pg_sleep(%s)', [rng.uniform(0.001, 0.01)])
+            cnx.rollback()
+            pool.give_back(cnx)
+        return {'waits': pool.stats.budget_waits, 'timeouts': pool.stats.budget_timeouts}
+
+    children = [fork(hammer, n) for n in range(8)]
+    peak, alive = 0, {pid for pid, _ in children}
+    while alive:
+        alive = {pid for pid in alive if os.waitpid(pid, os.WNOHANG)[0] == 0}
+        peak = max(peak, pg.count_connections(app))
+        time.sleep(0.01)
+    results = [collect(pid, fd) for pid, fd in children]
+    assert all('error' not in r for r in results), results
+    assert peak <= budget_size, peak
+    assert sum(r['waits'] for r in results) > 0          # the budget really was contended
+    assert sum(r['timeouts'] for r in results) == 0
+    state = ss.SharedState(shm_path)
+    state.reap(force=True)
+    assert state.total_held() == 0                       # every child died: all reclaimed
+    assert state.cells[ss.H_WAITING] == 0
+
+
+def test_waiters_served_by_priority_then_fifo(pg, shm_path, info):
+    """Fill the budget, queue waiters of mixed roles in a known order, free slots one by one."""
+    holder_budget = make_budget(shm_path, 1, role='http')
+    holder = ConnectionPool(2, budget=holder_budget, settings=Settings(wait_timeout=60))
+    held = holder.borrow(info())
+    order_file = shm_path + '.order'
+    # (name, role, database): long-lived first, then http, gevent, cron; FIFO within a role.
+    plan = [('cron-1', 'cron', 'db1'), ('http-1', 'http', 'db1'), ('gevent-1', 'gevent', 'db1'),
+            ('http-2', 'http', 'db2'), ('long-1', 'http', 'postgres'), ('cron-2', 'cron', 'db2'),
+            ('http-3', 'http', 'db1')]
+
+    def waiter(name, role, database):
+        budget = make_budget(shm_path, 1, role=role)
+        pool = ConnectionPool(2, budget=budget, settings=Settings(wait_timeout=60),
+                              timer_period=3600)
+        cnx = pool.borrow(info(database))
+        with open(order_file, 'a') as handle:
+            handle.write(name + '\n')
+        time.sleep(0.05)
+        pool.give_back(cnx, keep_in_pool=False)
+        return name
+
+    children = []
+    for number, (name, role, database) in enumerate(plan, 1):
+        children.append(fork(waiter, name, role, database))
+        deadline = time.time() + 10
+        while holder_budget.waiting() < number and time.time() < deadline:
+            time.sleep(0.01)
+        assert holder_budget.waiting() == number
+    holder.give_back(held, keep_in_pool=False)
+    for pid, fd in children:
+        collect(pid, fd)
+    with open(order_file) as handle:
+        served = handle.read().split()
+    assert served == ['long-1', 'http-1', 'http-2', 'http-3', 'gevent-1', 'cron-1', 'cron-2']
+    holder.shutdown()
+
+
+def test_cron_reserve_keeps_a_slot_for_cron(pg, shm_path, info):
+    http = make_budget(shm_path, 2, cron_reserve=1, role='http')
+    pool = ConnectionPool(4, budget=http, settings=Settings(wait_timeout=0.5))
+    first = pool.borrow(info())
+    with pytest.raises(Exception, match='instance-wide budget of 2'):
+        pool.borrow(info('db2'))                 # the last slot is cron's
+
+    def cron_job():
+        budget = make_budget(shm_path, 2, cron_reserve=1, role='cron')
+        cron_pool = ConnectionPool(2, budget=budget, settings=Settings(wait_timeout=0.5))
+        cnx = cron_pool.borrow(info('db3'))
+        cron_pool.give_back(cnx, keep_in_pool=False)
+        return 'ok'
+    assert collect(*fork(cron_job)) == 'ok'
+    pool.give_back(first)
+    pool.shutdown()
+
+
+def test_idle_connections_of_one_process_move_to_a_waiter_in_another(pg, shm_path, info, app):
+    """A sleeping process holding idle connections gives them up while someone waits."""
+    budget_size = 3
+    ready = shm_path + '.ready'
+
+    def idle_holder():
+        budget = make_budget(shm_path, budget_size)
+        pool = ConnectionPool(8, budget=budget, settings=Settings(idle_timeout=3600),
+                              timer_period=1.0)
+        held = [pool.borrow(info(db)) for db in ('db1', 'db2', 'db3')]
+        for cnx in held:
+            pool.give_back(cnx)                  # idle, the whole budget
+        open(ready, 'w').close()
+        time.sleep(8)                            # "sleeping in select": only the timer runs
+        return pool.stats.shed
+
+    pid, fd = fork(idle_holder)
+    deadline = time.time() + 10
+    while not os.path.exists(ready) and time.time() < deadline:
+        time.sleep(0.01)
+    assert pg.count_connections(app) == budget_size
+    budget = make_budget(shm_path, budget_size)
+    pool = ConnectionPool(4, budget=budget, settings=Settings(wait_timeout=5))
+    start = time.monotonic()
+    cnx = pool.borrow(info('db2'))
+    waited = time.monotonic() - start
+    assert waited < 5                            # within a timer tick, not the wait timeout
+    assert pool.stats.budget_waits == 1 and pg.count_connections(app) <= budget_size
+    pool.give_back(cnx)
+    assert collect(pid, fd) >= 1
+    pool.shutdown()
+
+
+def test_idle_falls_to_min_idle_instance_wide(pg, shm_path, info, app):
+    settings = Settings(idle_timeout=0.5)
+    budgets = [make_budget(shm_path, 10, min_idle=1) for _ in range(2)]
+    pools = [ConnectionPool(5, budget=b, settings=settings, timer_period=0.1) for b in budgets]
+    for pool in pools:
+        held = [pool.borrow(info(db)) for db in ('db1', 'db2', 'db3')]
+        for cnx in held:
+            pool.give_back(cnx)
+    assert pg.count_connections(app) == 6
+    assert pg.wait_until(lambda: pg.count_connections(app) == 1, timeout=0.5 + 1.0 + 2.0)
+    time.sleep(1.0)
+    assert pg.count_connections(app) == 1
+    for pool in pools:
+        pool.shutdown()
+
+
+def kill_loop_child(shm_path, info_dict, hold_lock):
+    budget = make_budget(shm_path, 3)
+    pool = ConnectionPool(3, budget=budget, settings=Settings(wait_timeout=60),
+                          timer_period=0.1)
+    held = [pool.borrow(info_dict) for _ in range(2)]
+    if hold_lock:
+        with budget.state.locked():
+            os.write(1, b'')                     # die here, holding the lock
+            time.sleep(60)
+    while True:
+        for cnx in held:
+            with cnx.cursor() as cur:
+                cur.execute('SELECT 1')
+            cnx.rollback()
+        time.sleep(random.uniform(0, 0.01))
+
+
+def test_sigkill_at_random_moments_never_leaks_the_budget(pg, shm_path, info, app):
+    observer = ss.SharedState(shm_path)
+    for round_number in range(12):
+        hold_lock = round_number % 3 == 0
+        pid, fd = fork(kill_loop_child, shm_path, info(), hold_lock)
+        deadline = time.time() + 10
+        while observer.total_held() < 2 and time.time() < deadline:
+            time.sleep(0.005)
+        assert observer.total_held() == 2
+        time.sleep(random.uniform(0, 0.05))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fd)
+        killed_at = time.monotonic()
+        # No deadlock: the lock is free again, and the slots come back within 5 s.
+        while observer.total_held() and time.monotonic() - killed_at < 5:
+            observer.reap()
+            time.sleep(0.05)
+        assert observer.total_held() == 0, f'round {round_number}: slots not reclaimed'
+        with observer.locked():
+            pass
+    assert observer.cells[ss.H_WAITING] == 0
+    assert pg.wait_until(lambda: pg.count_connections(app) == 0, timeout=5)
+
+
+def test_budget_survives_a_waiter_killed_while_waiting(pg, shm_path, info):
+    holder_budget = make_budget(shm_path, 1)
+    holder = ConnectionPool(2, budget=holder_budget, settings=Settings(wait_timeout=60))
+    cnx = holder.borrow(info())
+
+    def doomed_waiter():
+        budget = make_budget(shm_path, 1)
+        ConnectionPool(2, budget=budget, settings=Settings(wait_timeout=60)).borrow(info('db2'))
+
+    pid, fd = fork(doomed_waiter)
+    deadline = time.time() + 10
+    while holder_budget.waiting() < 1 and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(fd)
+    holder_budget.state.reap(force=True)
+    assert holder_budget.waiting() == 0
+    holder.give_back(cnx, keep_in_pool=False)
+    assert holder_budget.state.total_held() == 0
+    holder.shutdown()
+
+
+def test_threads_and_processes_share_one_budget(pg, shm_path, info, app):
+    budget = make_budget(shm_path, 2)
+    pool = ConnectionPool(8, budget=budget, settings=Settings(wait_timeout=30))
+    errors = []
+
+    def work():
+        try:
+            for _ in range(10):
+                cnx = pool.borrow(info())
+                time.sleep(0.005)
+                pool.give_back(cnx)
+        except Exception as exc:                 # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and pg.count_connections(app) <= 2
+    pool.shutdown()
