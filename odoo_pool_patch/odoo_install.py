@@ -76,15 +76,129 @@ def install(settings):
         'settings': settings,
         'connection_factory': sql_db.PsycoConnection,
     })
+    if settings.shared:
+        pool_class.budget = attach_budget(settings)
     sql_db.ConnectionPool = pool_class
     for name in ('_Pool', '_Pool_readonly'):
         live = getattr(sql_db, name, None)
         if live is not None and not isinstance(live, ConnectionPool):
             adopt(live, pool_class)
-    STATE.update(pid=os.getpid(), settings=settings, series=release.serie)
+    STATE.update(pid=os.getpid(), settings=settings, series=release.serie,
+                 budget=pool_class.budget)
     _logger.info('db_pooling active in process %d (Odoo %s): %s', os.getpid(), release.serie,
-                 ', '.join(f'{k}={v:g}' for k, v in settings.as_options().items()))
+                 settings.describe())
+    if process_role() in ('master', 'threaded'):
+        log_budget(settings, pool_class.budget)
     return pool_class
+
+
+def process_role():
+    import odoo
+    from odoo.tools import config
+    if getattr(odoo, 'evented', False):
+        return 'gevent'
+    return 'master' if int(config.get('workers') or 0) else 'threaded'
+
+
+def default_budget(workers, cron_threads, maxconn):
+    """db_pool_max_connections when not set: what the workers can use at once.
+
+    An HTTP worker serves one request at a time (one cursor, sometimes two: the
+    second waits briefly); a cron worker holds its LISTEN connection plus two
+    per job; the gevent process one LISTEN connection plus its websockets'
+    short cursors. Threaded servers keep stock's db_maxconn."""
+    if workers:
+        return workers + 3 * cron_threads + 1
+    return maxconn
+
+
+def budget_settings(settings):
+    """(budget, cron reserve, shared path) with the computed defaults filled in."""
+    from odoo.tools import config
+    from .shared_state import default_path
+    workers = int(config.get('workers') or 0)
+    cron = int(config.get('max_cron_threads') or 0)
+    size = settings.max_connections or default_budget(workers, cron, int(config.get('db_maxconn') or 64))
+    reserve = settings.cron_reserve if settings.cron_reserve is not None else (1 if cron else 0)
+    path = settings.shared_path or default_path(
+        os.path.abspath(config.get('config') or config.rcfile or ''), config.get('db_host'),
+        config.get('db_port'), config.get('db_user'), config.get('http_port'))
+    return size, min(reserve, size - 1), path
+
+
+def attach_budget(settings):
+    from .budget import SharedBudget
+    from .shared_state import SharedState
+    size, reserve, path = budget_settings(settings)
+    try:
+        state = SharedState(path)
+    except OSError as exc:
+        message = (f'db_pooling cannot open its shared state file {path} ({exc.strerror}): set '
+                   f'db_pool_shared_path to a writable absolute path, or db_pool_shared = off.')
+        _logger.critical('%s', message)
+        raise SystemExit(message) from None
+    budget = SharedBudget(state, size, cron_reserve=reserve, min_idle=settings.min_idle,
+                          role=process_role())
+    _patch_worker_roles(budget)
+    return budget
+
+
+def _patch_worker_roles(budget):
+    """Tell the shared state which forked worker is HTTP and which is cron."""
+    from odoo.service import server
+    if getattr(server.Worker.run, '_db_pooling', False):
+        return
+    original = server.Worker.run
+
+    def run(self, *args, **kwargs):
+        budget.set_role('cron' if isinstance(self, server.WorkerCron) else 'http')
+        return original(self, *args, **kwargs)
+    run._db_pooling = True
+    server.Worker.run = run
+
+
+def log_budget(settings, budget):
+    """Print the budget next to what the server accepts; warn when it cannot fit."""
+    import psycopg2
+    from odoo import sql_db
+    from odoo.tools import config
+    workers = int(config.get('workers') or 0)
+    cron = int(config.get('max_cron_threads') or 0)
+    maxconn = int(config.get('db_maxconn') or 64)
+    if budget is not None:
+        wanted = budget.budget
+        what = (f'one budget of {wanted} server connections for the whole instance '
+                f'(db_pool_max_connections{"" if settings.max_connections else ", default"}; '
+                f'workers={workers}, max_cron_threads={cron})')
+    else:
+        wanted = (1 + workers + cron + (1 if workers else 0)) * maxconn
+        what = (f'no shared budget (db_pool_shared = off): worst case {wanted} connections = '
+                f'{1 + workers + cron + (1 if workers else 0)} processes x db_maxconn {maxconn}')
+    info = sql_db.connection_info_for('postgres')[1]
+    try:
+        cnx = psycopg2.connect(**info)
+        try:
+            with cnx.cursor() as cur:
+                cur.execute("SELECT current_setting('max_connections')::int, "
+                            "current_setting('superuser_reserved_connections')::int")
+                max_connections, reserved = cur.fetchone()
+        finally:
+            cnx.close()
+    except psycopg2.Error as exc:
+        _logger.warning('db_pooling: %s; could not read max_connections from %s:%s (%s)', what,
+                        info.get('host', 'local socket'), info.get('port', 5432),
+                        str(exc).strip().splitlines()[0])
+        return
+    allowed = max_connections - reserved
+    server = f"{info.get('host', 'local socket')}:{info.get('port', 5432)}"
+    if wanted > allowed:
+        _logger.warning('db_pooling: %s, but server %s accepts only %d (max_connections %d - '
+                        'superuser_reserved_connections %d): lower db_pool_max_connections or '
+                        'raise max_connections.', what, server, allowed, max_connections, reserved)
+    else:
+        _logger.info('db_pooling: %s; server %s accepts %d (max_connections %d - '
+                     'superuser_reserved_connections %d).', what, server, allowed,
+                     max_connections, reserved)
 
 
 def stock_connections(pool):

@@ -9,9 +9,46 @@ A bad value never silently falls back to a default: :func:`load_settings`
 raises :class:`ConfigError` naming every bad option, its value and what is
 allowed, and the addon stops the server with that message.
 """
+import os
 from dataclasses import dataclass, fields
 
 from .errors import ConfigError
+
+_TRUE = {'1', 'true', 'yes', 'on'}
+_FALSE = {'0', 'false', 'no', 'off'}
+
+
+def _bool(value):
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError
+
+
+def _count(value):
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError
+    number = int(str(value).strip())
+    if number < 0:
+        raise ValueError
+    return number
+
+
+def _positive(value):
+    number = _count(value)
+    if number < 1:
+        raise ValueError
+    return number
+
+
+def _path(value):
+    text = str(value).strip()
+    if not os.path.isabs(text):
+        raise ValueError
+    return text
+
 
 def _seconds(value):
     number = float(value)
@@ -60,6 +97,35 @@ OPTIONS = (
            'legitimately hold a cursor that long.'),
 )
 
+OPTIONS += (
+    Option('db_pool_shared', 'shared', _bool, True,
+           'on or off',
+           'One connection budget for all processes of this Odoo instance (HTTP workers, cron '
+           'workers, the gevent process), kept in shared memory. off: each process has only its '
+           'own db_maxconn limit, as stock Odoo.'),
+    Option('db_pool_max_connections', 'max_connections', _positive, None,
+           'a whole number >= 1',
+           'Most server connections the whole instance holds, idle ones included. Default: '
+           'workers + 3 x max_cron_threads + 1 with workers (12 for 8 workers and 1 cron '
+           'worker), db_maxconn without. Borrowers beyond it wait (db_pool_wait_timeout). Keep '
+           'it under the server\'s max_connections minus superuser_reserved_connections, minus '
+           'what other clients need; the start-up log prints both.'),
+    Option('db_pool_cron_reserve', 'cron_reserve', _count, None,
+           'a whole number >= 0',
+           'Slots of the budget only cron may take when the rest is full, so a busy instance '
+           'never starves scheduled jobs. Default 1 when max_cron_threads > 0, else 0.'),
+    Option('db_pool_min_idle', 'min_idle', _count, 1,
+           'a whole number >= 0',
+           'Idle connections the whole instance keeps open past db_pool_idle_timeout, ready for '
+           'the next request. 0 closes everything at rest.'),
+    Option('db_pool_shared_path', 'shared_path', _path, None,
+           'an absolute file path',
+           'File holding the shared state (about 145 kB). Default: a file in /dev/shm named '
+           'after the config file and database server, so the processes of one instance find '
+           'it. Set the same path on a volume shared by several Odoo containers of one host to '
+           'give them one budget.'),
+)
+
 OPTION_NAMES = tuple(option.name for option in OPTIONS)
 
 
@@ -71,10 +137,19 @@ class Settings:
     max_lifetime: float = 3600.0
     check_after: float = 30.0
     leak_warn_after: float = 300.0
+    shared: bool = True
+    max_connections: int = None     # None: computed from the worker counts
+    cron_reserve: int = None        # None: 1 with cron workers, else 0
+    min_idle: int = 1
+    shared_path: str = None         # None: /dev/shm/odoo-db_pooling-<instance hash>
 
     def as_options(self):
         """``{odoo.conf name: value}``, for logs and the dashboard."""
         return {option.name: getattr(self, option.field) for option in OPTIONS}
+
+    def describe(self):
+        return ', '.join(f'{name}={value:g}' if isinstance(value, float) else f'{name}={value}'
+                         for name, value in self.as_options().items())
 
 
 assert {f.name for f in fields(Settings)} == {o.field for o in OPTIONS}
@@ -98,8 +173,37 @@ def load_settings(get, source='odoo.conf [options]'):
         except (TypeError, ValueError):
             problems.append(
                 f'{option.name} = {raw!r} in {source} is not valid: expected {option.allowed} '
-                f'(default {option.default}).')
+                f'(default {"computed at start-up" if option.default is None else option.default}).')
     if problems:
         raise ConfigError('db_pooling cannot start: ' + ' '.join(problems)
                           + ' Fix the value or remove the line to use the default.')
     return Settings(**values)
+
+
+def format_value(value):
+    if value is None:
+        return '(computed)'
+    if isinstance(value, bool):
+        return 'on' if value else 'off'
+    if isinstance(value, float):
+        return f'{value:g}'
+    return str(value)
+
+
+def example_section():
+    """The db_pool_* part of odoo.conf.example, from :data:`OPTIONS` (so docs cannot drift)."""
+    import textwrap
+    lines = []
+    for option in OPTIONS:
+        lines.append('')
+        lines.extend('; ' + line for line in textwrap.wrap(option.doc, 92))
+        unit = ' s' if option.parse is _seconds else ''
+        lines.append(f'; Default: {format_value(option.default)}{unit if option.default is not None else ""}. '
+                     f'Allowed: {option.allowed}.')
+        value = format_value(option.default) if option.default is not None else ''
+        lines.append(f'; {option.name} = {value}'.rstrip())
+    return '\n'.join(lines) + '\n'
+
+
+if __name__ == '__main__':       # python -m odoo_pool_patch.options > section
+    print(example_section(), end='')
