@@ -164,3 +164,54 @@ def test_installed_without_server_wide_loading_warns(server, odoo_tree, pg, tmp_
     srv.run('-d', server.db, '-i', 'db_pooling', '--stop-after-init', timeout=300)
     assert 'not loaded server-wide, so connection pooling is NOT active' in srv.log()
     assert 'db_pooling active in process' not in srv.log()
+
+
+def test_shared_budget_with_8_workers_on_6_databases(odoo_tree, pg, tmp_path):
+    """Default settings, prefork 8 HTTP + 1 cron worker, 6 databases, 16 JSON-RPC clients:
+    the instance never holds more than its budget (12) and goes back to rest after the load."""
+    import threading
+    import time
+    os.chmod(tmp_path, 0o755)
+    prefix = f'budget{odoo_tree.major}_'
+    setup = OdooServer(odoo_tree, pg, str(tmp_path), name='budget-setup', load_pooling=False)
+    setup.run('-d', prefix + '1', '-i', 'base', '--stop-after-init', timeout=600)
+    databases = [prefix + str(n) for n in range(1, 7)]
+    for name in databases[1:]:
+        pg.sql(f'CREATE DATABASE "{name}" TEMPLATE "{databases[0]}"')
+    srv = OdooServer(odoo_tree, pg, str(tmp_path), name='budget', options={
+        'workers': 8, 'max_cron_threads': 1, 'db_pool_idle_timeout': 2,
+        'dbfilter': f'^{prefix}.*$'})
+    srv.start()
+    try:
+        uids = {db: srv.login(db) for db in databases}
+        errors, stop_at = [], time.time() + 12
+
+        def client(number):
+            rng = __import__('random').Random(number)
+            while time.time() < stop_at:
+                db = rng.choice(databases)
+                try:
+                    srv.execute(db, uids[db], 'admin', 'res.partner', 'search_read', [],
+                                fields=['name'], limit=20)
+                    if rng.random() < 0.2:
+                        srv.execute(db, uids[db], 'admin', 'res.partner', 'create', {'name': 'b'})
+                except Exception as exc:         # noqa: BLE001
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(16)]
+        for thread in threads:
+            thread.start()
+        peak = 0
+        while any(t.is_alive() for t in threads):
+            peak = max(peak, pg.count_connections('odoo-%'))
+            time.sleep(0.05)
+        assert not errors, errors[:3]
+        assert 6 <= peak <= 12, peak
+        assert 'one budget of 12 server connections for the whole instance' in srv.log()
+        # At rest: min_idle (1) plus the long-lived LISTEN connections (postgres database).
+        def at_rest():
+            ordinary = len([c for c in pg.connections('odoo-%') if c[1] != 'postgres'])
+            return ordinary <= 1
+        assert pg.wait_until(at_rest, timeout=2 + 1 + 3), pg.connections('odoo-%')
+    finally:
+        srv.stop()
