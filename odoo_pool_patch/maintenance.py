@@ -34,6 +34,17 @@ def start(pool):
     return True
 
 
+_last_failure_log = [0.0]
+
+
+def _log_failure(message, *args):
+    """Log a maintenance failure with its traceback, at most once a minute."""
+    now = time.monotonic()
+    if now - _last_failure_log[0] >= 60:
+        _last_failure_log[0] = now
+        _logger.exception(message, *args)
+
+
 SHED_TICK = 0.1     # how often processes check whether someone waits for the budget
 
 
@@ -55,12 +66,12 @@ def _run(wake):
                 if pool.budget is not None:
                     pool.shed_idle()
             except Exception:
-                _logger.exception('db_pooling maintenance of %r failed; will retry', pool)
+                _log_failure('db_pooling maintenance of %r failed; will retry', pool)
         if shared:
             try:
                 _publish(shared)
             except Exception:
-                _logger.exception('db_pooling could not publish to the shared state; will retry')
+                _log_failure('db_pooling could not publish to the shared state; will retry')
         del pools
         wake.wait(min(period, SHED_TICK) if shared else period)
         wake.clear()

@@ -282,6 +282,8 @@ class ConnectionPool:
             self._n_idle -= 1
             self.stats.reused += 1
             cnx = stack.pop()
+            if not stack:
+                del self._idle[key]     # no empty stacks: the maintenance relies on it
             self._used[cnx] = holder
             return cnx
         budget = self.budget

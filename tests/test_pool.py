@@ -398,3 +398,18 @@ def test_uri_connection_info(pools, pg, app):
     pool.give_back(cnx)
     pool.close_all(uri)
     assert cnx.closed
+
+
+def test_maintenance_pass_after_every_kind_of_reuse(pools, info):
+    """The timer's pass must work whatever the books look like (it runs unattended)."""
+    pool = pools(4, settings=Settings(idle_timeout=0.01), timer_period=3600)
+    a = pool.borrow(info('db1'))
+    pool.give_back(a)
+    a = pool.borrow(info('db1'))              # db1's idle stack is empty again
+    b = pool.borrow(info('db2'))
+    pool.give_back(b)
+    time.sleep(0.05)
+    pool.maintain()
+    assert b.closed and not a.closed
+    pool.give_back(a)
+    assert pool.snapshot()['idle'] == 1
