@@ -116,8 +116,8 @@ class SharedBudget:
                 if now >= next_check:       # a dead holder's slots come back through reaping
                     next_check = now + 0.25
                     with self.state.locked() as locked_cells:
-                        if self.state._reap_locked(locked_cells):
-                            self._grant_locked(locked_cells)
+                        self.state._reap_locked(locked_cells)
+                        self._grant_locked(locked_cells)
                 time.sleep(min(self.poll_interval, max(deadline - now, 0)))
         finally:
             with self.state.locked() as locked_cells:
@@ -130,14 +130,43 @@ class SharedBudget:
                     self._count_locked(locked_cells, 'timeouts')
         return granted
 
-    def release(self, count=1):
-        """Give back slots of connections this process closed; wakes the best waiters."""
+    def reap(self):
+        """Reclaim the slots of dead processes and hand them to waiters. Slots freed."""
+        cells = self.state.cells
+        if int(time.monotonic() * 1000) - cells[ss.H_LAST_REAP] < 500:
+            return 0                    # someone reaped recently: skip the lock
         with self.state.locked() as cells:
-            index = ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD
-            cells[index] = max(cells[index] - count, 0)
+            freed = self.state._reap_locked(cells)
+            if cells[ss.H_WAITING]:
+                self._grant_locked(cells)
+            return freed
+
+    def release(self, count=1, shed=0):
+        """Give back slots of connections this process closed (``shed`` of them
+        claimed with :meth:`claim_shed`); wakes the best waiters."""
+        with self.state.locked() as cells:
+            base = ss.PROC_BASE + self.row * ss.P_FIELDS
+            cells[base + ss.P_HELD] = max(cells[base + ss.P_HELD] - count, 0)
+            if shed:
+                cells[base + ss.P_SHEDDING] = max(cells[base + ss.P_SHEDDING] - shed, 0)
             self._count_locked(cells, 'closed', count)
             if cells[ss.H_WAITING]:
                 self._grant_locked(cells)
+
+    def claim_shed(self, idle):
+        """How many of this process's ``idle`` connections to close for the waiters.
+
+        Waiters minus the connections other processes are already closing for
+        them, so that one waiter does not make every process close one."""
+        if not self.state.cells[ss.H_WAITING] or not idle:
+            return 0
+        with self.state.locked() as cells:
+            shedding = sum(cells[ss.PROC_BASE + ss.P_SHEDDING:ss.WAIT_BASE:ss.P_FIELDS])
+            count = max(min(cells[ss.H_WAITING] - shedding, idle), 0)
+            if count:
+                cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_SHEDDING] += count
+                self._count_locked(cells, 'shed', count)
+            return count
 
     # ------------------------------------------------------------------ under the lock
     def _room_locked(self, cells, priority):
@@ -184,7 +213,7 @@ class SharedBudget:
             cells[ss.PROC_BASE + cells[best + ss.W_PROC] * ss.P_FIELDS + ss.P_HELD] += 1
 
     def _count_locked(self, cells, name, count=1):
-        cells[ss.PROC_BASE + self.row * ss.P_FIELDS + 7 + ss.COUNTERS.index(name)] += count
+        cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_COUNTERS + ss.COUNTERS.index(name)] += count
 
     # ------------------------------------------------------------------ published figures
     def publish(self, in_use, idle, long_lived, borrows=None, reused=None, opened=None):
@@ -196,11 +225,16 @@ class SharedBudget:
         cells[base + ss.P_LONG] = long_lived
         for name, value in (('borrows', borrows), ('reused', reused), ('opened', opened)):
             if value is not None:
-                cells[base + 7 + ss.COUNTERS.index(name)] = value
+                cells[base + ss.P_COUNTERS + ss.COUNTERS.index(name)] = value
 
-    def instance_idle(self):
-        cells = self.state.cells
-        return sum(cells[ss.PROC_BASE + ss.P_IDLE:ss.WAIT_BASE:ss.P_FIELDS])
+    def claim_idle_eviction(self, wanted):
+        """How many of ``wanted`` timed-out idle connections this process may close
+        while the instance keeps ``min_idle``; the answer is published at once."""
+        with self.state.locked() as cells:
+            total = sum(cells[ss.PROC_BASE + ss.P_IDLE:ss.WAIT_BASE:ss.P_FIELDS])
+            allowed = max(min(wanted, total - self.min_idle), 0)
+            cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_IDLE] -= allowed
+            return allowed
 
     def describe_holders(self):
         """Who holds the budget, for the timeout error: 'pid 12 (http): 3 in use, 1 idle; ...'."""

@@ -45,7 +45,7 @@ def _log_failure(message, *args):
         _logger.exception(message, *args)
 
 
-SHED_TICK = 0.1     # how often processes check whether someone waits for the budget
+SHED_TICK = 0.02    # how often processes check whether someone waits for the budget
 
 
 def _run(wake):
@@ -63,6 +63,7 @@ def _run(wake):
             try:
                 if full:
                     pool.maintain()
+                pool.finish_exits()
                 if pool.budget is not None:
                     pool.shed_idle()
             except Exception:
@@ -93,7 +94,7 @@ def _publish(pools):
             reused += pool.stats.reused
             opened += pool.stats.opened
         budget.publish(in_use, idle, long_lived, borrows=borrows, reused=reused, opened=opened)
-        if budget.state.reap():
+        if budget.reap():
             _logger.info('db_pooling reclaimed the budget slots of processes that died')
         budget.state.record_history()
 

@@ -45,6 +45,7 @@ _logger = logging.getLogger('odoo.sql_db.pool')
 _NEW = object()        # grant: a reserved slot, open a new connection in it
 _BUDGET = object()     # grant: a reserved local slot; take a slot of the shared budget first
 _MISSING = object()
+EXIT_WAIT = 2.0        # seconds a closed connection's slot waits for its backend to exit
 monotonic = time.monotonic
 
 
@@ -160,6 +161,7 @@ class ConnectionPool:
         self._used = {}              # cnx -> Holder
         self._opening = 0            # slots reserved by borrowers that are connecting
         self._closing = 0            # slots of connections whose backend is exiting
+        self._exiting = []           # [dup fd, give-up deadline, shed] per closing connection
         self._waiters = collections.deque()
         self._timer = None
         self._closed = False
@@ -231,16 +233,20 @@ class ConnectionPool:
                 raise PoolError('This connection does not belong to the pool')
             if keep_in_pool and not connection.closed and not (
                     connection._dbp_expires and connection._dbp_expires <= monotonic()):
+                self._push_idle_locked(connection)
+                if self._waiters:
+                    self._hand_off_locked()
                 if self.budget is None or self._waiters or not self.budget.waiting():
-                    self._push_idle_locked(connection)
-                    if self._waiters:
-                        self._hand_off_locked()
                     return
-                # Another process waits for a slot of the shared budget and
-                # nobody here does: close this one so the slot moves there.
-                self.stats.shed += 1
-            self._closing += 1
-        self._retire((connection,))
+                # Another process waits for a slot of the shared budget and nobody
+                # here does: give up our least recently used idle connection.
+                doomed, shed = self._claim_shed_locked(1)
+                if not doomed:
+                    return
+            else:
+                doomed, shed = [connection], 0
+            self._closing += len(doomed)
+        self._retire(doomed, shed)
 
     def close_all(self, dsn=None):
         """Close every connection (in use ones too, as stock Odoo) or those of ``dsn``."""
@@ -286,6 +292,8 @@ class ConnectionPool:
                 del self._idle[key]     # no empty stacks: the maintenance relies on it
             self._used[cnx] = holder
             return cnx
+        if self._exiting and self._count() >= self._maxconn:
+            self._finish_exits_locked()
         budget = self.budget
         if self._count() < self._maxconn and (
                 budget is None or budget.try_acquire(budget.priority(key_database(key), holder.thread))):
@@ -378,16 +386,52 @@ class ConnectionPool:
             del self._idle[cnx._dbp_key]
         self._n_idle -= 1
 
-    def _retire(self, connections):
-        """Close connections already counted in ``_closing`` (lock not held),
-        then free their slots."""
-        close_and_wait(connections)
+    def _retire(self, connections, shed=0):
+        """Close connections already counted in ``_closing`` (lock not held).
+
+        The caller does not wait for the backends to exit: their slots stay
+        counted until EOF shows they did (checked here, by borrowers short of
+        a slot, and by the maintenance tick), then are freed."""
+        fds = begin_close(connections)
+        deadline = monotonic() + EXIT_WAIT
         with self._lock:
-            self._closing -= len(connections)
-            if self.budget is not None:
-                self.budget.release(len(connections))
-            if self._waiters:
-                self._hand_off_locked()
+            # Slots without a socket to watch (closed already) are free now.
+            self._exiting.extend([fd, deadline, 0] for fd in fds)
+            for entry in self._exiting[len(self._exiting) - len(fds):][:shed]:
+                entry[2] = 1            # a slot claimed for another process's waiter
+            self._free_slots_locked(len(connections) - len(fds), max(shed - len(fds), 0))
+            self._finish_exits_locked()
+
+    def finish_exits(self):
+        """Free the slots of closed connections whose backend has exited."""
+        if self._exiting:
+            with self._lock:
+                self._finish_exits_locked()
+
+    def _finish_exits_locked(self):
+        if not self._exiting:
+            return
+        now = monotonic()
+        done = set(exited([entry[0] for entry in self._exiting]))
+        freed = shed = 0
+        for entry in list(self._exiting):
+            if entry[0] in done or entry[1] <= now:
+                if entry[0] not in done:
+                    os.close(entry[0])  # gave up waiting (slow or unreachable server)
+                self._exiting.remove(entry)
+                freed += 1
+                shed += entry[2]
+        if freed:
+            self._free_slots_locked(freed, shed)
+
+    def _free_slots_locked(self, count, shed=0):
+        if not count:
+            return
+        self._closing -= count
+        if self.budget is not None:
+            self.budget.release(count, shed)
+        if self._waiters:
+            self._hand_off_locked()
 
     def _reclaim_used_locked(self):
         """Free the slots of in-use connections closed from outside or flagged ``leaked``."""
@@ -494,43 +538,54 @@ class ConnectionPool:
             self._retire(doomed)
 
     def shed_idle(self):
-        """While borrowers wait for the shared budget, close our idle connections,
+        """While borrowers wait for the shared budget, close idle connections,
         least recently used first (the maintenance thread calls this often)."""
-        budget = self.budget
-        if budget is None or not budget.waiting() or not self._n_idle:
+        if self.budget is None or not self.budget.waiting() or not self._n_idle:
             return 0
         with self._lock:
-            doomed = []
-            while self._n_idle and len(doomed) < budget.waiting() and not self._waiters:
-                doomed.append(self._least_recently_used_idle_locked())
+            if self._waiters:
+                return 0
+            doomed, shed = self._claim_shed_locked(self._n_idle)
             self._closing += len(doomed)
-            self.stats.shed += len(doomed)
         if doomed:
-            self._retire(doomed)
+            self._retire(doomed, shed)
         return len(doomed)
+
+    def _claim_shed_locked(self, most):
+        """Take out of the books up to ``most`` LRU idle connections that the
+        budget's waiters need (never more than other processes leave to close)."""
+        shed = self.budget.claim_shed(min(most, self._n_idle))
+        doomed = [self._least_recently_used_idle_locked() for _ in range(shed)]
+        self.stats.shed += shed
+        return doomed, shed
 
     def _evict_idle_locked(self, now, settings):
         """Take out of the books the idle connections that must go; returns them."""
         idle_deadline = now - settings.idle_timeout if settings.idle_timeout else None
-        # With a shared budget, min_idle connections stay open instance-wide.
-        spare = (self.budget.instance_idle() - self.budget.min_idle
-                 if self.budget is not None else self._n_idle)
-        doomed = []
+        doomed, timed_out = [], []
         for stack in sorted(self._idle.values(), key=lambda st: st[0]._dbp_last_used):
             for cnx in list(stack):
                 if is_dead(cnx):
                     reason = 'closed_dead'
-                elif (idle_deadline is not None and cnx._dbp_last_used <= idle_deadline
-                      and spare > 0):
-                    reason = 'closed_idle'
-                    spare -= 1
                 elif cnx._dbp_expires and cnx._dbp_expires <= now:
                     reason = 'closed_lifetime'
+                elif idle_deadline is not None and cnx._dbp_last_used <= idle_deadline:
+                    timed_out.append(cnx)     # least recently used first
+                    continue
                 else:
                     continue
                 self._remove_idle_locked(cnx)
                 doomed.append(cnx)
                 setattr(self.stats, reason, getattr(self.stats, reason) + 1)
+        if timed_out and self.budget is not None:
+            # min_idle connections stay open instance-wide: ask the shared state
+            # how many of ours may go, so that two processes never both close
+            # the last ones.
+            timed_out = timed_out[:self.budget.claim_idle_eviction(len(timed_out))]
+        for cnx in timed_out:
+            self._remove_idle_locked(cnx)
+            doomed.append(cnx)
+            self.stats.closed_idle += 1
         return doomed
 
     def _warn_leaks_locked(self, now, limit):
@@ -604,6 +659,9 @@ class ConnectionPool:
         self._lock = threading.Lock()
         self._idle, self._n_idle, self._used = {}, 0, {}
         self._opening = self._closing = 0
+        for entry in self._exiting:
+            os.close(entry[0])
+        self._exiting = []
         self._waiters = collections.deque()
         self._timer = None
 
@@ -644,14 +702,13 @@ def is_dead(cnx):
     return bool(cnx.closed)
 
 
-def close_and_wait(connections, timeout=2.0):
-    """Close connections and wait until their server backends have exited.
+def begin_close(connections):
+    """Close connections; return duplicates of their sockets to watch for the exit.
 
     ``close()`` only sends Terminate; the backend leaves pg_stat_activity a
-    moment later. The server closes its socket only after that, so keeping a
-    duplicate of our socket and waiting for EOF on it makes "closed" mean
-    "gone from the server": a slot freed here can be reused without the
-    server ever seeing one connection too many.
+    moment later. The server closes its socket only after that, so EOF on a
+    duplicate of our socket means "gone from the server": a slot freed then
+    can be reused without the server ever seeing one connection too many.
     """
     fds = []
     for cnx in connections:
@@ -664,24 +721,40 @@ def close_and_wait(connections, timeout=2.0):
                 cnx.close()
             except Exception:       # pragma: no cover - close is best effort
                 _logger.debug('error while closing a connection', exc_info=True)
-    deadline = monotonic() + timeout
+    return fds
+
+
+def exited(fds, timeout=0.0):
+    """The fds (from :func:`begin_close`) whose backend exited within ``timeout``;
+    they are closed. Without a timeout this never blocks."""
+    done = []
     try:
-        while fds:
-            remaining = deadline - monotonic()
-            if remaining <= 0:
-                break
-            readable = select.select(fds, (), (), remaining)[0]
-            for fd in readable:
-                try:
-                    data = os.read(fd, 65536)
-                except OSError:
-                    data = b''
-                if not data:
-                    fds.remove(fd)
-                    os.close(fd)
-    finally:
-        for fd in fds:
+        readable = select.select(fds, (), (), timeout)[0] if fds else ()
+    except (OSError, ValueError):
+        readable = list(fds)
+    for fd in readable:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            data = b''
+        if not data:
             os.close(fd)
+            done.append(fd)
+    return done
+
+
+def close_and_wait(connections, timeout=2.0):
+    """Close connections and wait (up to ``timeout``) until their backends have exited."""
+    fds = begin_close(connections)
+    deadline = monotonic() + timeout
+    while fds:
+        remaining = deadline - monotonic()
+        if remaining <= 0:
+            break
+        for fd in exited(fds, remaining):
+            fds.remove(fd)
+    for fd in fds:
+        os.close(fd)
 
 
 # Pools of this process, to reset in a forked child.

@@ -10,12 +10,12 @@ Layout (indexes into the int64 array)::
 
     header   16 cells         magic, version, budget, cron reserve, ticket counter, ...
     process  N_PROC rows      pid, start time, role, held, in use, idle, long-lived,
-                              counters[N_COUNTERS]
+                              shedding, counters[N_COUNTERS]
     waiter   N_WAIT rows      pid, process row, priority, ticket, state, since (ms)
     history  N_HIST samples   time (ms), held, in use, idle, waiting, long-lived
 
 With N_PROC = 512, N_WAIT = 1024 and N_HIST = 720 (one sample per 5 s for
-an hour) the segment is 145,280 bytes, whatever the budget: 1,024
+an hour) the segment is 149,376 bytes, whatever the budget: 1,024
 connections need at most 1,024 waiter rows, and one row per process.
 
 Every change is made under :meth:`SharedState.locked`: a thread lock (for the
@@ -48,8 +48,9 @@ H_MAGIC, H_VERSION, H_BUDGET, H_CRON_RESERVE, H_TICKET, H_WAITING, H_LAST_REAP, 
 HEADER = 16
 
 # process row fields
-P_PID, P_START, P_ROLE, P_HELD, P_IN_USE, P_IDLE, P_LONG = range(7)
-P_FIELDS = 7 + N_COUNTERS
+P_PID, P_START, P_ROLE, P_HELD, P_IN_USE, P_IDLE, P_LONG, P_SHEDDING = range(8)
+P_COUNTERS = 8
+P_FIELDS = P_COUNTERS + N_COUNTERS
 COUNTERS = ('borrows', 'waits', 'timeouts', 'opened', 'closed', 'reused', 'shed', 'reaped')
 
 # waiter row fields and states
@@ -173,7 +174,7 @@ class SharedState:
                     'row': row, 'pid': cells[base + P_PID], 'role': ROLES[cells[base + P_ROLE]],
                     'held': cells[base + P_HELD], 'in_use': cells[base + P_IN_USE],
                     'idle': cells[base + P_IDLE], 'long_lived': cells[base + P_LONG],
-                    **{name: cells[base + 7 + i] for i, name in enumerate(COUNTERS)},
+                    **{name: cells[base + P_COUNTERS + i] for i, name in enumerate(COUNTERS)},
                 })
         return rows
 

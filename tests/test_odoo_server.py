@@ -52,6 +52,22 @@ def duplicate(srv, name, new_name):
     srv.jsonrpc('db', 'duplicate_database', 'master-test', name, new_name)
 
 
+def instance_connections(srv, pg):
+    """This server's client backends (master, workers, gevent): [(pid, datname, app, state)]."""
+    pids = {srv.proc.pid}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as handle:
+                    stat = handle.read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(')') + 2:].split()[1]) == srv.proc.pid:
+                pids.add(int(entry))
+    names = {f'odoo-{pid}' for pid in pids}
+    return [row for row in pg.connections('odoo-%') if row[2] in names]
+
+
 def http_worker_pids(srv):
     return set(int(pid) for pid in re.findall(r'WorkerHTTP \((\d+)\) alive', srv.log()))
 
@@ -203,15 +219,15 @@ def test_shared_budget_with_8_workers_on_6_databases(odoo_tree, pg, tmp_path):
             thread.start()
         peak = 0
         while any(t.is_alive() for t in threads):
-            peak = max(peak, pg.count_connections('odoo-%'))
+            peak = max(peak, len(instance_connections(srv, pg)))
             time.sleep(0.05)
         assert not errors, errors[:3]
         assert 6 <= peak <= 12, peak
         assert 'one budget of 12 server connections for the whole instance' in srv.log()
         # At rest: min_idle (1) plus the long-lived LISTEN connections (postgres database).
         def at_rest():
-            ordinary = len([c for c in pg.connections('odoo-%') if c[1] != 'postgres'])
-            return ordinary <= 1
-        assert pg.wait_until(at_rest, timeout=2 + 1 + 3), pg.connections('odoo-%')
+            ordinary = [c for c in instance_connections(srv, pg) if c[1] != 'postgres']
+            return len(ordinary) <= 1
+        assert pg.wait_until(at_rest, timeout=2 + 1 + 3), instance_connections(srv, pg)
     finally:
         srv.stop()
