@@ -46,6 +46,7 @@ _NEW = object()        # grant: a reserved slot, open a new connection in it
 _BUDGET = object()     # grant: a reserved local slot; take a slot of the shared budget first
 _MISSING = object()
 EXIT_WAIT = 2.0        # seconds a closed connection's slot waits for its backend to exit
+HANDOVER_WAIT = 0.005  # seconds the closing thread waits for that when someone needs the slot
 monotonic = time.monotonic
 
 
@@ -394,6 +395,15 @@ class ConnectionPool:
         a slot, and by the maintenance tick), then are freed."""
         fds = begin_close(connections)
         deadline = monotonic() + EXIT_WAIT
+        if fds and (self._waiters or (self.budget is not None and self.budget.waiting())):
+            # Someone needs the slot: a short wait here hands it over sooner than
+            # the next maintenance tick would.
+            remaining = list(fds)
+            stop = monotonic() + HANDOVER_WAIT
+            while remaining and monotonic() < stop:
+                for fd in exited(remaining, stop - monotonic()):
+                    remaining.remove(fd)
+                    fds.remove(fd)     # exited: its slot is freed below with the others
         with self._lock:
             # Slots without a socket to watch (closed already) are free now.
             self._exiting.extend([fd, deadline, 0] for fd in fds)
