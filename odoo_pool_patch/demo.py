@@ -27,10 +27,16 @@ from .pool import ConnectionPool
 APP = 'odoo-demo'
 
 
-def _worker(cluster_dsn, databases, settings, maxconn, stop_at, seed):
+def _worker(cluster_dsn, databases, settings, maxconn, stop_at, seed, budget_spec):
     """Body of one forked worker process: serve requests until ``stop_at``."""
     random.seed(seed)
-    pool = ConnectionPool(maxconn, settings=settings)
+    budget = None
+    if budget_spec:                 # (shared state path, budget size)
+        from .budget import SharedBudget
+        from .shared_state import SharedState
+        budget = SharedBudget(SharedState(budget_spec[0]), budget_spec[1], min_idle=1,
+                              role='http')
+    pool = ConnectionPool(maxconn, settings=settings, budget=budget)
     served = errors = 0
     while time.time() < stop_at:
         db = random.choice(databases)
@@ -55,7 +61,8 @@ def _worker(cluster_dsn, databases, settings, maxconn, stop_at, seed):
     os._exit(0 if not errors else 3)
 
 
-def run_arm(cluster, databases, label, settings, workers, seconds, rest, maxconn=64):
+def run_arm(cluster, databases, label, settings, workers, seconds, rest, maxconn=64,
+            budget_spec=None):
     """Fork ``workers`` processes for ``seconds`` of load; sample connections during
     the load and for ``rest`` seconds after it."""
     dsn = {'host': cluster.host, 'port': cluster.port, 'user': 'odoo',
@@ -66,7 +73,7 @@ def run_arm(cluster, databases, label, settings, workers, seconds, rest, maxconn
         pid = os.fork()
         if pid == 0:                # pragma: no cover - child
             try:
-                _worker(dsn, databases, settings, maxconn, stop_at, number)
+                _worker(dsn, databases, settings, maxconn, stop_at, number, budget_spec)
             finally:
                 os._exit(1)
         pids.append(pid)
@@ -102,19 +109,27 @@ def simulated(args):
               f'{len(databases)} databases, {args.seconds} s of load then {args.rest} s at rest.')
         stock = Settings(idle_timeout=600, wait_timeout=0, max_lifetime=0)
         ours = Settings(idle_timeout=args.idle_timeout)
+        budget = args.workers + 4           # the default for these workers and 1 cron worker
+        segment = tempfile.mktemp(prefix='dbpool-demo-')
         results = [
             run_arm(cluster, databases, 'stock', stock, args.workers, args.seconds, args.rest),
-            run_arm(cluster, databases, 'db_pooling', ours, args.workers, args.seconds, args.rest),
+            run_arm(cluster, databases, 'per-proc', ours, args.workers, args.seconds, args.rest),
+            run_arm(cluster, databases, 'shared', ours, args.workers, args.seconds, args.rest,
+                    budget_spec=(segment, budget)),
         ]
         print()
         print(f'{"policy":<12}{"peak":>6}{"mean":>8}{"at rest":>9}')
         for row in results:
             print(f'{row["arm"]:<12}{row["peak"]:>6}{row["mean"]:>8.1f}{row["at_rest"]:>9}')
-        print(f'\nstock keeps idle connections for 600 s; db_pooling closed them after '
-              f'db_pool_idle_timeout = {args.idle_timeout:g} s (shortened for the demo, default 60).')
+        print(f'\nstock keeps idle connections for 600 s; db_pooling closes them after '
+              f'db_pool_idle_timeout = {args.idle_timeout:g} s (shortened for the demo, default 60), '
+              f'and with the shared budget the {args.workers} workers hold at most {budget} '
+              f'connections together (db_pool_max_connections).')
         return 0
     finally:
         cluster.destroy()
+        if 'segment' in locals() and os.path.exists(segment):
+            os.unlink(segment)
 
 
 def with_odoo(args, tree):

@@ -228,15 +228,8 @@ class OdooServer:
             return response.status, response.read().decode(errors='replace')
 
     def jsonrpc(self, service, method, *args, timeout=120):
-        payload = {'jsonrpc': '2.0', 'method': 'call', 'id': 1,
-                   'params': {'service': service, 'method': method, 'args': list(args)}}
-        request = urllib.request.Request(self.url('/jsonrpc'), json.dumps(payload).encode(),
-                                         {'Content-Type': 'application/json'})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = json.loads(response.read())
-        if 'error' in body:
-            raise RpcError(body['error'])
-        return body['result']
+        return call_json(urllib.request.urlopen, self.url('/jsonrpc'),
+                         {'service': service, 'method': method, 'args': list(args)}, timeout)
 
     def execute(self, db, uid, password, model, method, *args, **kwargs):
         return self.jsonrpc('object', 'execute_kw', db, uid, password, model, method,
@@ -268,11 +261,16 @@ class WebSession:
                              password=password)['uid']
 
     def call(self, path, timeout=120, **params):
-        payload = {'jsonrpc': '2.0', 'method': 'call', 'id': 1, 'params': params}
-        request = urllib.request.Request(self.server.url(path), json.dumps(payload).encode(),
-                                         {'Content-Type': 'application/json'})
-        with self.opener.open(request, timeout=timeout) as response:
-            body = json.loads(response.read())
-        if 'error' in body:
-            raise RpcError(body['error'])
-        return body['result']
+        return call_json(self.opener.open, self.server.url(path), params, timeout)
+
+
+def call_json(open_url, url, params, timeout):
+    """POST one JSON-RPC call with ``open_url``; the result, or RpcError."""
+    payload = {'jsonrpc': '2.0', 'method': 'call', 'id': 1, 'params': params}
+    request = urllib.request.Request(url, json.dumps(payload).encode(),
+                                     {'Content-Type': 'application/json'})
+    with open_url(request, timeout=timeout) as response:
+        body = json.loads(response.read())
+    if 'error' in body:
+        raise RpcError(body['error'])
+    return body['result']

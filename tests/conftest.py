@@ -15,6 +15,13 @@ from odoo_pool_patch.embedded_pg import Cluster
 DATABASES = ('db1', 'db2', 'db3')
 
 
+def backend_pid(cnx):
+    """The server backend's pid behind a connection (one query)."""
+    with cnx.cursor() as cur:
+        cur.execute('SELECT pg_backend_pid()')
+        return cur.fetchone()[0]
+
+
 @pytest.fixture(scope='session')
 def pg():
     cluster = Cluster('primary').init().start()

@@ -65,6 +65,9 @@ def test_simulated_demo_shows_stock_keeping_and_us_releasing(tmp_path):
                           '--idle-timeout', '1'],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    rows = dict(re.findall(r'^(stock|db_pooling)\s+\d+\s+[\d.]+\s+(\d+)$', out.stdout, re.M))
-    assert int(rows['stock']) >= 2          # stock keeps its idle connections
-    assert int(rows['db_pooling']) == 0     # ours closed them after the idle timeout
+    rows = {arm: (int(peak), int(rest)) for arm, peak, rest in re.findall(
+        r'^(stock|per-proc|shared)\s+(\d+)\s+[\d.]+\s+(\d+)$', out.stdout, re.M)}
+    assert rows['stock'][1] >= 2            # stock keeps its idle connections
+    assert rows['per-proc'][1] == 0         # ours closed them after the idle timeout
+    assert rows['shared'][0] <= 3 + 4       # the shared budget: workers + 4
+    assert rows['shared'][1] <= 1           # db_pool_min_idle

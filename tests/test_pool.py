@@ -5,17 +5,13 @@ import time
 
 import psycopg2
 import pytest
+
+from conftest import backend_pid
 from psycopg2.pool import PoolError
 
 from odoo_pool_patch.errors import PoolTimeout
 from odoo_pool_patch.options import Settings
 from odoo_pool_patch.pool import ConnectionPool, PooledConnection
-
-
-def backend_pid(cnx):
-    with cnx.cursor() as cur:
-        cur.execute('SELECT pg_backend_pid()')
-        return cur.fetchone()[0]
 
 
 def test_reuse_returns_same_connection_and_server_session(pools, info, pg, app):

@@ -8,15 +8,11 @@ import threading
 
 import pytest
 
+from conftest import backend_pid
+
 from odoo_pool_patch.options import Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def backend_pid(cnx):
-    with cnx.cursor() as cur:
-        cur.execute('SELECT pg_backend_pid()')
-        return cur.fetchone()[0]
 
 
 def test_forked_child_never_touches_parent_connections(pools, info, pg, app):

@@ -305,3 +305,19 @@ def test_threads_and_processes_share_one_budget(pg, shm_path, info, app):
         thread.join()
     assert not errors and pg.count_connections(app) <= 2
     pool.shutdown()
+
+
+def test_history_keeps_totals_for_the_dashboard(pg, shm_path, info):
+    budget = make_budget(shm_path, 5)
+    pool = ConnectionPool(5, budget=budget)
+    held = [pool.borrow(info()) for _ in range(3)]
+    pool.give_back(held.pop())
+    figures = pool.figures()
+    budget.publish(figures['in_use'], figures['idle'], figures['long_lived'])
+    assert budget.state.record_history(period_ms=0)
+    assert not budget.state.record_history(period_ms=60_000)   # one sample per period
+    _, total, in_use, idle, waiting, long_lived = budget.state.history()[-1]
+    assert (total, in_use, idle, waiting, long_lived) == (3, 2, 1, 0, 0)
+    for cnx in held:
+        pool.give_back(cnx)
+    pool.shutdown()
