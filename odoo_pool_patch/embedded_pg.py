@@ -161,6 +161,27 @@ class Cluster:
         except OSError:
             return ''
 
+    # ---------------------------------------------------------------- TLS
+    def enable_tls(self, pki, tls_only=True):
+        """Serve TLS with ``pki``'s server certificate; clients of role ``odoo`` must then
+        present a certificate signed by ``pki``'s CA (``hostssl ... cert``). Restarts."""
+        for name in ('server.crt', 'server.key', 'ca.crt'):
+            with open(os.path.join(pki.directory, name), 'rb') as source:
+                self.write_file(name, source.read().decode())
+        self.settings.update({'ssl': 'on', 'ssl_cert_file': f"'{self.base}/server.crt'",
+                              'ssl_key_file': f"'{self.base}/server.key'",
+                              'ssl_ca_file': f"'{self.base}/ca.crt'"})
+        self.hba = ['hostssl all odoo 127.0.0.1/32 cert',
+                    'hostssl all all 127.0.0.1/32 trust'] + (
+            ['hostnossl all all 127.0.0.1/32 reject'] if tls_only else []) + self.hba
+        running = self.is_running()
+        if running:
+            self.stop()
+        self._configure()
+        if running:
+            self.start()
+        return self
+
     # ---------------------------------------------------------------- replicas
     def make_replica(self, name='replica', settings=None):
         """A streaming replica of this (running) cluster, made with pg_basebackup."""
@@ -233,3 +254,35 @@ class Cluster:
 
     def __repr__(self):
         return f'<Cluster {self.name} 127.0.0.1:{self.port} {self.base}>'
+
+
+class ThrowawayPKI:
+    """A throw-away CA with a server certificate for ``localhost`` and a client
+    certificate for the database user ``odoo`` (openssl), plus an unrelated CA."""
+
+    def __init__(self, directory, server_names=('localhost',)):
+        self.directory = directory
+        san = ','.join(f'DNS:{name}' for name in server_names)
+        self._openssl('req', '-new', '-x509', '-days', '3', '-nodes', '-subj', '/CN=db_pooling test CA',
+                      '-keyout', 'ca.key', '-out', 'ca.crt')
+        self._openssl('req', '-new', '-x509', '-days', '3', '-nodes', '-subj', '/CN=some other CA',
+                      '-keyout', 'other-ca.key', '-out', 'other-ca.crt')
+        for name, subject, ext in (('server', '/CN=localhost', f'subjectAltName={san}'),
+                                   ('client', '/CN=odoo', 'extendedKeyUsage=clientAuth')):
+            self._openssl('req', '-new', '-nodes', '-subj', subject, '-keyout', f'{name}.key',
+                          '-out', f'{name}.csr')
+            with open(os.path.join(directory, f'{name}.ext'), 'w') as handle:
+                handle.write(ext + '\n')
+            self._openssl('x509', '-req', '-in', f'{name}.csr', '-CA', 'ca.crt', '-CAkey', 'ca.key',
+                          '-CAcreateserial', '-days', '3', '-out', f'{name}.crt',
+                          '-extfile', f'{name}.ext')
+        for name in os.listdir(directory):
+            os.chmod(os.path.join(directory, name), 0o600 if name.endswith('.key') else 0o644)
+
+    def _openssl(self, *args):
+        proc = subprocess.run(['openssl', *args], cwd=self.directory, capture_output=True, text=True)
+        if proc.returncode:
+            raise ClusterError(f'openssl {args[0]} failed: {proc.stderr}')
+
+    def path(self, name):
+        return os.path.join(self.directory, name)

@@ -56,8 +56,12 @@ def post_load_hook():
             'in odoo.conf, then restart Odoo.', MODULE, MODULE, MODULE)
         return
     from odoo.tools import config
+    from . import tls
     try:
         settings = load_settings(config.get)
+        problems = tls.validate(config.get)
+        if problems:
+            raise ConfigError('db_pooling cannot start: ' + ' '.join(problems))
     except ConfigError as exc:
         _logger.critical('%s', exc)
         # SystemExit passes through Odoo's "except Exception" around post_load:
@@ -78,6 +82,7 @@ def install(settings):
     })
     if settings.shared:
         pool_class.budget = attach_budget(settings)
+    install_tls()
     sql_db.ConnectionPool = pool_class
     for name in ('_Pool', '_Pool_readonly'):
         live = getattr(sql_db, name, None)
@@ -90,6 +95,39 @@ def install(settings):
     if process_role() in ('master', 'threaded'):
         log_budget(settings, pool_class.budget)
     return pool_class
+
+
+def install_tls():
+    """Add odoo.conf's TLS settings to every connection and to pg_dump/psql's environment."""
+    from odoo import sql_db
+    from odoo.tools import config, misc
+    from . import tls
+    if getattr(sql_db.connection_info_for, '_db_pooling', False):
+        return
+    original_info = sql_db.connection_info_for
+
+    def connection_info_for(db_or_uri, *args, **kwargs):
+        db, info = original_info(db_or_uri, *args, **kwargs)
+        readonly = kwargs.get('readonly', args[0] if args else False)
+        for keyword, value in tls.tls_keywords(config.get, replica=bool(readonly)).items():
+            info.setdefault(keyword, value)
+        if readonly and tls._value(config.get, 'db_replica_sslmode'):
+            info['sslmode'] = tls.sslmode(config.get, replica=True)
+        return db, info
+    connection_info_for._db_pooling = True
+    sql_db.connection_info_for = connection_info_for
+
+    original_environ = misc.exec_pg_environ
+
+    def exec_pg_environ(*args, **kwargs):
+        return tls.pg_environ(config.get, original_environ(*args, **kwargs))
+    misc.exec_pg_environ = exec_pg_environ
+    import odoo.service.db as service_db
+    import odoo.tools
+    # Both import it by name from misc.
+    for module in (service_db, odoo.tools):
+        if hasattr(module, 'exec_pg_environ'):
+            module.exec_pg_environ = exec_pg_environ
 
 
 def process_role():

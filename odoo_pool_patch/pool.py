@@ -36,6 +36,7 @@ import psycopg2.extensions
 from .dsn import dsn_key, key_database, dsn_equals
 from .errors import PoolError, PoolTimeout
 from .options import Settings
+from .tls import explain_failure, record as record_tls
 from . import maintenance
 
 # Under odoo.sql_db so Odoo's PostgreSQL log handler (log_db) never logs our
@@ -465,16 +466,22 @@ class ConnectionPool:
         """Connect in a slot already reserved (``_opening``); give it back on failure."""
         try:
             cnx = psycopg2.connect(connection_factory=self.connection_factory, **connection_info)
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 self._opening -= 1
                 if self.budget is not None:
                     self.budget.release()
                 if self._waiters:
                     self._hand_off_locked()
+            explained = (explain_failure(exc, connection_info)
+                         if isinstance(exc, psycopg2.OperationalError) else None)
+            if explained:
+                _logger.warning('%s', explained)
+                raise psycopg2.OperationalError(explained) from exc
             _logger.info('Connection to the database failed')
             raise
         self.prepare_connection(cnx, key)
+        record_tls(cnx, connection_info)
         with self._lock:
             self._opening -= 1
             self._used[cnx] = holder

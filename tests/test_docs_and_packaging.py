@@ -71,3 +71,11 @@ def test_simulated_demo_shows_stock_keeping_and_us_releasing(tmp_path):
     assert rows['per-proc'][1] == 0         # ours closed them after the idle timeout
     assert rows['shared'][0] <= 3 + 4       # the shared budget: workers + 4
     assert rows['shared'][1] <= 1           # db_pool_min_idle
+
+
+def test_tls_options_documented():
+    from odoo_pool_patch.tls import KEYWORDS
+    example, readme = read('odoo.conf.example'), read('README.rst')
+    for suffix in KEYWORDS:
+        assert f'; db_{suffix} =' in example and f'; db_replica_{suffix} =' in example
+        assert f'db_{suffix}' in readme

@@ -231,3 +231,44 @@ def test_shared_budget_with_8_workers_on_6_databases(odoo_tree, pg, tmp_path):
         assert pg.wait_until(at_rest, timeout=2 + 1 + 3), instance_connections(srv, pg)
     finally:
         srv.stop()
+
+
+def test_backup_and_restore_against_a_tls_only_server(odoo_tree, tmp_path):
+    """verify-full with a private CA and a client certificate, all from odoo.conf: Odoo's
+    cursors and its pg_dump/psql for backup and restore all get through."""
+    import shutil
+    from odoo_pool_patch.embedded_pg import Cluster, ThrowawayPKI, find_bindir
+    if not shutil.which('openssl'):
+        pytest.skip('openssl not installed')
+    os.chmod(tmp_path, 0o755)
+    pki_dir = tmp_path / 'pki'
+    pki_dir.mkdir()
+    pki = ThrowawayPKI(str(pki_dir))
+    cluster = Cluster('tls-odoo').init().start()
+    try:
+        cluster.create_role('odoo')
+        cluster.enable_tls(pki, tls_only=True)
+        srv = OdooServer(odoo_tree, cluster, str(tmp_path), name='tls', options={
+            'db_host': 'localhost', 'db_sslmode': 'verify-full',
+            'db_sslrootcert': pki.path('ca.crt'), 'db_sslcert': pki.path('client.crt'),
+            'db_sslkey': pki.path('client.key'), 'pg_path': find_bindir()})
+        srv.start()
+        try:
+            db = f'tls{odoo_tree.major}'
+            srv.post_form('/web/database/create', {
+                'master_pwd': 'master-test', 'name': db, 'lang': 'en_US', 'password': 'admin',
+                'login': 'admin', 'country_code': '', 'phone': ''})
+            assert db in list_dbs(srv), srv.log_tail()
+            dump = srv.jsonrpc('db', 'dump', 'master-test', db, 'zip', timeout=300)
+            srv.jsonrpc('db', 'restore', 'master-test', db + '_restored', dump, True, timeout=300)
+            assert db + '_restored' in list_dbs(srv), srv.log_tail()
+            uid = srv.login(db + '_restored')
+            assert srv.execute(db + '_restored', uid, 'admin', 'res.users', 'search_count', []) >= 1
+            # Every connection of ours is encrypted.
+            rows = cluster.sql("SELECT a.application_name, s.ssl FROM pg_stat_activity a "
+                               "JOIN pg_stat_ssl s USING (pid) WHERE a.application_name LIKE 'odoo-%'")
+            assert rows and all(encrypted for _, encrypted in rows)
+        finally:
+            srv.stop()
+    finally:
+        cluster.destroy()
