@@ -147,3 +147,43 @@ def test_plain_text_under_prefer_is_flagged(pg, info):
                      'flagged': True}
     pool.give_back(cnx)
     pool.shutdown()
+
+
+def test_primary_and_replica_with_different_cas_both_connect(tls_pg, pki, tmp_path):
+    """The replica's server has its own CA: db_replica_sslrootcert names it, while the client
+    certificate settings are inherited from the primary's options."""
+    other_dir = tmp_path / 'replica-pki'
+    other_dir.mkdir()
+    replica_pki = ThrowawayPKI(str(other_dir))
+    replica = Cluster('tls-replica').init().start()
+    try:
+        replica.create_role('odoo')
+        replica.create_database('db1')
+        # Its server certificate comes from its own CA; it accepts the client certificate
+        # signed by the primary's CA (the file it checks client certificates against).
+        replica.enable_tls(replica_pki, tls_only=True)
+        with open(pki.path('ca.crt')) as handle:
+            replica.write_file('ca.crt', handle.read())
+        replica.reload()
+        get = conf(db_sslmode='verify-full', db_sslrootcert=pki.path('ca.crt'),
+                   db_sslcert=pki.path('client.crt'), db_sslkey=pki.path('client.key'),
+                   db_replica_sslrootcert=replica_pki.path('ca.crt'))
+        assert tls.validate(get) == []
+        pool = ConnectionPool(4)
+        for cluster, replica_side in ((tls_pg, False), (replica, True)):
+            info = {'database': 'db1', 'host': 'localhost', 'port': cluster.port, 'user': 'odoo',
+                    'sslmode': tls.sslmode(get, replica_side),
+                    **tls.tls_keywords(get, replica=replica_side)}
+            cnx = pool.borrow(info)
+            with cnx.cursor() as cur:
+                cur.execute('SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()')
+                assert cur.fetchone() == (True,)
+            pool.give_back(cnx)
+            # And the other side's CA does not verify this server.
+            wrong = dict(info, sslrootcert=tls.tls_keywords(get, replica=not replica_side)[
+                'sslrootcert'])
+            with pytest.raises(psycopg2.OperationalError, match='not signed by the CA'):
+                pool.borrow(wrong)
+        pool.shutdown()
+    finally:
+        replica.destroy()
