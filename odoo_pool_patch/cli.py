@@ -1,11 +1,13 @@
 """``odoo-pool``: command-line entry point.
 
     odoo-pool demo     watch the pool against stock Odoo's policy (starts its own PostgreSQL)
+    odoo-pool top      live figures of a running instance, from its shared state
 """
 import sys
 
 COMMANDS = {
     'demo': ('odoo_pool_patch.demo', 'run the demo: stock policy against db_pooling, side by side'),
+    'top': ('odoo_pool_patch.top', 'live connection figures of a running instance'),
 }
 
 

@@ -94,17 +94,24 @@ def process_start(pid):
 class SharedState:
     """One attached segment. ``cells`` is the int64 view of the whole file."""
 
-    def __init__(self, path):
+    def __init__(self, path, create=True):
         self.path = path
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX)
             try:
                 if os.fstat(fd).st_size < SIZE:
+                    if not create:
+                        raise ValueError(f'{path} is not a db_pooling shared state file')
                     os.ftruncate(fd, SIZE)
                 self.map = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
                 self.cells = memoryview(self.map).cast('q')
                 if self.cells[H_MAGIC] != MAGIC or self.cells[H_VERSION] != VERSION:
+                    if not create:
+                        self.cells.release()
+                        self.map.close()
+                        raise ValueError(f'{path} is not a db_pooling shared state file '
+                                         f'(or of another version)')
                     self.cells[:] = memoryview(bytes(SIZE)).cast('q')
                     self.cells[H_VERSION] = VERSION
                     self.cells[H_MAGIC] = MAGIC

@@ -321,3 +321,26 @@ def test_history_keeps_totals_for_the_dashboard(pg, shm_path, info):
     for cnx in held:
         pool.give_back(cnx)
     pool.shutdown()
+
+
+def test_odoo_pool_top_shows_a_running_instance(pg, shm_path, info, tmp_path):
+    import subprocess
+    import sys
+    budget = make_budget(shm_path, 7, role='http')
+    pool = ConnectionPool(4, budget=budget, timer_period=0.1)
+    held = [pool.borrow(info()) for _ in range(2)]
+    pool.give_back(held.pop())
+    time.sleep(0.3)                              # one maintenance tick publishes the figures
+    out = subprocess.run([sys.executable, '-m', 'odoo_pool_patch.cli', 'top', '--once',
+                          '--path', shm_path], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert 'budget 7  held 2  in use 1  idle 1' in out.stdout
+    assert f'{os.getpid():>8} http' in out.stdout
+    not_ours = tmp_path / 'other'
+    not_ours.write_bytes(b'x' * 10)
+    bad = subprocess.run([sys.executable, '-m', 'odoo_pool_patch.cli', 'top', '--once',
+                          '--path', str(not_ours)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and 'not a db_pooling shared state file' in bad.stderr
+    assert not_ours.read_bytes() == b'x' * 10    # never written to
+    pool.give_back(held[0])
+    pool.shutdown()
