@@ -174,6 +174,16 @@ def test_bad_option_stops_startup_with_clear_message(odoo_tree, pg, tmp_path):
         assert 'a number of seconds >= 0' in text
 
 
+def test_unusable_shared_state_path_stops_startup(odoo_tree, pg, tmp_path):
+    os.chmod(tmp_path, 0o755)
+    srv = OdooServer(odoo_tree, pg, str(tmp_path), name='badpath',
+                     options={'db_pool_shared_path': '/nonexistent-dir/odoo-budget'})
+    proc = srv.run('--stop-after-init', check=False, timeout=120)
+    assert proc.returncode != 0
+    assert 'cannot open its shared state file /nonexistent-dir/odoo-budget' in srv.log()
+    assert 'set db_pool_shared_path to a writable absolute path' in proc.stdout
+
+
 def test_installed_without_server_wide_loading_warns(server, odoo_tree, pg, tmp_path):
     os.chmod(tmp_path, 0o755)
     srv = OdooServer(odoo_tree, pg, str(tmp_path), name='notserverwide', load_pooling=False)
