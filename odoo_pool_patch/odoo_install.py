@@ -19,7 +19,7 @@ from .pool import ConnectionPool, Holder
 _logger = logging.getLogger('odoo.sql_db.pool')
 
 MODULE = 'db_pooling'
-# Set once installed in this process: {'pid', 'settings', 'series'}.
+# Set once installed in this process: {'pid', 'settings', 'series', 'budget'}.
 STATE = {}
 
 
@@ -53,7 +53,8 @@ def post_load_hook():
             '%s is installed in a database but not loaded server-wide, so connection '
             'pooling is NOT active (stock Odoo pool in use). Enable it with '
             '--load=base,web,%s on the command line or server_wide_modules = base,web,%s '
-            'in odoo.conf, then restart Odoo.', MODULE, MODULE, MODULE)
+            'in odoo.conf (Odoo 19: base,rpc,web,%s), then restart Odoo.',
+            MODULE, MODULE, MODULE, MODULE)
         return
     from odoo.tools import config
     from . import tls
