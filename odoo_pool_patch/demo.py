@@ -14,6 +14,7 @@ server over JSON-RPC instead, with and without db_pooling loaded server-wide.
 import argparse
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -162,6 +163,7 @@ def with_odoo(args, tree):
         return 0
     finally:
         cluster.destroy()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _drive_odoo(server, cluster, databases, label, args):
