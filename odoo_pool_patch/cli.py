@@ -2,12 +2,14 @@
 
     odoo-pool demo     watch the pool against stock Odoo's policy (starts its own PostgreSQL)
     odoo-pool top      live figures of a running instance, from its shared state
+    odoo-pool check    validate an odoo.conf: options, TLS files, servers, budget
 """
 import sys
 
 COMMANDS = {
     'demo': ('odoo_pool_patch.demo', 'run the demo: stock policy against db_pooling, side by side'),
     'top': ('odoo_pool_patch.top', 'live connection figures of a running instance'),
+    'check': ('odoo_pool_patch.check', 'validate an odoo.conf without starting Odoo'),
 }
 
 

@@ -1,0 +1,134 @@
+"""``odoo-pool check -c odoo.conf``: validate a configuration without starting Odoo.
+
+Checks, in order, and reports every problem (exit status 1 if any):
+option values, TLS files, connectivity and TLS to the primary (and the
+Odoo 18+ replica when ``db_replica_host`` is set), and the budget against
+the server's ``max_connections`` minus ``superuser_reserved_connections``.
+"""
+import argparse
+import configparser
+import sys
+
+import psycopg2
+
+from . import tls
+from .errors import ConfigError
+from .odoo_install import default_budget
+from .options import load_settings
+
+
+def read_config(path):
+    parser = configparser.RawConfigParser()
+    if not parser.read(path):
+        raise SystemExit(f'odoo-pool check: cannot read {path}')
+    if not parser.has_section('options'):
+        raise SystemExit(f'odoo-pool check: {path} has no [options] section')
+    values = dict(parser.items('options'))
+
+    def get(name, default=None):
+        value = values.get(name, default)
+        return None if value in (None, '', 'False', 'None') else value
+    return get
+
+
+def server_info(get, replica=False):
+    prefix = 'db_replica_' if replica else 'db_'
+    info = {'dbname': 'postgres', 'application_name': 'odoo-pool-check',
+            'sslmode': tls.sslmode(get, replica), **tls.tls_keywords(get, replica)}
+    for name in ('host', 'port', 'user', 'password'):
+        value = get(prefix + name) or (get('db_' + name) if replica else None)
+        if value:
+            info[name] = value
+    return info
+
+
+def probe(info):
+    """(max_connections - superuser_reserved, TLS description) of the server, or raises."""
+    cnx = psycopg2.connect(**info)
+    try:
+        with cnx.cursor() as cur:
+            cur.execute("SELECT current_setting('max_connections')::int - "
+                        "current_setting('superuser_reserved_connections')::int")
+            allowed = cur.fetchone()[0]
+        if cnx.info.ssl_in_use:
+            secured = (f"TLS {cnx.info.ssl_attribute('protocol')} "
+                       f"{cnx.info.ssl_attribute('cipher')}")
+        else:
+            secured = 'NOT encrypted'
+        return allowed, secured
+    finally:
+        cnx.close()
+
+
+def run(path, out=sys.stdout):
+    get = read_config(path)
+    problems = []
+
+    def ok(text):
+        print(f'ok      {text}', file=out)
+
+    def bad(text):
+        problems.append(text)
+        print(f'PROBLEM {text}', file=out)
+
+    try:
+        settings = load_settings(get, source=f'{path} [options]')
+        ok('db_pool_* option values')
+    except ConfigError as exc:
+        settings = None
+        bad(str(exc))
+    tls_problems = tls.validate(get)
+    for problem in tls_problems:
+        bad(problem)
+    if not tls_problems:
+        ok('TLS options and files')
+
+    targets = [('primary', False)] + ([('replica', True)] if get('db_replica_host') else [])
+    allowed = None
+    for label, replica in targets:
+        info = server_info(get, replica)
+        where = f"{label} {info.get('host', 'local socket')}:{info.get('port', 5432)}"
+        try:
+            server_allowed, secured = probe(info)
+        except psycopg2.Error as exc:
+            explained = tls.explain_failure(exc, info)
+            bad(f'{where}: cannot connect: {(explained or str(exc)).strip()}')
+            continue
+        if not replica:
+            allowed = server_allowed
+        if secured == 'NOT encrypted' and info['sslmode'] in ('allow', 'prefer'):
+            ok(f'{where}: connected, {secured} (db_sslmode = {info["sslmode"]} falls back to '
+               f'plain text; use verify-full to insist on TLS)')
+        else:
+            ok(f'{where}: connected, {secured}')
+
+    if settings is not None and allowed is not None:
+        workers = int(get('workers') or 0)
+        cron = int(get('max_cron_threads', 2) or 0)
+        maxconn = int(get('db_maxconn') or 64)
+        if settings.shared:
+            wanted = settings.max_connections or default_budget(workers, cron, maxconn)
+            what = f'budget {wanted} (db_pool_max_connections)'
+        else:
+            wanted = (1 + workers + cron + (1 if workers else 0)) * maxconn
+            what = f'worst case {wanted} without a shared budget (processes x db_maxconn)'
+        if wanted > allowed:
+            bad(f'{what} exceeds what the primary accepts: {allowed} (max_connections - '
+                f'superuser_reserved_connections): lower db_pool_max_connections or raise '
+                f'max_connections')
+        else:
+            ok(f'{what} fits in the {allowed} connections the primary accepts')
+    print(f'{len(problems)} problem(s) in {path}' if problems else f'{path}: all checks passed',
+          file=out)
+    return 1 if problems else 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog='odoo-pool check', description=__doc__.split('\n\n')[0])
+    parser.add_argument('-c', '--config', required=True, help='the odoo.conf to check')
+    args = parser.parse_args(argv)
+    return run(args.config)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""odoo-pool check against real servers: a good configuration and each kind of bad one."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from odoo_pool_patch.embedded_pg import Cluster, ThrowawayPKI, free_port
+
+
+def check(tmp_path, **options):
+    conf = tmp_path / 'odoo.conf'
+    conf.write_text('[options]\n' + ''.join(f'{k} = {v}\n' for k, v in options.items()))
+    proc = subprocess.run([sys.executable, '-m', 'odoo_pool_patch.cli', 'check', '-c', str(conf)],
+                          capture_output=True, text=True, timeout=120)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def base(pg):
+    return {'db_host': pg.host, 'db_port': pg.port, 'db_user': 'odoo', 'workers': 8,
+            'max_cron_threads': 1}
+
+
+def test_good_configuration_passes(pg, tmp_path):
+    code, out = check(tmp_path, **base(pg))
+    assert code == 0, out
+    assert f'primary {pg.host}:{pg.port}: connected, NOT encrypted' in out
+    assert 'budget 12 (db_pool_max_connections) fits in the 197 connections' in out
+    assert 'all checks passed' in out
+
+
+@pytest.mark.parametrize('options, expected', [
+    ({'db_pool_wait_timeout': 'soon'}, "db_pool_wait_timeout = 'soon'"),
+    ({'db_sslrootcert': '/nope/ca.crt'}, 'db_sslrootcert = /nope/ca.crt does not exist'),
+    ({'db_sslmode': 'verify-full'}, 'db_sslmode = verify-full needs the CA'),
+    ({'db_pool_max_connections': 500}, 'budget 500 (db_pool_max_connections) exceeds what the '
+                                       'primary accepts: 197'),
+    ({'db_pool_shared': 'off', 'db_maxconn': 64}, 'worst case 704 without a shared budget'),
+])
+def test_each_bad_configuration_is_reported(pg, tmp_path, options, expected):
+    code, out = check(tmp_path, **{**base(pg), **options})
+    assert code == 1 and expected in out, out
+    assert 'problem(s) in' in out
+
+
+def test_unreachable_server_is_reported(pg, tmp_path):
+    code, out = check(tmp_path, **{**base(pg), 'db_port': free_port()})
+    assert code == 1 and 'cannot connect' in out and 'primary 127.0.0.1' in out, out
+
+
+def test_unreachable_replica_is_reported(pg, tmp_path):
+    code, out = check(tmp_path, **{**base(pg), 'db_replica_host': '127.0.0.1',
+                                   'db_replica_port': free_port()})
+    assert code == 1 and 'replica 127.0.0.1' in out and 'cannot connect' in out, out
+    assert 'primary' in out and f'{pg.port}: connected' in out
+
+
+@pytest.mark.skipif(not shutil.which('openssl'), reason='openssl not installed')
+def test_tls_checked_against_the_server(tmp_path):
+    pki_dir = tmp_path / 'pki'
+    pki_dir.mkdir()
+    pki = ThrowawayPKI(str(pki_dir))
+    cluster = Cluster('check-tls').init().start()
+    try:
+        cluster.create_role('odoo')
+        cluster.enable_tls(pki)
+        good = {'db_host': 'localhost', 'db_port': cluster.port, 'db_user': 'odoo',
+                'db_sslmode': 'verify-full', 'db_sslrootcert': pki.path('ca.crt'),
+                'db_sslcert': pki.path('client.crt'), 'db_sslkey': pki.path('client.key')}
+        code, out = check(tmp_path, **good)
+        assert code == 0 and 'connected, TLS TLSv1.' in out, out
+        code, out = check(tmp_path, **{**good, 'db_sslrootcert': pki.path('other-ca.crt')})
+        assert code == 1 and 'not signed by the CA in db_sslrootcert' in out, out
+    finally:
+        cluster.destroy()
