@@ -167,6 +167,10 @@ def test_idle_connections_of_one_process_move_to_a_waiter_in_another(pg, shm_pat
             pool.give_back(cnx)                  # idle, the whole budget
         open(ready, 'w').close()
         time.sleep(8)                            # "sleeping in select": only the timer runs
+        mine = [r for r in budget.state.processes() if r['pid'] == os.getpid()]
+        # Every claim to close a connection for a waiter was settled once it closed.
+        assert budget.state.cells[ss.PROC_BASE + budget.row * ss.P_FIELDS + ss.P_SHEDDING] == 0
+        assert mine and mine[0]['shed'] >= 1
         return pool.stats.shed
 
     pid, fd = fork(idle_holder)
