@@ -50,6 +50,13 @@ def _path(value):
     return text
 
 
+def _token(value):
+    text = str(value).strip()
+    if len(text) < 16 or any(c.isspace() for c in text):
+        raise ValueError
+    return text
+
+
 def _seconds(value):
     number = float(value)
     if number != number or number < 0 or number == float('inf'):
@@ -65,6 +72,7 @@ class Option:
     default: object
     allowed: str         # what the error message says is allowed
     doc: str             # meaning and when to change it (odoo.conf.example, README)
+    shown_default: str = None   # how the docs show a None default (else "(computed)")
 
 
 OPTIONS = (
@@ -126,6 +134,17 @@ OPTIONS += (
            'give them one budget.'),
 )
 
+OPTIONS += (
+    Option('db_pool_metrics_token', 'metrics_token', _token, None,
+           'at least 16 characters without spaces',
+           'Turns on /db_pooling/metrics (Prometheus text format, instance-wide figures from '
+           'the shared state) for clients sending "Authorization: Bearer <token>", as '
+           'Prometheus does with bearer_token / authorization credentials. Unset: the '
+           'endpoint answers 404. Use a long random value (openssl rand -hex 24).',
+           shown_default='(unset: endpoint off)'),
+)
+
+SECRETS = frozenset(('metrics_token',))   # never logged nor shown: as_options() masks them
 OPTION_NAMES = tuple(option.name for option in OPTIONS)
 
 
@@ -142,10 +161,12 @@ class Settings:
     cron_reserve: int = None        # None: 1 with cron workers, else 0
     min_idle: int = 1
     shared_path: str = None         # None: /dev/shm/odoo-db_pooling-<instance hash>
+    metrics_token: str = None       # None: /db_pooling/metrics is off
 
     def as_options(self):
         """``{odoo.conf name: value}``, for logs and the dashboard."""
-        return {option.name: getattr(self, option.field) for option in OPTIONS}
+        return {option.name: ('(set)' if option.field in SECRETS and getattr(self, option.field)
+                              else getattr(self, option.field)) for option in OPTIONS}
 
     def describe(self):
         return ', '.join(f'{name}={value:g}' if isinstance(value, float) else f'{name}={value}'
@@ -198,8 +219,9 @@ def example_section():
         lines.append('')
         lines.extend('; ' + line for line in textwrap.wrap(option.doc, 92))
         unit = ' s' if option.parse is _seconds else ''
-        lines.append(f'; Default: {format_value(option.default)}{unit if option.default is not None else ""}. '
-                     f'Allowed: {option.allowed}.')
+        shown = option.shown_default if option.default is None and option.shown_default \
+            else format_value(option.default) + (unit if option.default is not None else '')
+        lines.append(f'; Default: {shown}. Allowed: {option.allowed}.')
         value = format_value(option.default) if option.default is not None else ''
         lines.append(f'; {option.name} = {value}'.rstrip())
     return '\n'.join(lines) + '\n'

@@ -8,14 +8,15 @@ open the same file by path.
 
 Layout (indexes into the int64 array)::
 
-    header   16 cells         magic, version, budget, cron reserve, ticket counter, ...
+    header   64 cells         magic, version, budget, cron reserve, ticket counter, ...,
+                              then the counters of reaped processes, per role
     process  N_PROC rows      pid, start time, role, held, in use, idle, long-lived,
                               shedding, counters[N_COUNTERS]
     waiter   N_WAIT rows      pid, process row, priority, ticket, state, since (ms)
     history  N_HIST samples   time (ms), held, in use, idle, waiting, long-lived
 
 With N_PROC = 512, N_WAIT = 1024 and N_HIST = 720 (one sample per 5 s for
-an hour) the segment is 149,376 bytes, whatever the budget: 1,024
+an hour) the segment is 149,760 bytes, whatever the budget: 1,024
 connections need at most 1,024 waiter rows, and one row per process.
 
 Every change is made under :meth:`SharedState.locked`: a thread lock (for the
@@ -35,7 +36,7 @@ import threading
 import time
 
 MAGIC = 0x6462706F6F6C3031      # "dbpool01"
-VERSION = 1
+VERSION = 2          # bump on any layout change: older files are reinitialised
 
 N_PROC = 512
 N_WAIT = 1024
@@ -45,7 +46,8 @@ N_COUNTERS = 8
 # header cells
 H_MAGIC, H_VERSION, H_BUDGET, H_CRON_RESERVE, H_TICKET, H_WAITING, H_LAST_REAP, \
     H_HIST_POS, H_HIST_LAST, H_MIN_IDLE = range(10)
-HEADER = 16
+H_REAPED = 16           # + role * N_COUNTERS + counter: totals of processes that are gone
+HEADER = 64
 
 # process row fields
 P_PID, P_START, P_ROLE, P_HELD, P_IN_USE, P_IDLE, P_LONG, P_SHEDDING = range(8)
@@ -185,6 +187,16 @@ class SharedState:
                 })
         return rows
 
+    def counter_totals(self):
+        """{role: {counter: total}} over live and reaped processes (never decreasing)."""
+        cells = self.cells
+        totals = {role: {name: cells[H_REAPED + r * N_COUNTERS + i]
+                         for i, name in enumerate(COUNTERS)} for r, role in enumerate(ROLES)}
+        for row in self.processes():
+            for name in COUNTERS:
+                totals[row['role']][name] += row[name]
+        return totals
+
     def total_held(self):
         cells = self.cells
         return sum(cells[PROC_BASE + P_HELD:WAIT_BASE:P_FIELDS])
@@ -208,6 +220,10 @@ class SharedState:
             pid = cells[base + P_PID]
             if pid and process_start(pid) != cells[base + P_START]:
                 freed += cells[base + P_HELD]
+                # Keep its counters, so instance totals never go backwards.
+                reaped = H_REAPED + cells[base + P_ROLE] * N_COUNTERS
+                for i in range(N_COUNTERS):
+                    cells[reaped + i] += cells[base + P_COUNTERS + i]
                 cells[base:base + P_FIELDS] = memoryview(bytes(P_FIELDS * 8)).cast('q')
         for row in range(N_WAIT):
             base = WAIT_BASE + row * W_FIELDS

@@ -12,6 +12,7 @@ from odoo_pool_patch.odoo_runner import OdooServer, RpcError, available_trees
 TREES, WHY_NOT = available_trees()
 pytestmark = pytest.mark.skipif(not TREES, reason=WHY_NOT or 'no Odoo')
 ENGINE = 'odoo_pool_patch.pool.ConnectionPool'
+METRICS_TOKEN = 'metrics-token-for-tests-0123456789'
 ADDON_TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            'addons', 'db_pooling', 'tests', 'test_pool_active.py')
 
@@ -27,7 +28,8 @@ def server(odoo_tree, pg, tmp_path_factory):
     database ``dbp_<series>`` created through the database manager."""
     workdir = str(tmp_path_factory.mktemp(f'odoo{odoo_tree.major}'))
     os.chmod(workdir, 0o755)
-    srv = OdooServer(odoo_tree, pg, workdir, options={'workers': 4})
+    srv = OdooServer(odoo_tree, pg, workdir, options={'workers': 4,
+                                                      'db_pool_metrics_token': METRICS_TOKEN})
     srv.db = f'dbp_{odoo_tree.major}'
     srv.start()
     try:
@@ -115,6 +117,42 @@ def test_every_worker_uses_our_pool_under_jsonrpc_load(server, pg):
         assert info['pools']['_Pool']['class'] == ENGINE
     # Our pool names this process's connections in pg_stat_activity.
     assert pg.count_connections('odoo-%') >= 1
+
+
+def get_metrics(srv, token=None):
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(srv.url('/db_pooling/metrics'))
+    if token:
+        request.add_header('Authorization', f'Bearer {token}')
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_prometheus_metrics_need_the_token_and_parse(server):
+    prometheus = pytest.importorskip('prometheus_client.parser')
+    assert get_metrics(server)[0] == 401
+    assert get_metrics(server, 'wrong-token-wrong-token')[0] == 403
+    status, text = get_metrics(server, METRICS_TOKEN)
+    assert status == 200, text
+    values = {}
+    for family in prometheus.text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert values[('odoo_db_pool_budget', ())] == 4 + 3 * 1 + 1
+    assert values[('odoo_db_pool_processes', (('role', 'http'),))] == 4
+    assert values[('odoo_db_pool_processes', (('role', 'cron'),))] == 1
+    assert values[('odoo_db_pool_borrows_total', (('role', 'http'),))] > 0
+    # Instance-wide: the same figures whichever worker answers; counters only grow.
+    _, again = get_metrics(server, METRICS_TOKEN)
+    later = {(s.name, tuple(sorted(s.labels.items()))): s.value
+             for f in prometheus.text_string_to_metric_families(again) for s in f.samples}
+    for key, value in values.items():
+        if key[0].endswith('_total'):
+            assert later[key] >= value
 
 
 def test_gevent_process_installs_our_pool(server):
@@ -234,6 +272,7 @@ def test_shared_budget_with_8_workers_on_6_databases(odoo_tree, pg, tmp_path):
         assert not errors, errors[:3]
         assert 6 <= peak <= 12, peak
         assert 'one budget of 12 server connections for the whole instance' in srv.log()
+        assert get_metrics(srv, METRICS_TOKEN)[0] == 404     # no token configured: off
         # At rest: min_idle (1) plus the long-lived LISTEN connections (postgres database).
         def at_rest():
             ordinary = [c for c in instance_connections(srv, pg) if c[1] != 'postgres']

@@ -1,1 +1,2 @@
 from . import status
+from . import metrics

@@ -1,0 +1,59 @@
+"""Prometheus text exposition of an instance's pool figures, from its shared state.
+
+Gauges are the current state of every live process, labelled by role;
+counters add the totals of processes that are gone (kept in the shared state
+when their row is reaped), so they never go backwards when Odoo recycles a
+worker.
+"""
+from . import shared_state as ss
+
+PREFIX = 'odoo_db_pool'
+COUNTER_HELP = {
+    'borrows': 'Connections borrowed (cursors opened).',
+    'reused': 'Borrows served by an idle connection of the process.',
+    'opened': 'Server connections opened.',
+    'closed': 'Server connections closed and given back to the budget.',
+    'waits': 'Borrowers that waited for a slot of the budget.',
+    'timeouts': 'Borrowers that gave up after db_pool_wait_timeout.',
+    'shed': 'Idle connections closed because another process waited.',
+}
+
+
+def _line(name, value, **labels):
+    if labels:
+        text = ','.join(f'{key}="{val}"' for key, val in labels.items())
+        return f'{name}{{{text}}} {value}'
+    return f'{name} {value}'
+
+
+def render(state):
+    cells = state.cells
+    rows = state.processes()
+    out = [
+        f'# HELP {PREFIX}_budget Server connections the instance may hold (db_pool_max_connections).',
+        f'# TYPE {PREFIX}_budget gauge',
+        _line(f'{PREFIX}_budget', cells[ss.H_BUDGET]),
+        f'# HELP {PREFIX}_waiting Borrowers waiting for a slot of the budget.',
+        f'# TYPE {PREFIX}_waiting gauge',
+        _line(f'{PREFIX}_waiting', cells[ss.H_WAITING]),
+        f'# HELP {PREFIX}_processes Live processes attached to the shared state.',
+        f'# TYPE {PREFIX}_processes gauge',
+    ]
+    for role in ss.ROLES:
+        out.append(_line(f'{PREFIX}_processes', sum(1 for r in rows if r['role'] == role),
+                         role=role))
+    out += [f'# HELP {PREFIX}_connections Server connections by process role and state '
+            f'(held counts every slot of the budget a process holds).',
+            f'# TYPE {PREFIX}_connections gauge']
+    for role in ss.ROLES:
+        mine = [r for r in rows if r['role'] == role]
+        for state_name in ('held', 'in_use', 'idle', 'long_lived'):
+            out.append(_line(f'{PREFIX}_connections', sum(r[state_name] for r in mine),
+                             role=role, state=state_name))
+    totals = state.counter_totals()
+    for counter, help_text in COUNTER_HELP.items():
+        name = f'{PREFIX}_{counter}_total'
+        out += [f'# HELP {name} {help_text}', f'# TYPE {name} counter']
+        for role in ss.ROLES:
+            out.append(_line(name, totals[role][counter], role=role))
+    return '\n'.join(out) + '\n'
