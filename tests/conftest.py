@@ -6,6 +6,7 @@ the role ``odoo`` exist). Tests isolate themselves by a unique
 their own server connections in ``pg_stat_activity``.
 """
 import logging
+import os
 import uuid
 
 import pytest
@@ -32,6 +33,18 @@ def pg():
         yield cluster
     finally:
         cluster.destroy()
+
+
+@pytest.fixture(scope='session')
+def pki(tmp_path_factory):
+    """A throw-away CA, a server certificate for localhost and a client one for odoo."""
+    import shutil
+    from odoo_pool_patch.embedded_pg import ThrowawayPKI
+    if not shutil.which('openssl'):
+        pytest.skip('openssl not installed')
+    directory = tmp_path_factory.mktemp('pki')
+    os.chmod(directory, 0o755)
+    return ThrowawayPKI(str(directory))
 
 
 @pytest.fixture

@@ -1,11 +1,10 @@
 """odoo-pool check against real servers: a good configuration and each kind of bad one."""
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from odoo_pool_patch.embedded_pg import Cluster, ThrowawayPKI, free_port
+from odoo_pool_patch.embedded_pg import Cluster, free_port
 
 
 def check(tmp_path, **options):
@@ -55,11 +54,7 @@ def test_unreachable_replica_is_reported(pg, tmp_path):
     assert 'primary' in out and f'{pg.port}: connected' in out
 
 
-@pytest.mark.skipif(not shutil.which('openssl'), reason='openssl not installed')
-def test_tls_checked_against_the_server(tmp_path):
-    pki_dir = tmp_path / 'pki'
-    pki_dir.mkdir()
-    pki = ThrowawayPKI(str(pki_dir))
+def test_tls_checked_against_the_server(tmp_path, pki):
     cluster = Cluster('check-tls').init().start()
     try:
         cluster.create_role('odoo')

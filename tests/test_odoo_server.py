@@ -282,17 +282,11 @@ def test_shared_budget_with_8_workers_on_6_databases(odoo_tree, pg, tmp_path):
         srv.stop()
 
 
-def test_backup_and_restore_against_a_tls_only_server(odoo_tree, tmp_path):
+def test_backup_and_restore_against_a_tls_only_server(odoo_tree, tmp_path, pki):
     """verify-full with a private CA and a client certificate, all from odoo.conf: Odoo's
     cursors and its pg_dump/psql for backup and restore all get through."""
-    import shutil
-    from odoo_pool_patch.embedded_pg import Cluster, ThrowawayPKI, find_bindir
-    if not shutil.which('openssl'):
-        pytest.skip('openssl not installed')
+    from odoo_pool_patch.embedded_pg import Cluster, find_bindir
     os.chmod(tmp_path, 0o755)
-    pki_dir = tmp_path / 'pki'
-    pki_dir.mkdir()
-    pki = ThrowawayPKI(str(pki_dir))
     cluster = Cluster('tls-odoo').init().start()
     try:
         cluster.create_role('odoo')

@@ -13,11 +13,6 @@ pytestmark = pytest.mark.skipif(not shutil.which('openssl'), reason='openssl not
 
 
 @pytest.fixture(scope='module')
-def pki(tmp_path_factory):
-    return ThrowawayPKI(str(tmp_path_factory.mktemp('pki')))
-
-
-@pytest.fixture(scope='module')
 def tls_pg(pki):
     cluster = Cluster('tls').init().start()
     try:
