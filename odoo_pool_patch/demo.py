@@ -8,8 +8,10 @@ comparison. The load is W forked worker processes, each serving one request
 at a time like an Odoo prefork worker: a transaction of a dozen reads and two
 writes on a random database out of D.
 
-With ``ODOO_PATH`` set (or ``--odoo PATH``), it drives a real Odoo prefork
-server over JSON-RPC instead, with and without db_pooling loaded server-wide.
+When an Odoo tree is found (``--odoo PATH``, ``ODOO_PATH``, an importable
+odoo, or /opt/odoo/<series>; see ``odoo_runner.available_trees``) it drives a
+real Odoo prefork server over JSON-RPC instead, with and without db_pooling
+loaded server-wide; ``--simulated`` forces the simulated load.
 """
 import argparse
 import os
@@ -227,9 +229,14 @@ def main(argv=None):
     parser.add_argument('--odoo', help='Odoo source tree (default: $ODOO_PATH)')
     parser.add_argument('--simulated', action='store_true', help='ignore ODOO_PATH')
     args = parser.parse_args(argv)
-    if not args.simulated and (args.odoo or os.environ.get('ODOO_PATH')):
-        from .odoo_runner import find_odoo
-        return with_odoo(args, find_odoo(args.odoo))
+    if not args.simulated:
+        from .odoo_runner import available_trees, find_odoo
+        if args.odoo:
+            return with_odoo(args, find_odoo(args.odoo))
+        trees, why_not = available_trees()
+        if trees:                   # the newest Odoo found (ODOO_PATH first)
+            return with_odoo(args, trees[0] if os.environ.get('ODOO_PATH') else trees[-1])
+        print(f'No Odoo found ({why_not}): running the simulated demo.\n')
     return simulated(args)
 
 
