@@ -1,15 +1,20 @@
 """db_pooling engine: connection pooling for Odoo 16-19 (pure Python, psycopg2 only).
 
-Map of the package (one job per module):
+Map of the package (one job per module; README.rst has the longer version):
 
 - ``pool``          the per-process pool, drop-in for ``odoo.sql_db.ConnectionPool``
-- ``maintenance``   the timer thread: idle eviction, max lifetime, dead sockets, leaks
+- ``maintenance``   the timer thread: idle eviction, lifetime, dead sockets, leaks, shedding
+- ``shared_state``  the shared-memory segment of an instance: layout, lock, crash reaping
+- ``budget``        one connection budget for all processes: slots, priority queue, grants
 - ``options``       odoo.conf options, defaults and validation
+- ``tls``           TLS options for primary and replicas, start-up checks, failure messages
 - ``dsn``           DSN keys and comparison (Odoo's ``_dsn_equals`` semantics)
 - ``errors``        PoolTimeout (a psycopg2 PoolError) and ConfigError
 - ``odoo_install``  swaps Odoo's pool in ``post_load`` (imports Odoo lazily)
-- ``embedded_pg``   throw-away PostgreSQL clusters for the demo, tests, benchmarks
+- ``metrics``       Prometheus text of the shared state
+- ``embedded_pg``   throw-away PostgreSQL clusters (and a test PKI) for demo, tests, benchmarks
 - ``odoo_runner``   finds and runs real Odoo servers for the demo, tests, benchmarks
-- ``demo``, ``cli`` the ``odoo-pool`` command
+- ``demo``, ``top``, ``check``, ``cli``   the ``odoo-pool`` command
+- ``pytest_plugin`` restores Odoo's server-wide load order under pytest-odoo
 """
 __version__ = '0.1.0'
