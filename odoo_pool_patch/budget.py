@@ -29,6 +29,7 @@ from . import shared_state as ss
 
 PRIORITIES = {'long': 0, 'http': 1, 'master': 1, 'threaded': 1, 'other': 1, 'gevent': 2, 'cron': 3}
 CRON = PRIORITIES['cron']
+_CRON_ROLE = ss.ROLES.index('cron')
 LONG_LIVED_DATABASES = frozenset(('postgres', 'template0', 'template1'))
 
 
@@ -125,7 +126,7 @@ class SharedBudget:
                 if not granted and locked_cells[state_index] == ss.WAITING:
                     locked_cells[ss.H_WAITING] -= 1
                 base = ss.WAIT_BASE + slot * ss.W_FIELDS
-                locked_cells[base:base + ss.W_FIELDS] = memoryview(bytes(ss.W_FIELDS * 8)).cast('q')
+                ss.clear(locked_cells, base, ss.W_FIELDS)
                 if not granted:
                     self._count_locked(locked_cells, 'timeouts')
         return granted
@@ -170,14 +171,21 @@ class SharedBudget:
 
     # ------------------------------------------------------------------ under the lock
     def _room_locked(self, cells, priority):
-        held = sum(cells[ss.PROC_BASE + ss.P_HELD:ss.WAIT_BASE:ss.P_FIELDS])
+        return self._has_room(self._usage_locked(cells), priority)
+
+    def _usage_locked(self, cells):
+        """(slots held by the instance, slots held by cron processes)."""
+        helds = cells[ss.PROC_BASE + ss.P_HELD:ss.WAIT_BASE:ss.P_FIELDS]
+        if not self.cron_reserve:
+            return sum(helds), 0
+        roles = cells[ss.PROC_BASE + ss.P_ROLE:ss.WAIT_BASE:ss.P_FIELDS]
+        return sum(helds), sum(held for role, held in zip(roles, helds) if role == _CRON_ROLE)
+
+    def _has_room(self, usage, priority):
+        held, cron_held = usage
         if priority == CRON or not self.cron_reserve:
             return held < self.budget
-        cron_role = ss.ROLES.index('cron')
-        cron_held = sum(cells[ss.PROC_BASE + row * ss.P_FIELDS + ss.P_HELD]
-                        for row in range(ss.N_PROC)
-                        if cells[ss.PROC_BASE + row * ss.P_FIELDS + ss.P_ROLE] == cron_role
-                        and cells[ss.PROC_BASE + row * ss.P_FIELDS + ss.P_PID])
+        # Others leave free the part of the cron reserve that cron does not use.
         return held < self.budget - max(self.cron_reserve - cron_held, 0)
 
     def _enqueue_locked(self, cells, priority):
@@ -199,12 +207,13 @@ class SharedBudget:
     def _grant_locked(self, cells):
         """Hand free slots to waiters: best priority first, then oldest ticket."""
         while cells[ss.H_WAITING] > 0:
+            usage = self._usage_locked(cells)
             best, best_key = None, None
             for slot in range(ss.N_WAIT):
                 base = ss.WAIT_BASE + slot * ss.W_FIELDS
                 if cells[base + ss.W_STATE] == ss.WAITING:
                     key = (cells[base + ss.W_PRIORITY], cells[base + ss.W_TICKET])
-                    if (best_key is None or key < best_key) and self._room_locked(cells, key[0]):
+                    if (best_key is None or key < best_key) and self._has_room(usage, key[0]):
                         best, best_key = base, key
             if best is None:
                 return

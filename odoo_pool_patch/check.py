@@ -13,7 +13,7 @@ import psycopg2
 
 from . import tls
 from .errors import ConfigError
-from .odoo_install import default_budget
+from .odoo_install import default_budget, process_count, server_limits
 from .options import load_settings
 
 
@@ -46,16 +46,13 @@ def probe(info):
     """(max_connections - superuser_reserved, TLS description) of the server, or raises."""
     cnx = psycopg2.connect(**info)
     try:
-        with cnx.cursor() as cur:
-            cur.execute("SELECT current_setting('max_connections')::int - "
-                        "current_setting('superuser_reserved_connections')::int")
-            allowed = cur.fetchone()[0]
+        max_connections, reserved = server_limits(cnx)
         if cnx.info.ssl_in_use:
             secured = (f"TLS {cnx.info.ssl_attribute('protocol')} "
                        f"{cnx.info.ssl_attribute('cipher')}")
         else:
             secured = 'NOT encrypted'
-        return allowed, secured
+        return max_connections - reserved, secured
     finally:
         cnx.close()
 
@@ -110,7 +107,7 @@ def run(path, out=sys.stdout):
             wanted = settings.max_connections or default_budget(workers, cron, maxconn)
             what = f'budget {wanted} (db_pool_max_connections)'
         else:
-            wanted = (1 + workers + cron + (1 if workers else 0)) * maxconn
+            wanted = process_count(workers, cron) * maxconn
             what = f'worst case {wanted} without a shared budget (processes x db_maxconn)'
         if wanted > allowed:
             bad(f'{what} exceeds what the primary accepts: {allowed} (max_connections - '

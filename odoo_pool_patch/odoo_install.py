@@ -151,6 +151,12 @@ def default_budget(workers, cron_threads, maxconn):
     return maxconn
 
 
+def process_count(workers, cron_threads):
+    """Processes that each have a pool: master (or threaded server), workers, cron
+    workers and, with workers, the gevent process."""
+    return 1 + workers + cron_threads + (1 if workers else 0)
+
+
 def budget_settings(settings):
     """(budget, cron reserve, shared path) with the computed defaults filled in."""
     from odoo.tools import config
@@ -196,6 +202,14 @@ def _patch_worker_roles(budget):
     server.Worker.run = run
 
 
+def server_limits(cnx):
+    """(max_connections, superuser_reserved_connections) of the server behind ``cnx``."""
+    with cnx.cursor() as cur:
+        cur.execute("SELECT current_setting('max_connections')::int, "
+                    "current_setting('superuser_reserved_connections')::int")
+        return cur.fetchone()
+
+
 def log_budget(settings, budget):
     """Print the budget next to what the server accepts; warn when it cannot fit."""
     import psycopg2
@@ -210,17 +224,15 @@ def log_budget(settings, budget):
                 f'(db_pool_max_connections{"" if settings.max_connections else ", default"}; '
                 f'workers={workers}, max_cron_threads={cron})')
     else:
-        wanted = (1 + workers + cron + (1 if workers else 0)) * maxconn
+        processes = process_count(workers, cron)
+        wanted = processes * maxconn
         what = (f'no shared budget (db_pool_shared = off): worst case {wanted} connections = '
-                f'{1 + workers + cron + (1 if workers else 0)} processes x db_maxconn {maxconn}')
+                f'{processes} processes x db_maxconn {maxconn}')
     info = sql_db.connection_info_for('postgres')[1]
     try:
         cnx = psycopg2.connect(**info)
         try:
-            with cnx.cursor() as cur:
-                cur.execute("SELECT current_setting('max_connections')::int, "
-                            "current_setting('superuser_reserved_connections')::int")
-                max_connections, reserved = cur.fetchone()
+            max_connections, reserved = server_limits(cnx)
         finally:
             cnx.close()
     except psycopg2.Error as exc:

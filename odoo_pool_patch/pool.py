@@ -33,6 +33,7 @@ import weakref
 import psycopg2
 import psycopg2.extensions
 
+from .budget import LONG_LIVED_DATABASES
 from .dsn import dsn_key, key_database, dsn_equals
 from .errors import PoolError, PoolTimeout
 from .options import Settings
@@ -399,11 +400,9 @@ class ConnectionPool:
         if fds and (self._waiters or (self.budget is not None and self.budget.waiting())):
             # Someone needs the slot: a short wait here hands it over sooner than
             # the next maintenance tick would.
-            remaining = list(fds)
             stop = monotonic() + HANDOVER_WAIT
-            while remaining and monotonic() < stop:
-                for fd in exited(remaining, stop - monotonic()):
-                    remaining.remove(fd)
+            while fds and monotonic() < stop:
+                for fd in exited(fds, stop - monotonic()):
                     fds.remove(fd)     # exited: its slot is freed below with the others
         with self._lock:
             # Slots without a socket to watch (closed already) are free now.
@@ -503,13 +502,10 @@ class ConnectionPool:
         """Wait for a slot of the shared budget (a local slot is already reserved)."""
         budget = self.budget
         self.stats.budget_waits += 1
-        started = monotonic()
+        started, taken = monotonic(), False
         try:
             taken = budget.acquire(budget.priority(key_database(key), holder.thread),
                                    self.settings.wait_timeout)
-        except BaseException:
-            taken = False
-            raise
         finally:
             if not taken:
                 with self._lock:
@@ -649,7 +645,6 @@ class ConnectionPool:
 
     def figures(self):
         """Cheap counts for the shared state: in use (long-lived ones apart), idle."""
-        from .budget import LONG_LIVED_DATABASES
         with self._lock:
             long_lived = sum(1 for cnx in self._used
                              if key_database(cnx._dbp_key) in LONG_LIVED_DATABASES)

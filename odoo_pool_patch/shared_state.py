@@ -73,6 +73,11 @@ SIZE = CELLS * 8
 ROLES = ('master', 'http', 'cron', 'gevent', 'threaded', 'other')
 
 
+def clear(cells, start, count):
+    """Zero ``count`` cells from ``start`` (a freed process or waiter row)."""
+    cells[start:start + count] = memoryview(bytes(count * 8)).cast('q')
+
+
 def default_path(*identity):
     """Segment path for an instance identified by ``identity`` (config file, db host, port...)."""
     digest = hashlib.sha1(repr(identity).encode()).hexdigest()[:16]
@@ -114,7 +119,7 @@ class SharedState:
                         self.map.close()
                         raise ValueError(f'{path} is not a db_pooling shared state file '
                                          f'(or of another version)')
-                    self.cells[:] = memoryview(bytes(SIZE)).cast('q')
+                    clear(self.cells, 0, CELLS)
                     self.cells[H_VERSION] = VERSION
                     self.cells[H_MAGIC] = MAGIC
             finally:
@@ -163,7 +168,7 @@ class SharedState:
                                    f'(all {N_PROC} in use)')
             base = PROC_BASE + free * P_FIELDS
             held = cells[base + P_HELD] if cells[base + P_PID] == pid else 0
-            cells[base:base + P_FIELDS] = memoryview(bytes(P_FIELDS * 8)).cast('q')
+            clear(cells, base, P_FIELDS)
             cells[base + P_PID] = pid
             cells[base + P_START] = start
             cells[base + P_ROLE] = ROLES.index(role) if role in ROLES else ROLES.index('other')
@@ -224,12 +229,12 @@ class SharedState:
                 reaped = H_REAPED + cells[base + P_ROLE] * N_COUNTERS
                 for i in range(N_COUNTERS):
                     cells[reaped + i] += cells[base + P_COUNTERS + i]
-                cells[base:base + P_FIELDS] = memoryview(bytes(P_FIELDS * 8)).cast('q')
+                clear(cells, base, P_FIELDS)
         for row in range(N_WAIT):
             base = WAIT_BASE + row * W_FIELDS
             if cells[base + W_STATE] != FREE and cells[PROC_BASE + cells[base + W_PROC] * P_FIELDS
                                                        + P_PID] != cells[base + W_PID]:
-                cells[base:base + W_FIELDS] = memoryview(bytes(W_FIELDS * 8)).cast('q')
+                clear(cells, base, W_FIELDS)
         cells[H_WAITING] = sum(1 for row in range(N_WAIT)
                                if cells[WAIT_BASE + row * W_FIELDS + W_STATE] == WAITING)
         return freed
