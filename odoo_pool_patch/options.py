@@ -64,6 +64,34 @@ def _seconds(value):
     return number
 
 
+# Group of an option in odoo.conf.example and the README, by name prefix (the longest matching
+# prefix wins), so that a new option lands in its group without being listed here.
+GROUP_PREFIXES = {
+    'db_pool_': 'pool',
+    'db_pool_shared': 'budget',
+    'db_pool_max_connections': 'budget',
+    'db_pool_cron_reserve': 'budget',
+    'db_pool_min_idle': 'budget',
+    'db_replica': 'replicas',
+    'db_ssl': 'tls',
+    'db_replica_ssl': 'tls',
+    'db_direct_': 'pgbouncer',
+    'db_pool_reset': 'pgbouncer',
+    'db_pool_statement_timeout': 'pgbouncer',
+    'db_pool_idle_in_transaction_timeout': 'pgbouncer',
+    'db_pool_metrics': 'metrics',
+    'db_pool_dashboard': 'metrics',
+}
+
+
+def group_of(name):
+    prefixes = [prefix for prefix in GROUP_PREFIXES if name.startswith(prefix)]
+    if not prefixes:
+        raise ValueError(f'option {name} has no group: add its prefix to '
+                         f'options.GROUP_PREFIXES')
+    return GROUP_PREFIXES[max(prefixes, key=len)]
+
+
 @dataclass(frozen=True)
 class Option:
     name: str            # key in odoo.conf [options]
@@ -72,7 +100,11 @@ class Option:
     default: object
     allowed: str         # what the error message says is allowed
     doc: str             # meaning and when to change it (odoo.conf.example, README)
-    shown_default: str = None   # how the docs show a None default (else "(computed)")
+    shown_default: str = None   # how the docs show the default (else from the value)
+
+    @property
+    def group(self):
+        return group_of(self.name)
 
 
 OPTIONS = (
@@ -212,20 +244,12 @@ def format_value(value):
 
 
 def example_section():
-    """The db_pool_* part of odoo.conf.example, from :data:`OPTIONS` (so docs cannot drift)."""
-    import textwrap
-    lines = []
-    for option in OPTIONS:
-        lines.append('')
-        lines.extend('; ' + line for line in textwrap.wrap(option.doc, 92))
-        unit = ' s' if option.parse is _seconds else ''
-        shown = option.shown_default if option.default is None and option.shown_default \
-            else format_value(option.default) + (unit if option.default is not None else '')
-        lines.append(f'; Default: {shown}. Allowed: {option.allowed}.')
-        value = format_value(option.default) if option.default is not None else ''
-        lines.append(f'; {option.name} = {value}'.rstrip())
-    return '\n'.join(lines) + '\n'
+    """The whole odoo.conf.example, from the code (so docs cannot drift): see conf_example."""
+    from .conf_example import example_file
+    return example_file()
 
 
-if __name__ == '__main__':       # python -m odoo_pool_patch.options > section
-    print(example_section(), end='')
+if __name__ == '__main__':       # python -m odoo_pool_patch.options > odoo.conf.example
+    import sys
+    from .conf_example import readme_table
+    print(readme_table() if sys.argv[1:] == ['--readme-table'] else example_section(), end='')

@@ -5,6 +5,9 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
+from odoo_pool_patch.conf_example import documented_names
 from odoo_pool_patch.options import OPTION_NAMES, example_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,11 +28,60 @@ def test_readme_demo_command_is_the_cli():
         in read('README.rst')
 
 
+def options_read_in_code():
+    """db_* option names (and the worker counts) quoted in the engine and the addon."""
+    names = set()
+    for directory in ('odoo_pool_patch', 'addons/db_pooling'):
+        for base, _, files in os.walk(os.path.join(ROOT, directory)):
+            for name in files:
+                if name.endswith('.py') and name not in CODE_THAT_STARTS_ODOO:
+                    with open(os.path.join(base, name)) as handle:
+                        names.update(re.findall(
+                            r"""['"](db_[a-z0-9_]*[a-z0-9]|workers|max_cron_threads)['"]""",
+                            handle.read()))
+    from odoo_pool_patch.options import GROUP_PREFIXES
+    return names - {'db_pooling'} - set(GROUP_PREFIXES)
+
+
+# modules that pass options to the Odoo servers they start (tests, demo), not read them
+CODE_THAT_STARTS_ODOO = ('odoo_runner.py', 'demo.py', 'embedded_pg.py')
+
+
 def test_odoo_conf_example_lists_exactly_the_options_read():
     example = read('odoo.conf.example')
-    listed = set(re.findall(r'^;? ?(db_pool_\w+) =', example, re.M))
-    assert listed == set(OPTION_NAMES)
-    assert example_section() in example      # regenerate: python -m odoo_pool_patch.options
+    assert example == example_section()   # regenerate: python -m odoo_pool_patch.options > odoo.conf.example
+    listed = set(re.findall(r'^;? ?(\w+) =', example, re.M))
+    assert listed == documented_names()
+    assert set(OPTION_NAMES) <= listed
+    read_in_code = options_read_in_code()
+    assert {'db_pool_wait_timeout', 'db_maxconn', 'workers'} <= read_in_code   # the scan works
+    assert read_in_code <= listed, 'read by the code but not in odoo.conf.example (add them ' \
+        'to conf_example.STOCK_OPTIONS or options.OPTIONS)'
+
+
+def test_every_option_has_a_group_and_the_readme_has_the_option_table():
+    from odoo_pool_patch.conf_example import GROUP_KEYS, readme_table
+    from odoo_pool_patch.options import OPTIONS, group_of
+    assert all(option.group in GROUP_KEYS for option in OPTIONS)
+    assert group_of('db_pool_statement_timeout_cron') == 'pgbouncer'   # longest prefix wins
+    assert group_of('db_replica_sslrootcert') == 'tls'
+    assert group_of('db_pool_some_new_knob') == 'pool'
+    with pytest.raises(ValueError, match='GROUP_PREFIXES'):
+        group_of('unrelated_option')
+    assert '``db_pool_wait_timeout``' in readme_table()
+
+
+def test_stock_options_documented_are_odoo_options():
+    from odoo_pool_patch.conf_example import STOCK_OPTIONS
+    from odoo_pool_patch.odoo_runner import available_trees
+    trees = [tree for tree in available_trees()[0] if tree.major >= 18]
+    if not trees:
+        pytest.skip('no Odoo 18+ tree found (ODOO_PATH or /opt/odoo/<series>)')
+    for tree in trees:
+        source = open(os.path.join(tree.path, 'odoo', 'tools', 'config.py')).read()
+        for option in STOCK_OPTIONS:
+            assert re.search(rf"""['"]{option.name}['"]|--{option.name}\b""", source), \
+                (tree.series, option.name)
 
 
 def test_readme_documents_every_option():
