@@ -19,9 +19,9 @@ if [ ! -s ca.key ] || [ ! -s ca.crt ]; then
     openssl req -new -x509 -nodes -days "$days" -subj "/CN=db_pooling stack CA" \
         -keyout ca.key -out ca.crt 2>/dev/null
 fi
-san=$(printf 'DNS:%s,' $names)IP:127.0.0.1
-first=${names%% *}
-openssl req -new -nodes -subj "/CN=$first" -keyout server.key -out server.csr 2>/dev/null
+read -r -a name_list <<< "$names"
+san=$(printf 'DNS:%s,' "${name_list[@]}")IP:127.0.0.1
+openssl req -new -nodes -subj "/CN=${name_list[0]}" -keyout server.key -out server.csr 2>/dev/null
 printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\n' "$san" > server.ext
 openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days "$days" \
     -extfile server.ext -out server.crt 2>/dev/null

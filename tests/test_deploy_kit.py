@@ -409,6 +409,34 @@ def test_odoo_confs_use_known_options_services_and_passwords():
     assert server.group(1) in services
 
 
+def compose_command():
+    if shutil.which('docker-compose'):
+        return ['docker-compose']
+    if shutil.which('docker') and subprocess.run(['docker', 'compose', 'version'],
+                                                 capture_output=True).returncode == 0:
+        return ['docker', 'compose']
+    return None
+
+
+@pytest.mark.skipif(not compose_command(), reason='neither docker compose nor docker-compose '
+                    'installed (apt-get install docker-compose validates without an engine)')
+def test_compose_validates_the_stack_and_its_variants():
+    for extra in ([], ['--profile', 'pgbouncer'],
+                  ['-f', 'docker-compose.yml', '-f', 'docker-compose.tls.yml']):
+        out = subprocess.run(compose_command() + extra + ['config', '-q'], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, (extra, out.stderr)
+
+
+@pytest.mark.skipif(not shutil.which('shellcheck'), reason='shellcheck not installed')
+def test_scripts_pass_shellcheck():
+    scripts = [os.path.join(base, name) for base, _, names in os.walk(DOCKER)
+               for name in names if name.endswith('.sh')]
+    assert len(scripts) == 5
+    out = subprocess.run(['shellcheck', *scripts], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
+
+
 STOCK_OPTIONS_NAMES = tuple(option.name for option in STOCK_OPTIONS)
 TLS_NAMES = tuple(n for prefix in ('db_', 'db_replica_')
                   for n in [prefix + 'sslmode'] + [prefix + s for s in tls.KEYWORDS])
