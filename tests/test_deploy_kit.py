@@ -248,6 +248,46 @@ def test_pgbouncer_ini_runs_transaction_pooling_with_the_stack_password(pg):
         shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+# ---------------------------------------------------------------- the Odoo image's install
+
+def test_pip_installed_package_loads_in_odoo_without_addons_path(pg, tmp_path):
+    """What docker/Dockerfile does: pip install the repository (--no-deps) next to Odoo; Odoo
+    then loads db_pooling server-wide from site-packages (odoo.addons namespace), with no
+    addons_path entry and without the repository on the path."""
+    from odoo_pool_patch.odoo_runner import OdooServer, available_trees
+    trees = [tree for tree in available_trees()[0] if tree.major == 18]   # the image's series
+    if not trees:
+        pytest.skip('no Odoo 18 tree found (ODOO_PATH or /opt/odoo/18.0)')
+    tree = trees[0]
+    site = tmp_path / 'site-packages'
+    ok(subprocess.run([tree.python, '-m', 'pip', 'install', '-q', '--no-deps', '--target',
+                       str(site), ROOT], capture_output=True, text=True, timeout=600))
+    server = OdooServer(tree, pg, str(tmp_path), options={
+        'addons_path': os.path.join(tree.path, 'odoo', 'addons')})
+    assert ROOT not in server.options['addons_path']
+    server.write_config()
+    server.proc = subprocess.Popen(
+        tree.command() + ['-c', server.conffile], cwd=tree.path, start_new_session=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join((str(site), tree.path))),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        server.wait_http()
+        assert wait_for(lambda: 'db_pooling active in process' in server.log()), \
+            server.log_tail()
+        assert 'not loaded server-wide' not in server.log()
+    finally:
+        server.stop()
+
+
+def wait_for(predicate, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 # ---------------------------------------------------------------- compose files
 
 def read_env(name):
