@@ -15,6 +15,7 @@ import os
 from .errors import ConfigError
 from .options import load_settings
 from .pool import ConnectionPool, Holder
+from .session_tracking import tracked_class
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 
@@ -79,7 +80,8 @@ def install(settings):
     pool_class = type('ConnectionPool', (ConnectionPool,), {
         '__module__': ConnectionPool.__module__,
         'settings': settings,
-        'connection_factory': sql_db.PsycoConnection,
+        # Odoo's connection class, noting the session state its cursors leave.
+        'connection_factory': tracked_class(sql_db.PsycoConnection),
     })
     if settings.shared:
         pool_class.budget = attach_budget(settings)
