@@ -244,6 +244,15 @@ class Settings:
         """``SET LOCAL`` statements for the timeouts of ``role`` (http or cron)."""
         return _timeouts_prefix(self, role)
 
+    def as_options(self):
+        """``{odoo.conf name: value}``, for logs and the dashboard."""
+        return {option.name: ('(set)' if option.field in SECRETS and getattr(self, option.field)
+                              else getattr(self, option.field)) for option in OPTIONS}
+
+    def describe(self):
+        return ', '.join(f'{name}={value:g}' if isinstance(value, float) else f'{name}={value}'
+                         for name, value in self.as_options().items())
+
 
 @functools.lru_cache(maxsize=64)       # called on every borrow
 def _timeouts_prefix(settings, role):
@@ -254,15 +263,6 @@ def _timeouts_prefix(settings, role):
         if value:
             parts.append(f"SET LOCAL {setting} = '{max(int(value * 1000), 1)}ms'; ")
     return ''.join(parts)
-
-    def as_options(self):
-        """``{odoo.conf name: value}``, for logs and the dashboard."""
-        return {option.name: ('(set)' if option.field in SECRETS and getattr(self, option.field)
-                              else getattr(self, option.field)) for option in OPTIONS}
-
-    def describe(self):
-        return ', '.join(f'{name}={value:g}' if isinstance(value, float) else f'{name}={value}'
-                         for name, value in self.as_options().items())
 
 
 assert {f.name for f in fields(Settings)} == {o.field for o in OPTIONS}
