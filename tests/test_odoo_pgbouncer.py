@@ -8,23 +8,13 @@ import datetime
 import os
 import time
 
-import psycopg2
 import pytest
 
-from odoo_pool_patch.embedded_pgbouncer import PgBouncer, find_pgbouncer
 from odoo_pool_patch.odoo_runner import OdooServer, available_trees
+from tests.conftest import notify_through
 
 TREES, WHY_NOT = available_trees()
 pytestmark = pytest.mark.skipif(not TREES, reason=WHY_NOT or 'no Odoo')
-
-
-@pytest.fixture(scope='module')
-def bouncer(pg):
-    if find_pgbouncer() is None:
-        pytest.skip('pgbouncer is not installed (apt-get install pgbouncer; .ci/run does it as root)')
-    server = PgBouncer(pg).start()
-    yield server
-    server.destroy()
 
 
 @pytest.fixture(scope='module', params=TREES or [None], ids=lambda t: t.series if t else 'none')
@@ -50,16 +40,6 @@ def server(odoo_tree, pg, bouncer, tmp_path_factory):
         srv.stop()
 
 
-def notify_through_pooler(bouncer, channel, payload):
-    cnx = psycopg2.connect(host=bouncer.host, port=bouncer.port, dbname='postgres', user='odoo')
-    try:
-        with cnx.cursor() as cur:
-            cur.execute('SELECT pg_notify(%s, %s)', (channel, payload))
-        cnx.commit()
-    finally:
-        cnx.close()
-
-
 def test_cron_trigger_wakes_the_cron_worker_within_seconds(server, bouncer):
     uid = server.login(server.db)
     call = lambda model, method, *args, **kw: server.execute(  # noqa: E731
@@ -75,7 +55,7 @@ def test_cron_trigger_wakes_the_cron_worker_within_seconds(server, bouncer):
     time.sleep(3)
     now = datetime.datetime.utcnow().strftime('%Y-%m-%d %H:%M:%S')
     call('ir.cron.trigger', 'create', {'cron_id': cron_id, 'call_at': now})
-    notify_through_pooler(bouncer, 'cron_trigger', server.db)    # what ir.cron._notifydb sends
+    notify_through(bouncer, 'cron_trigger', server.db)    # what ir.cron._notifydb sends
     deadline = time.monotonic() + 25
     while time.monotonic() < deadline:
         if call('ir.cron', 'read', [cron_id], ['lastcall'])[0]['lastcall']:

@@ -12,17 +12,8 @@ import psycopg2
 import pytest
 
 from odoo_pool_patch import session_tracking
-from odoo_pool_patch.embedded_pgbouncer import PgBouncer, find_pgbouncer
 from odoo_pool_patch.options import Settings
-
-
-@pytest.fixture(scope='module')
-def bouncer(pg):
-    if find_pgbouncer() is None:
-        pytest.skip('pgbouncer is not installed (apt-get install pgbouncer; .ci/run does it as root)')
-    server = PgBouncer(pg).start()
-    yield server
-    server.destroy()
+from tests.conftest import notify_through
 
 
 @pytest.fixture
@@ -30,16 +21,6 @@ def via_bouncer(bouncer, info):
     def make(dbname='db1'):
         return info(dbname, host=bouncer.host, port=bouncer.port)
     return make
-
-
-def notify_through(via_bouncer, channel, payload):
-    cnx = psycopg2.connect(**via_bouncer('postgres'))   # as Odoo's bus: NOTIFY on postgres
-    try:
-        with cnx.cursor() as cur:
-            cur.execute('SELECT pg_notify(%s, %s)', (channel, payload))
-        cnx.commit()
-    finally:
-        cnx.close()
 
 
 def received(cnx, timeout):
@@ -60,20 +41,20 @@ def listen(pool, connection_info, channel):
     return cnx
 
 
-def test_control_listen_through_transaction_pooler_hears_nothing(pools, via_bouncer):
+def test_control_listen_through_transaction_pooler_hears_nothing(pools, bouncer, via_bouncer):
     pool = pools(2, settings=Settings())
     cnx = listen(pool, via_bouncer('postgres'), 'dbp_ctl')
-    notify_through(via_bouncer, 'dbp_ctl', 'lost')
+    notify_through(bouncer, 'dbp_ctl', 'lost')
     assert received(cnx, 1.5) == []
     pool.give_back(cnx, keep_in_pool=False)
 
 
-def test_notify_through_pooler_reaches_direct_listen(pg, pools, via_bouncer):
+def test_notify_through_pooler_reaches_direct_listen(pg, pools, bouncer, via_bouncer):
     pool = pools(2, settings=Settings(direct_host=pg.host, direct_port=pg.port))
     cnx = listen(pool, via_bouncer('postgres'), 'dbp_direct')
     assert cnx.info.port == pg.port and cnx._dbp_direct
     assert 'keepalives=1' in cnx.dsn
-    notify_through(via_bouncer, 'dbp_direct', 'hello')
+    notify_through(bouncer, 'dbp_direct', 'hello')
     assert received(cnx, 10) == ['hello']
     # Other databases still go through the pooler.
     other = pool.borrow(via_bouncer('db1'))
