@@ -500,7 +500,7 @@ class ConnectionPool:
             _logger.info('Connection to the database failed')
             raise
         self.prepare_connection(cnx, key)
-        cnx._dbp_direct = direct is not None
+        cnx._dbp_direct = (direct is not None) if self.settings.direct_host else None
         cnx._dbp_prefix = self._timeouts_prefix(key, holder)
         record_tls(cnx, direct or connection_info)
         with self._lock:

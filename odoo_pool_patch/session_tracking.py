@@ -77,7 +77,8 @@ class SessionTracking:
     in autocommit mode set_session also changes server-side defaults)."""
     _dbp_dirty = 0
     _dbp_prefix = ''
-    _dbp_direct = False
+    _dbp_direct = None      # True: sent to db_direct_host; False: it is set but not for this
+                            # connection; None: db_direct_host is not set
 
     @property
     def autocommit(self):
@@ -177,11 +178,16 @@ def warn_if_pooled(cnx, kinds, text):
         return
     _warned.add(warned)
     statement = ' '.join(text.split())[:120]
+    if cnx._dbp_direct is None:
+        advice = (f'Set {DIRECT_OPTIONS} in odoo.conf to the PostgreSQL server itself: '
+                  'connections to the "postgres" database (bus, cron wake-ups) then go there '
+                  'directly. ')
+    else:
+        advice = (f'{DIRECT_OPTIONS} only serve the "postgres" database (bus, cron wake-ups). ')
     _logger.warning(
         'db_pooling: %r needs a real PostgreSQL session (%s) but this connection to database '
         '%r goes through a pooler (server %s:%s hands out server connections per transaction), '
-        'so it will silently not work. Set %s in odoo.conf to the PostgreSQL server itself: '
-        'connections to the "postgres" database (bus, cron wake-ups) then go there directly. '
-        'Session-only statements on other databases need a session-mode pooler entry.',
+        'so it will silently not work. %sSession-only statements on other databases need a '
+        'session-mode pooler entry for that database.',
         statement, ', '.join(names(kinds & SESSION_ONLY)), database, cnx.info.host,
-        cnx.info.port, DIRECT_OPTIONS)
+        cnx.info.port, advice)
