@@ -1,9 +1,11 @@
 """Real Odoo behind a real PgBouncer in transaction mode, with db_direct_host/port.
 
-The cron worker's ``LISTEN cron_trigger`` connection (database ``postgres``)
-must go straight to PostgreSQL: a NOTIFY sent through the pooler then wakes it
-within seconds instead of at its next 60 s poll (through the pooler it would
-never hear it, see tests/test_pgbouncer.py's control)."""
+The cron worker's ``LISTEN cron_trigger`` and the gevent process's ``LISTEN
+imbus`` connections (database ``postgres``) must go straight to PostgreSQL: a
+NOTIFY sent through the pooler then wakes the cron worker within seconds
+(instead of at its next 60 s poll) and reaches a websocket client. Both tests
+fail with db_direct_host unset (checked by hand; the pool-level control is in
+tests/test_pgbouncer.py)."""
 import datetime
 import os
 import time
@@ -129,9 +131,7 @@ class WebSocket:
         self.sock.close()
 
 
-def test_bus_notification_reaches_a_websocket_client(server, odoo_tree, bouncer, pg):
-    if odoo_tree.major < 17:
-        pytest.skip('Odoo 16 has no websocket bus (longpolling), not covered here')
+def test_bus_notification_reaches_a_websocket_client(server, bouncer):
     import json
     cookie = session_cookie(server.session(server.db))
     ws = WebSocket(server.options['gevent_port'], '/websocket', cookie)
