@@ -206,7 +206,8 @@ OPTIONS += (
            'PostgreSQL itself, when db_host/db_port point at a transaction-mode pooler '
            '(PgBouncer pool_mode = transaction). Connections that need a real session, those to '
            'the postgres database used by the bus (LISTEN imbus) and cron wake-ups (LISTEN '
-           'cron_trigger), go there directly with TCP keepalives, inside the same budget. '
+           'cron_trigger), and queue_job\'s job runner unless its jobrunner_db_host is set, go '
+           'there directly with TCP keepalives (the first two inside the connection budget). '
            'Unset: everything goes to db_host.', shown_default='(unset)'),
     Option('db_direct_port', 'direct_port', _port, None,
            'a port number 1-65535',
