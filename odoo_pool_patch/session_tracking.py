@@ -119,13 +119,13 @@ _classes = {}
 def track(cnx):
     """Make a connection (ours, or one adopted from Odoo's stock pool) track its
     session state. False when that is impossible (the pool then always resets it)."""
+    cnx._dbp_dirty = 0
     if not isinstance(cnx, SessionTracking):
         try:
             cnx.__class__ = tracked_class(type(cnx))
         except TypeError:
             return False
     cnx.cursor_factory = TrackingCursor
-    cnx._dbp_dirty = 0
     return True
 
 

@@ -196,3 +196,17 @@ def test_role_timeouts_apply_per_transaction_and_never_leak(pools, info):
     thread.start()
     thread.join()
     assert seen['cron'] == '7s'
+
+
+class OtherConnection(psycopg2.extensions.connection):
+    """Like Odoo's PsycoConnection: a connection class that knows nothing of us."""
+
+
+def test_foreign_connection_class_is_tracked_too(pools, info):
+    from odoo_pool_patch.session_tracking import SessionTracking
+    pool = pools(1, settings=SMART, connection_factory=OtherConnection)
+    cnx = pool.borrow(info())
+    assert isinstance(cnx, OtherConnection) and isinstance(cnx, SessionTracking)
+    pool.give_back(cnx)
+    assert leak_then_observe(pool, info, 'LISTEN dbp_leak',
+                             'SELECT count(*) FROM pg_listening_channels()') == 0
