@@ -608,8 +608,9 @@ class ConnectionPool:
                     cnx.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
                 cnx.rollback()
                 rolled_back = True
-            if session_state.narrow_reset(dirty):
-                run_reset(cnx, session_state.narrow_reset(dirty))
+            narrow = session_state.narrow_reset(dirty)
+            if narrow:
+                run_reset(cnx, narrow)
             else:
                 restore_characteristics(cnx)
         else:

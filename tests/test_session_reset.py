@@ -135,7 +135,7 @@ def test_connection_given_back_inside_a_transaction_is_rolled_back(pools, info):
     pool.give_back(again)
 
 
-def test_autocommit_left_on_is_reset_and_odoo_cursor_setup_is_not_dirty(pools, info):
+def test_autocommit_left_on_is_reset_and_odoo_cursor_setup_is_not_dirty(pg, pools, info):
     pool = pools(1, settings=SMART)
     cnx = pool.borrow(info())
     cnx.autocommit = True
@@ -152,6 +152,8 @@ def test_autocommit_left_on_is_reset_and_odoo_cursor_setup_is_not_dirty(pools, i
     pool.give_back(again)
     third = pool.borrow(info())
     assert third.readonly is None and third.isolation_level is None   # client defaults back
+    pid = third.info.backend_pid
+    assert pg.sql('SELECT query FROM pg_stat_activity WHERE pid = %s', (pid,))[0][0] == 'ROLLBACK'
     assert pool.stats.reset_skipped == 1 and pool.stats.reset_full == 1
     pool.give_back(third)
 
