@@ -23,6 +23,7 @@ _logger = logging.getLogger('odoo.sql_db.pool')
 
 _execute = ext.cursor.execute
 _executemany = ext.cursor.executemany
+_callproc = ext.cursor.callproc
 _autocommit = ext.connection.autocommit
 _set_session = ext.connection.set_session
 _set_isolation_level = ext.connection.set_isolation_level
@@ -56,6 +57,12 @@ class TrackingCursor(ext.cursor):
             # which may be SET TRANSACTION (it must come first).
             query = cnx._dbp_prefix + text
         return _execute(self, query, vars)
+
+    def callproc(self, procname, parameters=None):
+        kinds = session_kinds(f'SELECT {procname}()')    # the name is all that matters
+        if kinds:
+            _note(self.connection, kinds, f'SELECT {procname}(...)')
+        return _callproc(self, procname, parameters)
 
     def executemany(self, query, vars_list):
         text = query if type(query) is str else _text(query, self)

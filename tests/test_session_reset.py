@@ -212,3 +212,18 @@ def test_foreign_connection_class_is_tracked_too(pools, info):
     pool.give_back(cnx)
     assert leak_then_observe(pool, info, 'LISTEN dbp_leak',
                              'SELECT count(*) FROM pg_listening_channels()') == 0
+
+
+def test_callproc_of_a_session_lock_is_seen(pools, info):
+    pool = pools(1, settings=SMART)
+    cnx = pool.borrow(info())
+    with cnx.cursor() as cur:
+        cur.callproc('pg_advisory_lock', [515])
+    cnx.commit()
+    pool.give_back(cnx)
+    again = pool.borrow(info())
+    assert fetch(again, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                        "AND pid = pg_backend_pid()") == 0
+    assert pool.stats.dirty_advisory == 1
+    again.rollback()
+    pool.give_back(again)
