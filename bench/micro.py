@@ -31,7 +31,10 @@ sys.path.insert(0, ROOT)
 from odoo_pool_patch import shared_state as ss  # noqa: E402
 from odoo_pool_patch.budget import SharedBudget  # noqa: E402
 from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
+from odoo_pool_patch.options import Settings  # noqa: E402
 from odoo_pool_patch.pool import ConnectionPool  # noqa: E402
+
+ALWAYS = Settings(reset='always')
 
 
 def per_op(function, iterations, runs):
@@ -89,8 +92,10 @@ def main(argv=None):
         budget = SharedBudget(ss.SharedState(segment), 64, role='http')
         arms = {
             'stock': stock_class(64) if stock_class else None,
-            'per-proc': ConnectionPool(64),
-            'shared': ConnectionPool(64, budget=budget),
+            # db_pool_reset = always: the same reset as stock (bench/session_reset.py
+            # measures what smart mode saves).
+            'per-proc': ConnectionPool(64, settings=ALWAYS),
+            'shared': ConnectionPool(64, budget=budget, settings=ALWAYS),
         }
         rows = {}
         for row, reset in (('reuse', True), ('bookkeep', False)):

@@ -46,6 +46,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def file_tail(path, lines=20):
+    """The last lines of a log file ('' when it cannot be read)."""
+    try:
+        with open(path) as handle:
+            return ''.join(handle.readlines()[-lines:])
+    except OSError:
+        return ''
+
+
 def _as_server_user():
     return os.geteuid() == 0
 
@@ -155,11 +164,7 @@ class Cluster:
         shutil.rmtree(self.base, ignore_errors=True)
 
     def log_tail(self, lines=20):
-        try:
-            with open(self.logfile) as handle:
-                return ''.join(handle.readlines()[-lines:])
-        except OSError:
-            return ''
+        return file_tail(self.logfile, lines)
 
     # ---------------------------------------------------------------- TLS
     def enable_tls(self, pki, tls_only=True):

@@ -15,6 +15,7 @@ import os
 from .errors import ConfigError
 from .options import load_settings
 from .pool import ConnectionPool, Holder
+from .session_tracking import tracked_class
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 
@@ -79,11 +80,13 @@ def install(settings):
     pool_class = type('ConnectionPool', (ConnectionPool,), {
         '__module__': ConnectionPool.__module__,
         'settings': settings,
-        'connection_factory': sql_db.PsycoConnection,
+        # Odoo's connection class, noting the session state its cursors leave.
+        'connection_factory': tracked_class(sql_db.PsycoConnection),
     })
     if settings.shared:
         pool_class.budget = attach_budget(settings)
     install_tls()
+    os.environ.update(job_runner_environ(settings, os.environ, _queue_job_config()))
     sql_db.ConnectionPool = pool_class
     for name in ('_Pool', '_Pool_readonly'):
         live = getattr(sql_db, name, None)
@@ -129,6 +132,28 @@ def install_tls():
     for module in (service_db, odoo.tools):
         if hasattr(module, 'exec_pg_environ'):
             module.exec_pg_environ = exec_pg_environ
+
+
+def _queue_job_config():
+    from odoo.tools import config
+    misc = getattr(config, 'misc', None) or {}
+    return misc.get('queue_job') or {}
+
+
+def job_runner_environ(settings, environ, queue_job_config):
+    """Environment that sends queue_job's job runner (its LISTEN queue_job and its
+    session advisory lock) to db_direct_host/port, unless its own
+    ``jobrunner_db_host``/``_port`` (odoo.conf [queue_job] or environment) say otherwise."""
+    if not settings.direct_host:
+        return {}
+    wanted = {'HOST': settings.direct_host}
+    if settings.direct_port:
+        wanted['PORT'] = str(settings.direct_port)
+    if environ.get('ODOO_QUEUE_JOB_JOBRUNNER_DB_HOST') or queue_job_config.get('jobrunner_db_host'):
+        return {}
+    return {f'ODOO_QUEUE_JOB_JOBRUNNER_DB_{name}': value for name, value in wanted.items()
+            if not environ.get(f'ODOO_QUEUE_JOB_JOBRUNNER_DB_{name}')
+            and not queue_job_config.get(f'jobrunner_db_{name.lower()}')}
 
 
 def process_role():

@@ -9,6 +9,7 @@ A bad value never silently falls back to a default: :func:`load_settings`
 raises :class:`ConfigError` naming every bad option, its value and what is
 allowed, and the addon stops the server with that message.
 """
+import functools
 import os
 from dataclasses import dataclass, fields
 
@@ -124,12 +125,14 @@ OPTIONS = (
            'recycle at once) is closed when idle. Bounds server-side memory growth of long '
            'sessions and lets DNS or failover changes take effect.'),
     Option('db_pool_check_after', 'check_after', _seconds, 30.0,
-           'a number of seconds >= 0',
-           'A connection idle for longer than this gets a round trip before it is handed '
-           'out; a dead one is replaced without the caller seeing an error. Every reuse is '
-           'first checked for a closed socket (no round trip). While every reused connection '
-           'is reset as stock Odoo does (DISCARD ALL), that reset is the round trip, so every '
-           'reuse is checked; this bound applies to connections handed out without a reset.'),
+           'a number of seconds >= 0 (0: never)',
+           'With db_pool_reset = smart, a clean connection idle for longer than this gets the '
+           'full reset before it is handed out, which is also a liveness round trip: a dead one '
+           'is replaced without the caller seeing an error. Every reuse is first checked for a '
+           'closed socket (no round trip), and the maintenance timer closes dead idle '
+           'connections, so a connection reused sooner goes out without any round trip. With '
+           'db_pool_reset = always every reuse is checked by its reset. Lower it on links where '
+           'firewalls or NAT silently drop idle connections.'),
     Option('db_pool_leak_warn_after', 'leak_warn_after', _seconds, 300.0,
            'a number of seconds >= 0 (0 disables the warning)',
            'A connection borrowed for longer than this is logged once as a possible leak, '
@@ -176,6 +179,73 @@ OPTIONS += (
            shown_default='(unset: endpoint off)'),
 )
 
+
+def _reset_mode(value):
+    text = str(value).strip().lower()
+    if text not in ('smart', 'always'):
+        raise ValueError
+    return text
+
+
+def _host(value):
+    text = str(value).strip()
+    if not text or any(c.isspace() for c in text):
+        raise ValueError
+    return text
+
+
+def _port(value):
+    number = _positive(value)
+    if number > 65535:
+        raise ValueError
+    return number
+
+
+OPTIONS += (
+    Option('db_pool_reset', 'reset', _reset_mode, 'smart',
+           'smart or always',
+           'How a reused connection is cleaned. smart: our cursors note the statements that '
+           'change session state (SET, LISTEN, session advisory locks, temp tables, WITH HOLD '
+           'cursors, PREPARE, SET ROLE, autocommit...); a clean connection is handed out '
+           'without a round trip and a dirty one gets the narrowest reset (RESET ALL, UNLISTEN '
+           '*, ...). always: DISCARD ALL on every reuse, as stock Odoo (one round trip per '
+           'cursor). Use always if custom code changes session state inside SQL functions.'),
+    Option('db_pool_reset_every', 'reset_every', _count, 100,
+           'a whole number >= 0 (0: never)',
+           'With db_pool_reset = smart, every this many reuses a connection gets a full DISCARD '
+           'ALL anyway: a safety net for session state no parser can see (a SQL function that '
+           'calls set_config, SELECT ... INTO TEMP). Lower it if such code exists.'),
+    Option('db_pool_statement_timeout_http', 'statement_timeout_http', _seconds, 0.0,
+           'a number of seconds >= 0 (0: no limit)',
+           'statement_timeout for the transactions of HTTP workers, set with SET LOCAL in the '
+           'same round trip as the first statement of each transaction, so it never outlives '
+           'the transaction. Stops runaway queries a killed worker would leave running.'),
+    Option('db_pool_statement_timeout_cron', 'statement_timeout_cron', _seconds, 0.0,
+           'a number of seconds >= 0 (0: no limit)',
+           'statement_timeout for the transactions of cron workers and cron threads (set like '
+           'db_pool_statement_timeout_http). Keep it above the longest legitimate job query.'),
+    Option('db_pool_idle_in_transaction_timeout_http', 'idle_in_transaction_timeout_http',
+           _seconds, 0.0, 'a number of seconds >= 0 (0: no limit)',
+           'idle_in_transaction_session_timeout for HTTP transactions (SET LOCAL, per '
+           'transaction): the server ends a session whose transaction waits longer than this '
+           'between two statements, releasing its locks.'),
+    Option('db_pool_idle_in_transaction_timeout_cron', 'idle_in_transaction_timeout_cron',
+           _seconds, 0.0, 'a number of seconds >= 0 (0: no limit)',
+           'idle_in_transaction_session_timeout for cron transactions (SET LOCAL, per '
+           'transaction). Jobs that wait on external services inside a transaction need more.'),
+    Option('db_direct_host', 'direct_host', _host, None,
+           'a host name, IP address or socket directory',
+           'PostgreSQL itself, when db_host/db_port point at a transaction-mode pooler '
+           '(PgBouncer pool_mode = transaction). Connections that need a real session, those to '
+           'the postgres database used by the bus (LISTEN imbus) and cron wake-ups (LISTEN '
+           'cron_trigger), and queue_job\'s job runner unless its jobrunner_db_host is set, go '
+           'there directly with TCP keepalives (the first two inside the connection budget). '
+           'Unset: everything goes to db_host.', shown_default='(unset)'),
+    Option('db_direct_port', 'direct_port', _port, None,
+           'a port number 1-65535',
+           'Port of db_direct_host (default: db_port).', shown_default='(db_port)'),
+)
+
 SECRETS = frozenset(('metrics_token',))   # never logged nor shown: as_options() masks them
 OPTION_NAMES = tuple(option.name for option in OPTIONS)
 
@@ -194,6 +264,18 @@ class Settings:
     min_idle: int = 1
     shared_path: str = None         # None: /dev/shm/odoo-db_pooling-<instance hash>
     metrics_token: str = None       # None: /db_pooling/metrics is off
+    reset: str = 'smart'
+    reset_every: int = 100
+    statement_timeout_http: float = 0.0
+    statement_timeout_cron: float = 0.0
+    idle_in_transaction_timeout_http: float = 0.0
+    idle_in_transaction_timeout_cron: float = 0.0
+    direct_host: str = None
+    direct_port: int = None
+
+    def timeouts_prefix(self, role):
+        """``SET LOCAL`` statements for the timeouts of ``role`` (http or cron)."""
+        return _timeouts_prefix(self, role)
 
     def as_options(self):
         """``{odoo.conf name: value}``, for logs and the dashboard."""
@@ -203,6 +285,17 @@ class Settings:
     def describe(self):
         return ', '.join(f'{name}={value:g}' if isinstance(value, float) else f'{name}={value}'
                          for name, value in self.as_options().items())
+
+
+@functools.lru_cache(maxsize=64)       # called on every borrow
+def _timeouts_prefix(settings, role):
+    parts = []
+    for setting, value in (('statement_timeout', getattr(settings, 'statement_timeout_' + role)),
+                           ('idle_in_transaction_session_timeout',
+                            getattr(settings, 'idle_in_transaction_timeout_' + role))):
+        if value:
+            parts.append(f"SET LOCAL {setting} = '{max(int(value * 1000), 1)}ms'; ")
+    return ''.join(parts)
 
 
 assert {f.name for f in fields(Settings)} == {o.field for o in OPTIONS}

@@ -37,6 +37,8 @@ from .budget import LONG_LIVED_DATABASES
 from .dsn import dsn_key, key_database, dsn_equals
 from .errors import PoolError, PoolTimeout
 from .options import Settings
+from . import session_state
+from .session_tracking import SessionTracking, restore_characteristics, run_reset, track
 from .tls import explain_failure, record as record_tls
 from . import maintenance
 
@@ -47,15 +49,19 @@ _logger = logging.getLogger('odoo.sql_db.pool')
 _NEW = object()        # grant: a reserved slot, open a new connection in it
 _BUDGET = object()     # grant: a reserved local slot; take a slot of the shared budget first
 _MISSING = object()
+# libpq keepalives of direct connections: a LISTEN connection idle for hours
+# notices a dead server or NAT drop within about a minute and a half.
+DIRECT_KEEPALIVES = {'keepalives': 1, 'keepalives_idle': 60, 'keepalives_interval': 10,
+                     'keepalives_count': 3}
 EXIT_WAIT = 2.0        # seconds a closed connection's slot waits for its backend to exit
 HANDOVER_WAIT = 0.005  # seconds the closing thread waits for that when someone needs the slot
 monotonic = time.monotonic
 
 
-class PooledConnection(psycopg2.extensions.connection):
+class PooledConnection(SessionTracking, psycopg2.extensions.connection):
     """Default connection class outside Odoo (the installer uses Odoo's
-    ``PsycoConnection``). A Python subclass is needed: the pool keeps its
-    bookkeeping in attributes of the connection object."""
+    ``PsycoConnection`` with the same mixin). A Python subclass is needed: the
+    pool keeps its bookkeeping in attributes of the connection object."""
 
 
 class Holder:
@@ -109,7 +115,15 @@ class PoolStats:
     """Monotonic counters of one pool (the dashboard sums them across pools)."""
     __slots__ = ('borrows', 'reused', 'opened', 'waits', 'timeouts', 'closed_idle',
                  'closed_lifetime', 'closed_dead', 'closed_room', 'reclaimed_leaked',
-                 'dead_replaced', 'leak_warnings', 'shed', 'budget_waits', 'budget_timeouts')
+                 'dead_replaced', 'leak_warnings', 'shed', 'budget_waits', 'budget_timeouts',
+                 # How reused connections were reset (db_pool_reset): skipped (clean), narrow
+                 # (dirty), full (always mode, or what only DISCARD ALL clears), every
+                 # (db_pool_reset_every), checked (idle past db_pool_check_after), rollback
+                 # (given back inside a transaction), closed (LOAD), and the kinds of
+                 # session state found dirty.
+                 'reset_skipped', 'reset_narrow', 'reset_full', 'reset_every', 'reset_checked',
+                 'reset_rollback', 'reset_closed',
+                 *('dirty_' + name for name in session_state.KINDS))
 
     def __init__(self):
         for name in self.__slots__:
@@ -188,8 +202,8 @@ class ConnectionPool:
         """Return a connection for ``connection_info``, waiting for a free slot if needed.
 
         Reuses the connection of that DSN freed last; a reused connection is
-        reset (as stock Odoo does) and one found dead is replaced
-        transparently. Raises :class:`~.errors.PoolTimeout` (a ``PoolError``)
+        reset as ``db_pool_reset`` says (see :meth:`_reset`) and one found dead
+        is replaced transparently. Raises :class:`~.errors.PoolTimeout` (a ``PoolError``)
         after ``db_pool_wait_timeout`` seconds without a free slot.
         """
         key = dsn_key(connection_info)
@@ -209,6 +223,7 @@ class ConnectionPool:
                 close_and_wait((grant.victim,))
                 grant = _NEW
             elif self._revive(grant):
+                grant._dbp_prefix = self._timeouts_prefix(key, holder)
                 return grant
             else:
                 with self._lock:    # dead: open a new one in its slot
@@ -234,6 +249,9 @@ class ConnectionPool:
                     _logger.debug('%r: ignored give_back of a connection it no longer holds', self)
                     return
                 raise PoolError('This connection does not belong to the pool')
+            if connection._dbp_dirty & session_state.LOAD and keep_in_pool:
+                keep_in_pool = False    # a loaded library cannot be unloaded
+                self.stats.reset_closed += 1
             if keep_in_pool and not connection.closed and not (
                     connection._dbp_expires and connection._dbp_expires <= monotonic()):
                 self._push_idle_locked(connection)
@@ -463,8 +481,10 @@ class ConnectionPool:
     # ------------------------------------------------------------------ network
     def _open(self, connection_info, key, holder):
         """Connect in a slot already reserved (``_opening``); give it back on failure."""
+        direct = self._direct_info(connection_info, key)
         try:
-            cnx = psycopg2.connect(connection_factory=self.connection_factory, **connection_info)
+            cnx = psycopg2.connect(connection_factory=self.connection_factory,
+                                   **(direct or connection_info))
         except BaseException as exc:
             with self._lock:
                 self._opening -= 1
@@ -472,7 +492,7 @@ class ConnectionPool:
                     self.budget.release()
                 if self._waiters:
                     self._hand_off_locked()
-            explained = (explain_failure(exc, connection_info)
+            explained = (explain_failure(exc, direct or connection_info)
                          if isinstance(exc, psycopg2.OperationalError) else None)
             if explained:
                 _logger.warning('%s', explained)
@@ -480,7 +500,9 @@ class ConnectionPool:
             _logger.info('Connection to the database failed')
             raise
         self.prepare_connection(cnx, key)
-        record_tls(cnx, connection_info)
+        cnx._dbp_direct = (direct is not None) if self.settings.direct_host else None
+        cnx._dbp_prefix = self._timeouts_prefix(key, holder)
+        record_tls(cnx, direct or connection_info)
         with self._lock:
             self._opening -= 1
             self._used[cnx] = holder
@@ -497,6 +519,30 @@ class ConnectionPool:
         # Up to 10% jitter so that connections opened together do not all
         # recycle together.
         cnx._dbp_expires = now + lifetime * (1 - 0.1 * random.random()) if lifetime else 0
+        cnx._dbp_reuses = 0
+        cnx._dbp_tracked = track(cnx)
+
+    def _direct_info(self, connection_info, key):
+        """connection_info for PostgreSQL itself (db_direct_host/port) when this
+        connection needs a real session: those to the long-lived databases
+        (``postgres``: the bus and cron LISTEN). None: connect as asked."""
+        settings = self.settings
+        if not settings.direct_host or key_database(key) not in LONG_LIVED_DATABASES:
+            return None
+        direct = dict(connection_info, host=settings.direct_host, **DIRECT_KEEPALIVES)
+        if settings.direct_port:
+            direct['port'] = settings.direct_port
+        return direct
+
+    def _timeouts_prefix(self, key, holder):
+        """The SET LOCAL statements of the borrower's role (http or cron), sent
+        with the first statement of each transaction; '' when none is set."""
+        if key_database(key) in LONG_LIVED_DATABASES:
+            return ''
+        budget = self.budget
+        cron = holder.thread.startswith('odoo.service.cron') or (
+            budget is not None and budget.role == 'cron')
+        return self.settings.timeouts_prefix('cron' if cron else 'http')
 
     def _wait_for_budget(self, key, holder):
         """Wait for a slot of the shared budget (a local slot is already reserved)."""
@@ -527,12 +573,57 @@ class ConnectionPool:
         try:
             if is_dead(cnx):
                 raise psycopg2.OperationalError('closed by the server while idle')
-            cnx.reset()             # stock behaviour: ABORT + DISCARD ALL
+            self._reset(cnx)
         except psycopg2.Error as exc:
             _logger.info('%r: replacing a dead idle connection to %r (%s)', self,
                          key_database(cnx._dbp_key), str(exc).strip().splitlines()[0])
             return False
         return True
+
+    def _reset(self, cnx):
+        """Clear what the previous borrower left in the session.
+
+        ``always``: psycopg2's reset() as stock Odoo (ABORT if needed, DISCARD
+        ALL: a round trip every reuse). ``smart``: nothing for a clean
+        connection, the narrowest statements for the kinds its cursors saw, the
+        full reset for what only it clears, every ``db_pool_reset_every``
+        reuses, and when idle past ``db_pool_check_after`` (then it is also the
+        liveness check). A transaction left open is rolled back in all cases.
+        """
+        settings = self.settings
+        dirty = cnx._dbp_dirty
+        cnx._dbp_reuses += 1
+        if settings.reset != 'smart' or dirty & session_state.FULL or not cnx._dbp_tracked:
+            outcome = 'reset_full'
+        elif settings.reset_every and cnx._dbp_reuses % settings.reset_every == 0:
+            outcome = 'reset_every'
+        elif not dirty and settings.check_after and \
+                monotonic() - cnx._dbp_last_used > settings.check_after:
+            outcome = 'reset_checked'
+        else:
+            outcome = 'reset_narrow' if dirty else 'reset_skipped'
+        rolled_back = False
+        if outcome in ('reset_narrow', 'reset_skipped'):
+            if cnx.status != psycopg2.extensions.STATUS_READY or \
+                    cnx.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                cnx.rollback()
+                rolled_back = True
+            narrow = session_state.narrow_reset(dirty)
+            if narrow:
+                run_reset(cnx, narrow)
+            else:
+                restore_characteristics(cnx)
+        else:
+            cnx.reset()             # ABORT (in a transaction) + DISCARD ALL
+        cnx._dbp_dirty = 0
+        stats = self.stats
+        with self._lock:
+            setattr(stats, outcome, getattr(stats, outcome) + 1)
+            stats.reset_rollback += rolled_back
+            if dirty:
+                for name, bit in session_state.KINDS.items():
+                    if dirty & bit:
+                        setattr(stats, 'dirty_' + name, getattr(stats, 'dirty_' + name) + 1)
 
     # ------------------------------------------------------------------ maintenance
     def maintain(self):

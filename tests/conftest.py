@@ -95,3 +95,27 @@ def pytest_report_header(config):
 
 def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(pytest_report_header(None))
+
+
+@pytest.fixture(scope='session')
+def bouncer(pg):
+    """A PgBouncer in transaction mode in front of ``pg`` (skips when not installed)."""
+    from odoo_pool_patch.embedded_pgbouncer import PgBouncer, find_pgbouncer
+    if find_pgbouncer() is None:
+        pytest.skip('pgbouncer is not installed (apt-get install pgbouncer; .ci/run does it as root)')
+    server = PgBouncer(pg).start()
+    yield server
+    server.destroy()
+
+
+def notify_through(bouncer, channel, payload):
+    """pg_notify on the ``postgres`` database (where Odoo's bus and cron notify)
+    through the pooler, on a connection of its own."""
+    import psycopg2
+    cnx = psycopg2.connect(host=bouncer.host, port=bouncer.port, dbname='postgres', user='odoo')
+    try:
+        with cnx.cursor() as cur:
+            cur.execute('SELECT pg_notify(%s, %s)', (channel, payload))
+        cnx.commit()
+    finally:
+        cnx.close()

@@ -115,6 +115,8 @@ def test_every_worker_uses_our_pool_under_jsonrpc_load(server, pg):
     for info in infos:
         assert info['active'] and info['pool_class'] == ENGINE
         assert info['pools']['_Pool']['class'] == ENGINE
+    # db_pool_reset = smart (default): Odoo's clean cursors reuse connections without a reset.
+    assert max(info['pools']['_Pool']['stats']['reset_skipped'] for info in infos) > 0
     # Our pool names this process's connections in pg_stat_activity.
     assert pg.count_connections('odoo-%') >= 1
 

@@ -44,3 +44,13 @@ def test_all_bad_values_reported_together():
 def test_every_option_is_documented():
     for option in OPTIONS:
         assert option.name.startswith('db_') and len(option.doc) > 40
+
+
+def test_job_runner_goes_direct_unless_configured_otherwise():
+    from odoo_pool_patch.odoo_install import job_runner_environ
+    direct = Settings(direct_host='pg.internal', direct_port=5433)
+    assert job_runner_environ(Settings(), {}, {}) == {}
+    assert job_runner_environ(direct, {}, {}) == {
+        'ODOO_QUEUE_JOB_JOBRUNNER_DB_HOST': 'pg.internal', 'ODOO_QUEUE_JOB_JOBRUNNER_DB_PORT': '5433'}
+    assert job_runner_environ(direct, {}, {'jobrunner_db_host': 'own'}) == {}
+    assert job_runner_environ(direct, {'ODOO_QUEUE_JOB_JOBRUNNER_DB_HOST': 'own'}, {}) == {}

@@ -1,0 +1,177 @@
+"""Which statements leave state in a PostgreSQL session, and how to clear it.
+
+:func:`session_kinds` returns a bit mask of :data:`KINDS` for one query text.
+It runs on every ``execute`` of our connections, so ordinary statements are
+decided by a fast check without parsing: the first word is not one that can
+change session state (``SET``, ``RESET``, ``LISTEN``, ``CREATE``, ``DECLARE``,
+``PREPARE``, ``LOAD``, ``DO``) and the text mentions neither an advisory lock
+function, nor ``set_config``, nor a ``;`` (a second statement). Only the rest,
+the candidates, are confirmed with sqlparse, which sees through comments,
+quoting and case (``SET LOCAL``, ``pg_advisory_xact_lock``, ``set_config(...,
+true)`` and names inside strings or comments do not count). Without sqlparse
+(it is not in Odoo's own requirements) a candidate counts as :data:`UNKNOWN`,
+which a full ``DISCARD ALL`` clears: safe, just not narrow.
+
+Not seen by parsing, so left to the periodic full reset (``db_pool_reset_every``):
+state set by a user function (``SELECT my_func()`` that calls ``set_config``),
+``SELECT ... INTO TEMP``, dynamic SQL inside ``DO`` blocks apart from the block
+itself (counted as UNKNOWN), and sequence state (``currval``).
+"""
+import functools
+import re
+
+SET = 1 << 0          # SET / RESET / set_config(..., false) / SET SESSION CHARACTERISTICS
+ROLE = 1 << 1         # SET ROLE, SET SESSION AUTHORIZATION
+LISTEN = 1 << 2
+ADVISORY = 1 << 3     # session advisory locks (not the _xact_ ones)
+TEMP = 1 << 4         # CREATE TEMP ...
+HOLD = 1 << 5         # DECLARE ... WITH HOLD
+PREPARE = 1 << 6      # PREPARE name AS ... (not PREPARE TRANSACTION)
+LOAD = 1 << 7         # a loaded library cannot be unloaded: the connection is closed
+AUTOCOMMIT = 1 << 8   # the connection went to autocommit (client-side state psycopg2 resets)
+UNKNOWN = 1 << 9      # something we cannot clear narrowly: DISCARD ALL
+
+KINDS = {'set': SET, 'role': ROLE, 'listen': LISTEN, 'advisory': ADVISORY, 'temp': TEMP,
+         'hold': HOLD, 'prepare': PREPARE, 'load': LOAD, 'autocommit': AUTOCOMMIT,
+         'unknown': UNKNOWN}
+# Kinds that only work in a real session: broken behind a transaction pooler.
+SESSION_ONLY = LISTEN | ADVISORY | HOLD | PREPARE
+# Kinds cleared by the full reset (psycopg2's reset(): ABORT + DISCARD ALL).
+FULL = AUTOCOMMIT | UNKNOWN
+
+# Narrowest statements that clear each kind, in the order they must run (the
+# role first, so that RESET ALL and the rest run as the session user).
+_NARROW = ((ROLE, 'RESET SESSION AUTHORIZATION; RESET ROLE'), (SET, 'RESET ALL'),
+           (LISTEN, 'UNLISTEN *'), (ADVISORY, 'SELECT pg_advisory_unlock_all()'),
+           (TEMP, 'DISCARD TEMP'), (HOLD, 'CLOSE ALL'), (PREPARE, 'DEALLOCATE ALL'))
+
+
+def names(mask):
+    """The kind names in ``mask``, e.g. ``['set', 'listen']``."""
+    return [name for name, bit in KINDS.items() if mask & bit]
+
+
+def narrow_reset(mask):
+    """One SQL text (one round trip) clearing the narrowly clearable kinds of ``mask``."""
+    return '; '.join(sql for bit, sql in _NARROW if mask & bit)
+
+
+# ------------------------------------------------------------------ fast check
+_HEAD = re.compile(r'\s*([A-Za-z]+)')
+_CANDIDATE_HEADS = frozenset(('SET', 'RESET', 'LISTEN', 'CREATE', 'DECLARE', 'PREPARE',
+                              'LOAD', 'DO'))
+
+
+def session_kinds(query):
+    """Bit mask of the session state ``query`` (a str) may leave behind; 0 for most."""
+    head = _HEAD.match(query)
+    if head is not None and head.group(1).upper() not in _CANDIDATE_HEADS:
+        low = query.lower()
+        if 'advisory' not in low and 'set_config' not in low and ';' not in low:
+            return 0
+    return confirm(query)
+
+
+# ------------------------------------------------------------------ confirmation
+_SESSION_LOCKS = frozenset(('pg_advisory_lock', 'pg_advisory_lock_shared',
+                            'pg_try_advisory_lock', 'pg_try_advisory_lock_shared'))
+
+
+@functools.lru_cache(maxsize=2048)      # Odoo repeats the same texts
+def confirm(query):
+    """Parse a candidate and return the kinds it really has."""
+    try:
+        import sqlparse
+        from sqlparse import tokens as T
+    except ImportError:                 # pragma: no cover - sqlparse is a dependency
+        return UNKNOWN
+    mask = 0
+    for statement in sqlparse.parse(query):
+        words = [tok for tok in statement.flatten()
+                 if not tok.is_whitespace and tok.ttype not in T.Comment]
+        if words:
+            mask |= _statement_kinds(words, T)
+    return mask
+
+
+def _keywords(words, start, count):
+    return [tok.normalized.upper() if tok.is_keyword else None
+            for tok in words[start:start + count]]
+
+
+def _statement_kinds(words, T):
+    # sqlparse reads 'CREATE OR REPLACE' as one keyword.
+    first = words[0].normalized.upper().split()[0] if words[0].is_keyword else None
+    second, third = (_keywords(words, 1, 2) + [None, None])[:2]
+    if first == 'SET':
+        if second in ('LOCAL', 'TRANSACTION', 'CONSTRAINTS'):
+            return 0
+        if second == 'ROLE' or (second == 'SESSION' and third == 'AUTHORIZATION'):
+            return ROLE
+        return SET
+    if first == 'RESET':
+        return ROLE if second == 'ROLE' or (second == 'SESSION' and third == 'AUTHORIZATION') \
+            else SET
+    if first == 'LISTEN':
+        return LISTEN
+    if first == 'LOAD':
+        return LOAD
+    if first == 'DO':
+        return UNKNOWN       # runs code we cannot see into
+    if first == 'PREPARE':
+        return 0 if second == 'TRANSACTION' else PREPARE
+    if first == 'DECLARE':
+        keywords = [tok.normalized.upper() for tok in words if tok.is_keyword]
+        for before, after in zip(keywords, keywords[1:]):
+            if before == 'FOR':
+                break
+            if before == 'WITH' and after == 'HOLD':
+                return HOLD
+        return 0
+    if first == 'CREATE':
+        # CREATE [OR REPLACE] [GLOBAL|LOCAL] TEMP|TEMPORARY ...
+        for keyword in _keywords(words, 1, 4):
+            if keyword in ('TEMP', 'TEMPORARY'):
+                return TEMP
+            if keyword not in ('OR', 'REPLACE', 'OR REPLACE', 'GLOBAL', 'LOCAL'):
+                break
+        return 0
+    return _call_kinds(words, T)
+
+
+def _call_kinds(words, T):
+    """Session advisory locks and set_config(..., false) called anywhere in a statement."""
+    mask = 0
+    for index, tok in enumerate(words[:-1]):
+        if tok.ttype in T.Name or tok.ttype in T.String.Symbol:
+            name = tok.value.strip('"').lower()
+        elif tok.is_keyword:
+            name = tok.normalized.lower()
+        else:
+            continue
+        if words[index + 1].value != '(':
+            continue
+        if name in _SESSION_LOCKS:
+            mask |= ADVISORY
+        elif name == 'set_config' and _is_local_false(words, index + 2):
+            mask |= SET
+    return mask
+
+
+def _is_local_false(words, start):
+    """Whether the third argument of a call starting at ``words[start]`` is not
+    literally ``true`` (a parameter or an expression counts as session-wide)."""
+    depth, commas, third = 0, 0, []
+    for tok in words[start:]:
+        if tok.value == '(':
+            depth += 1
+        elif tok.value == ')':
+            if depth == 0:
+                break
+            depth -= 1
+        elif tok.value == ',' and depth == 0:
+            commas += 1
+            continue
+        if commas == 2:
+            third.append(tok.value.lower())
+    return third != ['true'] and third != ["'true'"] and third != ['true::boolean']

@@ -1,0 +1,200 @@
+"""Our connections note the session state their users leave behind.
+
+The pool sets :class:`TrackingCursor` as the ``cursor_factory`` of every
+connection it opens (Odoo creates its cursors with ``cnx.cursor()``), and the
+connection class mixes in :class:`SessionTracking` to see autocommit toggles.
+Each ``execute`` ORs the kinds of :func:`.session_state.session_kinds` into
+``cnx._dbp_dirty``; the pool reads that mask when the connection is reused
+and clears exactly that (see ``ConnectionPool._revive``).
+
+The same hook adds the per-role ``SET LOCAL`` timeouts (``cnx._dbp_prefix``,
+chosen at borrow) in front of the first statement of each transaction, so they
+cost no round trip and end with the transaction, and warns once when a
+statement that needs a real session goes through a transaction pooler.
+"""
+import logging
+
+import psycopg2
+import psycopg2.extensions as ext
+
+from .session_state import AUTOCOMMIT, HOLD, SESSION_ONLY, names, session_kinds
+
+_logger = logging.getLogger('odoo.sql_db.pool')
+
+_execute = ext.cursor.execute
+_executemany = ext.cursor.executemany
+_callproc = ext.cursor.callproc
+_autocommit = ext.connection.autocommit
+_set_session = ext.connection.set_session
+_set_isolation_level = ext.connection.set_isolation_level
+STATUS_READY = ext.STATUS_READY
+
+
+def _text(query, cursor):
+    if type(query) is bytes:
+        return query.decode(cursor.connection.encoding == 'UTF8' and 'utf-8' or 'latin-1', 'replace')
+    if hasattr(query, 'as_string'):         # psycopg2.sql.Composable
+        return query.as_string(cursor)
+    return str(query)
+
+
+class TrackingCursor(ext.cursor):
+    """A plain psycopg2 cursor whose ``execute`` records session-state kinds."""
+
+    def execute(self, query, vars=None):
+        cnx = self.connection
+        text = query if type(query) is str else _text(query, self)
+        kinds = session_kinds(text)
+        if kinds:
+            _note(cnx, kinds, text)
+        if self.name is not None:
+            if self.withhold:
+                cnx._dbp_dirty |= HOLD
+        elif cnx._dbp_prefix and cnx.status == STATUS_READY and not _autocommit.__get__(cnx) \
+                and text.lstrip()[:3].upper() != 'SET':
+            # First statement of a transaction (psycopg2 sends BEGIN before it):
+            # the role's timeouts go in the same round trip. Not before a SET,
+            # which may be SET TRANSACTION (it must come first).
+            query = cnx._dbp_prefix + text
+        return _execute(self, query, vars)
+
+    def callproc(self, procname, parameters=None):
+        kinds = session_kinds(f'SELECT {procname}()')    # the name is all that matters
+        if kinds:
+            _note(self.connection, kinds, f'SELECT {procname}(...)')
+        return _callproc(self, procname, parameters)
+
+    def executemany(self, query, vars_list):
+        text = query if type(query) is str else _text(query, self)
+        kinds = session_kinds(text)
+        if kinds:
+            _note(self.connection, kinds, text)
+        return _executemany(self, query, vars_list)
+
+
+def _note(cnx, kinds, text):
+    cnx._dbp_dirty |= kinds
+    if kinds & SESSION_ONLY and not cnx._dbp_direct:
+        warn_if_pooled(cnx, kinds, text)
+
+
+class SessionTracking:
+    """Mixin for the pool's connection class: autocommit toggles mark it dirty
+    (psycopg2's reset puts autocommit and the session characteristics back;
+    in autocommit mode set_session also changes server-side defaults)."""
+    _dbp_dirty = 0
+    _dbp_prefix = ''
+    _dbp_direct = None      # True: sent to db_direct_host; False: it is set but not for this
+                            # connection; None: db_direct_host is not set
+
+    @property
+    def autocommit(self):
+        return _autocommit.__get__(self)
+
+    @autocommit.setter
+    def autocommit(self, value):
+        if value:
+            self._dbp_dirty |= AUTOCOMMIT
+        _autocommit.__set__(self, value)
+
+    def set_session(self, isolation_level=None, readonly=None, deferrable=None, autocommit=None):
+        if autocommit:
+            self._dbp_dirty |= AUTOCOMMIT
+        return _set_session(self, isolation_level, readonly, deferrable, autocommit)
+
+    def set_isolation_level(self, level):
+        if level == ext.ISOLATION_LEVEL_AUTOCOMMIT:
+            self._dbp_dirty |= AUTOCOMMIT
+        return _set_isolation_level(self, level)
+
+
+def tracked_class(connection_class):
+    """``connection_class`` with :class:`SessionTracking` mixed in (cached)."""
+    if issubclass(connection_class, SessionTracking):
+        return connection_class
+    cached = _classes.get(connection_class)
+    if cached is None:
+        cached = _classes[connection_class] = type(
+            'Tracked' + connection_class.__name__, (SessionTracking, connection_class),
+            {'__module__': __name__})
+    return cached
+
+
+_classes = {}
+
+
+def track(cnx):
+    """Make a connection (ours, or one adopted from Odoo's stock pool) track its
+    session state. False when that is impossible (the pool then always resets it)."""
+    cnx._dbp_dirty = 0
+    if not isinstance(cnx, SessionTracking):
+        try:
+            cnx.__class__ = tracked_class(type(cnx))
+        except TypeError:
+            return False
+    cnx.cursor_factory = TrackingCursor
+    return True
+
+
+def restore_characteristics(cnx):
+    """Put psycopg2's client-side session characteristics back to their defaults,
+    as its reset() does. No round trip outside autocommit."""
+    if cnx.isolation_level is not None or cnx.readonly is not None or cnx.deferrable is not None:
+        _set_session(cnx, 'DEFAULT', 'DEFAULT', 'DEFAULT')
+
+
+def run_reset(cnx, sql):
+    """Run reset statements in one round trip, outside a transaction and
+    without being tracked themselves."""
+    restore_characteristics(cnx)
+    _autocommit.__set__(cnx, True)
+    try:
+        with ext.cursor(cnx) as cur:
+            _execute(cur, sql)
+    finally:
+        _autocommit.__set__(cnx, False)
+
+
+# ------------------------------------------------------------------ pooler warning
+DIRECT_OPTIONS = 'db_direct_host / db_direct_port'
+_verdicts = {}          # dsn key -> True when a transaction pooler sits in front
+_warned = set()
+
+
+def behind_pooler(cnx):
+    """Whether ``cnx`` reaches PostgreSQL through a pooler: the backend pid the
+    server reports differs from the one the pooler gave us at connection time
+    (PgBouncer, Odyssey and PgCat make up their own). One query, once per DSN."""
+    key = getattr(cnx, '_dbp_key', None)
+    verdict = _verdicts.get(key)
+    if verdict is None:
+        try:
+            with ext.cursor(cnx) as cur:
+                _execute(cur, 'SELECT pg_backend_pid()')
+                verdict = cur.fetchone()[0] != cnx.info.backend_pid
+        except psycopg2.Error:
+            return False        # aborted transaction: decide another time
+        _verdicts[key] = verdict
+    return verdict
+
+
+def warn_if_pooled(cnx, kinds, text):
+    database = cnx.info.dbname
+    warned = (database, kinds & SESSION_ONLY)
+    if warned in _warned or not behind_pooler(cnx):
+        return
+    _warned.add(warned)
+    statement = ' '.join(text.split())[:120]
+    if cnx._dbp_direct is None:
+        advice = (f'Set {DIRECT_OPTIONS} in odoo.conf to the PostgreSQL server itself: '
+                  'connections to the "postgres" database (bus, cron wake-ups) then go there '
+                  'directly. ')
+    else:
+        advice = (f'{DIRECT_OPTIONS} only serve the "postgres" database (bus, cron wake-ups). ')
+    _logger.warning(
+        'db_pooling: %r needs a real PostgreSQL session (%s) but this connection to database '
+        '%r goes through a pooler (server %s:%s hands out server connections per transaction), '
+        'so it will silently not work. %sSession-only statements on other databases need a '
+        'session-mode pooler entry for that database.',
+        statement, ', '.join(names(kinds & SESSION_ONLY)), database, cnx.info.host,
+        cnx.info.port, advice)

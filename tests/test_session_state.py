@@ -1,0 +1,83 @@
+"""Statement classification of :mod:`odoo_pool_patch.session_state` (no server needed)."""
+import pytest
+
+from odoo_pool_patch import session_state as ss
+from odoo_pool_patch.session_state import (ADVISORY, HOLD, LISTEN, LOAD, PREPARE, ROLE, SET,
+                                           TEMP, UNKNOWN, session_kinds)
+
+# Statements as Odoo sends them: none leaves session state behind.
+ODOO_MIX = [
+    '\n            SELECT "res_partner"."id", "res_partner"."name" FROM "res_partner"\n'
+    '            WHERE ("res_partner"."active" = %s) ORDER BY "res_partner"."id" LIMIT 80',
+    'INSERT INTO "mail_message" ("author_id", "body", "create_date") VALUES (%s, %s, %s) RETURNING "id"',
+    'UPDATE "res_users" SET "login_date" = %s, "write_uid" = %s WHERE id IN %s',
+    'DELETE FROM "bus_bus" WHERE "create_date" < %s',
+    'WITH RECURSIVE t AS (SELECT 1) SELECT * FROM t',
+    'SELECT pg_try_advisory_xact_lock(%s)',
+    'SELECT pg_advisory_xact_lock(42)',
+    "SELECT set_config('odoo.x', 'y', true)",
+    'SET LOCAL statement_timeout = 5000',
+    'SET TRANSACTION ISOLATION LEVEL SERIALIZABLE',
+    'SET CONSTRAINTS ALL DEFERRED',
+    'SAVEPOINT "abc"', 'RELEASE SAVEPOINT "abc"', 'ROLLBACK TO SAVEPOINT "abc"',
+    'CREATE TABLE foo (id serial)', 'CREATE INDEX ON foo (id)',
+    'DECLARE c CURSOR FOR SELECT 1',
+    'PREPARE TRANSACTION \'x\'',
+    "SELECT 'pg_advisory_lock(1); SET search_path = x'",
+    'SELECT 1 -- pg_advisory_lock(1)',
+    "SELECT '; LISTEN x'",
+    'NOTIFY imbus',
+    "SELECT id FROM ir_cron WHERE name = 'set_config advisory'",
+]
+
+
+@pytest.mark.parametrize('query', ODOO_MIX)
+def test_ordinary_statements_leave_nothing(query):
+    assert session_kinds(query) == 0
+
+
+@pytest.mark.parametrize('query, kind', [
+    ('SET search_path = x', SET),
+    ('set statement_timeout to 0', SET),
+    ('  Set   TIME ZONE UTC', SET),
+    ('/* hint */ SET application_name = \'x\'', SET),
+    ('-- comment\nSET work_mem = \'64MB\'', SET),
+    ('SET SESSION statement_timeout = 5', SET),
+    ('SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY', SET),
+    ('RESET search_path', SET),
+    ('RESET ALL', SET),
+    ("SELECT set_config('search_path', 'x', false)", SET),
+    ("select SET_CONFIG('a.b', %s, %s)", SET),            # unknown at parse time: session
+    ('SET ROLE odoo', ROLE),
+    ('SET SESSION AUTHORIZATION odoo', ROLE),
+    ('RESET ROLE', ROLE),
+    ('LISTEN imbus', LISTEN),
+    ('listen "cron_trigger"', LISTEN),
+    ('SELECT pg_advisory_lock(1)', ADVISORY),
+    ('SELECT PG_TRY_ADVISORY_LOCK(%s)', ADVISORY),
+    ('SELECT "pg_advisory_lock_shared"(1)', ADVISORY),
+    ('SELECT pg_try_advisory_lock_shared (1, 2)', ADVISORY),
+    ('SELECT id FROM queue_job WHERE pg_try_advisory_lock(id) LIMIT 1', ADVISORY),
+    ('CREATE TEMP TABLE t (a int)', TEMP),
+    ('create local temporary table t as select 1', TEMP),
+    ('CREATE OR REPLACE TEMP VIEW v AS SELECT 1', TEMP),
+    ('DECLARE c CURSOR WITH HOLD FOR SELECT 1', HOLD),
+    ('declare "c" binary no scroll cursor with hold for select 1', HOLD),
+    ('PREPARE p (int) AS SELECT $1', PREPARE),
+    ("LOAD 'auto_explain'", LOAD),
+    ('DO $$ BEGIN PERFORM 1; END $$', UNKNOWN),
+    ('SELECT 1; LISTEN x', LISTEN),
+    ('SELECT 1; SET search_path = x; SELECT pg_advisory_lock(2)', SET | ADVISORY),
+])
+def test_session_statements_are_detected(query, kind):
+    assert session_kinds(query) == kind
+
+
+def test_narrow_reset_clears_role_first_and_one_statement_per_kind():
+    sql = ss.narrow_reset(SET | ROLE | LISTEN | ADVISORY | TEMP | HOLD | PREPARE)
+    assert sql.startswith('RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL')
+    for part in ('UNLISTEN *', 'pg_advisory_unlock_all()', 'DISCARD TEMP', 'CLOSE ALL',
+                 'DEALLOCATE ALL'):
+        assert part in sql
+    assert ss.narrow_reset(LISTEN) == 'UNLISTEN *'
+    assert ss.names(SET | LISTEN) == ['set', 'listen']
