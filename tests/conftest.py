@@ -95,3 +95,18 @@ def pytest_report_header(config):
 
 def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(pytest_report_header(None))
+
+
+@pytest.fixture(scope='session')
+def replica_set(pg):
+    """Two streaming replicas of ``pg`` made with pg_basebackup: (replica1, replica2).
+    Tests that stop, pause or delay one put it back as they found it."""
+    first = pg.make_replica('replica1')
+    try:
+        second = pg.make_replica('replica2')
+        try:
+            yield first, second
+        finally:
+            second.destroy()
+    finally:
+        first.destroy()
