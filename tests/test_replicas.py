@@ -8,7 +8,7 @@ import pytest
 from odoo_pool_patch.embedded_pg import Cluster
 from odoo_pool_patch.errors import ConfigError
 from odoo_pool_patch.options import Settings, load_settings
-from odoo_pool_patch.replica_health import servers_status, start_routing
+from odoo_pool_patch.replica_health import MAX_BAN_FACTOR, servers_status, start_routing
 from odoo_pool_patch.replicas import Target, parse_replicas, targets_from_config, written_lsn
 from odoo_pool_patch.shared_state import SharedState
 
@@ -100,7 +100,7 @@ def test_reads_spread_by_weight_writes_and_postgres_go_to_primary(pg, replica_se
 
 
 def test_stopped_replica_reads_move_then_come_back(pg, replica_set, routing, info):
-    ro, rw, router = routing(weights=(1, 1))
+    ro, rw, router = routing(weights=(1, 1), replica_ban_time=3.0)
     first, second = replica_set
     assert {served_by(ro, info('db1')) for _ in range(40)} == {first.port, second.port}
     first.stop()
@@ -127,8 +127,11 @@ def test_stopped_replica_reads_move_then_come_back(pg, replica_set, routing, inf
             second.start()
     finally:
         first.start()
+    back = time.monotonic()
     # Back within the (grown) ban time: the background probe lifts the ban.
-    assert wait_for(lambda: served_by(ro, info('db1')) == first.port, timeout=30, interval=0.05)
+    assert wait_for(lambda: served_by(ro, info('db1')) == first.port, timeout=60, interval=0.05)
+    longest_ban = MAX_BAN_FACTOR * 3.0 * 1.2
+    assert time.monotonic() - back < longest_ban + 10     # probe period + a loaded machine
     assert status(router)[f'127.0.0.1:{first.port}']['health'] == 'healthy'
 
 
