@@ -84,6 +84,7 @@ def install(settings):
     if settings.shared:
         pool_class.budget = attach_budget(settings)
     install_tls()
+    install_replicas(settings, pool_class)
     sql_db.ConnectionPool = pool_class
     for name in ('_Pool', '_Pool_readonly'):
         live = getattr(sql_db, name, None)
@@ -129,6 +130,22 @@ def install_tls():
     for module in (service_db, odoo.tools):
         if hasattr(module, 'exec_pg_environ'):
             module.exec_pg_environ = exec_pg_environ
+
+
+def install_replicas(settings, pool_class):
+    """Replica routing (see replica_routes) when replicas are configured."""
+    from odoo import sql_db
+    from . import replica_routes
+    from .shared_state import SharedState
+
+    def state():        # without a shared budget, the same file still holds the server rows
+        if pool_class.budget is not None:
+            return pool_class.budget.state
+        return SharedState(budget_settings(settings)[2])
+    base_info = dict(sql_db.connection_info_for('postgres')[1])
+    for keyword in ('database', 'application_name', 'host', 'port'):
+        base_info.pop(keyword, None)
+    return replica_routes.install(settings, pool_class, state, base_info)
 
 
 def process_role():

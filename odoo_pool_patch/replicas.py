@@ -169,7 +169,10 @@ class Router:
             except psycopg2.OperationalError as exc:
                 if target is self.primary:
                     raise
-                self.table.ban(target.index, self.ban_time, exc)
+                if 'does not exist' not in str(exc):
+                    # A database the replica does not have yet (just created) is not a
+                    # replica failure: that borrow just goes elsewhere.
+                    self.table.ban(target.index, self.ban_time, exc)
                 tried.add(target)
                 continue
             self.reads[target.index] += 1
