@@ -7,6 +7,7 @@ import pytest
 
 from odoo_pool_patch.embedded_pg import Cluster
 from odoo_pool_patch.errors import ConfigError
+from odoo_pool_patch.metrics import render_servers
 from odoo_pool_patch.options import Settings, load_settings
 from odoo_pool_patch.replica_health import MAX_BAN_FACTOR, servers_status, start_routing
 from odoo_pool_patch.replicas import Target, parse_replicas, targets_from_config, written_lsn
@@ -97,6 +98,12 @@ def test_reads_spread_by_weight_writes_and_postgres_go_to_primary(pg, replica_se
     assert rows[f'127.0.0.1:{second.port}']['reads'] == ports.count(second.port)
     assert rows[f'127.0.0.1:{pg.port}']['writes'] == 10
     assert rows[f'127.0.0.1:{pg.port}']['kind'] == 'primary'
+    # The same figures in Prometheus text, labelled by server.
+    from prometheus_client.parser import text_string_to_metric_families
+    text = '\n'.join(render_servers(servers_status(router))) + '\n'
+    reads = {s.labels['server']: s.value for f in text_string_to_metric_families(text)
+             for s in f.samples if s.name == 'odoo_db_pool_server_reads_total'}
+    assert reads[f'127.0.0.1:{second.port}'] == ports.count(second.port)
 
 
 def test_stopped_replica_reads_move_then_come_back(pg, replica_set, routing, info):
