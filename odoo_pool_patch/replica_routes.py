@@ -72,6 +72,8 @@ def install(settings, pool_class, shared_state, base_info):
     patch_close_db(sql_db, router)
     if major < 18 and len(targets) > 1:
         patch_readonly_methods(settings.replica_readonly_methods, router)
+    if major >= 18:
+        patch_registry_retry(settings.replica_ban_time)
     _logger.info('db_pooling routes read-only cursors to %s (primary %s)',
                  ', '.join(f'{t.name} weight {t.weight}' for t in targets[1:]) or 'the primary',
                  targets[0].name)
@@ -129,6 +131,25 @@ def patch_close_db(sql_db, router):
                 pool.close_all(router.rewrite(info, target))
     close_db._db_pooling = True
     sql_db.close_db = close_db
+
+
+def patch_registry_retry(ban_time):
+    """18/19 registries stop using their read-only pool for 20 minutes after one
+    OperationalError from it. The router only lets one through when the primary itself
+    is unreachable; once that is over, use replicas again after the ban time, not later."""
+    import time
+    from odoo.modules.registry import Registry
+    if getattr(Registry.cursor, '_db_pooling', False):
+        return
+    original = Registry.cursor
+
+    def cursor(self, /, readonly=False):
+        failed = getattr(self, '_db_readonly_failed_time', None)
+        if readonly and failed is not None and time.monotonic() > failed + ban_time:
+            self._db_readonly_failed_time = None
+        return original(self, readonly=readonly)
+    cursor._db_pooling = True
+    Registry.cursor = cursor
 
 
 # ---------------------------------------------------------------------- Odoo 16/17

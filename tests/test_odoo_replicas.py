@@ -162,3 +162,20 @@ def test_readonly_methods_on_16_17(server, odoo_tree, pg, replica_set):
                  args=[[partner], {'name': 'written-on-primary'}], kwargs={})
     assert pg.sql('SELECT name FROM res_partner WHERE id = %s', [partner],
                   dbname=server.db) == [('written-on-primary',)]
+
+
+def test_stopped_replica_no_request_fails(server, odoo_tree, pg, replica_set):
+    """Stock 18/19 would stop using replicas for 20 minutes after one failure; here reads
+    move to the other replica at once and come back after the ban (2 s, at most 4x)."""
+    requires(odoo_tree, major_min=18)
+    first, second = replica_set
+    session = replayed_session(server, replica_set)
+    first.stop()
+    try:
+        served = [session.call('/dbp_test/server')[0] for _ in range(20)]
+        assert set(served) == {second.port}, served
+    finally:
+        first.start()
+    assert first.wait_until(lambda: session.call('/dbp_test/server')[0] == first.port,
+                            timeout=60, interval=0.1), server.log_tail()
+    assert 'gets no reads for' in server.log()
