@@ -5,6 +5,7 @@ read-only route that writes is retried on the primary, and a session reads its o
 writes. 16/17: the replica_cursor() API and db_replica_readonly_methods.
 """
 import os
+import time
 import uuid
 
 import pytest
@@ -74,12 +75,19 @@ def transactions(cluster, db):
                        'WHERE datname = %s', [db])[0][0]
 
 
-def assert_served_by_replicas(server, replica_set, session, calls):
-    """``calls`` call_kw search_read calls make every replica run more transactions."""
+def assert_served_by_replicas(server, replica_set, session, calls, jsonrpc=False):
+    """``calls`` search_read calls (call_kw, or /jsonrpc execute_kw) make every replica run
+    more transactions."""
+    time.sleep(1.5)     # let statistics of earlier transactions reach pg_stat_database
     before = [transactions(replica, server.db) for replica in replica_set]
     for _ in range(calls):
-        session.call('/web/dataset/call_kw/res.partner/search_read', model='res.partner',
-                     method='search_read', args=[[]], kwargs={'fields': ['name'], 'limit': 5})
+        if jsonrpc:
+            server.execute(server.db, session.uid, 'admin', 'res.partner', 'search_read', [],
+                           fields=['name'], limit=5)
+        else:
+            session.call('/web/dataset/call_kw/res.partner/search_read', model='res.partner',
+                         method='search_read', args=[[]],
+                         kwargs={'fields': ['name'], 'limit': 5})
     for replica, count in zip(replica_set, before):      # statistics are flushed within 1 s
         assert replica.wait_until(lambda: transactions(replica, server.db) > count, timeout=10)
 
@@ -154,6 +162,7 @@ def test_readonly_methods_on_16_17(server, odoo_tree, pg, replica_set):
     requires(odoo_tree, major_max=17)
     session = replayed_session(server, replica_set)
     assert_served_by_replicas(server, replica_set, session, 20)
+    assert_served_by_replicas(server, replica_set, session, 20, jsonrpc=True)
     # write is in the test's db_replica_readonly_methods: it fails on the replica and is
     # retried on the primary, where it lands.
     partner = session.call('/web/dataset/call_kw/res.partner/search', model='res.partner',
