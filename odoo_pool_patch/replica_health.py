@@ -197,6 +197,7 @@ class Prober:
         self.table, self.base_info = table, dict(base_info)
         self.connections = {}
         self.primary_positions = collections.deque(maxlen=3600)   # (lsn, ms) when it moved
+        self.warned = set()
 
     def _query(self, target, sql):
         cnx = self.connections.get(target.index)
@@ -256,6 +257,11 @@ class Prober:
                 table.record_probe(target.index, False)
                 table.ban(target.index, self.ban_time, exc)
                 continue
+            if not in_recovery and target.index not in self.warned:
+                self.warned.add(target.index)
+                _logger.warning('db_pooling: replica %s is not in recovery (a primary, or a '
+                                'promoted replica): its reads may miss the primary\'s writes; '
+                                'remove it from db_replicas', target.name)
             if primary_lsn is None or not in_recovery:
                 table.record_probe(target.index, True, replay_lsn, connections=connections)
                 continue

@@ -169,7 +169,8 @@ class Router:
             except psycopg2.OperationalError as exc:
                 if target is self.primary:
                     raise
-                if 'does not exist' not in str(exc):
+                message = str(exc)
+                if not ('database' in message and 'does not exist' in message):
                     # A database the replica does not have yet (just created) is not a
                     # replica failure: that borrow just goes elsewhere.
                     self.table.ban(target.index, self.ban_time, exc)
