@@ -53,6 +53,7 @@ def install(settings, pool_class, shared_state, base_info):
     from odoo.tools import config
     from .replica_health import start_routing
     major = int(release.serie.split('.')[0].split('~')[-1].replace('saas', '') or 0)
+    STATE['series'] = major
     targets = targets_from_config(settings, config.get)
     stock_same_server = (major == 18 and config.get('db_replica_host') == '') or (
         major >= 19 and 'replica' in (config.get('dev_mode') or ()))
@@ -61,7 +62,7 @@ def install(settings, pool_class, shared_state, base_info):
     router = start_routing(shared_state(), targets, settings, base_info,
                            session_lsn if settings.replica_read_your_writes else None)
     pool_class.router = router
-    STATE.update(router=router, series=major)
+    STATE['router'] = router
     if major >= 18 and len(targets) > 1 and not config.get('db_replica_host'):
         # Registries open their read-only pool only when db_replica_host is set;
         # its value does not matter (the router rewrites host and port per borrow).
