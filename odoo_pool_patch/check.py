@@ -57,6 +57,39 @@ def probe(info):
         cnx.close()
 
 
+def replica_targets(get, settings):
+    """The replicas of db_replicas (or the stock db_replica_host) as replicas.Target."""
+    from .options import Settings
+    from .replicas import targets_from_config
+    try:
+        return targets_from_config(settings or Settings(), get)[1:]
+    except ConfigError:
+        return []
+
+
+def check_replication(info, replica, primary_lsn, where, ok, bad):
+    """A replica must be in recovery; report how far it is behind the primary. Returns
+    the primary's WAL position (read when ``replica`` is False)."""
+    from .replica_health import PRIMARY_SQL, REPLICA_SQL
+    cnx = psycopg2.connect(**info)
+    try:
+        with cnx.cursor() as cur:
+            cur.execute(REPLICA_SQL if replica else PRIMARY_SQL)
+            row = cur.fetchone()
+    finally:
+        cnx.close()
+    if not replica:
+        return row[0]
+    in_recovery, replay_lsn = row[0], row[1]
+    if not in_recovery:
+        bad(f'{where}: is not a replica (pg_is_in_recovery() is false): remove it from '
+            f'db_replicas, or it would serve reads that may miss the primary\'s writes')
+    elif primary_lsn is not None:
+        ok(f'{where}: streaming replica, {max(primary_lsn - replay_lsn, 0)} bytes of WAL '
+           f'behind the primary')
+    return primary_lsn
+
+
 def run(path, out=sys.stdout):
     get = read_config(path)
     problems = []
@@ -80,10 +113,14 @@ def run(path, out=sys.stdout):
     if not tls_problems:
         ok('TLS options and files')
 
-    targets = [('primary', False)] + ([('replica', True)] if get('db_replica_host') else [])
-    allowed = None
-    for label, replica in targets:
+    replicas = replica_targets(get, settings)
+    targets = [('primary', False, None)] + [('replica', True, t) for t in replicas]
+    allowed = primary_lsn = None
+    for label, replica, target in targets:
         info = server_info(get, replica)
+        if target is not None:
+            info.pop('host', None)
+            info.update({'port': target.port, **({'host': target.host} if target.host else {})})
         where = f"{label} {info.get('host', 'local socket')}:{info.get('port', 5432)}"
         try:
             server_allowed, secured = probe(info)
@@ -93,6 +130,10 @@ def run(path, out=sys.stdout):
             continue
         if not replica:
             allowed = server_allowed
+        try:
+            primary_lsn = check_replication(info, replica, primary_lsn, where, ok, bad)
+        except psycopg2.Error as exc:
+            bad(f'{where}: cannot read its WAL position: {str(exc).strip()}')
         if secured == 'NOT encrypted' and info['sslmode'] in ('allow', 'prefer'):
             ok(f'{where}: connected, {secured} (db_sslmode = {info["sslmode"]} falls back to '
                f'plain text; use verify-full to insist on TLS)')

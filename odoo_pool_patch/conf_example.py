@@ -135,12 +135,18 @@ def _comment(text):
     return ['; ' + line for line in textwrap.wrap(text, 92)]
 
 
-def _ours(option):
-    unit = ' s' if option.parse is options._seconds else ''
+def shown_default(option):
+    """The default as the docs show it (shown_default wins: computed or long values)."""
+    if option.shown_default:
+        return option.shown_default
     if option.default is None:
-        shown = option.shown_default or '(computed)'
-    else:
-        shown = option.shown_default or options.format_value(option.default) + unit
+        return '(computed)'
+    unit = ' s' if option.parse is options._seconds else ''
+    return options.format_value(option.default) + unit
+
+
+def _ours(option):
+    shown = shown_default(option)
     value = options.format_value(option.default) if option.default is not None else ''
     return _comment(option.doc) + [f'; Default: {shown}. Allowed: {option.allowed}.',
                                    f'; {option.name} = {value}'.rstrip()]
@@ -185,11 +191,7 @@ def readme_table():
     rows = ['.. list-table::', '   :header-rows: 1', '   :widths: 30 14 14 42', '',
             '   * - option', '     - group', '     - default', '     - meaning']
     for option in sorted(options.OPTIONS, key=lambda o: GROUP_KEYS.index(o.group)):
-        if option.default is None:
-            shown = option.shown_default or '(computed)'
-        else:
-            unit = ' s' if option.parse is options._seconds else ''
-            shown = options.format_value(option.default) + unit
+        shown = shown_default(option)
         first = option.doc.split('. ')[0].rstrip('.') + '.'
         rows += [f'   * - ``{option.name}``', f'     - {titles[option.group]}',
                  f'     - {shown}', f'     - {first}']

@@ -26,6 +26,41 @@ def _line(name, value, **labels):
     return f'{name} {value}'
 
 
+SERVER_GAUGES = (
+    ('server_up', 'Whether the server may serve reads now (1) or is banned, down or lagging (0).'),
+    ('server_lag_seconds', 'Replay lag of a replica (seconds since the primary passed its '
+                           'replay position; 0 when it has replayed everything).'),
+    ('server_lag_bytes', 'Replay lag of a replica in bytes of WAL.'),
+)
+
+
+def render_servers(rows):
+    """Per-server figures of replica routing (:func:`.replica_health.servers_status`)."""
+    if not rows:
+        return []
+    out = []
+    for name, help_text in SERVER_GAUGES:
+        out += [f'# HELP {PREFIX}_{name} {help_text}', f'# TYPE {PREFIX}_{name} gauge']
+        for row in rows:
+            value = {'server_up': int(row['health'] == 'healthy'),
+                     'server_lag_seconds': row['lag_seconds'],
+                     'server_lag_bytes': row['lag_bytes']}[name]
+            if value is not None:
+                out.append(_line(f'{PREFIX}_{name}', value, server=row['name'], kind=row['kind']))
+    for name, help_text in (('reads', 'Read-only cursors served.'),
+                            ('writes', 'Read/write cursors served.')):
+        metric = f'{PREFIX}_server_{name}_total'
+        out += [f'# HELP {metric} {help_text}', f'# TYPE {metric} counter']
+        out += [_line(metric, row[name], server=row['name'], kind=row['kind']) for row in rows]
+    metric = f'{PREFIX}_server_fallbacks_total'
+    out += [f'# HELP {metric} Reads a replica did not serve (replica rows) or the primary served '
+            f'instead of a replica (primary row), by reason.', f'# TYPE {metric} counter']
+    for row in rows:
+        for reason, count in row['fallbacks'].items():
+            out.append(_line(metric, count, server=row['name'], kind=row['kind'], reason=reason))
+    return out
+
+
 def render(state):
     cells = state.cells
     rows = state.processes()
@@ -56,4 +91,6 @@ def render(state):
         out += [f'# HELP {name} {help_text}', f'# TYPE {name} counter']
         for role in ss.ROLES:
             out.append(_line(name, totals[role][counter], role=role))
+    from .replica_health import servers_status
+    out += render_servers(servers_status())
     return '\n'.join(out) + '\n'

@@ -87,6 +87,7 @@ def install(settings):
         pool_class.budget = attach_budget(settings)
     install_tls()
     os.environ.update(job_runner_environ(settings, os.environ, _queue_job_config()))
+    install_replicas(settings, pool_class)
     sql_db.ConnectionPool = pool_class
     for name in ('_Pool', '_Pool_readonly'):
         live = getattr(sql_db, name, None)
@@ -154,6 +155,22 @@ def job_runner_environ(settings, environ, queue_job_config):
     return {f'ODOO_QUEUE_JOB_JOBRUNNER_DB_{name}': value for name, value in wanted.items()
             if not environ.get(f'ODOO_QUEUE_JOB_JOBRUNNER_DB_{name}')
             and not queue_job_config.get(f'jobrunner_db_{name.lower()}')}
+
+
+def install_replicas(settings, pool_class):
+    """Replica routing (see replica_routes) when replicas are configured."""
+    from odoo import sql_db
+    from . import replica_routes
+    from .shared_state import SharedState
+
+    def state():        # without a shared budget, the same file still holds the server rows
+        if pool_class.budget is not None:
+            return pool_class.budget.state
+        return SharedState(budget_settings(settings)[2])
+    base_info = dict(sql_db.connection_info_for('postgres')[1])
+    for keyword in ('database', 'application_name', 'host', 'port'):
+        base_info.pop(keyword, None)
+    return replica_routes.install(settings, pool_class, state, base_info)
 
 
 def process_role():

@@ -58,6 +58,18 @@ def _token(value):
     return text
 
 
+def _names(value):
+    names = tuple(name.strip() for name in str(value).split(',') if name.strip())
+    if any(not name.replace('_', '').isalnum() for name in names):
+        raise ValueError
+    return names
+
+
+def _replicas(value):
+    from .replicas import parse_replicas
+    return parse_replicas(value)
+
+
 def _seconds(value):
     number = float(value)
     if number != number or number < 0 or number == float('inf'):
@@ -244,6 +256,41 @@ OPTIONS += (
     Option('db_direct_port', 'direct_port', _port, None,
            'a port number 1-65535',
            'Port of db_direct_host (default: db_port).', shown_default='(db_port)'),
+DEFAULT_READONLY_METHODS = (
+    'read', 'search', 'search_read', 'search_count', 'read_group', 'name_search', 'name_get',
+    'fields_get', 'web_search_read', 'web_read', 'web_read_group', 'check_access_rights')
+
+OPTIONS += (
+    Option('db_replicas', 'replicas', _replicas, (),
+           'host:port[:weight] entries separated by commas (weight a whole number >= 0)',
+           'Streaming replicas that serve read-only cursors, chosen at random in proportion to '
+           'their weight (default 1; 0 drains a replica). Writes, the postgres database and '
+           'everything when no replica is usable go to the primary. The stock '
+           'db_replica_host / db_replica_port (Odoo 18+) keep working as a one-replica list.',
+           shown_default='(none)'),
+    Option('db_replica_ban_time', 'replica_ban_time', _seconds, 30.0,
+           'a number of seconds >= 0',
+           'A replica that refuses connections or fails is given no reads for this long '
+           '(doubling on repeated failures up to 4 times this, with 20% jitter), then probed '
+           'again in the background. Lower it to get a restarted replica back sooner.'),
+    Option('db_replica_max_lag', 'replica_max_lag', _seconds, 10.0,
+           'a number of seconds >= 0 (0: only replicas that have replayed everything)',
+           'A replica whose replay lags the primary by more than this gets no reads until it '
+           'catches up. The lag is measured in the background by WAL position, so an idle '
+           'primary never makes a replica look late. Raise it for reports that tolerate '
+           'older data.'),
+    Option('db_replica_read_your_writes', 'replica_read_your_writes', _bool, True,
+           'on or off',
+           'After an HTTP session commits a write, its read-only cursors only go to a replica '
+           'that has replayed that commit (or to the primary), so a user who saves and '
+           'reloads never sees the old value. off: reads may be stale by up to the lag.'),
+    Option('db_replica_readonly_methods', 'replica_readonly_methods', _names,
+           DEFAULT_READONLY_METHODS,
+           'model method names separated by commas',
+           'Odoo 16/17 only (18+ uses its own @api.readonly): JSON-RPC model methods '
+           '(/web/dataset/call_kw and /jsonrpc execute_kw) served from a replica when '
+           'db_replicas is set. A method that writes anyway is retried on the primary.',
+           shown_default='the list below'),
 )
 
 SECRETS = frozenset(('metrics_token',))   # never logged nor shown: as_options() masks them
@@ -276,6 +323,11 @@ class Settings:
     def timeouts_prefix(self, role):
         """``SET LOCAL`` statements for the timeouts of ``role`` (http or cron)."""
         return _timeouts_prefix(self, role)
+    replicas: tuple = ()            # ((host, port, weight), ...) from db_replicas
+    replica_ban_time: float = 30.0
+    replica_max_lag: float = 10.0
+    replica_read_your_writes: bool = True
+    replica_readonly_methods: tuple = DEFAULT_READONLY_METHODS
 
     def as_options(self):
         """``{odoo.conf name: value}``, for logs and the dashboard."""
@@ -333,6 +385,8 @@ def format_value(value):
         return 'on' if value else 'off'
     if isinstance(value, float):
         return f'{value:g}'
+    if isinstance(value, tuple):
+        return ','.join(':'.join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value)
     return str(value)
 
 

@@ -84,7 +84,8 @@ class Holder:
 
 
 # Frames in these files are plumbing between the real caller and borrow().
-_PLUMBING = ('sql_db.py', os.sep + 'registry.py', 'contextlib.py', __file__.rstrip('c'))
+_PLUMBING = ('sql_db.py', os.sep + 'registry.py', 'contextlib.py', __file__.rstrip('c'),
+             os.sep + 'replicas.py')
 
 
 def borrow_site(depth=2):
@@ -159,6 +160,7 @@ class ConnectionPool:
     connection_factory = PooledConnection
     timer_period = 1.0
     budget = None          # a SharedBudget: one connection budget for all processes
+    router = None          # a replicas.Router: picks the server per borrow (replica routing)
 
     def __init__(self, maxconn=64, readonly=False, *, settings=None,
                  connection_factory=None, timer_period=None, budget=None):
@@ -199,7 +201,14 @@ class ConnectionPool:
         return dsn_equals(dsn1, dsn2)
 
     def borrow(self, connection_info):
-        """Return a connection for ``connection_info``, waiting for a free slot if needed.
+        """Return a connection for ``connection_info``, waiting for a free slot if needed
+        (on the server the router picks, when replica routing is on)."""
+        if self.router is not None:
+            return self.router.borrow(self, connection_info)
+        return self._borrow(connection_info)
+
+    def _borrow(self, connection_info):
+        """Return a connection for exactly ``connection_info``.
 
         Reuses the connection of that DSN freed last; a reused connection is
         reset as ``db_pool_reset`` says (see :meth:`_reset`) and one found dead

@@ -14,9 +14,12 @@ Layout (indexes into the int64 array)::
                               shedding, counters[N_COUNTERS]
     waiter   N_WAIT rows      pid, process row, priority, ticket, state, since (ms)
     history  N_HIST samples   time (ms), held, in use, idle, waiting, long-lived
+    servers  4 cells + N_SRV rows   probe lease (pid, start, until ms), then per server
+                              (primary first, then replicas): identity, kind, weight,
+                              banned until, failures, probe time, replay LSN, lag, counters
 
-With N_PROC = 512, N_WAIT = 1024 and N_HIST = 720 (one sample per 5 s for
-an hour) the segment is 149,760 bytes, whatever the budget: 1,024
+With N_PROC = 512, N_WAIT = 1024, N_HIST = 720 (one sample per 5 s for
+an hour) and N_SRV = 16 the segment is 152,352 bytes, whatever the budget: 1,024
 connections need at most 1,024 waiter rows, and one row per process.
 
 Every change is made under :meth:`SharedState.locked`: a thread lock (for the
@@ -36,7 +39,7 @@ import threading
 import time
 
 MAGIC = 0x6462706F6F6C3031      # "dbpool01"
-VERSION = 2          # bump on any layout change: older files are reinitialised
+VERSION = 3          # bump on any layout change: older files are reinitialised
 
 N_PROC = 512
 N_WAIT = 1024
@@ -67,7 +70,19 @@ S_FIELDS = 6
 PROC_BASE = HEADER
 WAIT_BASE = PROC_BASE + N_PROC * P_FIELDS
 HIST_BASE = WAIT_BASE + N_WAIT * W_FIELDS
-CELLS = HIST_BASE + N_HIST * S_FIELDS
+SRV_BASE = HIST_BASE + N_HIST * S_FIELDS
+
+# servers region (replica routing, see replica_health): a lease, then one row per server
+N_SRV = 16
+L_PID, L_START, L_UNTIL = range(3)
+SRV_LEASE = 4
+V_IDENT, V_KIND, V_WEIGHT, V_BANNED_UNTIL, V_FAILURES, V_PROBED, V_PROBE_OK, V_REPLAY_LSN, \
+    V_LAG_BYTES, V_LAG_MS, V_READS, V_WRITES = range(12)
+V_FALLBACKS = 12        # + reason index (replicas.REASONS)
+V_CONNS = 16            # client backends of our database user on that server (last probe)
+V_FIELDS = 20
+SRV_ROWS = SRV_BASE + SRV_LEASE
+CELLS = SRV_ROWS + N_SRV * V_FIELDS
 SIZE = CELLS * 8
 
 ROLES = ('master', 'http', 'cron', 'gevent', 'threaded', 'other')

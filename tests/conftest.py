@@ -119,3 +119,18 @@ def notify_through(bouncer, channel, payload):
         cnx.commit()
     finally:
         cnx.close()
+
+
+@pytest.fixture(scope='session')
+def replica_set(pg):
+    """Two streaming replicas of ``pg`` made with pg_basebackup: (replica1, replica2).
+    Tests that stop, pause or delay one put it back as they found it."""
+    first = pg.make_replica('replica1')
+    try:
+        second = pg.make_replica('replica2')
+        try:
+            yield first, second
+        finally:
+            second.destroy()
+    finally:
+        first.destroy()

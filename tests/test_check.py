@@ -68,3 +68,15 @@ def test_tls_checked_against_the_server(tmp_path, pki):
         assert code == 1 and 'not signed by the CA in db_sslrootcert' in out, out
     finally:
         cluster.destroy()
+
+
+def test_every_replica_is_checked(pg, replica_set, tmp_path):
+    first, second = replica_set
+    replicas = f'{first.host}:{first.port}:2,{second.host}:{second.port}'
+    code, out = check(tmp_path, **{**base(pg), 'db_replicas': replicas})
+    assert code == 0, out
+    for replica in replica_set:
+        assert f'replica {replica.host}:{replica.port}: streaming replica, ' in out, out
+    # The primary listed as a replica would serve reads that miss writes: refused.
+    code, out = check(tmp_path, **{**base(pg), 'db_replicas': f'{pg.host}:{pg.port}'})
+    assert code == 1 and 'is not a replica (pg_is_in_recovery() is false)' in out, out
