@@ -256,6 +256,8 @@ OPTIONS += (
     Option('db_direct_port', 'direct_port', _port, None,
            'a port number 1-65535',
            'Port of db_direct_host (default: db_port).', shown_default='(db_port)'),
+)
+
 DEFAULT_READONLY_METHODS = (
     'read', 'search', 'search_read', 'search_count', 'read_group', 'name_search', 'name_get',
     'fields_get', 'web_search_read', 'web_read', 'web_read_group', 'check_access_rights')
@@ -319,15 +321,15 @@ class Settings:
     idle_in_transaction_timeout_cron: float = 0.0
     direct_host: str = None
     direct_port: int = None
-
-    def timeouts_prefix(self, role):
-        """``SET LOCAL`` statements for the timeouts of ``role`` (http or cron)."""
-        return _timeouts_prefix(self, role)
     replicas: tuple = ()            # ((host, port, weight), ...) from db_replicas
     replica_ban_time: float = 30.0
     replica_max_lag: float = 10.0
     replica_read_your_writes: bool = True
     replica_readonly_methods: tuple = DEFAULT_READONLY_METHODS
+
+    def timeouts_prefix(self, role):
+        """``SET LOCAL`` statements for the timeouts of ``role`` (http or cron)."""
+        return _timeouts_prefix(self, role)
 
     def as_options(self):
         """``{odoo.conf name: value}``, for logs and the dashboard."""
