@@ -78,7 +78,9 @@ def detection(rounds=15, number=2000):
         low = query.lower()
         decided_fast = head not in session_state._CANDIDATE_HEADS and not (
             'advisory' in low or 'set_config' in low or ';' in low)
-        cost = median_ns(session_state.session_kinds, query, rounds, number)
+        # Least of three medians: other processes on the machine only ever add time.
+        cost = min(median_ns(session_state.session_kinds, query, rounds, number)
+                   for _ in range(3))
         (fast if decided_fast else candidates).append(cost)
     session_state.confirm.cache_clear()
     first = []

@@ -9,7 +9,6 @@ A bad value never silently falls back to a default: :func:`load_settings`
 raises :class:`ConfigError` naming every bad option, its value and what is
 allowed, and the addon stops the server with that message.
 """
-import functools
 import os
 from dataclasses import dataclass, fields
 
@@ -341,7 +340,6 @@ class Settings:
                          for name, value in self.as_options().items())
 
 
-@functools.lru_cache(maxsize=64)       # called on every borrow
 def _timeouts_prefix(settings, role):
     parts = []
     for setting, value in (('statement_timeout', getattr(settings, 'statement_timeout_' + role)),

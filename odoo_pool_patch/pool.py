@@ -185,6 +185,7 @@ class ConnectionPool:
         self._timer = None
         self._closed = False
         self.stats = PoolStats()
+        self._prefixes = (None, None)   # (settings, {role: SET LOCAL timeouts})
         _live_pools.add(self)
 
     # ------------------------------------------------------------------ Odoo's API
@@ -548,10 +549,15 @@ class ConnectionPool:
         with the first statement of each transaction; '' when none is set."""
         if key_database(key) in LONG_LIVED_DATABASES:
             return ''
+        settings, prefixes = self._prefixes
+        if settings is not self.settings:       # hashing Settings costs more than this
+            settings = self.settings
+            prefixes = {role: settings.timeouts_prefix(role) for role in ('http', 'cron')}
+            self._prefixes = settings, prefixes
         budget = self.budget
         cron = holder.thread.startswith('odoo.service.cron') or (
             budget is not None and budget.role == 'cron')
-        return self.settings.timeouts_prefix('cron' if cron else 'http')
+        return prefixes['cron' if cron else 'http']
 
     def _wait_for_budget(self, key, holder):
         """Wait for a slot of the shared budget (a local slot is already reserved)."""

@@ -9,8 +9,9 @@ function, nor ``set_config``, nor a ``;`` (a second statement). Only the rest,
 the candidates, are confirmed with sqlparse, which sees through comments,
 quoting and case (``SET LOCAL``, ``pg_advisory_xact_lock``, ``set_config(...,
 true)`` and names inside strings or comments do not count). Without sqlparse
-(it is not in Odoo's own requirements) a candidate counts as :data:`UNKNOWN`,
-which a full ``DISCARD ALL`` clears: safe, just not narrow.
+(it is not in Odoo's own requirements) :func:`confirm_without_sqlparse` decides
+with regular expressions: the same for the first words, and erring on the
+dirty side for names that could sit in comments or strings.
 
 Not seen by parsing, so left to the periodic full reset (``db_pool_reset_every``):
 state set by a user function (``SELECT my_func()`` that calls ``set_config``),
@@ -83,8 +84,8 @@ def confirm(query):
     try:
         import sqlparse
         from sqlparse import tokens as T
-    except ImportError:                 # pragma: no cover - sqlparse is a dependency
-        return UNKNOWN
+    except ImportError:     # not installed in Odoo's environment (PYTHONPATH install)
+        return confirm_without_sqlparse(query)
     mask = 0
     for statement in sqlparse.parse(query):
         words = [tok for tok in statement.flatten()
@@ -175,3 +176,49 @@ def _is_local_false(words, start):
         if commas == 2:
             third.append(tok.value.lower())
     return third != ['true'] and third != ["'true'"] and third != ['true::boolean']
+
+
+# ------------------------------------------------------------------ without sqlparse
+_LEADING_COMMENTS = re.compile(r'(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*', re.S)
+_WORD = re.compile(r'[A-Za-z_]+')
+_LOCK_CALL = re.compile(r'"?pg_(?:try_)?advisory_lock(?:_shared)?"?\s*\(')
+_SET_CONFIG = re.compile(r'"?set_config"?\s*\(')
+_SET_CONFIG_LOCAL = re.compile(r'set_config"?\s*\([^()]*,\s*true\s*\)')
+
+
+class _Word:
+    """The little of a sqlparse token that :func:`_statement_kinds` reads."""
+    __slots__ = ('value', 'normalized')
+    is_keyword = True
+    ttype = None
+
+    def __init__(self, value):
+        self.value = value
+        self.normalized = value.upper()
+
+
+def confirm_without_sqlparse(query):
+    """:func:`confirm` with regular expressions: exact for statements starting
+    with a session keyword, conservative for function calls (a name inside a
+    string or comment counts)."""
+    mask = 0
+    for part in query.split(';'):
+        text = part[_LEADING_COMMENTS.match(part).end():]
+        words = [_Word(word) for word in _WORD.findall(text)]
+        if not words:
+            continue
+        head = words[0].normalized
+        if head in _CANDIDATE_HEADS and head != 'DO':
+            mask |= _statement_kinds(words, None) if head != 'DECLARE' else (
+                HOLD if re.search(r'\bWITH\s+HOLD\b', text.upper().split(' FOR ')[0]) else 0)
+            continue
+        if head == 'DO':
+            mask |= UNKNOWN
+            continue
+        low = text.lower()
+        if _LOCK_CALL.search(low):
+            mask |= ADVISORY
+        if _SET_CONFIG.search(low) and len(_SET_CONFIG.findall(low)) != len(
+                _SET_CONFIG_LOCAL.findall(low)):
+            mask |= SET
+    return mask

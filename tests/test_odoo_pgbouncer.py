@@ -162,3 +162,23 @@ def test_bus_notification_reaches_a_websocket_client(server, bouncer):
         raise AssertionError('no bus notification within 20 s:\n' + server.log_tail())
     finally:
         ws.close()
+
+
+def test_without_direct_address_the_listen_through_the_pooler_is_named(pg, bouncer, tmp_path):
+    """Without db_direct_host, Odoo's LISTEN through the transaction pooler gives one
+    warning naming the statement and the options to set (newest series only)."""
+    tree = TREES[-1]
+    os.chmod(tmp_path, 0o755)
+    srv = OdooServer(tree, pg, str(tmp_path), options={
+        'workers': 2, 'max_cron_threads': 1, 'db_host': bouncer.host, 'db_port': bouncer.port})
+    srv.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and 'needs a real PostgreSQL session' not in srv.log():
+            time.sleep(0.5)
+        warnings = [line for line in srv.log().splitlines()
+                    if 'needs a real PostgreSQL session' in line]
+    finally:
+        srv.stop()
+    assert warnings, srv.log_tail()
+    assert any('LISTEN cron_trigger' in line and 'db_direct_host' in line for line in warnings)
