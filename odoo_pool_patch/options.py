@@ -291,7 +291,7 @@ OPTIONS += (
            'Odoo 16/17 only (18+ uses its own @api.readonly): JSON-RPC model methods '
            '(/web/dataset/call_kw and /jsonrpc execute_kw) served from a replica when '
            'db_replicas is set. A method that writes anyway is retried on the primary.',
-           shown_default='the list below'),
+           shown_default='read, search_read, read_group and the other read methods'),
 )
 
 SECRETS = frozenset(('metrics_token',))   # never logged nor shown: as_options() masks them

@@ -40,7 +40,8 @@ def options_read_in_code():
                             r"""['"](db_[a-z0-9_]*[a-z0-9]|workers|max_cron_threads)['"]""",
                             handle.read()))
     from odoo_pool_patch.options import GROUP_PREFIXES
-    return names - {'db_pooling'} - set(GROUP_PREFIXES)
+    # db_pooling* are our own names (the module, session keys), not options
+    return {n for n in names if not n.startswith('db_pooling')} - set(GROUP_PREFIXES)
 
 
 # modules that pass options to the Odoo servers they start (tests, demo), not read them
