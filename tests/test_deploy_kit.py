@@ -28,15 +28,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCKER = os.path.join(ROOT, 'docker')
 SERVER_USER = 'postgres'
 
-# TEMPORARY allow-list, for the merger to DELETE once the branches that add these options
-# (replica routing: db_replica*, PgBouncer-aware mode: db_direct_*) are merged. Options the
-# compose stack's odoo.conf files use that are not yet in options.OPTION_NAMES on this branch.
-NOT_YET_MERGED_OPTIONS = frozenset({
-    'db_replicas', 'db_replica_max_lag', 'db_replica_ban_time',
-    'db_direct_host', 'db_direct_port',
-})
-
-
 def as_server_user(cmd):
     return ['runuser', '-u', SERVER_USER, '--', *cmd] if os.geteuid() == 0 else cmd
 
@@ -423,8 +414,6 @@ def test_odoo_confs_use_known_options_services_and_passwords():
     compose, tls_override = compose_stack()
     services = compose['services']
     known = set(STOCK_OPTIONS_NAMES) | set(OPTION_NAMES) | set(TLS_NAMES)
-    assert not NOT_YET_MERGED_OPTIONS & set(OPTION_NAMES), \
-        'merged: delete these names from NOT_YET_MERGED_OPTIONS'
     password = read_env('postgres.env')['POSTGRES_PASSWORD']
     with open(os.path.join(DOCKER, 'pgbouncer', 'userlist.txt')) as handle:
         assert f'"odoo" "{password}"' in handle.read()
@@ -432,7 +421,7 @@ def test_odoo_confs_use_known_options_services_and_passwords():
     assert len(confs) == 3
     for where, path in confs.items():
         conf = read_conf(path)
-        unknown = {name for name in conf if name.startswith('db_')} - known - NOT_YET_MERGED_OPTIONS
+        unknown = {name for name in conf if name.startswith('db_')} - known
         assert not unknown, f'{where}: not Odoo options nor ours: {sorted(unknown)}'
         assert 'db_pooling' in conf['server_wide_modules'].split(',')
         assert conf['db_password'] == password and conf['db_user'] == read_env(
