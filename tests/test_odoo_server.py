@@ -66,8 +66,13 @@ def instance_connections(srv, pg):
                 continue
             if int(stat[stat.rindex(')') + 2:].split()[1]) == srv.proc.pid:
                 pids.add(int(entry))
-    names = {f'odoo-{pid}' for pid in pids}
-    return [row for row in pg.connections('odoo-%') if row[2] in names]
+    return [row for row in pg.connections('odoo-%') if app_pid(row[2]) in pids]
+
+
+def app_pid(name):
+    """The pid in our application_name odoo-<role>-<pid> (stock: odoo-<pid>), or None."""
+    match = re.fullmatch(r'odoo-(?:[a-z]+-)?(\d+)', name)
+    return int(match.group(1)) if match else None
 
 
 def http_worker_pids(srv):

@@ -60,7 +60,7 @@ def collect(pid, read_end, timeout=120):
 
 
 def test_segment_size_is_fixed_and_stated():
-    assert ss.SIZE == 149_760
+    assert ss.SIZE == 252_160
     assert ss.N_WAIT >= 1024
 
 
