@@ -53,6 +53,13 @@ def _run(wake):
     next_full = 0.0
     while _state['pid'] == my_pid:
         pools = [pool for pool in list(_pools) if not pool._closed]
+        for pool in list(_pools):
+            if pool._closed and pool._exiting:
+                # shut down: its closed connections' slots are freed once their backends exit
+                try:
+                    pool.finish_exits()
+                except Exception:
+                    _log_failure('db_pooling maintenance of %r failed; will retry', pool)
         period = min((pool.timer_period for pool in pools), default=1.0)
         shared = [pool for pool in pools if pool.budget is not None]
         now = time.monotonic()

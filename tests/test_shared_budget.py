@@ -311,6 +311,18 @@ def test_threads_and_processes_share_one_budget(pg, shm_path, info, app):
     pool.shutdown()
 
 
+def test_shutdown_gives_the_budget_back(pg, shm_path, info):
+    budget = make_budget(shm_path, 3)
+    pool = ConnectionPool(3, budget=budget, timer_period=0.1)
+    held = [pool.borrow(info()) for _ in range(3)]
+    pool.give_back(held.pop())
+    pool.shutdown()                 # two in use, one idle: all closed, slots freed on exit
+    deadline = time.monotonic() + 30
+    while budget.held() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert budget.held() == 0
+
+
 def test_history_keeps_totals_for_the_dashboard(pg, shm_path, info):
     budget = make_budget(shm_path, 5)
     pool = ConnectionPool(5, budget=budget)

@@ -136,8 +136,8 @@ DbPoolingDashboard.template = xml`
   <h2>Database Connections</h2>
   <div class="mb-2">
     <t t-if="state.data">
-      <span t-if="state.data.active and state.data.server_wide" class="badge bg-success o_dbp_active">pooling active (server-wide)</span>
-      <span t-else="" class="badge bg-danger o_dbp_active">pooling NOT active: load db_pooling server-wide (server_wide_modules) and restart Odoo</span>
+      <span t-if="state.data.active and state.data.server_wide" class="badge bg-success text-white o_dbp_active">pooling active (server-wide)</span>
+      <span t-else="" class="badge bg-danger text-white o_dbp_active">pooling NOT active: load db_pooling server-wide (server_wide_modules) and restart Odoo</span>
       <span class="ms-2 text-muted">Odoo <t t-esc="state.data.series"/>, answered by process <t t-esc="state.data.pid"/> at <span class="o_dbp_updated" t-esc="updatedAt"/>, refreshed every 3 s</span>
       <span class="d-none o_dbp_refreshes" t-esc="state.refreshes"/>
     </t>
