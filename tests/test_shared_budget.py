@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -352,6 +353,8 @@ def test_odoo_pool_top_shows_a_running_instance(pg, shm_path, info, tmp_path):
     assert out.returncode == 0, out.stderr
     assert 'budget 7  held 2  in use 1  idle 1' in out.stdout
     assert f'{os.getpid():>8} http' in out.stdout
+    mine = next(line for line in out.stdout.splitlines() if line.startswith(f'{os.getpid():>8}'))
+    assert re.search(r'  \d+\.\ds db1 .*test_shared_budget\.py:\d+ in ', mine)
     not_ours = tmp_path / 'other'
     not_ours.write_bytes(b'x' * 10)
     bad = subprocess.run([sys.executable, '-m', 'odoo_pool_patch.cli', 'top', '--once',
