@@ -240,47 +240,66 @@ def test_odoo_pool_top_shows_the_running_odoo(server):
     assert [role for _, role in roles].count('cron') == 1
 
 
-def test_dashboard_page_in_headless_chromium(server, pg, tmp_path):
-    """The real page in a real browser: loads without JavaScript errors, shows the
-    figures and follows a load without being reloaded. DB_POOLING_SCREENSHOT=<file>
-    keeps the screenshot (docs/dashboard.png)."""
+@contextlib.contextmanager
+def dashboard_page(srv, profile):
+    """Headless Chromium showing the dashboard as the admin (skips without Chromium)."""
     from chromium_cdp import Chromium, find_chromium
     binary = find_chromium()
     if not binary:
         pytest.skip('chromium not found (Debian: apt-get install chromium): the dashboard '
                     'page is not checked in a browser')
-    session = server.session(server.db)
+    session = srv.session(srv.db)
     cookie = next(c.value for c in session.cookies if c.name == 'session_id')
-    browser = Chromium(binary, str(tmp_path / 'profile'), height=1250)
-    stop, threads = threading.Event(), []
+    browser = Chromium(binary, str(profile), height=1250)
     try:
-        browser.set_cookie(server.url('/'), 'session_id', cookie)
-        browser.navigate(server.url('/odoo/action-db_pooling.action_dashboard'
-                                    if server.tree.major >= 18
-                                    else '/web#action=db_pooling.action_dashboard'))
+        browser.set_cookie(srv.url('/'), 'session_id', cookie)
+        browser.navigate(srv.url('/odoo/action-db_pooling.action_dashboard'
+                                 if srv.tree.major >= 18
+                                 else '/web#action=db_pooling.action_dashboard'))
         held = "document.querySelector('[data-figure=held]')"
         assert browser.wait_for(f'{held} && {held}.textContent', timeout=120), browser.errors
+        yield browser
+    finally:
+        browser.close()
+
+
+@contextlib.contextmanager
+def jsonrpc_load(srv, clients=4):
+    """``clients`` threads reading partners over JSON-RPC until the block ends."""
+    uid = srv.login(srv.db)
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            srv.execute(srv.db, uid, 'admin', 'res.partner', 'search_read', [],
+                        fields=['name'], limit=50)
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+
+
+def test_dashboard_page_in_headless_chromium(server, pg, tmp_path):
+    """The real page in a real browser: loads without JavaScript errors, shows the
+    figures and follows a load without being reloaded. DB_POOLING_SCREENSHOT=<file>
+    keeps the screenshot (docs/dashboard.png)."""
+    with dashboard_page(server, tmp_path / 'profile') as browser:
         assert browser.evaluate("document.querySelector('[data-figure=budget]').textContent") \
             == str(4 + 3 * 1 + 1)
         assert browser.evaluate("document.querySelectorAll('.o_dbp_workers tbody tr').length") >= 7
         assert 'pooling active' in browser.evaluate("document.querySelector('.o_dbp_active').textContent")
         browser.evaluate('window.dbpNotReloaded = true')
         first = int(browser.evaluate("document.querySelector('.o_dbp_refreshes').textContent"))
-
-        uid = server.login(server.db)
-
-        def load():
-            while not stop.is_set():
-                server.execute(server.db, uid, 'admin', 'res.partner', 'search_read', [],
-                               fields=['name'], limit=50)
-        threads += [threading.Thread(target=load, daemon=True) for _ in range(4)]
-        for thread in threads:
-            thread.start()
         # The page follows by itself: this process's row shows its two borrows.
         mine = (f"(row => row && row.cells[2].textContent === '2' && row.textContent.includes("
                 f"'borrowed_for_the_dashboard_test') && row.textContent)(document.querySelector("
                 f"'.o_dbp_workers tr[data-pid=\"{os.getpid()}\"]'))")
-        with held_connections(server, 2, server.db):
+        with jsonrpc_load(server), held_connections(server, 2, server.db):
             shown = browser.wait_for(mine, timeout=60)
             assert shown and server.db in shown, browser.errors
             assert browser.wait_for("document.querySelector('.o_dbp_refreshes').textContent"
@@ -289,13 +308,8 @@ def test_dashboard_page_in_headless_chromium(server, pg, tmp_path):
         assert browser.evaluate('window.dbpNotReloaded') is True
         assert browser.evaluate("document.querySelectorAll('.o_dbp_error, .o_error_dialog').length") == 0
         assert browser.errors == []
-        if os.environ.get('DB_POOLING_SCREENSHOT'):
-            shutil.copy(tmp_path / 'dashboard.png', os.environ['DB_POOLING_SCREENSHOT'])
-    finally:
-        stop.set()
-        browser.close()
-        for thread in threads:
-            thread.join(60)
+    if os.environ.get('DB_POOLING_SCREENSHOT'):
+        shutil.copy(tmp_path / 'dashboard.png', os.environ['DB_POOLING_SCREENSHOT'])
 
 
 def test_gevent_process_installs_our_pool(server):
@@ -458,3 +472,27 @@ def test_backup_and_restore_against_a_tls_only_server(odoo_tree, tmp_path, pki):
             srv.stop()
     finally:
         cluster.destroy()
+
+
+def test_dashboard_says_what_failed_while_the_database_server_is_down(server, pg, tmp_path):
+    """Runs last for its server: stops the session's PostgreSQL for a moment. The page keeps
+    its last figures and says what failed; the JSON route answers again once it is back
+    (to a new login: Odoo drops the database from a session it could not serve)."""
+    with dashboard_page(server, tmp_path / 'profile') as browser:
+        budget = browser.evaluate("document.querySelector('[data-figure=budget]').textContent")
+        pg.stop()
+        try:
+            banner = browser.wait_for("document.querySelector('.o_dbp_error') && "
+                                      "document.querySelector('.o_dbp_error').textContent",
+                                      timeout=60)
+            assert banner and 'Could not refresh at' in banner and 'figures below are from' in banner
+            # Odoo cannot open the database, drops it from the session and serves the
+            # request without it (404 or "Session expired"): the page says what that means.
+            assert 'database server is probably down' in banner or 'log in again' in banner, banner
+            assert browser.evaluate("document.querySelector('[data-figure=budget]').textContent") \
+                == budget                       # the last figures stay on screen
+        finally:
+            pg.start()
+        assert browser.errors == []
+    data = server.session(server.db).call('/db_pooling/dashboard_data')
+    assert not data['errors'] and data['servers'][0]['health'] == 'healthy'

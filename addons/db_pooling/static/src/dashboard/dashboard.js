@@ -23,13 +23,27 @@ export async function callJsonRoute(url, params = {}) {
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ jsonrpc: "2.0", method: "call", id: Date.now(), params }),
     });
+    if (response.status === 404) {
+        // Odoo serves a request without its database when it cannot open it, and then
+        // knows no route that needs a logged-in user.
+        throw new Error(
+            "Odoo answered without the database (HTTP 404): the database server is probably " +
+            "down, and Odoo dropped the database from this session: log in again once it is back"
+        );
+    }
     if (!response.ok) {
         throw new Error(`the server answered HTTP ${response.status} ${response.statusText}`);
     }
     const body = await response.json();
     if (body.error) {
         const data = body.error.data || {};
-        throw new Error(data.message || body.error.message || "unknown server error");
+        let message = data.message || body.error.message || "unknown server error";
+        if ((data.name || "").includes("SessionExpired")) {
+            // Odoo drops the database from the session when it cannot open it.
+            message += " (Odoo could not use the database and dropped it from this session: " +
+                "if the database server was down, log in again once it is back)";
+        }
+        throw new Error(message);
     }
     return body.result;
 }
