@@ -159,8 +159,8 @@ DbPoolingDashboard.template = xml`
   <div t-if="state.error" class="alert alert-danger o_dbp_error" role="alert">
     Could not refresh at <t t-esc="failedAt"/>: <t t-esc="state.error"/>.
     <t t-if="state.data">The figures below are from <t t-esc="updatedAt"/>.</t>
-    If the database server is down, Odoo cannot serve this page; <code>odoo-pool top</code> and
-    <code>/db_pooling/metrics</code> read the shared state without it.
+    If the database server is down, Odoo cannot serve this page; <code>odoo-pool top</code>
+    on the Odoo host reads the shared state without it.
   </div>
   <t t-if="state.data">
     <div t-foreach="state.data.errors" t-as="message" t-key="message_index" class="alert alert-warning o_dbp_warning" role="alert">
