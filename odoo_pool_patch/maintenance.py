@@ -53,6 +53,13 @@ def _run(wake):
     next_full = 0.0
     while _state['pid'] == my_pid:
         pools = [pool for pool in list(_pools) if not pool._closed]
+        for pool in list(_pools):
+            if pool._closed and pool._exiting:
+                # shut down: its closed connections' slots are freed once their backends exit
+                try:
+                    pool.finish_exits()
+                except Exception:
+                    _log_failure('db_pooling maintenance of %r failed; will retry', pool)
         period = min((pool.timer_period for pool in pools), default=1.0)
         shared = [pool for pool in pools if pool.budget is not None]
         now = time.monotonic()
@@ -85,6 +92,7 @@ def _publish(pools):
         by_budget.setdefault(id(pool.budget), (pool.budget, []))[1].append(pool)
     for budget, members in by_budget.values():
         in_use = idle = long_lived = borrows = reused = opened = 0
+        longest = min(filter(None, (pool.longest_borrow() for pool in members)), default=None)
         for pool in members:
             figures = pool.figures()
             in_use += figures['in_use']
@@ -94,9 +102,26 @@ def _publish(pools):
             reused += pool.stats.reused
             opened += pool.stats.opened
         budget.publish(in_use, idle, long_lived, borrows=borrows, reused=reused, opened=opened)
+        _publish_longest_borrow(budget, longest)
         if budget.reap():
             _logger.info('db_pooling reclaimed the budget slots of processes that died')
         budget.state.record_history()
+
+
+_published = {}     # id(budget) -> (row, longest borrow) last published by this process
+
+
+def _publish_longest_borrow(budget, longest):
+    """Share this process's longest current borrow (the dashboard of any worker shows it)."""
+    if _published.get(id(budget)) == (budget.row, longest):
+        return
+    _published[id(budget)] = (budget.row, longest)
+    if longest is None:
+        budget.state.publish_longest_borrow(budget.row, budget.pid)
+    else:
+        since, database, site = longest
+        budget.state.publish_longest_borrow(budget.row, budget.pid, int(since * 1000) or 1,
+                                            database, site)
 
 
 def _after_fork_in_child():
@@ -104,6 +129,7 @@ def _after_fork_in_child():
     _lock = threading.Lock()
     _state['pid'] = None
     _pools.clear()
+    _published.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -83,6 +83,8 @@ def install(settings):
         # Odoo's connection class, noting the session state its cursors leave.
         'connection_factory': tracked_class(sql_db.PsycoConnection),
     })
+    set_role(process_role())
+    _patch_worker_roles()
     if settings.shared:
         pool_class.budget = attach_budget(settings)
     install_tls()
@@ -113,6 +115,7 @@ def install_tls():
 
     def connection_info_for(db_or_uri, *args, **kwargs):
         db, info = original_info(db_or_uri, *args, **kwargs)
+        info['application_name'] = app_name(info.get('application_name'))
         readonly = kwargs.get('readonly', args[0] if args else False)
         for keyword, value in tls.tls_keywords(config.get, replica=bool(readonly)).items():
             info.setdefault(keyword, value)
@@ -171,6 +174,27 @@ def install_replicas(settings, pool_class):
     for keyword in ('database', 'application_name', 'host', 'port'):
         base_info.pop(keyword, None)
     return replica_routes.install(settings, pool_class, state, base_info)
+# The role of this process for application_name: (pid, role); a forked child
+# that was not told otherwise yet is an HTTP worker.
+_ROLE = [None, 'other']
+
+
+def current_role():
+    return _ROLE[1] if _ROLE[0] == os.getpid() else 'http'
+
+
+def set_role(role):
+    _ROLE[:] = [os.getpid(), role]
+
+
+def app_name(name):
+    """Stock's ``odoo-<pid>`` becomes ``odoo-<role>-<pid>`` (odoo-http-1234,
+    odoo-cron-1235, ...); a name the administrator chose (ODOO_PGAPPNAME, Odoo 19's
+    db_app_name) is kept as it is."""
+    pid = os.getpid()
+    if name is None or name == f'odoo-{pid}':
+        return f'odoo-{current_role()}-{pid}'
+    return name
 
 
 def process_role():
@@ -224,21 +248,24 @@ def attach_budget(settings):
                    f'db_pool_shared_path to a writable absolute path, or db_pool_shared = off.')
         _logger.critical('%s', message)
         raise SystemExit(message) from None
-    budget = SharedBudget(state, size, cron_reserve=reserve, min_idle=settings.min_idle,
-                          role=process_role())
-    _patch_worker_roles(budget)
-    return budget
+    return SharedBudget(state, size, cron_reserve=reserve, min_idle=settings.min_idle,
+                        role=process_role())
 
 
-def _patch_worker_roles(budget):
-    """Tell the shared state which forked worker is HTTP and which is cron."""
+def _patch_worker_roles():
+    """Tell application_name and the shared state which forked worker is HTTP and which cron."""
+    from odoo import sql_db
     from odoo.service import server
     if getattr(server.Worker.run, '_db_pooling', False):
         return
     original = server.Worker.run
 
     def run(self, *args, **kwargs):
-        budget.set_role('cron' if isinstance(self, server.WorkerCron) else 'http')
+        role = 'cron' if isinstance(self, server.WorkerCron) else 'http'
+        set_role(role)
+        budget = getattr(sql_db.ConnectionPool, 'budget', None)
+        if budget is not None:
+            budget.set_role(role)
         return original(self, *args, **kwargs)
     run._db_pooling = True
     server.Worker.run = run

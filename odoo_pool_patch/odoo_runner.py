@@ -255,8 +255,8 @@ class WebSession:
     def __init__(self, server, db, login, password):
         import http.cookiejar
         self.server = server
-        self.opener = urllib.request.build_opener(
-            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        self.cookies = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies))
         self.uid = self.call('/web/session/authenticate', db=db, login=login,
                              password=password)['uid']
 

@@ -174,7 +174,7 @@ OPTIONS += (
            'the next request. 0 closes everything at rest.'),
     Option('db_pool_shared_path', 'shared_path', _path, None,
            'an absolute file path',
-           'File holding the shared state (about 150 kB). Default: a file in /dev/shm named '
+           'File holding the shared state (about 250 kB). Default: a file in /dev/shm named '
            'after the config file and database server, so the processes of one instance find '
            'it. Set the same path on a volume shared by several Odoo containers of one host to '
            'give them one budget.'),

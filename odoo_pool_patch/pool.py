@@ -749,6 +749,14 @@ class ConnectionPool:
                 'stats': self.stats.as_dict(),
             }
 
+    def longest_borrow(self):
+        """(wall-clock start, database, site) of the oldest current borrow, or None."""
+        with self._lock:
+            if not self._used:
+                return None
+            cnx, holder = min(self._used.items(), key=lambda item: item[1].since)
+            return holder.wall_since, key_database(cnx._dbp_key), format_site(holder.site)
+
     def figures(self):
         """Cheap counts for the shared state: in use (long-lived ones apart), idle."""
         with self._lock:

@@ -14,12 +14,14 @@ Layout (indexes into the int64 array)::
                               shedding, counters[N_COUNTERS]
     waiter   N_WAIT rows      pid, process row, priority, ticket, state, since (ms)
     history  N_HIST samples   time (ms), held, in use, idle, waiting, long-lived
+    detail   N_PROC rows      pid, since (wall ms), then bytes: the database and the
+                              borrow site of the process's longest current borrow
     servers  4 cells + N_SRV rows   probe lease (pid, start, until ms), then per server
                               (primary first, then replicas): identity, kind, weight,
                               banned until, failures, probe time, replay LSN, lag, counters
 
 With N_PROC = 512, N_WAIT = 1024, N_HIST = 720 (one sample per 5 s for
-an hour) and N_SRV = 16 the segment is 152,352 bytes, whatever the budget: 1,024
+an hour) and N_SRV = 16 the segment is 254,752 bytes, whatever the budget: 1,024
 connections need at most 1,024 waiter rows, and one row per process.
 
 Every change is made under :meth:`SharedState.locked`: a thread lock (for the
@@ -39,7 +41,7 @@ import threading
 import time
 
 MAGIC = 0x6462706F6F6C3031      # "dbpool01"
-VERSION = 3          # bump on any layout change: older files are reinitialised
+VERSION = 4          # bump on any layout change: older files are reinitialised
 
 N_PROC = 512
 N_WAIT = 1024
@@ -67,10 +69,16 @@ FREE, WAITING, GRANTED = 0, 1, 2
 S_TIME, S_HELD, S_IN_USE, S_IDLE, S_WAITING, S_LONG = range(6)
 S_FIELDS = 6
 
+# detail row (one per process row, for the dashboard): two cells, then text bytes
+D_PID, D_SINCE = range(2)
+D_DATABASE_BYTES, D_SITE_BYTES = 48, 136
+D_FIELDS = 2 + (D_DATABASE_BYTES + D_SITE_BYTES) // 8
+
 PROC_BASE = HEADER
 WAIT_BASE = PROC_BASE + N_PROC * P_FIELDS
 HIST_BASE = WAIT_BASE + N_WAIT * W_FIELDS
-SRV_BASE = HIST_BASE + N_HIST * S_FIELDS
+DETAIL_BASE = HIST_BASE + N_HIST * S_FIELDS
+SRV_BASE = DETAIL_BASE + N_PROC * D_FIELDS
 
 # servers region (replica routing, see replica_health): a lease, then one row per server
 N_SRV = 16
@@ -111,6 +119,19 @@ def process_start(pid):
     if fields[0] in (b'Z', b'X'):
         return None
     return int(fields[19])
+
+
+def _fixed(text, size, keep_end=False):
+    """``text`` as exactly ``size`` bytes of UTF-8, NUL padded; cut at the start if
+    ``keep_end`` (a file path's end says most), else at the end."""
+    data = text.encode('utf-8', 'replace')
+    if len(data) > size:
+        data = data[-size:] if keep_end else data[:size]
+    return data.ljust(size, b'\0')
+
+
+def _text(raw):
+    return raw.rstrip(b'\0').decode('utf-8', 'replace').lstrip('\ufffd')
 
 
 class SharedState:
@@ -284,6 +305,37 @@ class SharedState:
             if cells[base + S_TIME]:
                 samples.append(tuple(cells[base:base + S_FIELDS]))
         return sorted(samples)
+
+    # ------------------------------------------------------------------ per-process details
+    # Written lock-free by the process itself (maintenance tick), read by the
+    # dashboard of whichever worker answers. The pid cell makes a row left by a
+    # dead process invisible to its successor; since = 0 means "nothing borrowed".
+    def publish_longest_borrow(self, row, pid, since_ms=0, database='', site=''):
+        """Publish the longest current borrow of process ``row`` (since_ms = 0: none)."""
+        base = DETAIL_BASE + row * D_FIELDS
+        cells = self.cells
+        cells[base + D_SINCE] = 0           # readers skip the row while the text changes
+        offset = (base + 2) * 8
+        self.map[offset:offset + D_DATABASE_BYTES] = _fixed(database, D_DATABASE_BYTES)
+        self.map[offset + D_DATABASE_BYTES:offset + D_DATABASE_BYTES + D_SITE_BYTES] = \
+            _fixed(site, D_SITE_BYTES, keep_end=True)
+        cells[base + D_PID] = pid
+        cells[base + D_SINCE] = since_ms
+
+    def longest_borrow(self, row, pid):
+        """{'since_ms', 'database', 'site'} published by process ``pid`` in ``row``, or None."""
+        base = DETAIL_BASE + row * D_FIELDS
+        cells = self.cells
+        for _attempt in range(3):
+            since = cells[base + D_SINCE]
+            if not since or cells[base + D_PID] != pid:
+                return None
+            offset = (base + 2) * 8
+            raw = bytes(self.map[offset:offset + D_DATABASE_BYTES + D_SITE_BYTES])
+            if cells[base + D_SINCE] == since:
+                return {'since_ms': since, 'database': _text(raw[:D_DATABASE_BYTES]),
+                        'site': _text(raw[D_DATABASE_BYTES:])}
+        return None
 
     def close(self):
         try:

@@ -37,6 +37,13 @@ def resolve_path(args):
                      + '\n  '.join(segments))
 
 
+def longest_text(longest, now):
+    if not longest:
+        return ''
+    age = max(now - longest['since_ms'] / 1000, 0)
+    return f"  {age:.1f}s {longest['database']} {longest['site']}"
+
+
 def render(state):
     cells = state.cells
     rows = [r for r in state.processes() if ss.process_start(r['pid']) is not None]
@@ -48,12 +55,15 @@ def render(state):
         f'min idle {cells[ss.H_MIN_IDLE]}',
         '',
         f'{"pid":>8} {"role":<8} {"held":>5} {"in use":>7} {"idle":>5} {"long":>5} '
-        f'{"borrows":>9} {"reused":>8} {"opened":>7} {"waits":>6} {"timeouts":>9} {"shed":>6}',
+        f'{"borrows":>9} {"reused":>8} {"opened":>7} {"waits":>6} {"timeouts":>9} {"shed":>6}  '
+        f'longest borrow',
     ]
+    now = time.time()
     for r in sorted(rows, key=lambda r: (r['role'], r['pid'])):
         lines.append(f'{r["pid"]:>8} {r["role"]:<8} {r["held"]:>5} {r["in_use"]:>7} '
                      f'{r["idle"]:>5} {r["long_lived"]:>5} {r["borrows"]:>9} {r["reused"]:>8} '
-                     f'{r["opened"]:>7} {r["waits"]:>6} {r["timeouts"]:>9} {r["shed"]:>6}')
+                     f'{r["opened"]:>7} {r["waits"]:>6} {r["timeouts"]:>9} {r["shed"]:>6}'
+                     + longest_text(state.longest_borrow(r['row'], r['pid']), now))
     return '\n'.join(lines)
 
 

@@ -101,6 +101,8 @@ def test_wheel_ships_engine_and_addon(tmp_path):
     assert 'odoo_pool_patch/pool.py' in names
     assert 'odoo/addons/db_pooling/__manifest__.py' in names
     assert 'odoo/addons/db_pooling/controllers/status.py' in names
+    assert 'odoo/addons/db_pooling/views/dashboard_views.xml' in names
+    assert 'odoo/addons/db_pooling/static/src/dashboard/dashboard.js' in names
     assert not any(n in names for n in ('odoo/__init__.py', 'odoo/addons/__init__.py'))
 
 

@@ -1,8 +1,14 @@
 """db_pooling inside real Odoo servers (16.0-19.0, every tree found; skipped without Odoo)."""
 import concurrent.futures
+import contextlib
+import json
 import os
 import re
+import shutil
 import subprocess
+import sys
+import threading
+import time
 import uuid
 
 import pytest
@@ -25,11 +31,13 @@ def odoo_tree(request):
 @pytest.fixture(scope='module')
 def server(odoo_tree, pg, tmp_path_factory):
     """A prefork server (4 HTTP workers, 1 cron worker) with db_pooling server-wide and one
-    database ``dbp_<series>`` created through the database manager."""
+    database ``dbp_<series>`` created through the database manager, db_pooling installed in it
+    (for the dashboard's menu and assets)."""
     workdir = str(tmp_path_factory.mktemp(f'odoo{odoo_tree.major}'))
     os.chmod(workdir, 0o755)
-    srv = OdooServer(odoo_tree, pg, workdir, options={'workers': 4,
-                                                      'db_pool_metrics_token': METRICS_TOKEN})
+    srv = OdooServer(odoo_tree, pg, workdir, options={
+        'workers': 4, 'db_pool_metrics_token': METRICS_TOKEN,
+        'db_pool_shared_path': os.path.join(workdir, 'shared-state')})
     srv.db = f'dbp_{odoo_tree.major}'
     srv.start()
     try:
@@ -38,6 +46,10 @@ def server(odoo_tree, pg, tmp_path_factory):
             'login': 'admin', 'country_code': '', 'phone': ''})
         assert 'error' not in body.lower()[:2000] or srv.db in list_dbs(srv), body[:2000]
         assert srv.db in list_dbs(srv), srv.log_tail()
+        uid = srv.login(srv.db)
+        module = srv.execute(srv.db, uid, 'admin', 'ir.module.module', 'search',
+                             [['name', '=', 'db_pooling']])
+        srv.execute(srv.db, uid, 'admin', 'ir.module.module', 'button_immediate_install', module)
         yield srv
     finally:
         srv.stop()
@@ -66,8 +78,13 @@ def instance_connections(srv, pg):
                 continue
             if int(stat[stat.rindex(')') + 2:].split()[1]) == srv.proc.pid:
                 pids.add(int(entry))
-    names = {f'odoo-{pid}' for pid in pids}
-    return [row for row in pg.connections('odoo-%') if row[2] in names]
+    return [row for row in pg.connections('odoo-%') if app_pid(row[2]) in pids]
+
+
+def app_pid(name):
+    """The pid in our application_name odoo-<role>-<pid> (stock: odoo-<pid>), or None."""
+    match = re.fullmatch(r'odoo-(?:[a-z]+-)?(\d+)', name)
+    return int(match.group(1)) if match else None
 
 
 def http_worker_pids(srv):
@@ -157,6 +174,146 @@ def test_prometheus_metrics_need_the_token_and_parse(server):
             assert later[key] >= value
 
 
+@contextlib.contextmanager
+def held_connections(srv, count, database):
+    """This test process joins the server's shared state (role 'other') and holds ``count``
+    connections to ``database``, borrowed in a function the dashboard must name."""
+    from odoo_pool_patch import shared_state as ss
+    from odoo_pool_patch.budget import SharedBudget
+    from odoo_pool_patch.pool import ConnectionPool
+    state = ss.SharedState(srv.options['db_pool_shared_path'], create=False)
+    budget = SharedBudget(state, state.cells[ss.H_BUDGET], role='other')
+    pool = ConnectionPool(count, budget=budget, timer_period=0.1)
+    info = {'database': database, 'host': srv.cluster.host, 'port': srv.cluster.port,
+            'user': 'odoo', 'application_name': f'odoo-other-{os.getpid()}'}
+
+    def borrowed_for_the_dashboard_test():
+        return pool.borrow(info)
+    held = [borrowed_for_the_dashboard_test() for _ in range(count)]
+    try:
+        time.sleep(0.5)                         # a maintenance tick publishes them
+        yield held
+    finally:
+        for cnx in held:
+            pool.give_back(cnx)
+        time.sleep(0.5)                         # a tick publishes "nothing borrowed"
+        pool.shutdown()
+
+
+def test_dashboard_data_shows_a_known_state(server, pg):
+    session = server.session(server.db)
+    with held_connections(server, 2, server.db):
+        data = session.call('/db_pooling/dashboard_data')
+    assert data['active'] and data['server_wide'] and data['shared'] and not data['errors']
+    workers = {row['pid']: row for row in data['workers']}
+    me = workers[os.getpid()]
+    assert (me['role'], me['in_use'], me['held']) == ('other', 2, 2)
+    assert me['longest']['database'] == server.db
+    assert me['longest']['site'].endswith('in borrowed_for_the_dashboard_test')
+    http = {pid for pid, row in workers.items() if row['role'] == 'http'}
+    assert http == http_worker_pids(server)
+    assert [row['role'] for row in workers.values()].count('cron') == 1
+    assert data['pid'] in http                  # served by one worker, shows them all
+    assert data['totals']['budget'] == 4 + 3 * 1 + 1
+    assert data['totals']['max_connections'] == int(pg.sql('SHOW max_connections')[0][0])
+    rows = {(r['database'], r['application_name']): r for r in data['activity']}
+    mine = rows[(server.db, f'odoo-other-{os.getpid()}')]
+    assert mine['count'] == 2 and mine['ours']
+    # application_name tells the role and the pid of each of the server's processes.
+    for row in data['activity']:
+        pid = app_pid(row['application_name'])
+        if pid in workers and pid != os.getpid():
+            assert row['ours']
+            assert row['application_name'] == f"odoo-{workers[pid]['role']}-{pid}"
+    assert any(app_pid(r['application_name']) in http for r in data['activity'])
+    assert data['servers'][0]['kind'] == 'primary'
+    assert data['servers'][0]['port'] == str(pg.port)
+    assert data['settings']['db_pool_metrics_token'] == '(set)'
+    assert METRICS_TOKEN not in json.dumps(data)
+
+
+def test_odoo_pool_top_shows_the_running_odoo(server):
+    out = subprocess.run([sys.executable, '-m', 'odoo_pool_patch.cli', 'top', '--once',
+                          '-c', server.conffile], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f'budget {4 + 3 * 1 + 1}  held ')
+    roles = re.findall(r'^ *(\d+) (\w+) ', out.stdout, re.M)
+    assert {int(pid) for pid, role in roles if role == 'http'} == http_worker_pids(server)
+    assert [role for _, role in roles].count('cron') == 1
+
+
+@contextlib.contextmanager
+def dashboard_page(srv, profile):
+    """Headless Chromium showing the dashboard as the admin (skips without Chromium)."""
+    from chromium_cdp import Chromium, find_chromium
+    binary = find_chromium()
+    if not binary:
+        pytest.skip('chromium not found (Debian: apt-get install chromium): the dashboard '
+                    'page is not checked in a browser')
+    session = srv.session(srv.db)
+    cookie = next(c.value for c in session.cookies if c.name == 'session_id')
+    browser = Chromium(binary, str(profile), height=1250)
+    try:
+        browser.set_cookie(srv.url('/'), 'session_id', cookie)
+        browser.navigate(srv.url('/odoo/action-db_pooling.action_dashboard'
+                                 if srv.tree.major >= 18
+                                 else '/web#action=db_pooling.action_dashboard'))
+        held = "document.querySelector('[data-figure=held]')"
+        assert browser.wait_for(f'{held} && {held}.textContent', timeout=120), browser.errors
+        yield browser
+    finally:
+        browser.close()
+
+
+@contextlib.contextmanager
+def jsonrpc_load(srv, clients=4):
+    """``clients`` threads reading partners over JSON-RPC until the block ends."""
+    uid = srv.login(srv.db)
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            srv.execute(srv.db, uid, 'admin', 'res.partner', 'search_read', [],
+                        fields=['name'], limit=50)
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+
+
+def test_dashboard_page_in_headless_chromium(server, pg, tmp_path):
+    """The real page in a real browser: loads without JavaScript errors, shows the
+    figures and follows a load without being reloaded. DB_POOLING_SCREENSHOT=<file>
+    keeps the screenshot (docs/dashboard.png)."""
+    with dashboard_page(server, tmp_path / 'profile') as browser:
+        assert browser.evaluate("document.querySelector('[data-figure=budget]').textContent") \
+            == str(4 + 3 * 1 + 1)
+        assert browser.evaluate("document.querySelectorAll('.o_dbp_workers tbody tr').length") >= 7
+        assert 'pooling active' in browser.evaluate("document.querySelector('.o_dbp_active').textContent")
+        browser.evaluate('window.dbpNotReloaded = true')
+        first = int(browser.evaluate("document.querySelector('.o_dbp_refreshes').textContent"))
+        # The page follows by itself: this process's row shows its two borrows.
+        mine = (f"(row => row && row.cells[2].textContent === '2' && row.textContent.includes("
+                f"'borrowed_for_the_dashboard_test') && row.textContent)(document.querySelector("
+                f"'.o_dbp_workers tr[data-pid=\"{os.getpid()}\"]'))")
+        with jsonrpc_load(server), held_connections(server, 2, server.db):
+            shown = browser.wait_for(mine, timeout=60)
+            assert shown and server.db in shown, browser.errors
+            assert browser.wait_for("document.querySelector('.o_dbp_refreshes').textContent"
+                                    f" > {first + 1}", timeout=60)
+            browser.screenshot(str(tmp_path / 'dashboard.png'))
+        assert browser.evaluate('window.dbpNotReloaded') is True
+        assert browser.evaluate("document.querySelectorAll('.o_dbp_error, .o_error_dialog').length") == 0
+        assert browser.errors == []
+    if os.environ.get('DB_POOLING_SCREENSHOT'):
+        shutil.copy(tmp_path / 'dashboard.png', os.environ['DB_POOLING_SCREENSHOT'])
+
+
 def test_gevent_process_installs_our_pool(server):
     log = server.log()
     master = re.search(r'(\d+) INFO \S+ odoo.service.server: HTTP service \(werkzeug\)', log)
@@ -199,7 +356,7 @@ def test_addon_tests_pass_in_odoo_with_pytest_odoo(server, odoo_tree, tmp_path):
     failures = proc.stdout.find('= FAILURES =')
     assert proc.returncode == 0, (proc.stdout[failures:failures + 6000] if failures >= 0
                                   else proc.stdout[-3000:] + proc.stderr[-3000:])
-    assert re.search(r'\b5 passed', proc.stdout), proc.stdout[-2000:]
+    assert re.search(r'\b8 passed', proc.stdout), proc.stdout[-2000:]
 
 
 def test_bad_option_stops_startup_with_clear_message(odoo_tree, pg, tmp_path):
@@ -317,3 +474,27 @@ def test_backup_and_restore_against_a_tls_only_server(odoo_tree, tmp_path, pki):
             srv.stop()
     finally:
         cluster.destroy()
+
+
+def test_dashboard_says_what_failed_while_the_database_server_is_down(server, pg, tmp_path):
+    """Runs last for its server: stops the session's PostgreSQL for a moment. The page keeps
+    its last figures and says what failed; the JSON route answers again once it is back
+    (to a new login: Odoo drops the database from a session it could not serve)."""
+    with dashboard_page(server, tmp_path / 'profile') as browser:
+        budget = browser.evaluate("document.querySelector('[data-figure=budget]').textContent")
+        pg.stop()
+        try:
+            banner = browser.wait_for("document.querySelector('.o_dbp_error') && "
+                                      "document.querySelector('.o_dbp_error').textContent",
+                                      timeout=60)
+            assert banner and 'Could not refresh at' in banner and 'figures below are from' in banner
+            # Odoo cannot open the database, drops it from the session and serves the
+            # request without it (404 or "Session expired"): the page says what that means.
+            assert 'database server is probably down' in banner or 'log in again' in banner, banner
+            assert browser.evaluate("document.querySelector('[data-figure=budget]').textContent") \
+                == budget                       # the last figures stay on screen
+        finally:
+            pg.start()
+        assert browser.errors == []
+    data = server.session(server.db).call('/db_pooling/dashboard_data')
+    assert not data['errors'] and data['servers'][0]['health'] == 'healthy'

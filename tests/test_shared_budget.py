@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -60,7 +61,7 @@ def collect(pid, read_end, timeout=120):
 
 
 def test_segment_size_is_fixed_and_stated():
-    assert ss.SIZE == 152_352
+    assert ss.SIZE == 254_752
     assert ss.N_WAIT >= 1024
 
 
@@ -311,6 +312,18 @@ def test_threads_and_processes_share_one_budget(pg, shm_path, info, app):
     pool.shutdown()
 
 
+def test_shutdown_gives_the_budget_back(pg, shm_path, info):
+    budget = make_budget(shm_path, 3)
+    pool = ConnectionPool(3, budget=budget, timer_period=0.1)
+    held = [pool.borrow(info()) for _ in range(3)]
+    pool.give_back(held.pop())
+    pool.shutdown()                 # two in use, one idle: all closed, slots freed on exit
+    deadline = time.monotonic() + 30
+    while budget.held() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert budget.held() == 0
+
+
 def test_history_keeps_totals_for_the_dashboard(pg, shm_path, info):
     budget = make_budget(shm_path, 5)
     pool = ConnectionPool(5, budget=budget)
@@ -340,6 +353,8 @@ def test_odoo_pool_top_shows_a_running_instance(pg, shm_path, info, tmp_path):
     assert out.returncode == 0, out.stderr
     assert 'budget 7  held 2  in use 1  idle 1' in out.stdout
     assert f'{os.getpid():>8} http' in out.stdout
+    mine = next(line for line in out.stdout.splitlines() if line.startswith(f'{os.getpid():>8}'))
+    assert re.search(r'  \d+\.\ds db1 .*test_shared_budget\.py:\d+ in ', mine)
     not_ours = tmp_path / 'other'
     not_ours.write_bytes(b'x' * 10)
     bad = subprocess.run([sys.executable, '-m', 'odoo_pool_patch.cli', 'top', '--once',

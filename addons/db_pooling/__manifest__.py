@@ -2,12 +2,15 @@
     'name': 'Database Connection Pooling',
     'summary': 'One connection budget for all Odoo workers, fair waiting, idle eviction, '
                'replica routing and TLS: in-process, no PgBouncer needed',
-    'version': '1.0.0',
+    'version': '1.1.0',
     'category': 'Hidden/Tools',
     'author': 'db_pooling developers',
     'license': 'LGPL-3',
     'depends': ['base', 'web'],
-    'data': [],
+    'data': ['views/dashboard_views.xml'],
+    'assets': {
+        'web.assets_backend': ['db_pooling/static/src/dashboard/*'],
+    },
     'external_dependencies': {'python': ['odoo_pool_patch']},
     # Must be loaded server-wide: --load=base,web,db_pooling
     'post_load': 'post_load',

@@ -1,2 +1,3 @@
 from . import status
 from . import metrics
+from . import dashboard

@@ -33,8 +33,8 @@ class TestPoolActive(common.BaseCase):
 
 class TestPoolInfoAccess(common.HttpCase):
 
-    def _call(self):
-        response = self.url_open('/db_pooling/pool_info', data=json.dumps(
+    def _call(self, route='/db_pooling/pool_info'):
+        response = self.url_open(route, data=json.dumps(
             {'jsonrpc': '2.0', 'method': 'call', 'id': 1, 'params': {}}),
             headers={'Content-Type': 'application/json'})
         return response.json()
@@ -52,3 +52,37 @@ class TestPoolInfoAccess(common.HttpCase):
         body = self._call()
         self.assertNotIn('result', body)
         self.assertIn('AccessError', body['error']['data']['name'])
+
+
+class TestDashboardAccess(common.HttpCase):
+    """The dashboard: its data route and its menu are for Settings administrators only."""
+    _call = TestPoolInfoAccess._call
+
+    def _non_admin(self):
+        return self.env['res.users'].create({
+            'name': 'Dashboard Watcher', 'login': 'dash_watcher', 'password': 'dash_watcher_pw1'})
+
+    def test_admin_gets_dashboard_data(self):
+        self.authenticate('admin', 'admin')
+        result = self._call('/db_pooling/dashboard_data')['result']
+        self.assertTrue(result['active'] and result['server_wide'])
+        self.assertIn('held', result['totals'])
+        self.assertIn(result['pid'], [worker['pid'] for worker in result['workers']])
+        self.assertEqual(result['servers'][0]['kind'], 'primary')
+
+    def test_non_admin_gets_no_dashboard_data(self):
+        self._non_admin()
+        self.authenticate('dash_watcher', 'dash_watcher_pw1')
+        body = self._call('/db_pooling/dashboard_data')
+        self.assertNotIn('result', body)
+        self.assertIn('AccessError', body['error']['data']['name'])
+        self.assertNotIn('workers', json.dumps(body))
+
+    def test_menu_only_for_settings_administrators(self):
+        menu = self.env.ref('db_pooling.menu_dashboard')
+        self.assertEqual(menu.action, self.env.ref('db_pooling.action_dashboard'))
+        menus = self.env['ir.ui.menu']
+        user = self._non_admin()
+        self.assertNotIn(menu.id, menus.with_user(user)._visible_menu_ids(debug=True))
+        admin = self.env.ref('base.user_admin')
+        self.assertIn(menu.id, menus.with_user(admin)._visible_menu_ids(debug=True))
