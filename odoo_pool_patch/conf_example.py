@@ -48,6 +48,7 @@ class StockOption:
     doc: str
     example: str = ''       # the value shown on the option's line
     active: bool = False    # written uncommented
+    since: int = 16         # first Odoo series that has it
 
 
 STOCK_OPTIONS = (
@@ -83,6 +84,12 @@ STOCK_OPTIONS = (
                 'Odoo 18+: host of a read-only streaming replica; Odoo sends read-only routes '
                 'and methods there. Leave it unset rather than empty.', 'replica.example.com'),
     StockOption('db_replica_port', 'replicas', 'False (db_port)', 'Odoo 18+: port of that replica.', '5432'),
+    StockOption('db_app_name', 'pool', 'odoo-{pid}',
+                'Odoo 19: application_name of Odoo\'s connections (16-18: the ODOO_PGAPPNAME '
+                'environment variable). Left at its default, db_pooling names connections '
+                'odoo-<role>-<pid> (odoo-http-1234, odoo-cron-1235) so pg_stat_activity and '
+                'the dashboard tell workers apart; any other value is kept as it is.',
+                since=19),
     StockOption('db_sslmode', 'tls', 'prefer',
                 'disable, allow, prefer, require, verify-ca, verify-full. Under prefer libpq '
                 'silently falls back to plain text when the server offers no TLS (db_pooling '
