@@ -102,13 +102,10 @@ def by_database(activity_rows):
 
 
 def replica_servers():
-    """``odoo_pool_patch.replicas.servers_status()`` when replica routing exists, else None."""
-    try:
-        from . import replicas
-    except ImportError:
-        return None
-    status = getattr(replicas, 'servers_status', None)
-    return None if status is None else list(status())
+    """Every server of replica routing (:func:`.replica_health.servers_status`), or None
+    when routing is off in this process."""
+    from .replica_health import servers_status
+    return list(servers_status()) or None
 
 
 def tls_of(host, port):

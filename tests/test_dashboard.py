@@ -1,8 +1,6 @@
 """The dashboard's data (odoo_pool_patch.dashboard) from real processes and a real server."""
 import os
-import sys
 import time
-import types
 
 import psycopg2
 import pytest
@@ -116,24 +114,3 @@ def test_database_server_down_is_reported_and_the_rest_still_served(state):
     assert len(data['errors']) == 1
     assert f'The database server 127.0.0.1:{port} did not answer' in data['errors'][0]
     assert 'refused' in data['errors'][0] or 'connect' in data['errors'][0]
-
-
-def test_replica_status_is_shown_when_replica_routing_exists(state, monkeypatch):
-    """Until odoo_pool_patch.replicas exists: its agreed servers_status() contract."""
-    fake = types.ModuleType('odoo_pool_patch.replicas')
-    fake.servers_status = lambda: [
-        {'name': 'replica1', 'host': '10.0.0.2', 'port': 5432, 'kind': 'replica', 'weight': 1,
-         'health': 'banned', 'banned_until': time.time() + 30, 'lag_bytes': 0,
-         'lag_seconds': None, 'reads': 7, 'writes': 0, 'fallbacks': 2, 'connections': 1}]
-    if 'odoo_pool_patch.replicas' not in sys.modules:
-        monkeypatch.setitem(sys.modules, 'odoo_pool_patch.replicas', fake)
-        import odoo_pool_patch
-        monkeypatch.setattr(odoo_pool_patch, 'replicas', fake, raising=False)
-    else:
-        pytest.skip('real replica module present: covered by its own tests')
-    data = dashboard.collect(dashboard.shared_figures(state), {'host': 'db', 'port': 5432},
-                             lambda pids: None, {}, True)
-    names = [entry['name'] for entry in data['servers']]
-    assert names == ['primary', 'replica1']
-    assert data['servers'][1]['tls']['encrypted'] is None
-    assert any('replica replica1 (10.0.0.2:5432) is banned until' in e for e in data['errors'])

@@ -9,7 +9,7 @@ from odoo_pool_patch.embedded_pg import Cluster
 from odoo_pool_patch.errors import ConfigError
 from odoo_pool_patch.metrics import render_servers
 from odoo_pool_patch.options import Settings, load_settings
-from odoo_pool_patch.replica_health import MAX_BAN_FACTOR, servers_status, start_routing
+from odoo_pool_patch.replica_health import ACTIVE, MAX_BAN_FACTOR, servers_status, start_routing
 from odoo_pool_patch.replicas import Target, parse_replicas, targets_from_config, written_lsn
 from odoo_pool_patch.shared_state import SharedState
 
@@ -37,6 +37,8 @@ def routing(pg, replica_set, tmp_path, pools, info):
     yield make
     for router, state in made:
         router.stop()
+        if ACTIVE.get('router') is router:      # the process-wide routing of start_routing
+            ACTIVE.clear()
 
 
 def served_by(pool, connection_info):
@@ -225,3 +227,27 @@ def test_read_your_writes_never_reads_stale_and_off_does(pg, delayed_replica, ro
     ro_off, rw_off, _ = routing(weights=(0, 1), required_lsn=lambda: required[0],
                                 replica_max_lag=60.0, replica_read_your_writes=False)
     assert _read_your_writes_trials(pg, ro_off, rw_off, info, required, 5) >= 3
+
+
+def test_dashboard_shows_every_server_and_a_stopped_replica(routing, replica_set, pg, info):
+    """The dashboard's server table comes from the routing's shared rows."""
+    from odoo_pool_patch import dashboard
+    ro, _rw, router = routing()
+    state = router.table.state
+    data = dashboard.collect(dashboard.shared_figures(state), {'host': pg.host, 'port': pg.port},
+                             lambda pids: None, {}, True)
+    assert [(e['kind'], int(e['port'])) for e in data['servers']] == [
+        ('primary', pg.port), ('replica', replica_set[0].port), ('replica', replica_set[1].port)]
+    assert all(e['health'] == 'healthy' for e in data['servers'][1:])
+    replica_set[0].stop()
+    try:
+        for _ in range(20):         # a borrow that meets the stopped replica bans it
+            served_by(ro, info('db1'))
+        router.monitor.flush()
+        data = dashboard.collect(dashboard.shared_figures(state),
+                                 {'host': pg.host, 'port': pg.port}, lambda pids: None, {}, True)
+        first = data['servers'][1]
+        assert first['health'] in ('banned', 'down'), first
+        assert any(f':{replica_set[0].port}) is {first["health"]}' in e for e in data['errors'])
+    finally:
+        replica_set[0].start()
