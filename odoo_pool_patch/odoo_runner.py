@@ -150,6 +150,8 @@ class OdooServer:
         }
         if tree.major < 19:                 # 19 loads no demo data by default
             self.options['without_demo'] = 'all'
+        if load_pooling:       # in the work directory: nothing left behind in /dev/shm
+            self.options['db_pool_shared_path'] = os.path.join(workdir, f'{name}-shared-state')
         self.options.update(options or {})
         self.proc = None
 
