@@ -12,6 +12,7 @@ its helpers testable) without Odoo.
 import logging
 import os
 
+from . import list_dbs_cache
 from .errors import ConfigError
 from .options import load_settings
 from .pool import ConnectionPool, Holder
@@ -84,6 +85,8 @@ def install(settings):
     if settings.shared:
         pool_class.budget = attach_budget(settings)
     install_tls()
+    list_dbs_cache.install(settings.list_dbs_cache,
+                           pool_class.budget.state if pool_class.budget else None)
     sql_db.ConnectionPool = pool_class
     for name in ('_Pool', '_Pool_readonly'):
         live = getattr(sql_db, name, None)

@@ -144,6 +144,15 @@ OPTIONS += (
            shown_default='(unset: endpoint off)'),
 )
 
+OPTIONS += (
+    Option('db_pool_list_dbs_cache', 'list_dbs_cache', _seconds, 2.0,
+           'a number of seconds >= 0 (0 lists them on every request, as stock Odoo)',
+           'Each process keeps the list of databases this long. Stock Odoo lists them (a new '
+           'connection to the postgres database, closed at once) on every request without a '
+           'session database: JSON-RPC/XML-RPC calls, the login page. A database created or '
+           'dropped through another process shows up (or goes) within this delay.'),
+)
+
 SECRETS = frozenset(('metrics_token',))   # never logged nor shown: as_options() masks them
 OPTION_NAMES = tuple(option.name for option in OPTIONS)
 
@@ -162,6 +171,7 @@ class Settings:
     min_idle: int = 1
     shared_path: str = None         # None: /dev/shm/odoo-db_pooling-<instance hash>
     metrics_token: str = None       # None: /db_pooling/metrics is off
+    list_dbs_cache: float = 2.0
 
     def as_options(self):
         """``{odoo.conf name: value}``, for logs and the dashboard."""
