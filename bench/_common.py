@@ -25,8 +25,7 @@ class ServerCounters:
             return cur.fetchall()
 
     def connections(self, application_name_like='%'):
-        """Client backends of ``user`` (PgBouncer's server connections carry the
-        application_name of their clients)."""
+        """Client backends of ``user`` (whose application_name is like the pattern)."""
         return self._rows("SELECT count(*) FROM pg_stat_activity WHERE usename = %s "
                           "AND backend_type = 'client backend' AND application_name LIKE %s",
                           [self.user, application_name_like])[0][0]
@@ -114,11 +113,11 @@ def stock_pool_class(no_odoo=False):
                   tree.env({'DBPOOL_BENCH_REEXEC': '1'}))
 
 
-def merge_rounds(label, runs, worst=('peak', 'at_rest'), total=('errors', 'requests'),
+def merge_rounds(label, runs, worst=('peak', 'at_rest'), total=('errors', 'requests', 'done'),
                  mean=('mean', 'per_s', 'p50_ms', 'p99_ms', 'wait_p50_ms', 'wait_p99_ms',
                        'new_per_s', 'postgres_per_s'),
                  also_worst=('wait_max_ms',),
-                 counts=('sessions_opened', 'error_kinds')):
+                 counts=('sessions_opened', 'error_kinds', 'pool')):
     """One row per arm over its rounds: the worst of ``worst``, sums of ``total`` and of
     the per-key ``counts``, means of ``mean``; the runs themselves under ``runs``."""
     if not runs:

@@ -65,13 +65,14 @@ def measure(cluster, counters, databases, label, make_pool, args, dsn=None, **lo
     wait figures and the server sessions it opened."""
     before = counters.sessions()
     row = demo.run_arm(cluster, databases, label, make_pool, args.workers, args.seconds,
-                       args.rest, dsn=dsn, interval=0.05,
-                       count=lambda: counters.connections(f'{demo.APP}-{label}'),
+                       args.rest, dsn=dsn, interval=0.05, count=counters.connections,
                        quiet=True, **load)
-    # The next arm starts on a clean server (PgBouncer closes idle server connections
-    # after its server_idle_timeout); backends flush their statistics within a second.
+    # Every arm starts on a clean server, so all connections of role odoo are its own
+    # (PgBouncer's server connections lose their application_name at each reset):
+    # PgBouncer closes its idle ones after server_idle_timeout. Backends flush their
+    # statistics within a second.
     deadline = time.monotonic() + 15
-    while counters.connections(f'{demo.APP}-{label}') and time.monotonic() < deadline:
+    while counters.connections() and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(1.2)
     row['sessions_opened'] = sessions_opened(before, counters.sessions())
@@ -136,15 +137,17 @@ def main(argv=None):
     parser.add_argument('--budget', type=int, default=None, help='shared budget (default W + 4)')
     parser.add_argument('--rounds', type=int, default=1, help='interleaved runs of every arm')
     parser.add_argument('--no-odoo', action='store_true', help='no stock Odoo arm')
+    parser.add_argument('--arms', default='stock,pgbouncer,per-proc,shared',
+                        help='which arms to run (comma-separated)')
     parser.add_argument('--json', default=None)
     args = parser.parse_args(argv)
     stock_class, series = stock_pool_class(args.no_odoo)
     args.rest = 2 * args.idle_timeout + 1.5     # + the maintenance tick and backend exit
     budget = args.budget or args.workers + 4
 
-    with servers('bench-footprint', args.databases,
-                 {'server_idle_timeout': int(args.idle_timeout)}) as (cluster, databases, bouncer,
-                                                                      counters, segment):
+    bouncer_settings = {'server_idle_timeout': max(1, round(args.idle_timeout))}  # 0: never
+    with servers('bench-footprint', args.databases, bouncer_settings) as (
+            cluster, databases, bouncer, counters, segment):
         ours = Settings(idle_timeout=args.idle_timeout)
         arms = [
             ('stock', stock_factory(stock_class) if stock_class else None, None),
@@ -155,6 +158,7 @@ def main(argv=None):
         ]
         print(f'{args.workers} workers x {len(databases)} databases, {args.seconds:g} s of load '
               f'per arm, rest {args.rest:g} s; stock = Odoo {series or "n/a"}; budget {budget}')
+        arms = [arm for arm in arms if arm[0] in args.arms.split(',')]
         rows = interleaved(arms, args.rounds, lambda label, make_pool, dsn: measure(
             cluster, counters, databases, label, make_pool, args, dsn))
     print()

@@ -48,7 +48,8 @@ def run_arm(tree, cluster, workdir, databases, arm, args, counters, number=0):
                        **dict(option.split('=', 1) for option in args.pool_option))
     bouncer = None
     if arm == 'pgbouncer':
-        bouncer = PgBouncer(cluster, settings={'server_idle_timeout': int(args.idle_timeout)}).start()
+        bouncer = PgBouncer(cluster, settings={  # 0 would mean never
+            'server_idle_timeout': max(1, round(args.idle_timeout))}).start()
         options.update(db_host=bouncer.host, db_port=bouncer.port)
     server = None
     try:

@@ -63,7 +63,7 @@ def _serve(pool, cluster_dsn, databases, stop_at, rng, think, stats, hold=0.0):
             stats['latency'].append(time.perf_counter() - started)
             stats['wait'].append(borrowed - started)
         except Exception as exc:    # noqa: BLE001 - counted, the load goes on
-            kind = type(exc).__name__ + ': ' + str(exc).strip().split('\n')[0][:60]
+            kind = type(exc).__name__ + ': ' + str(exc).strip().split('\n')[0][:120]
             stats['errors'][kind] = stats['errors'].get(kind, 0) + 1
         time.sleep(rng.uniform(*think))     # think time between requests
 
@@ -81,6 +81,8 @@ def _worker(cluster_dsn, databases, make_pool, stop_at, seed, out, threads, thin
         loop.start()
     for loop in loops:
         loop.join()
+    if hasattr(pool, 'stats') and hasattr(pool.stats, 'as_dict'):
+        stats['pool'] = pool.stats.as_dict()       # db_pooling's counters
     with os.fdopen(out, 'w') as handle:
         json.dump(stats, handle)
     # Like an idle Odoo worker: it stays alive and keeps its pool until told to stop.
@@ -145,6 +147,8 @@ def run_arm(cluster, databases, label, make_pool, workers, seconds, rest, thread
             merged['wait'] += stats.get('wait', [])
             for kind, n in stats.get('errors', {'worker died': 1}).items():
                 merged['errors'][kind] = merged['errors'].get(kind, 0) + n
+            for name, n in stats.get('pool', {}).items():
+                merged.setdefault('pool', {})[name] = merged.get('pool', {}).get(name, 0) + n
     finally:
         for pid, _ in children:
             os.kill(pid, signal.SIGTERM)
@@ -256,7 +260,7 @@ def _drive_odoo(server, cluster, databases, label, args, count=None, interval=1.
                                    {'name': 'demo'})
                 stats['latency'].append(time.perf_counter() - started)
             except Exception as exc:       # noqa: BLE001 - counted
-                kind = type(exc).__name__ + ': ' + str(exc).strip().split('\n')[0][:60]
+                kind = type(exc).__name__ + ': ' + str(exc).strip().split('\n')[0][:120]
                 stats['errors'][kind] = stats['errors'].get(kind, 0) + 1
 
     def clients(seconds):
