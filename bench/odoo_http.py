@@ -32,7 +32,8 @@ from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
 from odoo_pool_patch.odoo_runner import OdooServer, available_trees, find_odoo  # noqa: E402
 
 ARMS = ('stock', 'db_pooling', 'pgbouncer')
-# More db_pooling arms, on demand (--arms): odoo.conf options on top of the defaults.
+# More db_pooling arms, on demand (--arms): odoo.conf options on top of the defaults;
+# also db_pooling_b<N>: db_pool_max_connections = N.
 VARIANTS = {'db_pooling_nocache': {'db_pool_list_dbs_cache': 0}}
 COLUMNS = [('arm', 'arm', ''), ('peak', 'peak', 'd'), ('mean', 'mean', '.1f'),
            ('at_rest', 'at rest', 'd'), ('requests', 'requests', 'd'), ('per_s', 'req/s', '.1f'),
@@ -46,6 +47,8 @@ def run_arm(tree, cluster, workdir, databases, arm, args, counters, number=0):
     if pooled:
         options.update(db_pool_idle_timeout=args.idle_timeout, **VARIANTS.get(arm, {}),
                        **dict(option.split('=', 1) for option in args.pool_option))
+        if arm.startswith('db_pooling_b'):      # db_pooling_b16: a budget of 16
+            options['db_pool_max_connections'] = int(arm[len('db_pooling_b'):])
     bouncer = None
     if arm == 'pgbouncer':
         bouncer = PgBouncer(cluster, settings={  # 0 would mean never
