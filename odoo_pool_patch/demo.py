@@ -14,6 +14,7 @@ real Odoo prefork server over JSON-RPC instead, with and without db_pooling
 loaded server-wide; ``--simulated`` forces the simulated load.
 """
 import argparse
+import json
 import os
 import random
 import shutil
@@ -30,73 +31,132 @@ from .pool import ConnectionPool
 APP = 'odoo-demo'
 
 
-def _worker(cluster_dsn, databases, settings, maxconn, stop_at, seed, budget_spec):
-    """Body of one forked worker process: serve requests until ``stop_at``."""
-    random.seed(seed)
-    budget = None
-    if budget_spec:                 # (shared state path, budget size)
-        from .budget import SharedBudget
-        from .shared_state import SharedState
-        budget = SharedBudget(SharedState(budget_spec[0]), budget_spec[1], min_idle=1,
-                              role='http')
-    pool = ConnectionPool(maxconn, settings=settings, budget=budget)
-    served = errors = 0
+def odoo_like_transaction(cur, rng):
+    """A dozen reads and two writes on the ``demo_order`` table."""
+    for _ in range(12):
+        cur.execute('SELECT count(*), max(amount) FROM demo_order WHERE customer = %s',
+                    [rng.randint(1, 50)])
+        cur.fetchall()
+    for _ in range(2):
+        cur.execute('INSERT INTO demo_order (customer, amount) VALUES (%s, %s)',
+                    [rng.randint(1, 50), rng.random() * 100])
+
+
+def _serve(pool, cluster_dsn, databases, stop_at, rng, think, stats, hold=0.0):
+    """One request at a time until ``stop_at``; latency (borrow included) and borrow
+    wait of each transaction, and the errors by kind, go into ``stats``. ``hold``:
+    seconds of server time (pg_sleep) added to each transaction."""
     while time.time() < stop_at:
-        db = random.choice(databases)
+        db = rng.choice(databases)
+        started = time.perf_counter()
         try:
             cnx = pool.borrow(dict(cluster_dsn, database=db))
-            with cnx.cursor() as cur:
-                for _ in range(12):
-                    cur.execute('SELECT count(*), max(amount) FROM demo_order WHERE customer = %s',
-                                [random.randint(1, 50)])
-                    cur.fetchall()
-                for _ in range(2):
-                    cur.execute('INSERT INTO demo_order (customer, amount) VALUES (%s, %s)',
-                                [random.randint(1, 50), random.random() * 100])
-            cnx.commit()
-            pool.give_back(cnx)
-            served += 1
-        except Exception:           # noqa: BLE001 - counted, the demo goes on
-            errors += 1
-        time.sleep(random.uniform(0.005, 0.03))   # think time between requests
+            borrowed = time.perf_counter()
+            try:
+                with cnx.cursor() as cur:
+                    odoo_like_transaction(cur, rng)
+                    if hold:
+                        cur.execute('SELECT pg_sleep(%s)', [hold])
+                cnx.commit()
+            finally:
+                pool.give_back(cnx)
+            stats['latency'].append(time.perf_counter() - started)
+            stats['wait'].append(borrowed - started)
+        except Exception as exc:    # noqa: BLE001 - counted, the load goes on
+            kind = type(exc).__name__ + ': ' + str(exc).strip().split('\n')[0][:120]
+            stats['errors'][kind] = stats['errors'].get(kind, 0) + 1
+        time.sleep(rng.uniform(*think))     # think time between requests
+
+
+def _worker(cluster_dsn, databases, make_pool, stop_at, seed, out, threads, think, hold):
+    """Body of one forked worker process: ``threads`` request loops on one pool until
+    ``stop_at``, then its figures as JSON on the pipe ``out``."""
+    pool = make_pool()
+    stats = {'latency': [], 'wait': [], 'errors': {}}
+    loops = [threading.Thread(target=_serve, args=(pool, cluster_dsn, databases, stop_at,
+                                                    random.Random(seed * 1000 + n), think, stats,
+                                                    hold))
+             for n in range(threads)]
+    for loop in loops:
+        loop.start()
+    for loop in loops:
+        loop.join()
+    if hasattr(pool, 'stats') and hasattr(pool.stats, 'as_dict'):
+        stats['pool'] = pool.stats.as_dict()       # db_pooling's counters
+    with os.fdopen(out, 'w') as handle:
+        json.dump(stats, handle)
     # Like an idle Odoo worker: it stays alive and keeps its pool until told to stop.
     signal.sigwait({signal.SIGTERM})
-    os._exit(0 if not errors else 3)
+    os._exit(0)
 
 
-def run_arm(cluster, databases, label, settings, workers, seconds, rest, maxconn=64,
-            budget_spec=None):
-    """Fork ``workers`` processes for ``seconds`` of load; sample connections during
-    the load and for ``rest`` seconds after it."""
-    dsn = {'host': cluster.host, 'port': cluster.port, 'user': 'odoo',
-           'application_name': f'{APP}-{label}'}
+def ours(settings, budget_spec=None, maxconn=64):
+    """A pool factory for forked workers: db_pooling, optionally with the shared
+    budget ``budget_spec`` = (shared state path, budget size)."""
+    def make_pool():
+        budget = None
+        if budget_spec:
+            from .budget import SharedBudget
+            from .shared_state import SharedState
+            budget = SharedBudget(SharedState(budget_spec[0]), budget_spec[1], min_idle=1,
+                                  role='http')
+        return ConnectionPool(maxconn, settings=settings, budget=budget)
+    return make_pool
+
+
+def run_arm(cluster, databases, label, make_pool, workers, seconds, rest, threads=1,
+            think=(0.005, 0.03), dsn=None, count=None, interval=1.0, quiet=False, hold=0.0):
+    """Fork ``workers`` processes of ``threads`` request loops for ``seconds`` of load,
+    sampling the server connections (``count()``, default: this arm's
+    application_name) every ``interval`` s during the load and for ``rest`` s after it.
+
+    Returns peak, mean (load), at_rest (last sample), the samples, and the workers'
+    latencies, borrow waits and errors merged."""
+    dsn = dict(dsn or {'host': cluster.host, 'port': cluster.port, 'user': 'odoo'},
+               application_name=f'{APP}-{label}')
+    count = count or (lambda: cluster.count_connections(f'{APP}-{label}'))
     stop_at = time.time() + seconds
-    pids = []
+    children = []
     for number in range(workers):
+        read, write = os.pipe()
         pid = os.fork()
         if pid == 0:                # pragma: no cover - child
             try:
-                _worker(dsn, databases, settings, maxconn, stop_at, number, budget_spec)
+                os.close(read)
+                _worker(dsn, databases, make_pool, stop_at, number, write, threads, think, hold)
             finally:
                 os._exit(1)
-        pids.append(pid)
-    samples, start = [], time.time()
+        os.close(write)
+        children.append((pid, read))
+    samples, start, shown = [], time.time(), 0.0
     try:
         while time.time() < stop_at + rest:
-            count = cluster.count_connections(f'{APP}-{label}')
-            phase = 'load' if time.time() < stop_at else 'rest'
-            samples.append((time.time() - start, phase, count))
-            print(f'  {label:<10} t={time.time() - start:5.1f}s  {phase}  '
-                  f'server connections: {count:3d} {"#" * count}', flush=True)
-            time.sleep(1.0)
+            now = time.time()
+            phase = 'load' if now < stop_at else 'rest'
+            samples.append((now - start, phase, count()))
+            if not quiet and now - shown >= 1.0:
+                shown = now
+                print(f'  {label:<10} t={now - start:5.1f}s  {phase}  '
+                      f'server connections: {samples[-1][2]:3d} {"#" * samples[-1][2]}', flush=True)
+            time.sleep(interval)
+        merged = {'latency': [], 'wait': [], 'errors': {}}
+        for _, read in children:
+            with os.fdopen(read) as handle:
+                stats = json.loads(handle.read() or '{}')
+            merged['latency'] += stats.get('latency', [])
+            merged['wait'] += stats.get('wait', [])
+            for kind, n in stats.get('errors', {'worker died': 1}).items():
+                merged['errors'][kind] = merged['errors'].get(kind, 0) + n
+            for name, n in stats.get('pool', {}).items():
+                merged.setdefault('pool', {})[name] = merged.get('pool', {}).get(name, 0) + n
     finally:
-        for pid in pids:
+        for pid, _ in children:
             os.kill(pid, signal.SIGTERM)
-        for pid in pids:
+        for pid, _ in children:
             os.waitpid(pid, 0)
     load = [c for _, p, c in samples if p == 'load']
     return {'arm': label, 'peak': max(load or [0]), 'mean': sum(load) / max(len(load), 1),
-            'at_rest': samples[-1][2] if samples else 0}
+            'at_rest': samples[-1][2] if samples else 0, 'samples': samples, **merged}
 
 
 def simulated(args):
@@ -111,15 +171,13 @@ def simulated(args):
         print(f'PostgreSQL started on 127.0.0.1:{cluster.port}; {args.workers} worker processes, '
               f'{len(databases)} databases, {args.seconds} s of load then {args.rest} s at rest.')
         stock = Settings(idle_timeout=600, wait_timeout=0, max_lifetime=0)
-        ours = Settings(idle_timeout=args.idle_timeout)
+        ours_settings = Settings(idle_timeout=args.idle_timeout)
         budget = args.workers + 4           # the default for these workers and 1 cron worker
         segment = tempfile.mktemp(prefix='dbpool-demo-')
         results = [
-            run_arm(cluster, databases, 'stock', stock, args.workers, args.seconds, args.rest),
-            run_arm(cluster, databases, 'per-proc', ours, args.workers, args.seconds, args.rest),
-            run_arm(cluster, databases, 'shared', ours, args.workers, args.seconds, args.rest,
-                    budget_spec=(segment, budget)),
-        ]
+            run_arm(cluster, databases, label, make_pool, args.workers, args.seconds, args.rest)
+            for label, make_pool in (('stock', ours(stock)), ('per-proc', ours(ours_settings)),
+                                     ('shared', ours(ours_settings, (segment, budget))))]
         print()
         print(f'{"policy":<12}{"peak":>6}{"mean":>8}{"at rest":>9}')
         for row in results:
@@ -144,11 +202,7 @@ def with_odoo(args, tree):
     try:
         cluster.create_role('odoo')
         print(f'Odoo {tree.series} at {tree.path}; PostgreSQL on 127.0.0.1:{cluster.port}')
-        databases = [f'demo_{i}' for i in range(1, args.databases + 1)]
-        setup = OdooServer(tree, cluster, workdir, name='setup', load_pooling=False)
-        setup.run('-d', databases[0], '-i', 'base', '--stop-after-init')
-        for name in databases[1:]:
-            cluster.sql(f'CREATE DATABASE "{name}" TEMPLATE "{databases[0]}"')
+        databases = odoo_databases(tree, cluster, workdir, 'demo_', args.databases)
         for label, pooled in (('stock', False), ('db_pooling', True)):
             server = OdooServer(tree, cluster, workdir, name=label, load_pooling=pooled, options={
                 'workers': args.workers, 'db_pool_idle_timeout': args.idle_timeout})
@@ -168,51 +222,91 @@ def with_odoo(args, tree):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _drive_odoo(server, cluster, databases, label, args):
+def odoo_databases(tree, cluster, workdir, prefix, count):
+    """``count`` Odoo databases with ``base`` installed: the first by Odoo, the others
+    copied from it. They belong to role odoo as Odoo's own would: Odoo lists only the
+    databases its user owns, and seeing a single one it would serve every sessionless
+    request on it (monodb), opening a cursor there on top of the request's own."""
+    from .odoo_runner import OdooServer
+    databases = [f'{prefix}{i}' for i in range(1, count + 1)]
+    setup = OdooServer(tree, cluster, workdir, name='setup', load_pooling=False)
+    setup.run('-d', databases[0], '-i', 'base', '--stop-after-init')
+    for name in databases[1:]:
+        cluster.sql(f'CREATE DATABASE "{name}" TEMPLATE "{databases[0]}" OWNER odoo')
+    return databases
+
+
+def _drive_odoo(server, cluster, databases, label, args, count=None, interval=1.0,
+                on_measure=None):
+    """``args.clients`` JSON-RPC clients (search_read, and a create one time in five)
+    on random databases: ``args.warmup`` s unmeasured, then ``args.seconds`` s
+    measured and ``args.rest`` s observed after. Connections are ``count()``
+    (default: Odoo's application_name) every ``interval`` s; ``on_measure()`` is
+    called when the measured part starts."""
+    count = count or (lambda: cluster.count_connections('odoo-%'))
     uids = {db: server.login(db) for db in databases}
-    counts = {'requests': 0, 'errors': 0}
+    stats = {'latency': [], 'errors': {}}
+
+    def client(number, stop_at):
+        rng = random.Random(number)
+        while time.time() < stop_at:
+            db = rng.choice(databases)
+            started = time.perf_counter()
+            try:
+                server.execute(db, uids[db], 'admin', 'res.partner', 'search_read',
+                               [], fields=['name'], limit=20)
+                if rng.random() < 0.2:
+                    server.execute(db, uids[db], 'admin', 'res.partner', 'create',
+                                   {'name': 'demo'})
+                stats['latency'].append(time.perf_counter() - started)
+            except Exception as exc:       # noqa: BLE001 - counted
+                kind = type(exc).__name__ + ': ' + str(exc).strip().split('\n')[0][:120]
+                stats['errors'][kind] = stats['errors'].get(kind, 0) + 1
+
+    def clients(seconds):
+        stop_at = time.time() + seconds
+        threads = [threading.Thread(target=client, args=(n, stop_at))
+                   for n in range(args.clients)]
+        for thread in threads:
+            thread.start()
+        return threads
+
     # Warm-up, not measured: every worker loads the registry of every database
     # (about half a second each) before the comparison starts.
     print(f'  {label:<10} warming up for {args.warmup} s (registries load in every worker)',
           flush=True)
-    stop_at = time.time() + args.warmup
-    warm = [threading.Thread(target=lambda: client()) for _ in range(args.clients)]
-
-    def client():
-        while time.time() < stop_at:
-            db = random.choice(databases)
-            try:
-                server.execute(db, uids[db], 'admin', 'res.partner', 'search_read',
-                               [], fields=['name'], limit=20)
-                if random.random() < 0.2:
-                    server.execute(db, uids[db], 'admin', 'res.partner', 'create',
-                                   {'name': 'demo'})
-                counts['requests'] += 1
-            except Exception:       # noqa: BLE001 - counted
-                counts['errors'] += 1
-
-    for thread in warm:
-        thread.start()
-    for thread in warm:
+    started = time.time()
+    for thread in clients(args.warmup):
         thread.join()
-    counts.update(requests=0, errors=0)
-    stop_at = time.time() + args.seconds
-    threads = [threading.Thread(target=client) for _ in range(args.clients)]
-    for thread in threads:
-        thread.start()
-    samples, start = [], time.time()
+    # On a loaded machine the registries take longer: go on until every HTTP worker has
+    # logged one per database (at most 3 more warm-up periods).
+    wanted = getattr(args, 'workers', 0) * len(databases)
+    while (server.log().count('Registry loaded in') < wanted
+           and time.time() < started + 4 * args.warmup):
+        for thread in clients(2):
+            thread.join()
+    stats.update(latency=[], errors={})
+    if on_measure:
+        on_measure()
+    threads = clients(args.seconds)
+    samples, start, shown = [], time.time(), 0.0
+    stop_at = start + args.seconds
     while time.time() < stop_at + args.rest:
-        count = cluster.count_connections('odoo-%')
-        phase = 'load' if time.time() < stop_at else 'rest'
-        samples.append((phase, count))
-        print(f'  {label:<10} t={time.time() - start:5.1f}s  {phase}  '
-              f'server connections: {count:3d} {"#" * count}', flush=True)
-        time.sleep(1.0)
+        now = time.time()
+        phase = 'load' if now < stop_at else 'rest'
+        samples.append((now - start, phase, count()))
+        if now - shown >= 1.0:
+            shown = now
+            print(f'  {label:<10} t={now - start:5.1f}s  {phase}  '
+                  f'server connections: {samples[-1][2]:3d} {"#" * samples[-1][2]}', flush=True)
+        time.sleep(interval)
     for thread in threads:
         thread.join()
-    load = [c for p, c in samples if p == 'load']
+    load = [c for _, p, c in samples if p == 'load']
     return {'arm': label, 'peak': max(load or [0]), 'mean': sum(load) / max(len(load), 1),
-            'at_rest': samples[-1][1], **counts}
+            'at_rest': samples[-1][2], 'requests': len(stats['latency']),
+            'errors': sum(stats['errors'].values()), 'error_kinds': stats['errors'],
+            'latency': stats['latency'], 'samples': samples}
 
 
 def main(argv=None):

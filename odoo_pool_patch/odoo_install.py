@@ -12,6 +12,7 @@ its helpers testable) without Odoo.
 import logging
 import os
 
+from . import list_dbs_cache
 from .errors import ConfigError
 from .options import load_settings
 from .pool import ConnectionPool, Holder
@@ -90,6 +91,8 @@ def install(settings):
     install_tls()
     os.environ.update(job_runner_environ(settings, os.environ, _queue_job_config()))
     install_replicas(settings, pool_class)
+    list_dbs_cache.install(settings.list_dbs_cache,
+                           pool_class.budget.state if pool_class.budget else None)
     sql_db.ConnectionPool = pool_class
     for name in ('_Pool', '_Pool_readonly'):
         live = getattr(sql_db, name, None)

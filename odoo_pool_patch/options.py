@@ -294,6 +294,15 @@ OPTIONS += (
            shown_default='read, search_read, read_group and the other read methods'),
 )
 
+OPTIONS += (
+    Option('db_pool_list_dbs_cache', 'list_dbs_cache', _seconds, 2.0,
+           'a number of seconds >= 0 (0 lists them on every request, as stock Odoo)',
+           'Each process keeps the list of databases this long. Stock Odoo lists them (a new '
+           'connection to the postgres database, closed at once) on every request without a '
+           'session database: JSON-RPC/XML-RPC calls, the login page. A database created or '
+           'dropped through another process shows up (or goes) within this delay.'),
+)
+
 SECRETS = frozenset(('metrics_token',))   # never logged nor shown: as_options() masks them
 OPTION_NAMES = tuple(option.name for option in OPTIONS)
 
@@ -325,6 +334,7 @@ class Settings:
     replica_max_lag: float = 10.0
     replica_read_your_writes: bool = True
     replica_readonly_methods: tuple = DEFAULT_READONLY_METHODS
+    list_dbs_cache: float = 2.0
 
     def timeouts_prefix(self, role):
         """``SET LOCAL`` statements for the timeouts of ``role`` (http or cron)."""

@@ -9,7 +9,8 @@ open the same file by path.
 Layout (indexes into the int64 array)::
 
     header   64 cells         magic, version, budget, cron reserve, ticket counter, ...,
-                              then the counters of reaped processes, per role
+                              database list generation (cell 10), then the counters of
+                              reaped processes, per role
     process  N_PROC rows      pid, start time, role, held, in use, idle, long-lived,
                               shedding, counters[N_COUNTERS]
     waiter   N_WAIT rows      pid, process row, priority, ticket, state, since (ms)
@@ -50,7 +51,7 @@ N_COUNTERS = 8
 
 # header cells
 H_MAGIC, H_VERSION, H_BUDGET, H_CRON_RESERVE, H_TICKET, H_WAITING, H_LAST_REAP, \
-    H_HIST_POS, H_HIST_LAST, H_MIN_IDLE = range(10)
+    H_HIST_POS, H_HIST_LAST, H_MIN_IDLE, H_DB_LIST_GEN = range(11)
 H_REAPED = 16           # + role * N_COUNTERS + counter: totals of processes that are gone
 HEADER = 64
 
@@ -241,6 +242,14 @@ class SharedState:
     def total_held(self):
         cells = self.cells
         return sum(cells[PROC_BASE + P_HELD:WAIT_BASE:P_FIELDS])
+
+    def db_list_generation(self):
+        """Changes whenever a process created or dropped a database (lock-free read)."""
+        return self.cells[H_DB_LIST_GEN]
+
+    def bump_db_list_generation(self):
+        with self.locked() as cells:
+            cells[H_DB_LIST_GEN] += 1
 
     # ------------------------------------------------------------------ crash recovery
     def reap(self, force=False, interval_ms=500):

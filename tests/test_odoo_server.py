@@ -476,6 +476,30 @@ def test_backup_and_restore_against_a_tls_only_server(odoo_tree, tmp_path, pki):
         cluster.destroy()
 
 
+def test_sessionless_requests_reuse_the_database_list(server, pg):
+    """Stock Odoo opens a connection to the postgres database for every request without
+    a session database (to list the databases); db_pool_list_dbs_cache (default 2 s)
+    keeps the list per process, so 40 JSON-RPC calls open only a few."""
+    import time
+    admin = pg.connect('postgres', application_name='dbpool-admin-sessions')
+
+    def postgres_sessions():
+        with admin.cursor() as cur:
+            cur.execute('SELECT pg_stat_clear_snapshot()')
+            cur.execute("SELECT sessions FROM pg_stat_database WHERE datname = 'postgres'")
+            return cur.fetchone()[0]
+    try:
+        before = postgres_sessions()
+        started = time.monotonic()
+        for _ in range(40):
+            server.jsonrpc('common', 'version')
+        windows = (time.monotonic() - started) / 2 + 1
+        time.sleep(1.5)                 # backends report their sessions within a second
+        opened = postgres_sessions() - before
+    finally:
+        admin.close()
+    # At most one listing per worker per 2 s window, plus cron/gevent; stock: 40 or more.
+    assert opened <= 4 * windows + 4 and opened < 40, (opened, windows)
 def test_dashboard_says_what_failed_while_the_database_server_is_down(server, pg, tmp_path):
     """Runs last for its server: stops the session's PostgreSQL for a moment. The page keeps
     its last figures and says what failed; the JSON route answers again once it is back

@@ -1,0 +1,142 @@
+"""What the benchmarks share: server-side counters, percentiles, the table and the JSON file."""
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, 'bench', 'results')
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+class ServerCounters:
+    """One persistent admin connection (so sampling opens no sessions of its own)
+    reading the server connections of ``user`` and the sessions opened per database."""
+
+    def __init__(self, cluster, user='odoo'):
+        self.cnx = cluster.connect('postgres', application_name='dbpool-bench-sampler')
+        self.user = user
+
+    def _rows(self, query, params=()):
+        with self.cnx.cursor() as cur:
+            cur.execute(query, params)
+            return cur.fetchall()
+
+    def connections(self, application_name_like='%'):
+        """Client backends of ``user`` (whose application_name is like the pattern)."""
+        return self._rows("SELECT count(*) FROM pg_stat_activity WHERE usename = %s "
+                          "AND backend_type = 'client backend' AND application_name LIKE %s",
+                          [self.user, application_name_like])[0][0]
+
+    def sessions(self):
+        """{database: sessions established since the server started} (PostgreSQL 14+)."""
+        self._rows('SELECT pg_stat_clear_snapshot()')
+        return dict(self._rows('SELECT datname, sessions FROM pg_stat_database '
+                               'WHERE datname IS NOT NULL'))
+
+    def close(self):
+        self.cnx.close()
+
+
+def sessions_opened(before, after, sampler_database='postgres', sampler_sessions=0):
+    """{database: new sessions} between two :meth:`ServerCounters.sessions` readings."""
+    opened = {db: after[db] - before.get(db, 0) for db in after}
+    opened[sampler_database] = opened.get(sampler_database, 0) - sampler_sessions
+    return {db: n for db, n in sorted(opened.items()) if n > 0}
+
+
+def percentile(values, fraction):
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(int(fraction * len(ordered)), len(ordered) - 1)]
+
+
+def latency_figures(latencies, seconds):
+    """Throughput and p50/p99 in milliseconds of a list of seconds."""
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    return {'done': len(latencies), 'per_s': len(latencies) / seconds if seconds else 0,
+            'p50_ms': p50 * 1000 if p50 is not None else None,
+            'p99_ms': p99 * 1000 if p99 is not None else None}
+
+
+def print_table(columns, rows):
+    """``columns``: [(key, title, format)]; rows: dicts (a missing or None value prints n/a)."""
+    widths = [max(len(title), 8) + 2 for _, title, _ in columns]
+    widths[0] = max([len(str(r.get(columns[0][0], ''))) for r in rows] + [len(columns[0][1])]) + 2
+    print(''.join(f'{title:>{w}}' if i else f'{title:<{w}}'
+                  for i, ((_, title, _), w) in enumerate(zip(columns, widths))))
+    for row in rows:
+        cells = []
+        for i, ((key, _, fmt), width) in enumerate(zip(columns, widths)):
+            value = row.get(key)
+            text = 'n/a' if value is None else format(value, fmt)
+            cells.append(f'{text:<{width}}' if i == 0 else f'{text:>{width}}')
+        print(''.join(cells))
+
+
+def write_json(name, payload, path=None):
+    path = path or os.path.join(RESULTS, f'{name}.json')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    payload = dict(payload, date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
+                   machine=machine(), command=' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]))
+    with open(path, 'w') as handle:
+        json.dump(payload, handle, indent=1)
+    print(f'\nwritten to {os.path.relpath(path, ROOT)}')
+    return path
+
+
+def machine():
+    load = os.getloadavg()
+    return (f'{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, Python '
+            f'{platform.python_version()}, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}')
+
+
+def stock_pool_class(no_odoo=False):
+    """(Odoo's ConnectionPool class, series), or (None, None). Without Odoo importable,
+    re-runs the calling script under the interpreter of the tree found (ODOO_PATH
+    first, else the newest /opt/odoo tree), so the stock arms use the real thing."""
+    if no_odoo:
+        return None, None
+    try:
+        from odoo import release, sql_db
+        return sql_db.ConnectionPool, release.serie
+    except ImportError:
+        from odoo_pool_patch.odoo_runner import available_trees
+        trees, _ = available_trees()
+        if not trees or os.environ.get('DBPOOL_BENCH_REEXEC'):
+            return None, None
+        tree = trees[0] if os.environ.get('ODOO_PATH') else trees[-1]
+        os.execve(tree.python, [tree.python, sys.argv[0], *sys.argv[1:]],
+                  tree.env({'DBPOOL_BENCH_REEXEC': '1'}))
+
+
+def merge_rounds(label, runs, worst=('peak', 'at_rest'), total=('errors', 'requests', 'done'),
+                 mean=('mean', 'per_s', 'p50_ms', 'p99_ms', 'wait_p50_ms', 'wait_p99_ms',
+                       'new_per_s', 'postgres_per_s'),
+                 also_worst=('wait_max_ms',),
+                 counts=('sessions_opened', 'error_kinds', 'pool')):
+    """One row per arm over its rounds: the worst of ``worst``, sums of ``total`` and of
+    the per-key ``counts``, means of ``mean``; the runs themselves under ``runs``."""
+    if not runs:
+        return {'arm': label}
+    row = {'arm': label, 'rounds': len(runs)}
+    for key in worst + also_worst:
+        if key in runs[0]:
+            row[key] = max((r[key] for r in runs if r[key] is not None), default=None)
+    for key in total:
+        if key in runs[0]:
+            row[key] = sum(r[key] for r in runs)
+    for key in mean:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if key in runs[0]:
+            row[key] = sum(values) / len(values) if values else None
+    for name in counts:
+        row[name] = {}
+        for run in runs:
+            for key, n in run.get(name, {}).items():
+                row[name][key] = row[name].get(key, 0) + n
+    row['runs'] = [{k: v for k, v in r.items() if k != 'samples'} for r in runs]
+    return row

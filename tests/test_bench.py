@@ -1,0 +1,60 @@
+"""The benchmarks run with one command and keep their promises (short runs, no Odoo arm)."""
+import json
+import os
+import subprocess
+import sys
+
+import psycopg2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench._pgbouncer import PgBouncer  # noqa: E402
+
+
+def test_pgbouncer_helper_pools_transactions(pg, app):
+    """Three clients, one transaction each in turn: one server connection (transaction
+    mode; session mode would hold three)."""
+    bouncer = PgBouncer(pg).start()
+    clients = []
+    try:
+        for _ in range(3):
+            cnx = psycopg2.connect(host=bouncer.host, port=bouncer.port, user='odoo',
+                                   dbname='db1', application_name=app)
+            clients.append(cnx)
+            with cnx.cursor() as cur:
+                cur.execute('SELECT 1')
+            cnx.commit()
+        assert pg.count_connections(app) == 1
+    finally:
+        for cnx in clients:
+            cnx.close()
+        bouncer.destroy()
+    assert bouncer.proc is None and not os.path.exists(bouncer.base)
+
+
+def run_bench(script, tmp_path, *args):
+    out = tmp_path / f'{script}.json'
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', f'{script}.py'),
+                           '--no-odoo', '--json', str(out), *args], cwd=ROOT, timeout=300,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return {row['arm']: row for row in json.loads(out.read_text())['rows']}, proc.stdout
+
+
+def test_footprint_runs_and_the_shared_budget_holds(tmp_path):
+    rows, out = run_bench('footprint', tmp_path, '--seconds', '1.5', '--idle-timeout', '1',
+                          '--workers', '4', '--databases', '3', '--budget', '5')
+    assert 'stock' in out and rows['stock'] == {'arm': 'stock'}        # n/a without Odoo
+    for arm in ('pgbouncer', 'per-proc', 'shared'):
+        assert rows[arm]['errors'] == 0 and rows[arm]['done'] > 0, rows[arm]
+    assert rows['per-proc']['peak'] > 5 >= rows['shared']['peak'], rows
+    assert rows['shared']['at_rest'] <= 1 and rows['per-proc']['at_rest'] == 0
+
+
+def test_overload_never_exceeds_the_budget_and_never_fails(tmp_path):
+    rows, _ = run_bench('overload', tmp_path, '--seconds', '2', '--budget', '3',
+                        '--workers', '2', '--databases', '2')
+    shared = rows['shared']
+    assert shared['errors'] == 0 and shared['done'] > 0, shared
+    assert shared['peak'] <= 3 and shared['over'] == 'no', shared
