@@ -84,6 +84,11 @@ STOCK_OPTIONS = (
                 'Odoo 18+: host of a read-only streaming replica; Odoo sends read-only routes '
                 'and methods there. Leave it unset rather than empty.', 'replica.example.com'),
     StockOption('db_replica_port', 'replicas', 'False (db_port)', 'Odoo 18+: port of that replica.', '5432'),
+    StockOption('db_name', 'pool', 'unset (every database of db_user)',
+                'Databases this instance serves (comma-separated). With db_name set and no '
+                'dbfilter Odoo takes the list from here, so db_pool_list_dbs_cache has nothing '
+                'to cache; otherwise each process keeps the listing db_pool_list_dbs_cache '
+                'seconds.'),
     StockOption('db_app_name', 'pool', 'odoo-{pid}',
                 'Odoo 19: application_name of Odoo\'s connections (16-18: the ODOO_PGAPPNAME '
                 'environment variable). Left at its default, db_pooling names connections '
