@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._common import (ServerCounters, latency_figures, print_table,  # noqa: E402
                            merge_rounds, percentile, sessions_opened, stock_pool_class,
                            write_json)
-from bench._pgbouncer import PgBouncer  # noqa: E402
+from odoo_pool_patch.embedded_pgbouncer import PgBouncer  # noqa: E402
 from odoo_pool_patch import demo  # noqa: E402
 from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
 from odoo_pool_patch.options import Settings  # noqa: E402

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import (ServerCounters, latency_figures, print_table,  # noqa: E402
                            merge_rounds, sessions_opened, write_json)
-from bench._pgbouncer import PgBouncer  # noqa: E402
+from odoo_pool_patch.embedded_pgbouncer import PgBouncer  # noqa: E402
 from odoo_pool_patch.demo import _drive_odoo, odoo_databases  # noqa: E402
 from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
 from odoo_pool_patch.odoo_runner import OdooServer, available_trees, find_odoo  # noqa: E402

@@ -26,13 +26,18 @@ def find_pgbouncer():
 
 
 class PgBouncer:
-    """PgBouncer listening on 127.0.0.1:``port``, forwarding every database to ``cluster``."""
+    """PgBouncer listening on 127.0.0.1:``port``, forwarding every database to ``cluster``.
+
+    :param settings: extra or overriding ``[pgbouncer]`` lines, ``{name: value}``
+        (e.g. ``server_idle_timeout``, ``max_user_connections``), for the benchmarks.
+    """
 
     def __init__(self, cluster, pool_mode='transaction', users=('odoo', 'postgres'),
-                 default_pool_size=20):
-        binary = find_pgbouncer()
-        if binary is None:
-            raise ClusterError('pgbouncer not found: install it (apt-get install pgbouncer).')
+                 default_pool_size=20, settings=None):
+        binary = os.environ.get('PGBOUNCER') or find_pgbouncer()
+        if binary is None or not os.path.exists(binary):
+            raise ClusterError('pgbouncer not found: install it (apt-get install pgbouncer) '
+                               'or set PGBOUNCER to its path.')
         self.binary = binary
         self.cluster = cluster
         self.base = tempfile.mkdtemp(prefix='dbpool-pgbouncer-')
@@ -44,24 +49,18 @@ class PgBouncer:
         self.pool_mode = pool_mode
         with open(os.path.join(self.base, 'userlist.txt'), 'w') as handle:
             handle.writelines(f'"{user}" ""\n' for user in users)
+        options = {
+            'listen_addr': self.host, 'listen_port': self.port, 'unix_socket_dir': '',
+            'auth_type': 'trust', 'auth_file': f'{self.base}/userlist.txt',
+            'admin_users': 'postgres', 'pool_mode': pool_mode,
+            'default_pool_size': default_pool_size, 'max_client_conn': 2000,
+            'ignore_startup_parameters': 'extra_float_digits,options',
+            'logfile': self.logfile, 'pidfile': f'{self.base}/pgbouncer.pid',
+            **(settings or {}),
+        }
         with open(self.config, 'w') as handle:
-            handle.write(f"""[databases]
-* = host={cluster.host} port={cluster.port}
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {self.port}
-unix_socket_dir =
-auth_type = trust
-auth_file = {self.base}/userlist.txt
-admin_users = postgres
-pool_mode = {pool_mode}
-default_pool_size = {default_pool_size}
-max_client_conn = 500
-ignore_startup_parameters = extra_float_digits,options
-logfile = {self.logfile}
-pidfile = {self.base}/pgbouncer.pid
-""")
+            handle.write(f'[databases]\n* = host={cluster.host} port={cluster.port}\n\n'
+                         '[pgbouncer]\n' + ''.join(f'{k} = {v}\n' for k, v in options.items()))
         if _as_server_user():
             import pwd
             pw = pwd.getpwnam(SERVER_USER)
@@ -104,6 +103,12 @@ pidfile = {self.base}/pgbouncer.pid
 
     def log_tail(self, lines=20):
         return file_tail(self.logfile, lines)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.destroy()
 
     def __repr__(self):
         return f'<PgBouncer {self.pool_mode} 127.0.0.1:{self.port} -> {self.cluster!r}>'

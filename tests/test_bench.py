@@ -9,7 +9,7 @@ import psycopg2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench._pgbouncer import PgBouncer  # noqa: E402
+from odoo_pool_patch.embedded_pgbouncer import PgBouncer  # noqa: E402
 
 
 def test_pgbouncer_helper_pools_transactions(pg, app):
@@ -30,7 +30,7 @@ def test_pgbouncer_helper_pools_transactions(pg, app):
         for cnx in clients:
             cnx.close()
         bouncer.destroy()
-    assert bouncer.proc is None and not os.path.exists(bouncer.base)
+    assert bouncer.process is None and not os.path.exists(bouncer.base)
 
 
 def run_bench(script, tmp_path, *args):
