@@ -12,6 +12,12 @@ import uuid
 import pytest
 
 from odoo_pool_patch.embedded_pg import Cluster
+from odoo_pool_patch.odoo_runner import available_trees
+
+# The Odoo trees the Odoo-dependent modules run against (each sets
+# ``pytestmark = requires_odoo`` and uses the ``odoo_tree`` fixture).
+ODOO_TREES, NO_ODOO = available_trees()
+requires_odoo = pytest.mark.skipif(not ODOO_TREES, reason=NO_ODOO or 'no Odoo')
 
 DATABASES = ('db1', 'db2', 'db3')
 
@@ -86,11 +92,16 @@ def pool_log(caplog):
 
 
 def pytest_report_header(config):
-    from odoo_pool_patch.odoo_runner import available_trees
-    trees, why_not = available_trees()
-    if trees:
-        return 'Odoo series under test: ' + ', '.join(f'{t.series} ({t.path})' for t in trees)
-    return f'Odoo-dependent tests will be SKIPPED: {why_not}'
+    if ODOO_TREES:
+        return 'Odoo series under test: ' + ', '.join(f'{t.series} ({t.path})' for t in ODOO_TREES)
+    return f'Odoo-dependent tests will be SKIPPED: {NO_ODOO}'
+
+
+@pytest.fixture(scope='module', params=ODOO_TREES or [None],
+                ids=lambda t: t.series if t else 'none')
+def odoo_tree(request):
+    """Each Odoo tree found, one module-scoped run per series."""
+    return request.param
 
 
 def pytest_terminal_summary(terminalreporter):

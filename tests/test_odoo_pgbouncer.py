@@ -12,16 +12,10 @@ import time
 
 import pytest
 
-from odoo_pool_patch.odoo_runner import OdooServer, available_trees
-from tests.conftest import notify_through
+from odoo_pool_patch.odoo_runner import OdooServer
+from tests.conftest import ODOO_TREES, notify_through, requires_odoo
 
-TREES, WHY_NOT = available_trees()
-pytestmark = pytest.mark.skipif(not TREES, reason=WHY_NOT or 'no Odoo')
-
-
-@pytest.fixture(scope='module', params=TREES or [None], ids=lambda t: t.series if t else 'none')
-def odoo_tree(request):
-    return request.param
+pytestmark = requires_odoo
 
 
 @pytest.fixture(scope='module')
@@ -167,7 +161,7 @@ def test_bus_notification_reaches_a_websocket_client(server, bouncer):
 def test_without_direct_address_the_listen_through_the_pooler_is_named(pg, bouncer, tmp_path):
     """Without db_direct_host, Odoo's LISTEN through the transaction pooler gives one
     warning naming the statement and the options to set (newest series only)."""
-    tree = TREES[-1]
+    tree = ODOO_TREES[-1]
     os.chmod(tmp_path, 0o755)
     srv = OdooServer(tree, pg, str(tmp_path), options={
         'workers': 2, 'max_cron_threads': 1, 'db_host': bouncer.host, 'db_port': bouncer.port})

@@ -10,16 +10,11 @@ import uuid
 
 import pytest
 
-from odoo_pool_patch.odoo_runner import OdooServer, available_trees
+from odoo_pool_patch.odoo_runner import OdooServer
+from tests.conftest import requires_odoo
 
-TREES, WHY_NOT = available_trees()
-pytestmark = pytest.mark.skipif(not TREES, reason=WHY_NOT or 'no Odoo')
+pytestmark = requires_odoo
 TEST_ADDONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'odoo_addons')
-
-
-@pytest.fixture(scope='module', params=TREES or [None], ids=lambda t: t.series if t else 'none')
-def odoo_tree(request):
-    return request.param
 
 
 @pytest.fixture(scope='module')

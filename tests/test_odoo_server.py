@@ -13,19 +13,14 @@ import uuid
 
 import pytest
 
-from odoo_pool_patch.odoo_runner import OdooServer, RpcError, available_trees
+from odoo_pool_patch.odoo_runner import OdooServer, RpcError
+from tests.conftest import requires_odoo
 
-TREES, WHY_NOT = available_trees()
-pytestmark = pytest.mark.skipif(not TREES, reason=WHY_NOT or 'no Odoo')
+pytestmark = requires_odoo
 ENGINE = 'odoo_pool_patch.pool.ConnectionPool'
 METRICS_TOKEN = 'metrics-token-for-tests-0123456789'
 ADDON_TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            'addons', 'db_pooling', 'tests', 'test_pool_active.py')
-
-
-@pytest.fixture(scope='module', params=TREES or [None], ids=lambda t: t.series if t else 'none')
-def odoo_tree(request):
-    return request.param
 
 
 @pytest.fixture(scope='module')
