@@ -22,6 +22,7 @@ Run: python bench/footprint.py   (re-runs itself under Odoo's interpreter when a
 """
 import argparse
 import contextlib
+import glob
 import os
 import sys
 import tempfile
@@ -56,6 +57,15 @@ def make_databases(cluster, count):
     return databases
 
 
+def restore_databases(cluster, databases):
+    """Put every benchmark table back to its 2000 initial rows, so that each arm scans the
+    same data (the load inserts two rows per transaction: without this, later arms would
+    read bigger tables than earlier ones)."""
+    for name in databases:
+        cluster.sql('DELETE FROM demo_order WHERE id > 2000', dbname=name)
+        cluster.sql('VACUUM ANALYZE demo_order', dbname=name)
+
+
 def stock_factory(stock_class, maxconn=64):
     return lambda: stock_class(maxconn)
 
@@ -63,6 +73,8 @@ def stock_factory(stock_class, maxconn=64):
 def measure(cluster, counters, databases, label, make_pool, args, dsn=None, **load):
     """One arm: demo.run_arm (``load``: its threads, think, hold) plus latency and borrow
     wait figures and the server sessions it opened."""
+    restore_databases(cluster, databases)
+    time.sleep(1.0)             # the restoring sessions' statistics reach pg_stat_database
     before = counters.sessions()
     row = demo.run_arm(cluster, databases, label, make_pool, args.workers, args.seconds,
                        args.rest, dsn=dsn, interval=0.05, count=counters.connections,
@@ -111,8 +123,8 @@ def servers(name, databases, bouncer_settings, connection_limit=None):
         if bouncer:
             bouncer.destroy()
         cluster.destroy()
-        if os.path.exists(segment):
-            os.unlink(segment)
+        for path in glob.glob(segment + '*'):
+            os.unlink(path)
 
 
 def interleaved(arms, rounds, run):
@@ -134,7 +146,9 @@ def main(argv=None):
     parser.add_argument('--seconds', type=float, default=10.0, help='seconds of load per arm')
     parser.add_argument('--idle-timeout', type=float, default=3.0,
                         help='db_pool_idle_timeout and PgBouncer server_idle_timeout (s)')
-    parser.add_argument('--budget', type=int, default=None, help='shared budget (default W + 4)')
+    parser.add_argument('--budget', default=None,
+                        help='shared budget, or several comma-separated for one shared arm each '
+                             '(default W + 4)')
     parser.add_argument('--rounds', type=int, default=1, help='interleaved runs of every arm')
     parser.add_argument('--no-odoo', action='store_true', help='no stock Odoo arm')
     parser.add_argument('--arms', default='stock,pgbouncer,per-proc,shared',
@@ -143,7 +157,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     stock_class, series = stock_pool_class(args.no_odoo)
     args.rest = 2 * args.idle_timeout + 1.5     # + the maintenance tick and backend exit
-    budget = args.budget or args.workers + 4
+    budgets = str(args.budget).split(',') if args.budget else [str(args.workers + 4)]
 
     bouncer_settings = {'server_idle_timeout': max(1, round(args.idle_timeout))}  # 0: never
     with servers('bench-footprint', args.databases, bouncer_settings) as (
@@ -154,11 +168,13 @@ def main(argv=None):
             ('pgbouncer', stock_factory(stock_class) if stock_class else demo.ours(STOCK_POLICY),
              bouncer),
             ('per-proc', demo.ours(ours), None),
-            ('shared', demo.ours(ours, (segment, budget)), None),
-        ]
+        ] + [('shared' if len(budgets) == 1 else f'shared-{budget}',
+               demo.ours(ours, (f'{segment}-{number}', int(budget))), None)
+             for number, budget in enumerate(budgets)]
         print(f'{args.workers} workers x {len(databases)} databases, {args.seconds:g} s of load '
-              f'per arm, rest {args.rest:g} s; stock = Odoo {series or "n/a"}; budget {budget}')
-        arms = [arm for arm in arms if arm[0] in args.arms.split(',')]
+              f'per arm, rest {args.rest:g} s; stock = Odoo {series or "n/a"}; budget {", ".join(map(str, budgets))}')
+        wanted = args.arms.split(',')
+        arms = [arm for arm in arms if arm[0] in wanted or arm[0].split('-')[0] in wanted]
         rows = interleaved(arms, args.rounds, lambda label, make_pool, dsn: measure(
             cluster, counters, databases, label, make_pool, args, dsn))
     print()
@@ -167,7 +183,7 @@ def main(argv=None):
         if row.get('sessions_opened'):
             print(f'  {row["arm"]}: sessions opened per database {row["sessions_opened"]}'
                   + (f'; errors {row["error_kinds"]}' if row['errors'] else ''))
-    write_json('footprint', {'odoo': series, 'budget': budget, 'args': vars(args),
+    write_json('footprint', {'odoo': series, 'budget': budgets, 'args': vars(args),
                              'pgbouncer_client_pool': 'odoo stock' if stock_class else
                              'db_pooling per process with stock policy', 'rows': rows}, args.json)
     return 0
