@@ -41,6 +41,17 @@ COLUMNS = [('arm', 'arm', ''), ('peak', 'peak', 'd'), ('mean', 'mean', '.1f'),
            ('new_per_s', 'new cnx/s', '.1f'), ('postgres_per_s', 'of which postgres', '.1f')]
 
 
+def pool_counters(path):
+    """db_pooling's instance-wide counters (borrows, reused, opened, waits...) of a server."""
+    from odoo_pool_patch.shared_state import SharedState
+    state = SharedState(path, create=False)
+    totals = {}
+    for counters in state.counter_totals().values():
+        for name, value in counters.items():
+            totals[name] = totals.get(name, 0) + value
+    return totals
+
+
 def run_arm(tree, cluster, workdir, databases, arm, args, counters, number=0):
     pooled = arm.startswith('db_pooling')
     options = {'workers': args.workers, 'max_cron_threads': 1}
@@ -77,6 +88,8 @@ def run_arm(tree, cluster, workdir, databases, arm, args, counters, number=0):
         row['new_per_s'] = sum(opened.values()) / args.seconds
         row['postgres_per_s'] = opened.get('postgres', 0) / args.seconds
         row['sessions_opened'] = opened
+        if pooled:
+            row['pool'] = pool_counters(server.options['db_pool_shared_path'])
         return row
     finally:
         if server:
@@ -140,6 +153,11 @@ def main(argv=None):
     for row in rows:
         print(f'  {row["arm"]}: sessions opened per database {row["sessions_opened"]}'
               + (f'; errors {row["error_kinds"]}' if row['errors'] else ''))
+        pool = row.get('pool')
+        if pool and pool.get('borrows'):
+            print(f'  {row["arm"]}: {pool["borrows"]} borrows (warm-up included), '
+                  f'{pool["reused"]} reused ({100 * pool["reused"] / pool["borrows"]:.0f}%), '
+                  f'{pool["opened"]} opened, {pool["waits"]} waited for the budget')
     write_json('odoo_http', {'odoo': tree.series, 'args': vars(args), 'rows': rows}, args.json)
     return 0
 
