@@ -250,6 +250,9 @@ class ConnectionPool:
 
     def give_back(self, connection, keep_in_pool=True):
         """Return a borrowed connection; ``keep_in_pool=False`` closes it."""
+        owner = getattr(connection, '_dbp_pool', self)
+        if owner is not self:       # lent by the read/write pool (replica routing)
+            return owner.give_back(connection, keep_in_pool)
         with self._lock:
             holder = self._used.pop(connection, _MISSING)
             if holder is _MISSING:
@@ -524,6 +527,7 @@ class ConnectionPool:
         now = monotonic()
         lifetime = self.settings.max_lifetime
         cnx._dbp_key = key
+        cnx._dbp_pool = self
         cnx._dbp_born = now
         cnx._dbp_last_used = now
         # Up to 10% jitter so that connections opened together do not all

@@ -176,6 +176,13 @@ class ServerTable:
             if ok and index and cells[base + ss.V_BANNED_UNTIL] <= now_ms():
                 cells[base + ss.V_FAILURES] = 0
 
+    def note_replayed(self, index, replay_lsn):
+        """A fresher replay position of replica ``index``, read by a borrower (lock-free:
+        only ever raised; a race that keeps the older value just pins a few reads)."""
+        cell = self.row(index) + ss.V_REPLAY_LSN
+        if self.cells[cell] < replay_lsn:
+            self.cells[cell] = replay_lsn
+
     def banned(self, index):
         return self.cells[self.row(index) + ss.V_BANNED_UNTIL] > now_ms()
 

@@ -2,7 +2,8 @@
 
 A read-only pool (Odoo 18+'s ``_Pool_readonly``, or the 16/17 one of
 :mod:`.replica_routes`) gets a :class:`Router`. On every borrow the router
-picks a usable replica by weight and rewrites the host/port of the DSN; the
+picks a usable replica by weight (keeping, nine times out of ten, to one the
+pool already holds an idle connection to) and rewrites the host/port of the DSN; the
 ``postgres`` database, URI DSNs and every read when no replica is usable go
 to the primary (the cursor still has a read-only session). A replica that
 refuses the connection is banned (shared with every process) and the borrow
@@ -18,9 +19,15 @@ import threading
 
 import psycopg2
 
+from .dsn import dsn_key
 from .errors import ConfigError
 
 BANNED, LAGGING, PINNED, WRITE = range(4)
+# Chance that a read stays on a replica its pool holds an idle connection to, when the
+# weighted pick is another replica the pool has none to. Connections cannot move between
+# processes: under a tight budget, switching replicas at every borrow would open (and
+# close) a connection almost every time.
+STICK = 0.9
 REASONS = ('banned', 'lagging', 'pinned', 'write')
 
 
@@ -104,6 +111,7 @@ class Router:
         self.read_your_writes = settings.replica_read_your_writes
         self.required_lsn = required_lsn or (lambda: None)
         self.monitor = None         # replica_health.Monitor, set by start_routing
+        self.primary_pool = None    # the read/write pool routed last (it lends to reads)
         self._local = threading.local()
         self._counts_lock = threading.Lock()
         self._reset_counts()
@@ -114,25 +122,72 @@ class Router:
         self.fallbacks = [[0] * len(REASONS) for _ in range(n)]
 
     # ------------------------------------------------------------------ choice
-    def choose(self, connection_info, exclude=()):
-        """(target, reason the primary serves it or None) for a read-only borrow."""
+    def choose(self, connection_info, exclude=(), pool=None):
+        """(target, reason the primary serves it or None, replicas only pinned, WAL position
+        needed) for a read-only borrow of ``pool``: a usable replica by weight, preferring
+        one ``pool`` holds an idle connection to (see STICK). Replicas whose only fault is
+        that their last known replay position is behind this session's last write are
+        returned, for :meth:`_replayed` to ask them directly."""
         if 'dsn' in connection_info or not self.replicas or connection_info.get(
                 'database', connection_info.get('dbname')) == 'postgres':
-            return self.primary, None
+            return self.primary, None, (), None
         need = self.required_lsn() if self.read_your_writes else None
-        eligible, weights, reason = [], [], None
+        eligible, weights, reason, pinned = [], [], None, []
         ineligible = self.table.ineligible
         for target in self.replicas:
             why = BANNED if target in exclude else ineligible(target.index, self.max_lag_ms, need)
             if why is None:
                 eligible.append(target)
                 weights.append(target.weight)
+                continue
+            if why == PINNED:
+                pinned.append(target)       # counted once the primary serves the read
             else:
                 self.fallbacks[target.index][why] += 1
-                reason = why if reason is None else max(reason, why)
-        if eligible:
-            return random.choices(eligible, weights)[0], None
-        return self.primary, reason
+            reason = why if reason is None else max(reason, why)
+        if not eligible:
+            return self.primary, reason, pinned, need
+        picked = random.choices(eligible, weights)[0]
+        idle = pool._idle if pool is not None and len(eligible) > 1 else None
+        if idle and random.random() < STICK and dsn_key(self.rewrite(connection_info, picked)) \
+                not in idle:
+            # Keep to a replica this pool already holds an idle connection to for this
+            # database, rather than open one on the weighted pick (and, with a full
+            # budget, close another for it). Switching at the rate 1 - STICK keeps the
+            # long-run share of each replica equal to its weight.
+            for target in eligible:
+                if dsn_key(self.rewrite(connection_info, target)) in idle:
+                    return target, None, (), need
+        return picked, None, (), need
+
+    def _replayed(self, pool, connection_info, pinned, need):
+        """A connection of ``pool`` to one of the ``pinned`` replicas that has replayed
+        ``need`` by now, or None. Their shared replay positions are up to a probe old,
+        while a replica usually replays a commit within milliseconds: asking it costs
+        one round trip and keeps the session's next reads off the primary. Only asked
+        on a connection the pool holds idle anyway, never at the cost of a new one."""
+        idle = pool._idle
+        for target in pinned:
+            info = self.rewrite(connection_info, target)
+            if dsn_key(info) not in idle:
+                continue
+            try:
+                cnx = pool._borrow(info)
+            except psycopg2.Error:
+                continue            # its idle connection was dead and it refuses a new one
+            try:
+                with cnx.cursor() as cur:
+                    cur.execute(REPLAYED_SQL)
+                    replayed = cur.fetchone()[0]
+                cnx.rollback()
+            except psycopg2.Error:
+                pool.give_back(cnx, keep_in_pool=False)
+                continue
+            if replayed is not None and replayed >= need:
+                self.table.note_replayed(target.index, replayed)
+                return target, cnx
+            pool.give_back(cnx)
+        return None, None
 
     def rewrite(self, connection_info, target):
         """``connection_info`` pointed at ``target`` (only host and port change)."""
@@ -160,12 +215,25 @@ class Router:
                 self.fallbacks[0][WRITE] += 1
                 thread.last_read = None
             self.writes[0] += 1
+            self.primary_pool = pool
             return pool._borrow(connection_info)
         tried = set()
         while True:
-            target, reason = self.choose(connection_info, tried)
+            target, reason, pinned, need = self.choose(connection_info, tried, pool)
+            if pinned and target is self.primary:
+                replica, cnx = self._replayed(pool, connection_info, pinned, need)
+                if cnx is not None:
+                    self.reads[replica.index] += 1
+                    self._local.last_read = replica.index
+                    return cnx
+                for replica in pinned:
+                    self.fallbacks[replica.index][PINNED] += 1
+            # A read the primary serves takes a connection of the read/write pool: the one
+            # that just wrote, for a read-your-writes read. Odoo sets the read-only session
+            # on every cursor, and the pool resets it when the connection is reused.
+            owner = self.primary_pool if target is self.primary else pool
             try:
-                cnx = pool._borrow(self.rewrite(connection_info, target))
+                cnx = (owner or pool)._borrow(self.rewrite(connection_info, target))
             except psycopg2.OperationalError as exc:
                 if target is self.primary:
                     raise
@@ -202,6 +270,7 @@ class Router:
         return counts
 
 
+REPLAYED_SQL = "SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint"
 WRITTEN_LSN_SQL = "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
 
 

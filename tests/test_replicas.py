@@ -10,6 +10,7 @@ from odoo_pool_patch.errors import ConfigError
 from odoo_pool_patch.metrics import render_servers
 from odoo_pool_patch.options import Settings, load_settings
 from odoo_pool_patch.replica_health import ACTIVE, MAX_BAN_FACTOR, servers_status, start_routing
+from odoo_pool_patch import replicas
 from odoo_pool_patch.replicas import Target, parse_replicas, targets_from_config, written_lsn
 from odoo_pool_patch.shared_state import SharedState
 
@@ -23,7 +24,7 @@ def routing(pg, replica_set, tmp_path, pools, info):
     """routing(weights=(1, 1), **settings) -> (read-only pool, read/write pool, router)."""
     made = []
 
-    def make(weights=(1, 1), required_lsn=None, **values):
+    def make(weights=(1, 1), required_lsn=None, maxconn=4, **values):
         settings = Settings(**{'replica_ban_time': 1.0, **values})
         state = SharedState(str(tmp_path / f'state{len(made)}'))
         targets = [Target(0, pg.host, pg.port, 0, 'primary')] + [
@@ -31,7 +32,7 @@ def routing(pg, replica_set, tmp_path, pools, info):
         router = start_routing(state, targets, settings,
                                {'user': 'odoo', 'sslmode': 'disable'}, required_lsn)
         made.append((router, state))
-        ro, rw = pools(4, readonly=True, settings=settings), pools(4, settings=settings)
+        ro, rw = pools(maxconn, readonly=True, settings=settings), pools(4, settings=settings)
         ro.router = rw.router = router
         return ro, rw, router
     yield make
@@ -181,16 +182,21 @@ def test_paused_replay_stops_reads_until_resumed(pg, replica_set, routing, info)
     assert wait_for(lambda: served_by(ro, info('db1')) == second.port, timeout=30, interval=0.05)
 
 
+def _write(rw, info, required, value):
+    """Set ryw.v to ``value`` on the primary; ``required[0]``: the WAL position to read it."""
+    cnx = rw.borrow(info('db1'))
+    with cnx.cursor() as cur:
+        cur.execute('UPDATE ryw SET v = %s', [value])
+    cnx.commit()
+    required[0] = written_lsn(cnx)
+    rw.give_back(cnx)
+
+
 def _read_your_writes_trials(pg, ro, rw, info, required, trials):
     """Write then read at once, ``trials`` times; returns the number of stale reads."""
     stale = 0
     for value in range(1, trials + 1):
-        cnx = rw.borrow(info('db1'))
-        with cnx.cursor() as cur:
-            cur.execute('UPDATE ryw SET v = %s', [value])
-        cnx.commit()
-        required[0] = written_lsn(cnx)
-        rw.give_back(cnx)
+        _write(rw, info, required, value)
         cnx = ro.borrow(info('db1'))
         with cnx.cursor() as cur:
             cur.execute('SELECT v FROM ryw')
@@ -227,6 +233,77 @@ def test_read_your_writes_never_reads_stale_and_off_does(pg, delayed_replica, ro
     ro_off, rw_off, _ = routing(weights=(0, 1), required_lsn=lambda: required[0],
                                 replica_max_lag=60.0, replica_read_your_writes=False)
     assert _read_your_writes_trials(pg, ro_off, rw_off, info, required, 5) >= 3
+
+
+@pytest.mark.parametrize('stick', [replicas.STICK, 0.0])
+def test_reads_keep_to_the_replica_the_pool_holds_a_connection_to(pg, replica_set, routing, info,
+                                                                   monkeypatch, stick):
+    """A pool with room for one connection (a tight budget) keeps to the replica it holds
+    a connection to nine times out of ten, instead of reconnecting at every other read;
+    both replicas still get their share. Control: with STICK = 0 it reconnects ~half the
+    time."""
+    monkeypatch.setattr(replicas, 'STICK', stick)
+    ro, _rw, _router = routing(weights=(1, 1), maxconn=1)
+    first, second = replica_set
+    ports = [served_by(ro, info('db1')) for _ in range(300)]
+    if stick:
+        assert ro.stats.opened < 60
+        assert ports.count(first.port) >= 30 and ports.count(second.port) >= 30
+    else:
+        assert ro.stats.opened > 100
+
+
+def _flushed_status(router):
+    router.table.add_counts(*router.take_counts())
+    return {row['name']: row for row in servers_status(router)}
+
+
+def _write_and_wait_for_replay(pg, rw, info, replica, required, value):
+    _write(rw, info, required, value)
+    replayed = "SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint"
+    assert wait_for(lambda: replica.sql(replayed)[0][0] >= required[0], timeout=30)
+
+
+def test_pinned_reads_ask_the_replica_then_use_the_writing_connection(pg, replica_set, routing,
+                                                                      info, app, monkeypatch):
+    """Read-your-writes with the shared replay positions left stale (no probe): a replica
+    that has replayed the session's write serves its next read, found by asking it on the
+    pool's idle connection; without that question (the control) the read is pinned to the
+    primary, and takes the read/write pool's connection there instead of opening one."""
+    pg.sql('CREATE TABLE IF NOT EXISTS ryw (v int)', dbname='db1')
+    pg.sql('TRUNCATE ryw; INSERT INTO ryw VALUES (0)', dbname='db1')
+    required = [None]
+    ro, rw, router = routing(weights=(1, 0), required_lsn=lambda: required[0],
+                             replica_max_lag=60.0)
+    first = replica_set[0]
+    assert served_by(ro, info('db1')) == first.port     # ro now holds a connection there
+    router.stop()
+    router.monitor = None           # no more probes: the shared replay position stays old
+    _write_and_wait_for_replay(pg, rw, info, first, required, 1)
+    assert served_by(ro, info('db1')) == first.port
+    assert _flushed_status(router)[f'127.0.0.1:{first.port}']['fallbacks']['pinned'] == 0
+
+    monkeypatch.setattr(replicas.Router, '_replayed', lambda self, *args: (None, None))
+    _write_and_wait_for_replay(pg, rw, info, first, required, 2)
+    opened = ro.stats.opened, rw.stats.opened
+    cnx = ro.borrow(info('db1'))
+    assert cnx in rw._used                               # lent by the read/write pool
+    cnx.set_session(readonly=True)                       # as Odoo's read-only cursor does
+    with cnx.cursor() as cur:
+        cur.execute('SELECT inet_server_port(), v FROM ryw')
+        assert cur.fetchone() == (pg.port, 2)
+    cnx.rollback()
+    ro.give_back(cnx)
+    assert (ro.stats.opened, rw.stats.opened) == opened
+    assert pg.count_connections(app, 'db1') == 1
+    assert _flushed_status(router)[f'127.0.0.1:{first.port}']['fallbacks']['pinned'] == 1
+    # Back in the read/write pool, the connection writes again: the read-only session ended.
+    again = rw.borrow(info('db1'))
+    assert again is cnx
+    with again.cursor() as cur:
+        cur.execute('UPDATE ryw SET v = 3')
+    again.commit()
+    rw.give_back(again)
 
 
 def test_dashboard_shows_every_server_and_a_stopped_replica(routing, replica_set, pg, info):
