@@ -58,3 +58,15 @@ def test_overload_never_exceeds_the_budget_and_never_fails(tmp_path):
     shared = rows['shared']
     assert shared['errors'] == 0 and shared['done'] > 0, shared
     assert shared['peak'] <= 3 and shared['over'] == 'no', shared
+
+
+def test_replicas_bench_routes_reads_to_replicas_without_stale_reads(tmp_path):
+    """Both replicas serve reads, the session's own writes are always seen with
+    db_pooling, and the stock-like single replica arm reads only from the first one."""
+    rows, _ = run_bench('replicas', tmp_path, '--seconds', '2', '--workers', '2',
+                        '--databases', '1', '--budget', '8')
+    ours, one = rows['db_pooling'], rows['one-replica']
+    assert ours['errors'] == 0 and ours['reads'] > 0 and ours['stale'] == 0, ours
+    assert ours['replica_share'] > 0.5, ours
+    assert rows['primary']['replica_share'] == 0 and one['replica_share'] == 1, rows
+    assert one['replica_peak'].endswith('/0'), one
