@@ -95,8 +95,12 @@ class SharedBudget:
             cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD] += 1
             return True
 
-    def acquire(self, priority, timeout):
-        """Take a slot, waiting in the shared queue up to ``timeout`` seconds. True if taken."""
+    def acquire(self, priority, timeout, wake=None):
+        """Take a slot, waiting in the shared queue up to ``timeout`` seconds. True if taken.
+
+        ``wake``: a ``threading.Event`` another thread of this process sets when it
+        serves this borrower itself (a connection handed over); the wait then ends
+        without a slot (False), without counting a timeout."""
         deadline = time.monotonic() + timeout
         with self.state.locked() as cells:
             self.state._reap_locked(cells)
@@ -109,6 +113,7 @@ class SharedBudget:
         state_index = ss.WAIT_BASE + slot * ss.W_FIELDS + ss.W_STATE
         cells = self.state.cells
         next_check = time.monotonic() + 0.25
+        woken = False
         try:
             while cells[state_index] != ss.GRANTED:
                 now = time.monotonic()
@@ -119,7 +124,12 @@ class SharedBudget:
                     with self.state.locked() as locked_cells:
                         self.state._reap_locked(locked_cells)
                         self._grant_locked(locked_cells)
-                time.sleep(min(self.poll_interval, max(deadline - now, 0)))
+                pause = min(self.poll_interval, max(deadline - now, 0))
+                if wake is None:
+                    time.sleep(pause)
+                elif wake.wait(pause):
+                    woken = True
+                    break
         finally:
             with self.state.locked() as locked_cells:
                 granted = locked_cells[state_index] == ss.GRANTED
@@ -127,7 +137,7 @@ class SharedBudget:
                     locked_cells[ss.H_WAITING] -= 1
                 base = ss.WAIT_BASE + slot * ss.W_FIELDS
                 ss.clear(locked_cells, base, ss.W_FIELDS)
-                if not granted:
+                if not granted and not woken:
                     self._count_locked(locked_cells, 'timeouts')
         return granted
 

@@ -53,6 +53,7 @@ _MISSING = object()
 # notices a dead server or NAT drop within about a minute and a half.
 DIRECT_KEEPALIVES = {'keepalives': 1, 'keepalives_idle': 60, 'keepalives_interval': 10,
                      'keepalives_count': 3}
+HANDOFF_BURST = 3      # same-database hand-offs in a row before a freed slot goes to the queue
 EXIT_WAIT = 2.0        # seconds a closed connection's slot waits for its backend to exit
 HANDOVER_WAIT = 0.005  # seconds the closing thread waits for that when someone needs the slot
 monotonic = time.monotonic
@@ -112,11 +113,26 @@ class _Waiter:
         self.since = monotonic()
 
 
+class _BudgetWait:
+    """A borrower of this process waiting in the shared budget's queue, which a thread
+    giving back a connection to the same database may serve directly instead."""
+    __slots__ = ('key', 'holder', 'cnx', 'event')
+
+    def __init__(self, key, holder):
+        self.key = key
+        self.holder = holder
+        self.cnx = None
+        self.event = threading.Event()
+
+
 class PoolStats:
     """Monotonic counters of one pool (the dashboard sums them across pools)."""
     __slots__ = ('borrows', 'reused', 'opened', 'waits', 'timeouts', 'closed_idle',
                  'closed_lifetime', 'closed_dead', 'closed_room', 'reclaimed_leaked',
                  'dead_replaced', 'leak_warnings', 'shed', 'budget_waits', 'budget_timeouts',
+                 # budget waiters served with a connection to their database given back by
+                 # another thread of this process, instead of a new one
+                 'handed_over',
                  # How reused connections were reset (db_pool_reset): skipped (clean), narrow
                  # (dirty), full (always mode, or what only DISCARD ALL clears), every
                  # (db_pool_reset_every), checked (idle past db_pool_check_after), rollback
@@ -182,6 +198,8 @@ class ConnectionPool:
         self._closing = 0            # slots of connections whose backend is exiting
         self._exiting = []           # [dup fd, give-up deadline, shed] per closing connection
         self._waiters = collections.deque()
+        self._budget_waits = {}      # dsn key -> deque of _BudgetWait, oldest first
+        self._handed_in_row = 0
         self._timer = None
         self._closed = False
         self.stats = PoolStats()
@@ -226,8 +244,9 @@ class ConnectionPool:
         if grant is _NEW:
             return self._open(connection_info, key, holder)
         if grant is _BUDGET:
-            self._wait_for_budget(key, holder)
-            return self._open(connection_info, key, holder)
+            grant = self._wait_for_budget(key, holder)
+            if grant is None:
+                return self._open(connection_info, key, holder)
         try:
             if type(grant) is _Room:
                 close_and_wait((grant.victim,))
@@ -267,6 +286,9 @@ class ConnectionPool:
                 self.stats.reset_closed += 1
             if keep_in_pool and not connection.closed and not (
                     connection._dbp_expires and connection._dbp_expires <= monotonic()):
+                if self._budget_waits and self._hand_over_locked(connection):
+                    return
+                self._handed_in_row = 0
                 self._push_idle_locked(connection)
                 if self._waiters:
                     self._hand_off_locked()
@@ -281,6 +303,27 @@ class ConnectionPool:
                 doomed, shed = [connection], 0
             self._closing += len(doomed)
         self._retire(doomed, shed)
+
+    def _hand_over_locked(self, cnx):
+        """Give ``cnx`` to the oldest borrower of this process waiting in the shared
+        budget's queue for the same database: it keeps its slot, and the borrower gets
+        a connection at once instead of a new one after some other connection closed.
+        At most HANDOFF_BURST in a row, so that the slots this process frees still
+        reach the other borrowers of the queue (other processes, other databases)."""
+        waits = self._budget_waits.get(cnx._dbp_key)
+        if not waits or self._handed_in_row >= HANDOFF_BURST:
+            return False
+        wait = waits.popleft()
+        if not waits:
+            del self._budget_waits[cnx._dbp_key]
+        self._handed_in_row += 1
+        cnx._dbp_last_used = monotonic()
+        self._used[cnx] = wait.holder
+        self._opening -= 1          # the local slot it reserved: the connection has one
+        self.stats.handed_over += 1
+        wait.cnx = cnx
+        wait.event.set()
+        return True
 
     def close_all(self, dsn=None):
         """Close every connection (in use ones too, as stock Odoo) or those of ``dsn``."""
@@ -564,19 +607,38 @@ class ConnectionPool:
         return prefixes['cron' if cron else 'http']
 
     def _wait_for_budget(self, key, holder):
-        """Wait for a slot of the shared budget (a local slot is already reserved)."""
+        """Wait for a slot of the shared budget (a local slot is already reserved): None
+        once taken, or the connection to ``key`` another thread gave back meanwhile
+        (already booked in use, see :meth:`_hand_over_locked`)."""
         budget = self.budget
         self.stats.budget_waits += 1
-        started, taken = monotonic(), False
+        wait = _BudgetWait(key, holder)
+        with self._lock:
+            self._budget_waits.setdefault(key, collections.deque()).append(wait)
+        started, taken, interrupted = monotonic(), False, False
         try:
             taken = budget.acquire(budget.priority(key_database(key), holder.thread),
-                                   self.settings.wait_timeout)
+                                   self.settings.wait_timeout, wake=wait.event)
+        except BaseException:       # gevent.Timeout, KeyboardInterrupt
+            interrupted = True
+            raise
         finally:
-            if not taken:
-                with self._lock:
+            with self._lock:
+                waits = self._budget_waits.get(key)
+                if waits and wait in waits:
+                    waits.remove(wait)
+                    if not waits:
+                        del self._budget_waits[key]
+                if wait.cnx is not None and interrupted:
+                    self._release_grant_locked(wait.cnx)    # back to idle
+                elif wait.cnx is None and not taken:
                     self._opening -= 1
                     if self._waiters:
                         self._hand_off_locked()
+        if wait.cnx is not None:
+            if taken:
+                budget.release()    # granted in the same instant: the slot is not needed
+            return wait.cnx
         if not taken:
             self.stats.budget_timeouts += 1
             raise PoolTimeout(
@@ -793,6 +855,8 @@ class ConnectionPool:
             os.close(entry[0])
         self._exiting = []
         self._waiters = collections.deque()
+        self._budget_waits = {}
+        self._handed_in_row = 0
         self._timer = None
 
 

@@ -12,6 +12,7 @@ import pytest
 from odoo_pool_patch import shared_state as ss
 from odoo_pool_patch.budget import SharedBudget
 from odoo_pool_patch.options import Settings
+from odoo_pool_patch import pool as pool_module
 from odoo_pool_patch.pool import ConnectionPool
 
 
@@ -188,6 +189,81 @@ def test_idle_connections_of_one_process_move_to_a_waiter_in_another(pg, shm_pat
     assert pool.stats.budget_waits == 1 and pg.count_connections(app) <= budget_size
     pool.give_back(cnx)
     assert collect(pid, fd) >= 1
+    pool.shutdown()
+
+
+@pytest.mark.parametrize('burst', [pool_module.HANDOFF_BURST, 0])
+def test_a_connection_given_back_goes_to_a_thread_waiting_for_its_database(
+        pg, shm_path, info, monkeypatch, burst):
+    """A thread waiting in the budget's queue for db1 gets the db1 connection another
+    thread of its process gives back: no close, no new backend. Control
+    (HANDOFF_BURST = 0): the connection is closed for the queue and a new one opened."""
+    monkeypatch.setattr(pool_module, 'HANDOFF_BURST', burst)
+    budget = make_budget(shm_path, 1)
+    pool = ConnectionPool(4, budget=budget, settings=Settings(wait_timeout=10))
+    first = pool.borrow(info('db1'))
+    got = {}
+    waiter = threading.Thread(target=lambda: got.update(cnx=pool.borrow(info('db1'))))
+    waiter.start()
+    assert pg.wait_until(lambda: budget.waiting() == 1, timeout=5)
+    pool.give_back(first)
+    waiter.join(10)
+    with got['cnx'].cursor() as cur:
+        cur.execute('SELECT 1')
+    got['cnx'].rollback()
+    if burst:
+        assert got['cnx'] is first
+        assert (pool.stats.handed_over, pool.stats.opened) == (1, 1)
+    else:
+        assert got['cnx'] is not first
+        assert (pool.stats.handed_over, pool.stats.opened) == (0, 2)
+    assert budget.state.cells[ss.H_WAITING] == 0
+    pool.give_back(got['cnx'])
+    pool.shutdown()
+
+
+@pytest.mark.parametrize('burst', [pool_module.HANDOFF_BURST, 10 ** 9])
+def test_hand_offs_leave_slots_for_other_processes(pg, shm_path, info, burst, monkeypatch):
+    """Three threads of one process pass one db1 connection among themselves while
+    another process waits for db2 on a budget of 1: after HANDOFF_BURST hand-offs in a
+    row a slot goes to the queue, so the other process is served while they go on.
+    Control (no limit): it waits until the threads stop."""
+    monkeypatch.setattr(pool_module, 'HANDOFF_BURST', burst)
+    go = shm_path + '.go'
+
+    def other_process():
+        while not os.path.exists(go):
+            time.sleep(0.01)
+        pool = ConnectionPool(2, budget=make_budget(shm_path, 1),
+                              settings=Settings(wait_timeout=20), timer_period=3600)
+        started = time.monotonic()
+        cnx = pool.borrow(info('db2'))
+        waited = time.monotonic() - started
+        pool.give_back(cnx, keep_in_pool=False)
+        return waited
+
+    pid, fd = fork(other_process)                # before any thread starts
+    budget = make_budget(shm_path, 1)
+    pool = ConnectionPool(4, budget=budget, settings=Settings(wait_timeout=20))
+    stop = time.monotonic() + 4
+
+    def loop():
+        while time.monotonic() < stop:
+            cnx = pool.borrow(info('db1'))
+            time.sleep(0.02)
+            pool.give_back(cnx)
+    threads = [threading.Thread(target=loop) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    open(go, 'w').close()
+    waited = collect(pid, fd)
+    for thread in threads:
+        thread.join()
+    if burst < 10 ** 9:
+        assert waited < 2.0 and pool.stats.handed_over > 0
+    else:
+        assert waited > 2.5
     pool.shutdown()
 
 
