@@ -13,7 +13,9 @@ are never more than ``maxconn`` slots. When none is free a borrower waits in a
 FIFO queue. A freed slot is handed directly to the head of the queue (as the
 idle connection itself when its DSN matches, otherwise as the right to open a
 new one after closing the idle connection), so a newcomer can never overtake
-a waiter.
+a waiter. With the shared budget, a connection given back goes first to a
+thread of this process waiting in the budget's queue for the same database
+(a bounded number of times in a row, see ``_hand_over_locked``).
 
 Network round trips (connect, reset, health check) are never made while
 holding the lock. Idle eviction, max lifetime, dead-socket detection, leaked
