@@ -83,6 +83,12 @@ class SharedBudget:
         """How many borrowers wait instance-wide (a lock-free read)."""
         return self.state.cells[ss.H_WAITING]
 
+    def has_room(self):
+        """Whether a slot is free for a non-cron borrower (a lock-free estimate)."""
+        cells = self.state.cells
+        return not cells[ss.H_WAITING] and \
+            self.state.total_held() < self.budget - self.cron_reserve
+
     def held(self):
         return self.state.cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD]
 

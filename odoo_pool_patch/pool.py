@@ -218,6 +218,11 @@ class ConnectionPool:
         return (f"ConnectionPool({mode};used={len(self._used)}/"
                 f"count={self._count()}/max={self._maxconn})")
 
+    def has_room(self):
+        """Whether a new connection could be opened now without closing another
+        (a lock-free estimate, for the replica choice)."""
+        return self._count() < self._maxconn and (self.budget is None or self.budget.has_room())
+
     def _dsn_equals(self, dsn1, dsn2):
         return dsn_equals(dsn1, dsn2)
 

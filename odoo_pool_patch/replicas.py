@@ -2,8 +2,9 @@
 
 A read-only pool (Odoo 18+'s ``_Pool_readonly``, or the 16/17 one of
 :mod:`.replica_routes`) gets a :class:`Router`. On every borrow the router
-picks a usable replica by weight (keeping, nine times out of ten, to one the
-pool already holds an idle connection to) and rewrites the host/port of the DSN; the
+picks a usable replica by weight (when the budget is full, keeping nine times
+out of ten to one the pool already holds an idle connection to) and rewrites the
+host/port of the DSN; the
 ``postgres`` database, URI DSNs and every read when no replica is usable go
 to the primary (the cursor still has a read-only session). A replica that
 refuses the connection is banned (shared with every process) and the borrow
@@ -24,9 +25,9 @@ from .errors import ConfigError
 
 BANNED, LAGGING, PINNED, WRITE = range(4)
 # Chance that a read stays on a replica its pool holds an idle connection to, when the
-# weighted pick is another replica the pool has none to. Connections cannot move between
-# processes: under a tight budget, switching replicas at every borrow would open (and
-# close) a connection almost every time.
+# weighted pick is another replica the pool has none to and no room to open one without
+# closing another (a full budget). Connections cannot move between processes: then,
+# switching replicas at every borrow would close and open a connection almost every time.
 STICK = 0.9
 REASONS = ('banned', 'lagging', 'pinned', 'write')
 
@@ -150,11 +151,11 @@ class Router:
         picked = random.choices(eligible, weights)[0]
         idle = pool._idle if pool is not None and len(eligible) > 1 else None
         if idle and random.random() < STICK and dsn_key(self.rewrite(connection_info, picked)) \
-                not in idle:
-            # Keep to a replica this pool already holds an idle connection to for this
-            # database, rather than open one on the weighted pick (and, with a full
-            # budget, close another for it). Switching at the rate 1 - STICK keeps the
-            # long-run share of each replica equal to its weight.
+                not in idle and not pool.has_room():
+            # No room for a connection on the weighted pick without closing another: keep
+            # to a replica this pool already holds an idle connection to for this
+            # database. Switching at the rate 1 - STICK keeps the long-run share of each
+            # replica equal to its weight.
             for target in eligible:
                 if dsn_key(self.rewrite(connection_info, target)) in idle:
                     return target, None, (), need

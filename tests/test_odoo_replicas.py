@@ -28,6 +28,10 @@ def server(odoo_tree, pg, replica_set, tmp_path_factory):
         'db_replicas': f'{first.host}:{first.port},{second.host}:{second.port}',
         'db_replica_ban_time': 2,
         'db_replica_readonly_methods': 'search_read,read,write',   # write: to prove the retry
+        # Room in the budget: every read follows the weighted choice, so that a few reads
+        # reach both replicas (with a full budget a worker keeps to the replica it holds a
+        # connection to, see replicas.STICK; tested in test_replicas.py).
+        'db_pool_max_connections': 20,
         'addons_path': odoo_tree.addons_path + ',' + TEST_ADDONS,
     }
     srv = OdooServer(odoo_tree, pg, workdir, options=options)
