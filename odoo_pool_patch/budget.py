@@ -119,7 +119,7 @@ class SharedBudget:
         state_index = ss.WAIT_BASE + slot * ss.W_FIELDS + ss.W_STATE
         cells = self.state.cells
         next_check = time.monotonic() + 0.25
-        woken = False
+        woken = interrupted = False
         try:
             while cells[state_index] != ss.GRANTED:
                 now = time.monotonic()
@@ -136,9 +136,18 @@ class SharedBudget:
                 elif wake.wait(pause):
                     woken = True
                     break
+        except BaseException:       # gevent.Timeout, KeyboardInterrupt
+            interrupted = True
+            raise
         finally:
             with self.state.locked() as locked_cells:
                 granted = locked_cells[state_index] == ss.GRANTED
+                if granted and interrupted:     # granted as it was interrupted: give it back
+                    held = ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD
+                    locked_cells[held] = max(locked_cells[held] - 1, 0)
+                    granted = False
+                    if locked_cells[ss.H_WAITING]:
+                        self._grant_locked(locked_cells)
                 if not granted and locked_cells[state_index] == ss.WAITING:
                     locked_cells[ss.H_WAITING] -= 1
                 base = ss.WAIT_BASE + slot * ss.W_FIELDS

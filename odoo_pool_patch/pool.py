@@ -330,6 +330,8 @@ class ConnectionPool:
         self.stats.handed_over += 1
         wait.cnx = cnx
         wait.event.set()
+        if self._waiters:           # the local slot it reserved is free for them
+            self._hand_off_locked()
         return True
 
     def close_all(self, dsn=None):

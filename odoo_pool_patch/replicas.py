@@ -113,6 +113,7 @@ class Router:
         self.required_lsn = required_lsn or (lambda: None)
         self.monitor = None         # replica_health.Monitor, set by start_routing
         self.primary_pool = None    # the read/write pool routed last (it lends to reads)
+        self.primary_infos = {}     # database -> connection_info of its last write borrow
         self._local = threading.local()
         self._counts_lock = threading.Lock()
         self._reset_counts()
@@ -184,6 +185,9 @@ class Router:
             except psycopg2.Error:
                 pool.give_back(cnx, keep_in_pool=False)
                 continue
+            except BaseException:
+                pool.give_back(cnx, keep_in_pool=False)
+                raise
             if replayed is not None and replayed >= need:
                 self.table.note_replayed(target.index, replayed)
                 return target, cnx
@@ -217,6 +221,7 @@ class Router:
                 thread.last_read = None
             self.writes[0] += 1
             self.primary_pool = pool
+            self.primary_infos[connection_info.get('database')] = connection_info
             return pool._borrow(connection_info)
         tried = set()
         while True:
@@ -229,12 +234,19 @@ class Router:
                     return cnx
                 for replica in pinned:
                     self.fallbacks[replica.index][PINNED] += 1
-            # A read the primary serves takes a connection of the read/write pool: the one
-            # that just wrote, for a read-your-writes read. Odoo sets the read-only session
-            # on every cursor, and the pool resets it when the connection is reused.
-            owner = self.primary_pool if target is self.primary else pool
+            # A read the primary serves takes a connection of the read/write pool, under
+            # the very connection_info of its writes (Odoo's read-only one may differ in
+            # host, port, user, sslmode...): the one that just wrote, for a read-your-writes
+            # read. Odoo sets the read-only session on every cursor, and the pool resets it
+            # when the connection is reused.
+            info = self.rewrite(connection_info, target)
+            owner = pool
+            if target is self.primary and self.primary_pool is not None:
+                written = self.primary_infos.get(connection_info.get('database'))
+                if written is not None:
+                    owner, info = self.primary_pool, written
             try:
-                cnx = (owner or pool)._borrow(self.rewrite(connection_info, target))
+                cnx = owner._borrow(info)
             except psycopg2.OperationalError as exc:
                 if target is self.primary:
                     raise

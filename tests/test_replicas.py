@@ -182,9 +182,9 @@ def test_paused_replay_stops_reads_until_resumed(pg, replica_set, routing, info)
     assert wait_for(lambda: served_by(ro, info('db1')) == second.port, timeout=30, interval=0.05)
 
 
-def _write(rw, info, required, value):
+def _write(rw, info, required, value, connection_info=None):
     """Set ryw.v to ``value`` on the primary; ``required[0]``: the WAL position to read it."""
-    cnx = rw.borrow(info('db1'))
+    cnx = rw.borrow(connection_info or info('db1'))
     with cnx.cursor() as cur:
         cur.execute('UPDATE ryw SET v = %s', [value])
     cnx.commit()
@@ -258,8 +258,8 @@ def _flushed_status(router):
     return {row['name']: row for row in servers_status(router)}
 
 
-def _write_and_wait_for_replay(pg, rw, info, replica, required, value):
-    _write(rw, info, required, value)
+def _write_and_wait_for_replay(pg, rw, info, replica, required, value, connection_info=None):
+    _write(rw, info, required, value, connection_info)
     replayed = "SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint"
     assert wait_for(lambda: replica.sql(replayed)[0][0] >= required[0], timeout=30)
 
@@ -279,12 +279,16 @@ def test_pinned_reads_ask_the_replica_then_use_the_writing_connection(pg, replic
     assert served_by(ro, info('db1')) == first.port     # ro now holds a connection there
     router.stop()
     router.monitor = None           # no more probes: the shared replay position stays old
-    _write_and_wait_for_replay(pg, rw, info, first, required, 1)
+    # Odoo's read/write connection_info may differ from its read-only one (here: no port,
+    # as Odoo leaves it out when db_port is not set; libpq takes PGPORT).
+    monkeypatch.setenv('PGPORT', str(pg.port))
+    written = {k: v for k, v in info('db1').items() if k != 'port'}
+    _write_and_wait_for_replay(pg, rw, info, first, required, 1, written)
     assert served_by(ro, info('db1')) == first.port
     assert _flushed_status(router)[f'127.0.0.1:{first.port}']['fallbacks']['pinned'] == 0
 
     monkeypatch.setattr(replicas.Router, '_replayed', lambda self, *args: (None, None))
-    _write_and_wait_for_replay(pg, rw, info, first, required, 2)
+    _write_and_wait_for_replay(pg, rw, info, first, required, 2, written)
     opened = ro.stats.opened, rw.stats.opened
     cnx = ro.borrow(info('db1'))
     assert cnx in rw._used                               # lent by the read/write pool
@@ -298,7 +302,7 @@ def test_pinned_reads_ask_the_replica_then_use_the_writing_connection(pg, replic
     assert pg.count_connections(app, 'db1') == 1
     assert _flushed_status(router)[f'127.0.0.1:{first.port}']['fallbacks']['pinned'] == 1
     # Back in the read/write pool, the connection writes again: the read-only session ended.
-    again = rw.borrow(info('db1'))
+    again = rw.borrow(written)
     assert again is cnx
     with again.cursor() as cur:
         cur.execute('UPDATE ryw SET v = 3')
