@@ -32,6 +32,14 @@ STICK = 0.9
 REASONS = ('banned', 'lagging', 'pinned', 'write')
 
 
+def database_of(connection_info):
+    """The database of an Odoo connection_info dict (``database`` or its ``dbname``
+    alias), None for the URI form (``dsn``)."""
+    if 'dsn' in connection_info:
+        return None
+    return connection_info.get('database', connection_info.get('dbname'))
+
+
 class Target:
     """One server: index 0 is the primary, then the replicas in configuration order."""
     __slots__ = ('index', 'host', 'port', 'weight', 'kind')
@@ -130,8 +138,8 @@ class Router:
         one ``pool`` holds an idle connection to (see STICK). Replicas whose only fault is
         that their last known replay position is behind this session's last write are
         returned, for :meth:`_replayed` to ask them directly."""
-        if 'dsn' in connection_info or not self.replicas or connection_info.get(
-                'database', connection_info.get('dbname')) == 'postgres':
+        if 'dsn' in connection_info or not self.replicas or database_of(
+                connection_info) == 'postgres':
             return self.primary, None, (), None
         need = self.required_lsn() if self.read_your_writes else None
         eligible, weights, reason, pinned = [], [], None, []
@@ -221,7 +229,9 @@ class Router:
                 thread.last_read = None
             self.writes[0] += 1
             self.primary_pool = pool
-            self.primary_infos[connection_info.get('database')] = connection_info
+            database = database_of(connection_info)
+            if database is not None:
+                self.primary_infos[database] = connection_info
             return pool._borrow(connection_info)
         tried = set()
         while True:
@@ -239,12 +249,13 @@ class Router:
             # host, port, user, sslmode...): the one that just wrote, for a read-your-writes
             # read. Odoo sets the read-only session on every cursor, and the pool resets it
             # when the connection is reused.
-            info = self.rewrite(connection_info, target)
-            owner = pool
+            owner, info = pool, None
             if target is self.primary and self.primary_pool is not None:
-                written = self.primary_infos.get(connection_info.get('database'))
-                if written is not None:
-                    owner, info = self.primary_pool, written
+                info = self.primary_infos.get(database_of(connection_info))
+                if info is not None:
+                    owner = self.primary_pool
+            if info is None:
+                info = self.rewrite(connection_info, target)
             try:
                 cnx = owner._borrow(info)
             except psycopg2.OperationalError as exc:

@@ -253,6 +253,26 @@ def test_reads_keep_to_the_replica_the_pool_holds_a_connection_to(pg, replica_se
         assert ro.stats.opened > 100
 
 
+def test_uri_connection_infos_are_never_lent_across_databases(pg, replica_set, routing, app):
+    """A read-only borrow with a URI (``dsn``) connection_info goes to the primary as
+    asked, never with the connection_info of another database's write."""
+    ro, rw, _router = routing()
+
+    def uri(database):
+        return {'dsn': f'postgresql://odoo@{pg.host}:{pg.port}/{database}?sslmode=disable',
+                'application_name': app}
+    cnx = rw.borrow(uri('db2'))
+    rw.give_back(cnx)
+    cnx = ro.borrow(uri('db3'))
+    try:
+        with cnx.cursor() as cur:
+            cur.execute('SELECT current_database()')
+            assert cur.fetchone()[0] == 'db3'
+        cnx.rollback()
+    finally:
+        ro.give_back(cnx)
+
+
 def _flushed_status(router):
     router.table.add_counts(*router.take_counts())
     return {row['name']: row for row in servers_status(router)}
