@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import footprint  # noqa: E402
 from bench._common import (ServerCounters, latency_figures, merge_rounds,  # noqa: E402
                            print_table, stock_pool_class, write_json)
-from odoo_pool_patch.demo import APP  # noqa: E402
+from odoo_pool_patch.demo import APP, error_kind  # noqa: E402
 from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
 from odoo_pool_patch.options import Settings  # noqa: E402
 from odoo_pool_patch.pool import ConnectionPool  # noqa: E402
@@ -80,13 +80,11 @@ class Pools:
             return
         from odoo_pool_patch.budget import SharedBudget
         from odoo_pool_patch.replica_health import start_routing
-        from odoo_pool_patch.replicas import Target, written_lsn
+        from odoo_pool_patch.replicas import written_lsn
         from odoo_pool_patch.shared_state import SharedState
         settings = Settings(idle_timeout=args.idle_timeout)
         budget = SharedBudget(SharedState(args.segment), args.budget, min_idle=1, role='http')
-        targets = [Target(0, primary.host, primary.port, 0, 'primary')] + [
-            Target(i, r.host, r.port, 1) for i, r in enumerate(replicas, 1)]
-        self.router = start_routing(budget.state, targets, settings, {'user': 'odoo'},
+        self.router = start_routing(budget.state, targets_of(servers), settings, {'user': 'odoo'},
                                     required_lsn=lambda: session['lsn'].get(session['id']))
         self.ro = ConnectionPool(64, readonly=True, settings=settings, budget=budget)
         self.rw = ConnectionPool(64, settings=settings, budget=budget)
@@ -152,7 +150,7 @@ def _serve(arm, servers, databases, args, stock_class, stop_at, seed, out):
                 stats['writes'] += 1
                 follow = (number, database)
         except Exception as exc:    # noqa: BLE001 - counted, the load goes on
-            kind = type(exc).__name__ + ': ' + str(exc).strip().split('\n')[0][:120]
+            kind = error_kind(exc)
             stats['errors'][kind] = stats['errors'].get(kind, 0) + 1
         time.sleep(args.reload_after if follow else rng.uniform(0.005, 0.03))
     for pool in {id(pools.ro): pools.ro, id(pools.rw): pools.rw}.values():
@@ -214,8 +212,7 @@ def run_arm(arm, servers, counters, databases, args, stock_class):
            'stale': merged['stale'], 'errors': sum(merged['errors'].values()),
            'pool': merged.get('pool', {}),
            'error_kinds': merged['errors'],
-           'fallbacks': (', '.join(f'{k} {v}' for k, v in fallbacks.items() if v) or 'none')
-           if fallbacks is not None else 'n/a', 'fallback_counts': fallbacks}
+           'fallbacks': describe_fallbacks(fallbacks), 'fallback_counts': fallbacks}
     figures = latency_figures(merged['latency'], args.seconds)
     row.update(ro_per_s=figures['per_s'], p50_ms=figures['p50_ms'], p99_ms=figures['p99_ms'])
     pool = row['pool']
@@ -229,34 +226,40 @@ def run_arm(arm, servers, counters, databases, args, stock_class):
 def fallback_counts(args, servers):
     """Reads the primary served instead of a replica, by reason, instance-wide."""
     from odoo_pool_patch.replica_health import ServerTable
-    from odoo_pool_patch.replicas import Target
     from odoo_pool_patch.shared_state import SharedState
-    targets = [Target(0, servers[0].host, servers[0].port, 0, 'primary')] + [
-        Target(i, r.host, r.port, 1) for i, r in enumerate(servers[1:], 1)]
-    rows = ServerTable(SharedState(args.segment, create=False), targets).status()
+    rows = ServerTable(SharedState(args.segment, create=False), targets_of(servers)).status()
     return rows[0]['fallbacks']
+
+
+def targets_of(servers):
+    """Routing targets of the benchmark's servers: the primary, then the replicas, weight 1."""
+    from odoo_pool_patch.replicas import Target
+    return [Target(0, servers[0].host, servers[0].port, 0, 'primary')] + [
+        Target(i, r.host, r.port, 1) for i, r in enumerate(servers[1:], 1)]
+
+
+def describe_fallbacks(counts):
+    """'pinned 572' for the table; n/a for the arms without db_pooling's routing."""
+    if counts is None:
+        return 'n/a'
+    return ', '.join(f'{reason} {n}' for reason, n in counts.items() if n) or 'none'
 
 
 def merge(label, runs):
     if not runs:
         return {'arm': label}
+    # Each round has a shared state of its own: its fallbacks add up.
+    routed = runs[0]['fallback_counts'] is not None
     row = merge_rounds(label, runs, worst=('primary_peak',), total=('errors', 'stale', 'reads',
                                                                     'writes'),
-                       mean=('ro_per_s', 'p50_ms', 'p99_ms'), counts=('error_kinds', 'pool'))
+                       mean=('ro_per_s', 'p50_ms', 'p99_ms'),
+                       counts=('error_kinds', 'pool') + (('fallback_counts',) if routed else ()))
     reads = sum(r['reads'] for r in runs)
     on_replicas = sum(r['replica_share'] * r['reads'] for r in runs if r['replica_share'])
     row['replica_share'] = on_replicas / reads if reads else None
     peaks = [max(r['replica_peaks'][i] for r in runs) for i in range(len(runs[0]['replica_peaks']))]
     row['replica_peak'] = '/'.join(map(str, peaks))
-    if runs[0]['fallback_counts'] is not None:
-        totals = {}
-        for run in runs:            # each round has a shared state of its own
-            for reason, n in run['fallback_counts'].items():
-                totals[reason] = totals.get(reason, 0) + n
-        row['fallbacks'] = ', '.join(f'{k} {v}' for k, v in totals.items() if v) or 'none'
-        row['fallback_counts'] = totals
-    else:
-        row['fallbacks'] = 'n/a'
+    row['fallbacks'] = describe_fallbacks(row.get('fallback_counts'))
     return row
 
 

@@ -143,11 +143,8 @@ class SharedBudget:
             with self.state.locked() as locked_cells:
                 granted = locked_cells[state_index] == ss.GRANTED
                 if granted and interrupted:     # granted as it was interrupted: give it back
-                    held = ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD
-                    locked_cells[held] = max(locked_cells[held] - 1, 0)
+                    self._give_back_locked(locked_cells, 1)
                     granted = False
-                    if locked_cells[ss.H_WAITING]:
-                        self._grant_locked(locked_cells)
                 if not granted and locked_cells[state_index] == ss.WAITING:
                     locked_cells[ss.H_WAITING] -= 1
                 base = ss.WAIT_BASE + slot * ss.W_FIELDS
@@ -171,13 +168,11 @@ class SharedBudget:
         """Give back slots of connections this process closed (``shed`` of them
         claimed with :meth:`claim_shed`); wakes the best waiters."""
         with self.state.locked() as cells:
-            base = ss.PROC_BASE + self.row * ss.P_FIELDS
-            cells[base + ss.P_HELD] = max(cells[base + ss.P_HELD] - count, 0)
             if shed:
+                base = ss.PROC_BASE + self.row * ss.P_FIELDS
                 cells[base + ss.P_SHEDDING] = max(cells[base + ss.P_SHEDDING] - shed, 0)
             self._count_locked(cells, 'closed', count)
-            if cells[ss.H_WAITING]:
-                self._grant_locked(cells)
+            self._give_back_locked(cells, count)
 
     def claim_shed(self, idle):
         """How many of this process's ``idle`` connections to close for the waiters.
@@ -195,6 +190,13 @@ class SharedBudget:
             return count
 
     # ------------------------------------------------------------------ under the lock
+    def _give_back_locked(self, cells, count):
+        """This process holds ``count`` slots fewer; the best waiters get them."""
+        held = ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD
+        cells[held] = max(cells[held] - count, 0)
+        if cells[ss.H_WAITING]:
+            self._grant_locked(cells)
+
     def _room_locked(self, cells, priority):
         return self._has_room(self._usage_locked(cells), priority)
 

@@ -42,6 +42,11 @@ def odoo_like_transaction(cur, rng):
                     [rng.randint(1, 50), rng.random() * 100])
 
 
+def error_kind(exc):
+    """How the loads count an error: its type and the first line of its message."""
+    return type(exc).__name__ + ': ' + str(exc).strip().split('\n')[0][:120]
+
+
 def _serve(pool, cluster_dsn, databases, stop_at, rng, think, stats, hold=0.0):
     """One request at a time until ``stop_at``; latency (borrow included) and borrow
     wait of each transaction, and the errors by kind, go into ``stats``. ``hold``:
@@ -63,7 +68,7 @@ def _serve(pool, cluster_dsn, databases, stop_at, rng, think, stats, hold=0.0):
             stats['latency'].append(time.perf_counter() - started)
             stats['wait'].append(borrowed - started)
         except Exception as exc:    # noqa: BLE001 - counted, the load goes on
-            kind = type(exc).__name__ + ': ' + str(exc).strip().split('\n')[0][:120]
+            kind = error_kind(exc)
             stats['errors'][kind] = stats['errors'].get(kind, 0) + 1
         time.sleep(rng.uniform(*think))     # think time between requests
 
@@ -260,7 +265,7 @@ def _drive_odoo(server, cluster, databases, label, args, count=None, interval=1.
                                    {'name': 'demo'})
                 stats['latency'].append(time.perf_counter() - started)
             except Exception as exc:       # noqa: BLE001 - counted
-                kind = type(exc).__name__ + ': ' + str(exc).strip().split('\n')[0][:120]
+                kind = error_kind(exc)
                 stats['errors'][kind] = stats['errors'].get(kind, 0) + 1
 
     def clients(seconds):

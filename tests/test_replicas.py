@@ -56,7 +56,7 @@ def served_by(pool, connection_info):
 
 
 def status(router):
-    router.monitor.flush()
+    router.table.add_counts(*router.take_counts())      # what the monitor thread does
     return {row['name']: row for row in servers_status(router)}
 
 
@@ -273,11 +273,6 @@ def test_uri_connection_infos_are_never_lent_across_databases(pg, replica_set, r
         ro.give_back(cnx)
 
 
-def _flushed_status(router):
-    router.table.add_counts(*router.take_counts())
-    return {row['name']: row for row in servers_status(router)}
-
-
 def _write_and_wait_for_replay(pg, rw, info, replica, required, value, connection_info=None):
     _write(rw, info, required, value, connection_info)
     replayed = "SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint"
@@ -305,7 +300,7 @@ def test_pinned_reads_ask_the_replica_then_use_the_writing_connection(pg, replic
     written = {k: v for k, v in info('db1').items() if k != 'port'}
     _write_and_wait_for_replay(pg, rw, info, first, required, 1, written)
     assert served_by(ro, info('db1')) == first.port
-    assert _flushed_status(router)[f'127.0.0.1:{first.port}']['fallbacks']['pinned'] == 0
+    assert status(router)[f'127.0.0.1:{first.port}']['fallbacks']['pinned'] == 0
 
     monkeypatch.setattr(replicas.Router, '_replayed', lambda self, *args: (None, None))
     _write_and_wait_for_replay(pg, rw, info, first, required, 2, written)
@@ -320,7 +315,7 @@ def test_pinned_reads_ask_the_replica_then_use_the_writing_connection(pg, replic
     ro.give_back(cnx)
     assert (ro.stats.opened, rw.stats.opened) == opened
     assert pg.count_connections(app, 'db1') == 1
-    assert _flushed_status(router)[f'127.0.0.1:{first.port}']['fallbacks']['pinned'] == 1
+    assert status(router)[f'127.0.0.1:{first.port}']['fallbacks']['pinned'] == 1
     # Back in the read/write pool, the connection writes again: the read-only session ended.
     again = rw.borrow(written)
     assert again is cnx
