@@ -54,6 +54,7 @@ class SharedBudget:
         self.role = role
         self.row = state.register(role)
         self.pid = os.getpid()
+        self.exchange = None    # an exchange.IdleExchange with db_pool_shared_idle
         _budgets.add(self)
         with state.locked() as cells:
             cells[ss.H_BUDGET] = self.budget
@@ -77,6 +78,8 @@ class SharedBudget:
         self.role = role
         self.row = self.state.register(role)
         self.pid = os.getpid()
+        if self.exchange is not None:
+            self.exchange.after_fork_in_child()
 
     # ------------------------------------------------------------------ slots
     def waiting(self):
@@ -173,6 +176,22 @@ class SharedBudget:
                 cells[base + ss.P_SHEDDING] = max(cells[base + ss.P_SHEDDING] - shed, 0)
             self._count_locked(cells, 'closed', count)
             self._give_back_locked(cells, count)
+
+    def take_slot(self, row, pid, serial):
+        """The slot of a connection taken from process ``pid`` (its ``row``) is now ours;
+        ``serial`` tells the donor it went (see :mod:`.exchange`)."""
+        with self.state.locked() as cells:
+            base = ss.PROC_BASE + row * ss.P_FIELDS
+            if cells[base + ss.P_PID] == pid:   # else reaped: its slots are free already
+                cells[base + ss.P_HELD] = max(cells[base + ss.P_HELD] - 1, 0)
+                cells[base + ss.P_GIVEN] = serial
+            cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD] += 1
+            self._count_locked(cells, 'taken')
+
+    def given_away(self, serial):
+        """Whether a taker took the slot of request ``serial`` (it then owns the connection)."""
+        with self.state.locked() as cells:
+            return cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_GIVEN] == serial
 
     def claim_shed(self, idle):
         """How many of this process's ``idle`` connections to close for the waiters.

@@ -242,6 +242,7 @@ def budget_settings(settings):
 
 def attach_budget(settings):
     from .budget import SharedBudget
+    from .exchange import IdleExchange
     from .shared_state import SharedState
     size, reserve, path = budget_settings(settings)
     try:
@@ -251,8 +252,13 @@ def attach_budget(settings):
                    f'db_pool_shared_path to a writable absolute path, or db_pool_shared = off.')
         _logger.critical('%s', message)
         raise SystemExit(message) from None
-    return SharedBudget(state, size, cron_reserve=reserve, min_idle=settings.min_idle,
-                        role=process_role())
+    budget = SharedBudget(state, size, cron_reserve=reserve, min_idle=settings.min_idle,
+                          role=process_role())
+    if settings.shared_idle and budget.role != 'gevent':
+        # The gevent process holds LISTEN connections and short websocket cursors:
+        # nothing worth offering, and a greenlet server would compete with the websockets.
+        budget.exchange = IdleExchange(budget)
+    return budget
 
 
 def _patch_worker_roles():

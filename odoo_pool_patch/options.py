@@ -172,9 +172,18 @@ OPTIONS += (
            'a whole number >= 0',
            'Idle connections the whole instance keeps open past db_pool_idle_timeout, ready for '
            'the next request. 0 closes everything at rest.'),
+    Option('db_pool_shared_idle', 'shared_idle', _bool, True,
+           'on or off',
+           'With db_pool_shared: a process that needs a connection to a database it holds none '
+           'of takes an idle one from another process of the instance (its socket is passed '
+           'over a Unix socket, its session and caches kept) instead of opening a new one: '
+           'a fraction of a millisecond instead of a new backend, and no connection opened or '
+           'closed. Only clean, non-TLS connections move. off: each process opens its own, '
+           'closing one of its idle ones if the budget is full. Turn it off if a security '
+           'module forbids passing file descriptors between processes.'),
     Option('db_pool_shared_path', 'shared_path', _path, None,
            'an absolute file path',
-           'File holding the shared state (about 250 kB). Default: a file in /dev/shm named '
+           'File holding the shared state (about 330 kB). Default: a file in /dev/shm named '
            'after the config file and database server, so the processes of one instance find '
            'it. Set the same path on a volume shared by several Odoo containers of one host to '
            'give them one budget.'),
@@ -319,6 +328,7 @@ class Settings:
     max_connections: int = None     # None: computed from the worker counts
     cron_reserve: int = None        # None: 1 with cron workers, else 0
     min_idle: int = 1
+    shared_idle: bool = True
     shared_path: str = None         # None: /dev/shm/odoo-db_pooling-<instance hash>
     metrics_token: str = None       # None: /db_pooling/metrics is off
     reset: str = 'smart'

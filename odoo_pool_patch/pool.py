@@ -41,6 +41,7 @@ from .errors import PoolError, PoolTimeout
 from .options import Settings
 from . import session_state
 from .session_tracking import SessionTracking, restore_characteristics, run_reset, track
+from .exchange import offerable
 from .tls import explain_failure, record as record_tls
 from . import maintenance
 
@@ -50,6 +51,7 @@ _logger = logging.getLogger('odoo.sql_db.pool')
 
 _NEW = object()        # grant: a reserved slot, open a new connection in it
 _BUDGET = object()     # grant: a reserved local slot; take a slot of the shared budget first
+_TAKE = object()       # grant: a reserved local slot; take another process's idle connection
 _MISSING = object()
 # libpq keepalives of direct connections: a LISTEN connection idle for hours
 # notices a dead server or NAT drop within about a minute and a half.
@@ -135,6 +137,8 @@ class PoolStats:
                  # budget waiters served with a connection to their database given back by
                  # another thread of this process, instead of a new one
                  'handed_over',
+                 # idle connections taken from / given to other processes (db_pool_shared_idle)
+                 'taken', 'given',
                  # How reused connections were reset (db_pool_reset): skipped (clean), narrow
                  # (dirty), full (always mode, or what only DISCARD ALL clears), every
                  # (db_pool_reset_every), checked (idle past db_pool_check_after), rollback
@@ -246,8 +250,17 @@ class ConnectionPool:
         with self._lock:
             if self._timer is None:
                 self._timer = maintenance.start(self)
+                if self.budget is not None and self.budget.exchange is not None:
+                    self.budget.exchange.add_pool(self)
             self.stats.borrows += 1
-            grant = self._acquire_locked(key, holder)
+            grant = self._acquire_locked(key, holder, take=True)
+        if grant is _TAKE:
+            cnx = self._take(key, holder)
+            if cnx is not None:
+                return cnx
+            with self._lock:
+                self._opening -= 1
+                grant = self._acquire_locked(key, holder)
         if grant is _NEW:
             return self._open(connection_info, key, holder)
         if grant is _BUDGET:
@@ -344,6 +357,8 @@ class ConnectionPool:
             for stack_key in [k for k in self._idle if key is None or k == key]:
                 stack = self._idle.pop(stack_key)
                 self._n_idle -= len(stack)
+                if stack[0]._dbp_khash:
+                    self.budget.exchange.changed(stack[0]._dbp_khash, -len(stack))
                 doomed.extend(stack)
             self._closing += len(doomed)
         if doomed:
@@ -355,20 +370,22 @@ class ConnectionPool:
     def _count(self):
         return len(self._used) + self._n_idle + self._opening + self._closing
 
-    def _acquire_locked(self, key, holder):
-        """A reused idle connection (now in use), ``_NEW`` or a ``_Room``."""
+    def _acquire_locked(self, key, holder, take=False):
+        """A reused idle connection (now in use), ``_NEW``, ``_BUDGET``, a ``_Room`` or,
+        if ``take``, ``_TAKE``."""
         if not self._waiters:
-            grant = self._grant_locked(key, holder)
+            grant = self._grant_locked(key, holder, take)
             if grant is None and self._reclaim_used_locked():
                 grant = self._grant_locked(key, holder)
             if grant is not None:
                 return grant
         return self._wait_locked(key, holder)
 
-    def _grant_locked(self, key, holder):
+    def _grant_locked(self, key, holder, take=False):
         """Take a slot for ``key``: a reused idle connection (booked in use at
-        once, so the slot is never counted free in between), ``_NEW``, a
-        ``_Room`` or None when there is no slot."""
+        once, so the slot is never counted free in between), ``_TAKE`` (if
+        ``take`` and another process offers one), ``_NEW``, a ``_Room`` or None
+        when there is no slot."""
         stack = self._idle.get(key)
         if stack:
             self._n_idle -= 1
@@ -376,8 +393,17 @@ class ConnectionPool:
             cnx = stack.pop()
             if not stack:
                 del self._idle[key]     # no empty stacks: the maintenance relies on it
+            if cnx._dbp_khash:
+                self.budget.exchange.changed(cnx._dbp_khash, -1)
             self._used[cnx] = holder
             return cnx
+        if take and self.budget is not None and self.budget.exchange is not None and \
+                self._count() < self._maxconn:
+            exchange = self.budget.exchange
+            khash = exchange.hash_of(key)
+            if khash and exchange.offered(khash):
+                self._opening += 1
+                return _TAKE
         if self._exiting and self._count() >= self._maxconn:
             self._finish_exits_locked()
         budget = self.budget
@@ -464,6 +490,8 @@ class ConnectionPool:
         else:
             stack.append(cnx)
         self._n_idle += 1
+        if cnx._dbp_khash:
+            self.budget.exchange.changed(cnx._dbp_khash, 1)
 
     def _remove_idle_locked(self, cnx):
         stack = self._idle[cnx._dbp_key]
@@ -471,6 +499,8 @@ class ConnectionPool:
         if not stack:
             del self._idle[cnx._dbp_key]
         self._n_idle -= 1
+        if cnx._dbp_khash:
+            self.budget.exchange.changed(cnx._dbp_khash, -1)
 
     def _retire(self, connections, shed=0):
         """Close connections already counted in ``_closing`` (lock not held).
@@ -574,6 +604,68 @@ class ConnectionPool:
             self.stats.opened += 1
         return cnx
 
+    def _take(self, key, holder):
+        """Take an idle connection to ``key`` from another process (a local slot is
+        reserved): it keeps the donor's age and lifetime. None if none came."""
+        try:
+            got = self.budget.exchange.take(self.budget.exchange.hash_of(key), key,
+                                            self.connection_factory)
+        except BaseException:
+            with self._lock:
+                self._opening -= 1
+            raise
+        if got is None:
+            return None
+        cnx, meta = got
+        self.prepare_connection(cnx, key)
+        cnx._dbp_born, cnx._dbp_expires, cnx._dbp_reuses = \
+            meta['born'], meta['expires'], meta['reuses']
+        cnx._dbp_direct = False if self.settings.direct_host else None
+        cnx._dbp_prefix = self._timeouts_prefix(key, holder)
+        with self._lock:
+            self._opening -= 1
+            self._used[cnx] = holder
+            self.stats.taken += 1
+        return cnx
+
+    def lend_idle(self, khash):
+        """For another process: our most recently used idle connection of ``khash`` if it
+        can move (see :func:`.exchange.offerable`), out of the books until :meth:`lent`."""
+        with self._lock:
+            for stack in self._idle.values():
+                if stack[0]._dbp_khash != khash:
+                    continue
+                cnx = stack[-1]
+                if cnx._dbp_dirty or (cnx._dbp_expires and cnx._dbp_expires < monotonic() + 5) \
+                        or not offerable(cnx) or socket_readable(cnx):
+                    return None
+                self._remove_idle_locked(cnx)
+                self._closing += 1      # its slot stays counted while it travels
+                return cnx
+        return None
+
+    def lent(self, cnx, outcome):
+        """End of a :meth:`lend_idle`: ``given`` (the taker has the session and the budget
+        slot: forget our copy without ending the session), ``lost`` (the taker took the
+        slot then died: close it) or ``kept`` (back to idle)."""
+        if outcome == 'given':
+            _neutralize(cnx)
+        if outcome != 'kept':
+            try:
+                cnx.close()
+            except psycopg2.Error:
+                pass
+        with self._lock:
+            self._closing -= 1
+            if outcome == 'given':
+                self.stats.given += 1
+            elif outcome == 'kept':
+                last_used = cnx._dbp_last_used
+                self._push_idle_locked(cnx)
+                cnx._dbp_last_used = last_used
+            if self._waiters:
+                self._hand_off_locked()
+
     def prepare_connection(self, cnx, key):
         """Set the bookkeeping attributes of a new connection for ``key``."""
         now = monotonic()
@@ -587,6 +679,10 @@ class ConnectionPool:
         cnx._dbp_expires = now + lifetime * (1 - 0.1 * random.random()) if lifetime else 0
         cnx._dbp_reuses = 0
         cnx._dbp_tracked = track(cnx)
+        exchange = self.budget.exchange if self.budget is not None else None
+        # Offered to other processes when idle: plain connections of ordinary databases.
+        cnx._dbp_khash = exchange.hash_of(key) if exchange is not None and cnx._dbp_tracked \
+            and not cnx.closed and not cnx.info.ssl_in_use else 0
 
     def _direct_info(self, connection_info, key):
         """connection_info for PostgreSQL itself (db_direct_host/port) when this

@@ -8,11 +8,11 @@ open the same file by path.
 
 Layout (indexes into the int64 array)::
 
-    header   64 cells         magic, version, budget, cron reserve, ticket counter, ...,
-                              database list generation (cell 10), then the counters of
-                              reaped processes, per role
+    header   80 cells         magic, version, budget, cron reserve, ticket counter, ...,
+                              database list generation (cell 10), rows ever used (cell 11),
+                              then the counters of reaped processes, per role
     process  N_PROC rows      pid, start time, role, held, in use, idle, long-lived,
-                              shedding, counters[N_COUNTERS]
+                              shedding, last idle connection given away, counters[N_COUNTERS]
     waiter   N_WAIT rows      pid, process row, priority, ticket, state, since (ms)
     history  N_HIST samples   time (ms), held, in use, idle, waiting, long-lived
     detail   N_PROC rows      pid, since (wall ms), then bytes: the database and the
@@ -20,9 +20,11 @@ Layout (indexes into the int64 array)::
     servers  4 cells + N_SRV rows   probe lease (pid, start, until ms), then per server
                               (primary first, then replicas): identity, kind, weight,
                               banned until, failures, probe time, replay LSN, lag, counters
+    offers   N_PROC rows      per process, N_OFFER pairs (database key hash, idle connections):
+                              what it can give to another process (see exchange)
 
 With N_PROC = 512, N_WAIT = 1024, N_HIST = 720 (one sample per 5 s for
-an hour) and N_SRV = 16 the segment is 254,752 bytes, whatever the budget: 1,024
+an hour), N_SRV = 16 and N_OFFER = 8 the segment is 328,608 bytes, whatever the budget: 1,024
 connections need at most 1,024 waiter rows, and one row per process.
 
 Every change is made under :meth:`SharedState.locked`: a thread lock (for the
@@ -42,24 +44,26 @@ import threading
 import time
 
 MAGIC = 0x6462706F6F6C3031      # "dbpool01"
-VERSION = 4          # bump on any layout change: older files are reinitialised
+VERSION = 5          # bump on any layout change: older files are reinitialised
 
 N_PROC = 512
 N_WAIT = 1024
 N_HIST = 720
-N_COUNTERS = 8
+N_COUNTERS = 9
+N_OFFER = 8
 
 # header cells
 H_MAGIC, H_VERSION, H_BUDGET, H_CRON_RESERVE, H_TICKET, H_WAITING, H_LAST_REAP, \
-    H_HIST_POS, H_HIST_LAST, H_MIN_IDLE, H_DB_LIST_GEN = range(11)
+    H_HIST_POS, H_HIST_LAST, H_MIN_IDLE, H_DB_LIST_GEN, H_ROWS = range(12)
 H_REAPED = 16           # + role * N_COUNTERS + counter: totals of processes that are gone
-HEADER = 64
+HEADER = 80
 
 # process row fields
-P_PID, P_START, P_ROLE, P_HELD, P_IN_USE, P_IDLE, P_LONG, P_SHEDDING = range(8)
-P_COUNTERS = 8
+P_PID, P_START, P_ROLE, P_HELD, P_IN_USE, P_IDLE, P_LONG, P_SHEDDING, P_GIVEN = range(9)
+P_COUNTERS = 9
 P_FIELDS = P_COUNTERS + N_COUNTERS
-COUNTERS = ('borrows', 'waits', 'timeouts', 'opened', 'closed', 'reused', 'shed', 'reaped')
+COUNTERS = ('borrows', 'waits', 'timeouts', 'opened', 'closed', 'reused', 'shed', 'reaped',
+            'taken')
 
 # waiter row fields and states
 W_PID, W_PROC, W_PRIORITY, W_TICKET, W_STATE, W_SINCE = range(6)
@@ -91,7 +95,8 @@ V_FALLBACKS = 12        # + reason index (replicas.REASONS)
 V_CONNS = 16            # client backends of our database user on that server (last probe)
 V_FIELDS = 20
 SRV_ROWS = SRV_BASE + SRV_LEASE
-CELLS = SRV_ROWS + N_SRV * V_FIELDS
+OFFER_BASE = SRV_ROWS + N_SRV * V_FIELDS
+CELLS = OFFER_BASE + N_PROC * N_OFFER * 2
 SIZE = CELLS * 8
 
 ROLES = ('master', 'http', 'cron', 'gevent', 'threaded', 'other')
@@ -210,6 +215,8 @@ class SharedState:
             cells[base + P_START] = start
             cells[base + P_ROLE] = ROLES.index(role) if role in ROLES else ROLES.index('other')
             cells[base + P_HELD] = held
+            clear(cells, OFFER_BASE + free * N_OFFER * 2, N_OFFER * 2)
+            cells[H_ROWS] = max(cells[H_ROWS], free + 1)
         return free
 
     def set_role(self, row, role):
@@ -275,6 +282,7 @@ class SharedState:
                 for i in range(N_COUNTERS):
                     cells[reaped + i] += cells[base + P_COUNTERS + i]
                 clear(cells, base, P_FIELDS)
+                clear(cells, OFFER_BASE + row * N_OFFER * 2, N_OFFER * 2)
         for row in range(N_WAIT):
             base = WAIT_BASE + row * W_FIELDS
             if cells[base + W_STATE] != FREE and cells[PROC_BASE + cells[base + W_PROC] * P_FIELDS

@@ -400,7 +400,7 @@ def test_shared_budget_with_8_workers_on_6_databases(odoo_tree, pg, tmp_path):
         pg.sql(f'CREATE DATABASE "{name}" TEMPLATE "{databases[0]}" OWNER odoo')
     srv = OdooServer(odoo_tree, pg, str(tmp_path), name='budget', options={
         'workers': 8, 'max_cron_threads': 1, 'db_pool_idle_timeout': 2,
-        'dbfilter': f'^{prefix}.*$'})
+        'dbfilter': f'^{prefix}.*$', 'db_pool_shared_path': str(tmp_path / 'budget-state')})
     srv.start()
     try:
         assert set(databases) <= set(srv.jsonrpc('db', 'list'))     # not monodb
@@ -429,6 +429,13 @@ def test_shared_budget_with_8_workers_on_6_databases(odoo_tree, pg, tmp_path):
         assert not errors, errors[:3]
         assert 6 <= peak <= 12, peak
         assert 'one budget of 12 server connections for the whole instance' in srv.log()
+        # Workers took over each other's idle connections (db_pool_shared_idle) instead of
+        # opening new ones for a database they held none of.
+        from odoo_pool_patch import shared_state as ss
+        state = ss.SharedState(str(tmp_path / 'budget-state'), create=False)
+        taken = sum(counters['taken'] for counters in state.counter_totals().values())
+        state.close()
+        assert taken > 0
         assert get_metrics(srv, METRICS_TOKEN)[0] == 404     # no token configured: off
         # At rest: min_idle (1) plus the long-lived LISTEN connections (postgres database).
         def at_rest():

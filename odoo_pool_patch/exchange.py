@@ -1,0 +1,363 @@
+"""Idle connections move between the processes of an instance instead of being reopened.
+
+A libpq connection lives in one process, but its server session is only a
+socket. When a worker needs a connection to a database it holds none of, and
+another process of the instance holds one idle, the taker asks that process
+for it (``db_pool_shared_idle``): the donor sends the socket over a Unix socket
+(``SCM_RIGHTS``, as PgBouncer's online restart passes its server sockets), the
+taker gives libpq a fresh connection whose start-up it answers itself with the
+donor's session parameters, then puts the real socket under it (``dup2``).
+The backend, its warm caches and its budget slot change process; no server
+connection is opened or closed. It costs a fraction of a millisecond, against
+several for a new backend (fork, authentication, cold catalog caches).
+
+Who offers what is in the shared state: per process, up to ``N_OFFER`` pairs
+(hash of the database key, idle connections), written by that process only,
+read lock-free by takers. A stale offer costs the taker one refusal.
+
+Only clean connections move: no transaction, no session state (``_dbp_dirty``),
+plain TCP or Unix socket (never TLS: its state lives in the donor's libpq),
+not to the long-lived databases (LISTEN), not close to their max lifetime.
+
+The budget slot moves with the connection in one locked step done by the taker
+(donor ``held`` - 1, taker ``held`` + 1, donor's ``P_GIVEN`` = the request's
+sequence number), then the taker acknowledges. A donor that gets no
+acknowledgement reads ``P_GIVEN``: the slot moved (the taker died right after)
+and its own copy is closed, or it did not, and the connection goes back idle.
+"""
+import hashlib
+import itertools
+import json
+import logging
+import os
+import random
+import socket
+import struct
+import threading
+import weakref
+
+import psycopg2
+import psycopg2.extensions
+
+from . import shared_state as ss
+
+_logger = logging.getLogger('odoo.sql_db.pool')
+
+# Session parameters the server reports (GUC_REPORT), replayed to the taker's libpq.
+REPORTED = ('application_name', 'client_encoding', 'DateStyle', 'default_transaction_read_only',
+            'in_hot_standby', 'integer_datetimes', 'IntervalStyle', 'is_superuser',
+            'scram_iterations', 'search_path', 'server_encoding', 'server_version',
+            'session_authorization', 'standard_conforming_strings', 'TimeZone')
+REPLY_TIMEOUT = 0.25    # seconds a taker waits for a donor (a busy donor thread waits for the GIL)
+ACK_TIMEOUT = 2.0       # seconds a donor waits for the taker to say it took the connection
+_SSL_REQUEST, _GSS_REQUEST = 80877103, 80877104
+_REQUEST = struct.Struct('!qqqq')       # key hash, taker pid, donor row, sequence number
+
+
+def key_hash(key):
+    """Stable hash of a DSN key across processes, application_name left out (Odoo
+    names each process's connections after its pid), never 0."""
+    text = repr(tuple(item for item in key if item[0] != 'application_name'))
+    value = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), 'big', signed=True)
+    return value or 1
+
+
+def offerable(cnx):
+    """Whether an idle connection can move to another process (no round trip)."""
+    try:
+        return (not cnx.closed and cnx.status == psycopg2.extensions.STATUS_READY
+                and cnx.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+                and not cnx.info.ssl_in_use
+                and (cnx.info.parameter_status('DateStyle') or '').startswith('ISO'))
+    except psycopg2.Error:
+        return False
+
+
+class IdleExchange:
+    """The idle connections this process offers to, and takes from, the others.
+
+    :param budget: this process's :class:`~.budget.SharedBudget`.
+    """
+
+    def __init__(self, budget):
+        self.budget = budget
+        self.state = budget.state
+        self._tag = hashlib.sha1(self.state.path.encode()).hexdigest()[:12]
+        self._lock = threading.Lock()
+        self._hashes = {}           # dsn key -> key hash (0: never offered)
+        self._reset_process()
+
+    def _reset_process(self):
+        self._counts = {}           # key hash -> idle connections of this process
+        self._entries = {}          # key hash -> offer entry index in our row
+        self._listener = None
+        self._pools = weakref.WeakSet()
+        self._wrap_lock = threading.Lock()
+        self._serials = itertools.count(1)
+
+    def after_fork_in_child(self):
+        """A forked child offers nothing yet; the parent's listener is not ours."""
+        if self._listener is not None:
+            self._listener.close()
+        self._lock = threading.Lock()
+        self._reset_process()
+
+    # ------------------------------------------------------------------ offers
+    def hash_of(self, key):
+        khash = self._hashes.get(key)
+        if khash is None:
+            from .budget import LONG_LIVED_DATABASES
+            from .dsn import key_database
+            khash = 0 if key_database(key) in LONG_LIVED_DATABASES else key_hash(key)
+            self._hashes[key] = khash
+        return khash
+
+    def add_pool(self, pool):
+        with self._lock:
+            self._pools.add(pool)
+
+    def changed(self, khash, delta):
+        """This process holds ``delta`` more (or fewer) idle connections of ``khash``."""
+        with self._lock:
+            count = max(self._counts.get(khash, 0) + delta, 0)
+            self._counts[khash] = count
+            entry = self._entries.get(khash)
+            cells = self.state.cells
+            base = ss.OFFER_BASE + self.budget.row * ss.N_OFFER * 2
+            if entry is None:
+                if not count:
+                    return
+                if self._listener is None and not self._listen():
+                    return
+                entry = self._free_entry_locked(cells, base)
+                if entry is None:
+                    return          # offers full: this database is not offered
+                self._entries[khash] = entry
+                cells[base + 2 * entry] = khash
+            cells[base + 2 * entry + 1] = count
+
+    def _free_entry_locked(self, cells, base):
+        used = set(self._entries.values())
+        for entry in range(ss.N_OFFER):
+            if entry not in used:
+                return entry
+        for khash, entry in list(self._entries.items()):
+            if not self._counts.get(khash):
+                del self._entries[khash]
+                cells[base + 2 * entry + 1] = 0
+                return entry
+        return None
+
+    def offered(self, khash):
+        """[(idle count, donor row, donor pid)] of other processes offering ``khash``."""
+        cells = self.state.cells
+        rows = cells[ss.H_ROWS]
+        offers = cells[ss.OFFER_BASE:ss.OFFER_BASE + rows * ss.N_OFFER * 2].tolist()
+        found, start, mine = [], 0, self.budget.row
+        while True:
+            try:
+                at = offers.index(khash, start)
+            except ValueError:
+                return found
+            start = at + 1
+            row = at // (ss.N_OFFER * 2)
+            if at % 2 == 0 and offers[at + 1] > 0 and row != mine:
+                pid = cells[ss.PROC_BASE + row * ss.P_FIELDS + ss.P_PID]
+                if pid:
+                    found.append((offers[at + 1], row, pid))
+
+    # ------------------------------------------------------------------ donor
+    def _address(self, row, pid):
+        return f'\0odoo-db_pooling-{self._tag}-{row}-{pid}'
+
+    def _listen(self):
+        """Start answering takers (lazily: the first time this process has an offer)."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            listener.bind(self._address(self.budget.row, os.getpid()))
+            listener.listen(16)
+        except OSError as exc:
+            listener.close()
+            _logger.info('db_pooling: this process cannot offer its idle connections to the '
+                         'others (%s); it opens its own', exc)
+            self._listener = False
+            return False
+        self._listener = listener
+        threading.Thread(target=self._serve, args=(listener,), daemon=True,
+                         name='db_pooling-exchange').start()
+        return True
+
+    def _serve(self, listener):
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return              # closed (fork, shutdown)
+            try:
+                with conn:
+                    self._answer(conn)
+            except Exception:       # a taker that vanished, a bad request
+                _logger.debug('db_pooling exchange: request failed', exc_info=True)
+
+    def _answer(self, conn):
+        conn.settimeout(ACK_TIMEOUT)
+        request = conn.recv(512)
+        if len(request) < _REQUEST.size:
+            return
+        khash, taker_pid, row, serial = _REQUEST.unpack_from(request)
+        app = request[_REQUEST.size:].decode('utf-8', 'replace')
+        if row != self.budget.row:
+            conn.send(b'N')
+            return
+        for pool in list(self._pools):
+            cnx = pool.lend_idle(khash)
+            if cnx is not None:
+                break
+        else:
+            conn.send(b'N')
+            return
+        outcome = 'kept'
+        try:
+            if app and cnx.info.parameter_status('application_name') != app:
+                _set_application_name(cnx, app)
+            meta = {'params': [(name, value) for name in REPORTED
+                               for value in [cnx.info.parameter_status(name)] if value is not None],
+                    'pid': cnx.info.backend_pid, 'born': cnx._dbp_born,
+                    'expires': cnx._dbp_expires, 'reuses': cnx._dbp_reuses}
+            socket.send_fds(conn, [b'Y' + json.dumps(meta).encode()], [cnx.fileno()])
+            if conn.recv(1) == b'A':
+                outcome = 'given'
+        except (OSError, psycopg2.Error):
+            pass
+        if outcome != 'given' and self.budget.given_away(serial):
+            outcome = 'lost'        # the taker took the slot, then died before saying so
+        pool.lent(cnx, outcome)
+
+    # ------------------------------------------------------------------ taker
+    def take(self, khash, key, factory):
+        """A connection to ``key`` taken from another process's idle ones, with the
+        donor's bookkeeping (``born``, ``expires``, ``reuses``), or None."""
+        offers = self.offered(khash)
+        if not offers:
+            return None
+        offers.sort(reverse=True)
+        app = dict(key).get('application_name', '').encode()[:200]
+        for _count, row, pid in offers[:2]:
+            got = self._take_from(row, pid, khash, key, factory, app)
+            if got is not None:
+                return got
+        return None
+
+    def _take_from(self, row, pid, khash, key, factory, app):
+        serial = random.getrandbits(62) + 1
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.settimeout(REPLY_TIMEOUT)
+            try:
+                conn.connect(self._address(row, pid))
+                conn.send(_REQUEST.pack(khash, os.getpid(), row, serial) + app)
+                message, fds, _flags, _addr = socket.recv_fds(conn, 65536, 1)
+            except OSError:
+                return None
+            if not fds:
+                return None
+            try:
+                meta = json.loads(message[1:])
+                cnx = self._wrap(fds[0], meta, key, factory)
+            except Exception as exc:
+                os.close(fds[0])    # a copy: the donor still has the socket, keeps it idle
+                _logger.info('db_pooling: could not take over an idle connection of process '
+                             '%s (%s); opening one', pid, exc)
+                return None
+            self.budget.take_slot(row, pid, serial)
+            try:
+                conn.send(b'A')
+            except OSError:
+                pass                # the donor reads P_GIVEN
+            return cnx, meta
+
+    def _wrap(self, fd, meta, key, factory):
+        """A psycopg2 connection over ``fd``: libpq's start-up is answered here with
+        the donor's session parameters, then the real socket replaces the fake one."""
+        reply = _startup_reply(meta['params'], meta['pid'])
+        items = dict(key)
+        kwargs = {'dbname': items.get('database', ''), 'user': items.get('user', '')}
+        with self._wrap_lock:
+            name = f'db_pooling-take-{os.getpid()}-{next(self._serials)}'
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                listener.bind(f'\0{name}/.s.PGSQL.5432')
+                listener.listen(1)
+                listener.settimeout(2.0)
+                served = []
+                thread = threading.Thread(target=_serve_startup, args=(listener, reply, served),
+                                          daemon=True, name='db_pooling-exchange-startup')
+                thread.start()
+                try:
+                    cnx = psycopg2.connect(host='@' + name, port=5432, connection_factory=factory,
+                                           connect_timeout=2, **_FAKE_OPTIONS, **kwargs)
+                finally:
+                    thread.join(2.0)
+            finally:
+                listener.close()
+        try:
+            os.dup2(fd, cnx.fileno())
+        finally:
+            os.close(fd)
+            for end in served:
+                end.close()
+        return cnx
+
+
+def _set_application_name(cnx, app):
+    from .session_tracking import run_reset
+    from psycopg2 import sql
+    run_reset(cnx, sql.SQL('SET application_name = {}').format(sql.Literal(app)).as_string(cnx))
+
+
+# Options of the fake start-up, over the environment (PGSSLMODE, PGREQUIREAUTH...).
+_FAKE_OPTIONS = {'sslmode': 'disable', 'gssencmode': 'disable', 'channel_binding': 'disable',
+                 'target_session_attrs': 'any'}
+if psycopg2.extensions.libpq_version() >= 160000:
+    _FAKE_OPTIONS['require_auth'] = 'none'
+
+
+def _startup_reply(params, pid):
+    """AuthenticationOk, the parameters, BackendKeyData, ReadyForQuery (idle)."""
+    out = [b'R' + struct.pack('!ii', 8, 0)]
+    for name, value in params:
+        body = name.encode() + b'\0' + value.encode() + b'\0'
+        out.append(b'S' + struct.pack('!i', 4 + len(body)) + body)
+    out.append(b'K' + struct.pack('!iii', 12, pid, 0))
+    out.append(b'Z' + struct.pack('!i', 5) + b'I')
+    return b''.join(out)
+
+
+def _recv_exact(sock, size):
+    data = b''
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError('libpq closed the start-up connection')
+        data += chunk
+    return data
+
+
+def _serve_startup(listener, reply, served):
+    """Answer one libpq start-up (SSL or GSS encryption requests refused) with ``reply``."""
+    try:
+        end, _ = listener.accept()
+    except OSError:
+        return
+    served.append(end)
+    try:
+        end.settimeout(2.0)
+        while True:
+            (length,) = struct.unpack('!i', _recv_exact(end, 4))
+            body = _recv_exact(end, length - 4)
+            if struct.unpack('!i', body[:4])[0] in (_SSL_REQUEST, _GSS_REQUEST):
+                end.sendall(b'N')
+                continue
+            end.sendall(reply)
+            return
+    except (OSError, EOFError):
+        return

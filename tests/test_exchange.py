@@ -1,0 +1,168 @@
+"""Idle connections move between processes (db_pool_shared_idle): real forked processes,
+real PostgreSQL, SIGKILL."""
+import os
+import signal
+import time
+
+import pytest
+
+from odoo_pool_patch import shared_state as ss
+from odoo_pool_patch.budget import SharedBudget
+from odoo_pool_patch.exchange import IdleExchange
+from odoo_pool_patch.options import Settings
+from odoo_pool_patch.pool import ConnectionPool
+
+from conftest import backend_pid
+
+
+def make_pool(path, exchange=True, budget=4):
+    shared = SharedBudget(ss.SharedState(path), budget, role='http')
+    if exchange:
+        shared.exchange = IdleExchange(shared)
+    return ConnectionPool(4, settings=Settings(), budget=shared)
+
+
+def donor(path, connection_info, ready, dirty=False):
+    """A child that leaves one idle connection in its pool, says its backend pid on
+    ``ready`` and waits for SIGTERM (then reports how many it gave and still holds)."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:                                    # pragma: no cover - child
+        pool = make_pool(path)
+        cnx = pool.borrow(connection_info)
+        number = backend_pid(cnx)
+        if dirty:
+            with cnx.cursor() as cur:
+                cur.execute("SET work_mem = '8MB'")     # session state: never given away
+        cnx.commit()
+        pool.give_back(cnx)
+        os.write(ready, str(number).encode())
+        signal.sigwait({signal.SIGTERM})
+        os._exit(0)
+    finally:
+        os._exit(1)
+
+
+def start_donor(path, connection_info, dirty=False):
+    read_end, write_end = os.pipe()
+    pid = donor(path, connection_info, write_end, dirty)
+    os.close(write_end)
+    number = int(os.read(read_end, 32))
+    os.close(read_end)
+    return pid, number
+
+
+def stop(pid, sig=signal.SIGTERM):
+    try:
+        os.kill(pid, sig)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def held(state):
+    return {row['pid']: row['held'] for row in state.processes()}
+
+
+@pytest.mark.parametrize('shared_idle', [True, False])
+def test_a_process_takes_the_idle_connection_of_another(pg, info, tmp_path, shared_idle):
+    path = str(tmp_path / 'segment')
+    pid, donor_backend = start_donor(path, info('db2'))
+    pool = make_pool(path, exchange=shared_idle)
+    try:
+        taker_info = info('db2', application_name=info()['application_name'] + '-taker')
+        cnx = pool.borrow(taker_info)
+        with cnx.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid(), current_setting('application_name'), "
+                        "current_database()")
+            backend, application, database = cur.fetchone()
+        cnx.commit()
+        if not shared_idle:
+            assert backend != donor_backend and pool.stats.opened == 1
+            return
+        # The same server session, now ours: named after us, its slot moved with it.
+        assert backend == donor_backend and cnx.info.backend_pid == donor_backend
+        assert application.endswith('-taker') and database == 'db2'
+        assert (pool.stats.taken, pool.stats.opened) == (1, 0)
+        assert held(pool.budget.state) == {pid: 0, os.getpid(): 1}
+        assert pg.count_connections(datname='db2') == 1
+        pool.give_back(cnx)
+        again = pool.borrow(taker_info)
+        assert backend_pid(again) == donor_backend and pool.stats.reused == 1
+        pool.give_back(again)
+        stop(pid)                   # the donor's exit does not end the session it gave
+        assert pg.count_connections(datname='db2') == 1
+        pool.close_all()
+        assert pg.wait_until(lambda: pg.count_connections(datname='db2') == 0)
+        assert pg.wait_until(lambda: pool.budget.state.total_held() == 0)   # exit seen
+    finally:
+        stop(pid)
+        pool.shutdown()
+
+
+def test_a_connection_with_session_state_is_not_given(pg, info, tmp_path):
+    path = str(tmp_path / 'segment')
+    pid, donor_backend = start_donor(path, info('db3'), dirty=True)
+    pool = make_pool(path)
+    try:
+        cnx = pool.borrow(info('db3'))
+        assert backend_pid(cnx) != donor_backend
+        assert (pool.stats.taken, pool.stats.opened) == (0, 1)
+        assert pg.count_connections(info()['application_name'], datname='db3') == 2
+        pool.give_back(cnx)
+    finally:
+        stop(pid)
+        pool.shutdown()
+
+
+def test_a_taker_killed_after_taking_frees_its_slot_and_the_session(pg, info, tmp_path):
+    path = str(tmp_path / 'segment')
+    pid, donor_backend = start_donor(path, info('db1'))
+    read_end, write_end = os.pipe()
+    taker = os.fork()
+    if taker == 0:                          # pragma: no cover - child
+        try:
+            pool = make_pool(path)
+            cnx = pool.borrow(info('db1'))
+            os.write(write_end, f'{backend_pid(cnx)} {pool.stats.taken}'.encode())
+            time.sleep(60)
+        finally:
+            os._exit(1)
+    os.close(write_end)
+    state = ss.SharedState(path)
+    try:
+        backend, taken = map(int, os.read(read_end, 64).split())
+        assert (backend, taken) == (donor_backend, 1)
+        assert held(state) == {pid: 0, taker: 1}
+        stop(taker, signal.SIGKILL)
+        # The donor kept no copy: the session ends with the taker, its slot is reaped.
+        assert pg.wait_until(lambda: pg.count_connections(datname='db1') == 0)
+        state.reap(force=True)
+        assert state.total_held() == 0
+    finally:
+        os.close(read_end)
+        stop(taker, signal.SIGKILL)
+        stop(pid)
+        state.close()
+
+
+def test_offers_of_a_killed_process_are_not_waited_for(pg, info, tmp_path):
+    path = str(tmp_path / 'segment')
+    pid, donor_backend = start_donor(path, info('db2'))
+    pool = make_pool(path)
+    try:
+        khash = pool.budget.exchange.hash_of(tuple(sorted(
+            (k, str(v)) for k, v in info('db2').items() if k != 'password')))
+        assert pool.budget.exchange.offered(khash)
+        stop(pid, signal.SIGKILL)
+        started = time.monotonic()
+        cnx = pool.borrow(info('db2'))      # its offer is still published: refused at once
+        assert time.monotonic() - started < 1.0
+        assert backend_pid(cnx) != donor_backend and pool.stats.opened == 1
+        pool.give_back(cnx)
+        pool.budget.state.reap(force=True)
+        assert not pool.budget.exchange.offered(khash)
+    finally:
+        stop(pid)
+        pool.shutdown()
