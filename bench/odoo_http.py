@@ -34,7 +34,8 @@ from odoo_pool_patch.odoo_runner import OdooServer, available_trees, find_odoo  
 ARMS = ('stock', 'db_pooling', 'pgbouncer')
 # More db_pooling arms, on demand (--arms): odoo.conf options on top of the defaults;
 # also db_pooling_b<N>: db_pool_max_connections = N.
-VARIANTS = {'db_pooling_nocache': {'db_pool_list_dbs_cache': 0}}
+VARIANTS = {'db_pooling_nocache': {'db_pool_list_dbs_cache': 0},
+            'db_pooling_noshare': {'db_pool_shared_idle': 'off'}}
 COLUMNS = [('arm', 'arm', ''), ('peak', 'peak', 'd'), ('mean', 'mean', '.1f'),
            ('at_rest', 'at rest', 'd'), ('requests', 'requests', 'd'), ('per_s', 'req/s', '.1f'),
            ('p50_ms', 'p50 ms', '.1f'), ('p99_ms', 'p99 ms', '.1f'), ('errors', 'errors', 'd'),

@@ -178,20 +178,28 @@ class SharedBudget:
             self._give_back_locked(cells, count)
 
     def take_slot(self, row, pid, serial):
-        """The slot of a connection taken from process ``pid`` (its ``row``) is now ours;
-        ``serial`` tells the donor it went (see :mod:`.exchange`)."""
+        """Make ours the slot of the connection process ``pid`` (its ``row``) sent for
+        request ``serial``; False if the donor gave up on us first (it keeps it)."""
         with self.state.locked() as cells:
             base = ss.PROC_BASE + row * ss.P_FIELDS
             if cells[base + ss.P_PID] == pid:   # else reaped: its slots are free already
+                if cells[base + ss.P_GIVEN] == -serial:
+                    return False
                 cells[base + ss.P_HELD] = max(cells[base + ss.P_HELD] - 1, 0)
                 cells[base + ss.P_GIVEN] = serial
             cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD] += 1
             self._count_locked(cells, 'taken')
+            return True
 
     def given_away(self, serial):
-        """Whether a taker took the slot of request ``serial`` (it then owns the connection)."""
+        """Whether the taker of request ``serial`` has the connection (it took the slot);
+        if not, it never will (see :meth:`take_slot`)."""
         with self.state.locked() as cells:
-            return cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_GIVEN] == serial
+            given = ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_GIVEN
+            if cells[given] == serial:
+                return True
+            cells[given] = -serial
+            return False
 
     def claim_shed(self, idle):
         """How many of this process's ``idle`` connections to close for the waiters.

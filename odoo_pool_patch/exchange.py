@@ -21,9 +21,15 @@ not to the long-lived databases (LISTEN), not close to their max lifetime.
 
 The budget slot moves with the connection in one locked step done by the taker
 (donor ``held`` - 1, taker ``held`` + 1, donor's ``P_GIVEN`` = the request's
-sequence number), then the taker acknowledges. A donor that gets no
-acknowledgement reads ``P_GIVEN``: the slot moved (the taker died right after)
-and its own copy is closed, or it did not, and the connection goes back idle.
+serial number), then the taker acknowledges. A donor that gets no
+acknowledgement decides under the same lock: ``P_GIVEN`` = serial, the taker has
+it (its copy is dropped without ending the session), else it writes -serial,
+which makes a late taker give up, and the connection goes back idle. Either way
+one process owns the session and its slot.
+
+Both ends check who is on the other side (``SO_PEERCRED``: same user, the
+expected pid), as abstract Unix socket names are visible to every local user.
+Needs libpq 14 or later (abstract Unix socket addresses).
 """
 import hashlib
 import itertools
@@ -34,6 +40,7 @@ import random
 import socket
 import struct
 import threading
+import time
 import weakref
 
 import psycopg2
@@ -48,8 +55,11 @@ REPORTED = ('application_name', 'client_encoding', 'DateStyle', 'default_transac
             'in_hot_standby', 'integer_datetimes', 'IntervalStyle', 'is_superuser',
             'scram_iterations', 'search_path', 'server_encoding', 'server_version',
             'session_authorization', 'standard_conforming_strings', 'TimeZone')
-REPLY_TIMEOUT = 0.25    # seconds a taker waits for a donor (a busy donor thread waits for the GIL)
-ACK_TIMEOUT = 2.0       # seconds a donor waits for the taker to say it took the connection
+REPLY_TIMEOUT = 0.05    # seconds a taker waits for a donor (a busy donor thread waits for the GIL)
+ACK_TIMEOUT = 0.5       # seconds a donor waits for the taker to say it took the connection
+SKIP_SLOW_DONOR = 5.0   # seconds a taker leaves alone a donor that did not answer in time
+MIN_LIBPQ = 140000      # abstract Unix socket addresses in libpq
+_CRED = struct.Struct('3i')
 _SSL_REQUEST, _GSS_REQUEST = 80877103, 80877104
 _REQUEST = struct.Struct('!qqqq')       # key hash, taker pid, donor row, sequence number
 
@@ -60,6 +70,23 @@ def key_hash(key):
     text = repr(tuple(item for item in key if item[0] != 'application_name'))
     value = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), 'big', signed=True)
     return value or 1
+
+
+def supported():
+    """Why this process cannot exchange connections ('' when it can)."""
+    if psycopg2.extensions.libpq_version() < MIN_LIBPQ:
+        return (f'libpq {psycopg2.extensions.libpq_version()} is older than 14 (abstract Unix '
+                f'socket addresses)')
+    if not hasattr(socket, 'send_fds') or not hasattr(socket, 'SO_PEERCRED'):
+        return 'this platform cannot pass sockets between processes'
+    return ''
+
+
+def peer(conn):
+    """(pid, uid) of the process at the other end of a Unix socket."""
+    pid, uid, _gid = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  _CRED.size))
+    return pid, uid
 
 
 def offerable(cnx):
@@ -91,13 +118,14 @@ class IdleExchange:
         self._counts = {}           # key hash -> idle connections of this process
         self._entries = {}          # key hash -> offer entry index in our row
         self._listener = None
+        self._slow = {}             # donor pid -> monotonic time until which it is skipped
         self._pools = weakref.WeakSet()
         self._wrap_lock = threading.Lock()
         self._serials = itertools.count(1)
 
     def after_fork_in_child(self):
         """A forked child offers nothing yet; the parent's listener is not ours."""
-        if self._listener is not None:
+        if self._listener:
             self._listener.close()
         self._lock = threading.Lock()
         self._reset_process()
@@ -127,8 +155,10 @@ class IdleExchange:
             if entry is None:
                 if not count:
                     return
-                if self._listener is None and not self._listen():
-                    return
+                if self._listener is None:
+                    self._listen()
+                if not self._listener:
+                    return          # cannot answer takers: offer nothing
                 entry = self._free_entry_locked(cells, base)
                 if entry is None:
                     return          # offers full: this database is not offered
@@ -206,7 +236,7 @@ class IdleExchange:
             return
         khash, taker_pid, row, serial = _REQUEST.unpack_from(request)
         app = request[_REQUEST.size:].decode('utf-8', 'replace')
-        if row != self.budget.row:
+        if row != self.budget.row or peer(conn) != (taker_pid, os.geteuid()):
             conn.send(b'N')
             return
         for pool in list(self._pools):
@@ -216,22 +246,20 @@ class IdleExchange:
         else:
             conn.send(b'N')
             return
-        outcome = 'kept'
+        acknowledged = False
         try:
             if app and cnx.info.parameter_status('application_name') != app:
-                _set_application_name(cnx, app)
+                set_application_name(cnx, app)
             meta = {'params': [(name, value) for name in REPORTED
                                for value in [cnx.info.parameter_status(name)] if value is not None],
                     'pid': cnx.info.backend_pid, 'born': cnx._dbp_born,
                     'expires': cnx._dbp_expires, 'reuses': cnx._dbp_reuses}
             socket.send_fds(conn, [b'Y' + json.dumps(meta).encode()], [cnx.fileno()])
-            if conn.recv(1) == b'A':
-                outcome = 'given'
+            acknowledged = conn.recv(1) == b'A'
         except (OSError, psycopg2.Error):
             pass
-        if outcome != 'given' and self.budget.given_away(serial):
-            outcome = 'lost'        # the taker took the slot, then died before saying so
-        pool.lent(cnx, outcome)
+        # Without the acknowledgement the shared state decides, once for both sides.
+        pool.lent(cnx, acknowledged or self.budget.given_away(serial))
 
     # ------------------------------------------------------------------ taker
     def take(self, khash, key, factory):
@@ -242,6 +270,8 @@ class IdleExchange:
             return None
         offers.sort(reverse=True)
         app = dict(key).get('application_name', '').encode()[:200]
+        now = time.monotonic()
+        offers = [offer for offer in offers if self._slow.get(offer[2], 0) < now]
         for _count, row, pid in offers[:2]:
             got = self._take_from(row, pid, khash, key, factory, app)
             if got is not None:
@@ -254,8 +284,13 @@ class IdleExchange:
             conn.settimeout(REPLY_TIMEOUT)
             try:
                 conn.connect(self._address(row, pid))
+                if peer(conn) != (pid, os.geteuid()):
+                    return None     # not the process that published the offer
                 conn.send(_REQUEST.pack(khash, os.getpid(), row, serial) + app)
                 message, fds, _flags, _addr = socket.recv_fds(conn, 65536, 1)
+            except socket.timeout:
+                self._slow[pid] = time.monotonic() + SKIP_SLOW_DONOR
+                return None
             except OSError:
                 return None
             if not fds:
@@ -268,11 +303,14 @@ class IdleExchange:
                 _logger.info('db_pooling: could not take over an idle connection of process '
                              '%s (%s); opening one', pid, exc)
                 return None
-            self.budget.take_slot(row, pid, serial)
+            if not self.budget.take_slot(row, pid, serial):
+                _drop_copy(cnx)     # the donor gave up waiting and kept it
+                return None
             try:
                 conn.send(b'A')
             except OSError:
                 pass                # the donor reads P_GIVEN
+            cnx._dbp_app = app.decode('utf-8', 'replace')
             return cnx, meta
 
     def _wrap(self, fd, meta, key, factory):
@@ -300,15 +338,29 @@ class IdleExchange:
             finally:
                 listener.close()
         try:
-            os.dup2(fd, cnx.fileno())
+            os.dup2(fd, cnx.fileno(), inheritable=False)
+        except BaseException:
+            _drop_copy(cnx)
+            raise
         finally:
-            os.close(fd)
             for end in served:
                 end.close()
+        os.close(fd)
         return cnx
 
 
-def _set_application_name(cnx, app):
+def _drop_copy(cnx):
+    """Close our psycopg2 connection without ending its server session (another
+    process holds the same socket): libpq's goodbye goes to /dev/null."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, cnx.fileno())
+    finally:
+        os.close(devnull)
+    cnx.close()
+
+
+def set_application_name(cnx, app):
     from .session_tracking import run_reset
     from psycopg2 import sql
     run_reset(cnx, sql.SQL('SET application_name = {}').format(sql.Literal(app)).as_string(cnx))
@@ -349,6 +401,8 @@ def _serve_startup(listener, reply, served):
     except OSError:
         return
     served.append(end)
+    if peer(end)[0] != os.getpid():
+        return                      # only our own libpq gets the donor's parameters
     try:
         end.settimeout(2.0)
         while True:

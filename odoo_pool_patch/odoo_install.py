@@ -242,7 +242,7 @@ def budget_settings(settings):
 
 def attach_budget(settings):
     from .budget import SharedBudget
-    from .exchange import IdleExchange
+    from .exchange import IdleExchange, supported as exchange_supported
     from .shared_state import SharedState
     size, reserve, path = budget_settings(settings)
     try:
@@ -257,7 +257,12 @@ def attach_budget(settings):
     if settings.shared_idle and budget.role != 'gevent':
         # The gevent process holds LISTEN connections and short websocket cursors:
         # nothing worth offering, and a greenlet server would compete with the websockets.
-        budget.exchange = IdleExchange(budget)
+        why_not = exchange_supported()
+        if why_not:
+            _logger.info('db_pooling: db_pool_shared_idle is on but %s: each process opens '
+                         'its own connections', why_not)
+        else:
+            budget.exchange = IdleExchange(budget)
     return budget
 
 

@@ -41,7 +41,7 @@ from .errors import PoolError, PoolTimeout
 from .options import Settings
 from . import session_state
 from .session_tracking import SessionTracking, restore_characteristics, run_reset, track
-from .exchange import offerable
+from .exchange import offerable, set_application_name
 from .tls import explain_failure, record as record_tls
 from . import maintenance
 
@@ -206,6 +206,7 @@ class ConnectionPool:
         self._waiters = collections.deque()
         self._budget_waits = {}      # dsn key -> deque of _BudgetWait, oldest first
         self._handed_in_row = 0
+        self._closings = 0           # close_all() calls: a connection lent meanwhile is closed
         self._timer = None
         self._closed = False
         self.stats = PoolStats()
@@ -357,9 +358,11 @@ class ConnectionPool:
             for stack_key in [k for k in self._idle if key is None or k == key]:
                 stack = self._idle.pop(stack_key)
                 self._n_idle -= len(stack)
-                if stack[0]._dbp_khash:
-                    self.budget.exchange.changed(stack[0]._dbp_khash, -len(stack))
+                for cnx in stack:
+                    if cnx._dbp_khash:
+                        self.budget.exchange.changed(cnx._dbp_khash, -1)
                 doomed.extend(stack)
+            self._closings += 1
             self._closing += len(doomed)
         if doomed:
             self._retire(doomed)
@@ -607,21 +610,28 @@ class ConnectionPool:
     def _take(self, key, holder):
         """Take an idle connection to ``key`` from another process (a local slot is
         reserved): it keeps the donor's age and lifetime. None if none came."""
+        got = None
         try:
             got = self.budget.exchange.take(self.budget.exchange.hash_of(key), key,
                                             self.connection_factory)
-        except BaseException:
+            if got is None:
+                return None
+            cnx, meta = got
+            self.prepare_connection(cnx, key)
+            cnx._dbp_born, cnx._dbp_expires, cnx._dbp_reuses = \
+                meta['born'], meta['expires'], meta['reuses']
+            cnx._dbp_direct = False if self.settings.direct_host else None
+            cnx._dbp_prefix = self._timeouts_prefix(key, holder)
+        except BaseException:       # gevent.Timeout, Odoo's SIGXCPU: nothing may leak
             with self._lock:
                 self._opening -= 1
+                if got is not None:
+                    self._closing += 1      # ours with its slot: closed like any other
+                if self._waiters:
+                    self._hand_off_locked()
+            if got is not None:
+                self._retire([got[0]])
             raise
-        if got is None:
-            return None
-        cnx, meta = got
-        self.prepare_connection(cnx, key)
-        cnx._dbp_born, cnx._dbp_expires, cnx._dbp_reuses = \
-            meta['born'], meta['expires'], meta['reuses']
-        cnx._dbp_direct = False if self.settings.direct_host else None
-        cnx._dbp_prefix = self._timeouts_prefix(key, holder)
         with self._lock:
             self._opening -= 1
             self._used[cnx] = holder
@@ -630,7 +640,10 @@ class ConnectionPool:
 
     def lend_idle(self, khash):
         """For another process: our most recently used idle connection of ``khash`` if it
-        can move (see :func:`.exchange.offerable`), out of the books until :meth:`lent`."""
+        can move (see :func:`.exchange.offerable`), out of the books until :meth:`lent`.
+        Not with ``db_pool_reset = always``: the taker would skip the reset it promises."""
+        if self.settings.reset != 'smart' or self._closed:
+            return None
         with self._lock:
             for stack in self._idle.values():
                 if stack[0]._dbp_khash != khash:
@@ -641,30 +654,33 @@ class ConnectionPool:
                     return None
                 self._remove_idle_locked(cnx)
                 self._closing += 1      # its slot stays counted while it travels
+                cnx._dbp_lent_at = self._closings
                 return cnx
         return None
 
-    def lent(self, cnx, outcome):
-        """End of a :meth:`lend_idle`: ``given`` (the taker has the session and the budget
-        slot: forget our copy without ending the session), ``lost`` (the taker took the
-        slot then died: close it) or ``kept`` (back to idle)."""
-        if outcome == 'given':
+    def lent(self, cnx, given):
+        """End of a :meth:`lend_idle`: ``given`` (the taker has the session and its budget
+        slot: drop our copy without ending the session), else back to idle (closed if
+        ``close_all`` ran meanwhile)."""
+        if given:
             _neutralize(cnx)
-        if outcome != 'kept':
-            try:
-                cnx.close()
-            except psycopg2.Error:
-                pass
+            cnx.close()
         with self._lock:
-            self._closing -= 1
-            if outcome == 'given':
-                self.stats.given += 1
-            elif outcome == 'kept':
-                last_used = cnx._dbp_last_used
-                self._push_idle_locked(cnx)
-                cnx._dbp_last_used = last_used
-            if self._waiters:
-                self._hand_off_locked()
+            if not given and (self._closed or self._closings != cnx._dbp_lent_at):
+                doomed = [cnx]          # still counted in _closing
+            else:
+                doomed = []
+                self._closing -= 1
+                if given:
+                    self.stats.given += 1
+                else:
+                    last_used = cnx._dbp_last_used
+                    self._push_idle_locked(cnx)
+                    cnx._dbp_last_used = last_used
+                if self._waiters:
+                    self._hand_off_locked()
+        if doomed:
+            self._retire(doomed)
 
     def prepare_connection(self, cnx, key):
         """Set the bookkeeping attributes of a new connection for ``key``."""
@@ -801,6 +817,11 @@ class ConnectionPool:
                 restore_characteristics(cnx)
         else:
             cnx.reset()             # ABORT (in a transaction) + DISCARD ALL
+            app = getattr(cnx, '_dbp_app', None)
+            if app and cnx.info.parameter_status('application_name') != app:
+                # Taken from another process: DISCARD ALL went back to the name the
+                # session started with, that process's.
+                set_application_name(cnx, app)
         cnx._dbp_dirty = 0
         stats = self.stats
         with self._lock:

@@ -166,3 +166,71 @@ def test_offers_of_a_killed_process_are_not_waited_for(pg, info, tmp_path):
     finally:
         stop(pid)
         pool.shutdown()
+
+
+def in_child(function):
+    """function() in a forked child; its repr comes back."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:                            # pragma: no cover - child
+        try:
+            os.write(write_end, repr(function()).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    data = os.read(read_end, 4096)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    return data.decode()
+
+
+def test_the_slot_moves_once_when_the_donor_gives_up_waiting(tmp_path):
+    """A donor that saw no acknowledgement and a taker that comes late decide once, under
+    the lock: the late taker is refused, or the donor learns the taker has it."""
+    path = str(tmp_path / 'segment')
+    donor_budget = SharedBudget(ss.SharedState(path), 4, role='http')
+    assert donor_budget.try_acquire(1)
+    row, pid = donor_budget.row, os.getpid()
+
+    def take(serial):
+        return SharedBudget(ss.SharedState(path), 4, role='http').take_slot(row, pid, serial)
+    assert donor_budget.given_away(5) is False          # gave up on request 5
+    assert in_child(lambda: take(5)) == 'False'         # its taker, late: refused
+    assert held(donor_budget.state)[pid] == 1
+    assert in_child(lambda: take(6)) == 'True'          # request 6: taken, then the donor looks
+    assert donor_budget.given_away(6) is True
+    assert held(donor_budget.state)[pid] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='needs root to run a process as another user')
+def test_a_process_of_another_user_gets_nothing(pg, info, tmp_path):
+    """Abstract Unix socket names are visible to every local user: the donor checks its peer."""
+    import socket
+    from odoo_pool_patch import exchange
+    path = str(tmp_path / 'segment')
+    os.chmod(tmp_path, 0o777)
+    pid, _backend = start_donor(path, info('db1'))
+    state = ss.SharedState(path)
+    try:
+        row = next(r['row'] for r in state.processes() if r['pid'] == pid)
+        probe = SharedBudget(state, 4, role='other')
+        khash = IdleExchange(probe).hash_of(tuple(sorted(
+            (k, str(v)) for k, v in info('db1').items() if k != 'password')))
+        address = IdleExchange(probe)._address(row, pid)
+
+        def ask(uid):
+            if uid is not None:
+                os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+                conn.settimeout(2)
+                conn.connect(address)
+                conn.send(exchange._REQUEST.pack(khash, os.getpid(), row, 1))
+                message, fds, _flags, _addr = socket.recv_fds(conn, 65536, 1)
+                for fd in fds:
+                    os.close(fd)    # no acknowledgement: the donor keeps it
+                return message[:1], len(fds)
+        assert in_child(lambda: ask(65534)) == repr((b'N', 0))
+        assert in_child(lambda: ask(None)) == repr((b'Y', 1))       # control: same user
+    finally:
+        stop(pid)
+        state.close()
