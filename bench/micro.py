@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 
 from odoo_pool_patch import shared_state as ss  # noqa: E402
 from odoo_pool_patch.budget import SharedBudget  # noqa: E402
+from odoo_pool_patch.exchange import attach as attach_exchange  # noqa: E402
 from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
 from odoo_pool_patch.options import Settings  # noqa: E402
 from odoo_pool_patch.pool import ConnectionPool  # noqa: E402
@@ -87,9 +88,13 @@ def main(argv=None):
     segment = tempfile.mktemp(prefix='dbpool-micro-')
     try:
         cluster.create_role('odoo')
-        info = {'database': 'postgres', 'user': 'odoo', 'host': cluster.host,
+        cluster.create_database('micro')
+        # An ordinary database: its idle connections are offered to other processes
+        # (db_pool_shared_idle), so the shared arm pays for publishing the offers.
+        info = {'database': 'micro', 'user': 'odoo', 'host': cluster.host,
                 'port': cluster.port, 'application_name': 'micro'}
         budget = SharedBudget(ss.SharedState(segment), 64, role='http')
+        attach_exchange(budget, ALWAYS)
         arms = {
             'stock': stock_class(64) if stock_class else None,
             # db_pool_reset = always: the same reset as stock (bench/session_reset.py

@@ -79,11 +79,13 @@ class Pools:
             self.ro, self.rw = make(), make()
             return
         from odoo_pool_patch.budget import SharedBudget
+        from odoo_pool_patch.exchange import attach as attach_exchange
         from odoo_pool_patch.replica_health import start_routing
         from odoo_pool_patch.replicas import written_lsn
         from odoo_pool_patch.shared_state import SharedState
         settings = Settings(idle_timeout=args.idle_timeout)
         budget = SharedBudget(SharedState(args.segment), args.budget, min_idle=1, role='http')
+        attach_exchange(budget, settings)      # as in Odoo (db_pool_shared_idle)
         self.router = start_routing(budget.state, targets_of(servers), settings, {'user': 'odoo'},
                                     required_lsn=lambda: session['lsn'].get(session['id']))
         self.ro = ConnectionPool(64, readonly=True, settings=settings, budget=budget)

@@ -105,9 +105,8 @@ def ours(settings, budget_spec=None, maxconn=64):
             from .shared_state import SharedState
             budget = SharedBudget(SharedState(budget_spec[0]), budget_spec[1], min_idle=1,
                                   role='http')
-            from .exchange import IdleExchange, supported
-            if settings.shared_idle and not supported():
-                budget.exchange = IdleExchange(budget)
+            from .exchange import attach
+            attach(budget, settings)
         return ConnectionPool(maxconn, settings=settings, budget=budget)
     return make_pool
 

@@ -82,6 +82,17 @@ def supported():
     return ''
 
 
+def attach(budget, settings):
+    """Give ``budget`` its exchange when ``db_pool_shared_idle`` is on and this process
+    can take part; '' when attached, else why not."""
+    if not settings.shared_idle:
+        return 'db_pool_shared_idle is off'
+    why_not = supported()
+    if not why_not:
+        budget.exchange = IdleExchange(budget)
+    return why_not
+
+
 def peer(conn):
     """(pid, uid) of the process at the other end of a Unix socket."""
     pid, uid, _gid = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,

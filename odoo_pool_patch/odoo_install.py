@@ -242,7 +242,7 @@ def budget_settings(settings):
 
 def attach_budget(settings):
     from .budget import SharedBudget
-    from .exchange import IdleExchange, supported as exchange_supported
+    from .exchange import attach as attach_exchange
     from .shared_state import SharedState
     size, reserve, path = budget_settings(settings)
     try:
@@ -254,15 +254,12 @@ def attach_budget(settings):
         raise SystemExit(message) from None
     budget = SharedBudget(state, size, cron_reserve=reserve, min_idle=settings.min_idle,
                           role=process_role())
-    if settings.shared_idle and budget.role != 'gevent':
-        # The gevent process holds LISTEN connections and short websocket cursors:
-        # nothing worth offering, and a greenlet server would compete with the websockets.
-        why_not = exchange_supported()
-        if why_not:
-            _logger.info('db_pooling: db_pool_shared_idle is on but %s: each process opens '
-                         'its own connections', why_not)
-        else:
-            budget.exchange = IdleExchange(budget)
+    # The gevent process holds LISTEN connections and short websocket cursors: nothing
+    # worth offering, and a greenlet server would compete with the websockets.
+    why_not = attach_exchange(budget, settings) if budget.role != 'gevent' else ''
+    if why_not and settings.shared_idle:
+        _logger.info('db_pooling: db_pool_shared_idle is on but %s: each process opens '
+                     'its own connections', why_not)
     return budget
 
 
