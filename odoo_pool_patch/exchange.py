@@ -207,6 +207,16 @@ class IdleExchange:
                 if pid:
                     found.append((offers[at + 1], row, pid))
 
+    def idle_totals(self):
+        """{key hash: idle connections offered instance-wide} (this process's included)."""
+        cells = self.state.cells
+        offers = cells[ss.OFFER_BASE:ss.OFFER_BASE + cells[ss.H_ROWS] * ss.N_OFFER * 2].tolist()
+        totals = {}
+        for at in range(0, len(offers), 2):
+            if offers[at + 1] > 0:
+                totals[offers[at]] = totals.get(offers[at], 0) + offers[at + 1]
+        return totals
+
     # ------------------------------------------------------------------ donor
     def _address(self, row, pid):
         return f'\0odoo-db_pooling-{self._tag}-{row}-{pid}'

@@ -414,7 +414,7 @@ class ConnectionPool:
                 budget is None or budget.try_acquire(budget.priority(key_database(key), holder.thread))):
             self._opening += 1
             return _NEW
-        victim = self._least_recently_used_idle_locked()
+        victim = self._room_victim_locked()
         if victim is not None:      # full, but idle for another DSN: make room
             self.stats.closed_room += 1
             self._opening += 1
@@ -475,6 +475,21 @@ class ConnectionPool:
             self._waiters.popleft()
             waiter.grant = grant
             waiter.cond.notify()
+
+    def _room_victim_locked(self):
+        """The idle connection to close to make room for another database: with the
+        exchange, one of the database with the most idle connections instance-wide
+        (the others stay available to every process), else the least recently used."""
+        exchange = self.budget.exchange if self.budget is not None else None
+        if exchange is None or len(self._idle) < 2:
+            return self._least_recently_used_idle_locked()
+        spare = exchange.idle_totals()
+        stack = max(self._idle.values(), key=lambda st: (
+            spare.get(st[0]._dbp_khash, 0) if st[0]._dbp_khash else 1 << 30,
+            -st[0]._dbp_last_used))
+        victim = stack[0]
+        self._remove_idle_locked(victim)
+        return victim
 
     def _least_recently_used_idle_locked(self):
         oldest = None

@@ -234,3 +234,44 @@ def test_a_process_of_another_user_gets_nothing(pg, info, tmp_path):
     finally:
         stop(pid)
         state.close()
+
+
+def test_room_is_made_on_the_database_other_processes_offer_most(pg, info, tmp_path):
+    """Full budget, a third database wanted: the pool closes its connection to the database
+    with the most idle connections instance-wide, not its least recently used one, so that
+    every database keeps one to take."""
+    path = str(tmp_path / 'segment')
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:                          # pragma: no cover - child
+        try:
+            pool = make_pool(path, budget=3)
+            held = [pool.borrow(info('db2')), pool.borrow(info('db2'))]
+            for cnx in held:
+                pool.give_back(cnx)
+            os.write(write_end, b'ready')
+            signal.sigwait({signal.SIGTERM})
+            os._exit(0)
+        finally:
+            os._exit(1)
+    os.close(write_end)
+    os.read(read_end, 16)
+    os.close(read_end)
+    pool = make_pool(path, budget=3)
+    try:
+        first = pool.borrow(info('db1'))
+        pool.give_back(first)               # db1: least recently used from here on
+        second = pool.borrow(info('db2'))   # taken from the child, which keeps one
+        pool.give_back(second)
+        assert (pool.stats.taken, pool.budget.state.total_held()) == (1, 3)
+        third = pool.borrow(info('db3'))    # no room, nothing offered: close one of ours
+        pool.give_back(third)
+        assert pool.stats.closed_room == 1
+        assert pg.wait_until(lambda: pg.count_connections(datname='db2') == 1)
+        assert pg.count_connections(datname='db1') == 1     # LRU would have closed it
+        again = pool.borrow(info('db1'))
+        assert again is first and pool.stats.reused == 1
+        pool.give_back(again)
+    finally:
+        stop(child)
+        pool.shutdown()
