@@ -189,11 +189,14 @@ class IdleExchange:
                 return entry
         return None
 
+    def _offers(self):
+        """The offer cells of every process row ever used: [key hash, count, ...]."""
+        cells = self.state.cells
+        return cells[ss.OFFER_BASE:ss.OFFER_BASE + cells[ss.H_ROWS] * ss.N_OFFER * 2].tolist()
+
     def offered(self, khash):
         """[(idle count, donor row, donor pid)] of other processes offering ``khash``."""
-        cells = self.state.cells
-        rows = cells[ss.H_ROWS]
-        offers = cells[ss.OFFER_BASE:ss.OFFER_BASE + rows * ss.N_OFFER * 2].tolist()
+        cells, offers = self.state.cells, self._offers()
         found, start, mine = [], 0, self.budget.row
         while True:
             try:
@@ -209,8 +212,7 @@ class IdleExchange:
 
     def idle_totals(self):
         """{key hash: idle connections offered instance-wide} (this process's included)."""
-        cells = self.state.cells
-        offers = cells[ss.OFFER_BASE:ss.OFFER_BASE + cells[ss.H_ROWS] * ss.N_OFFER * 2].tolist()
+        offers = self._offers()
         totals = {}
         for at in range(0, len(offers), 2):
             if offers[at + 1] > 0:
@@ -310,7 +312,9 @@ class IdleExchange:
                 conn.send(_REQUEST.pack(khash, os.getpid(), row, serial) + app)
                 message, fds, _flags, _addr = socket.recv_fds(conn, 65536, 1)
             except socket.timeout:
-                self._slow[pid] = time.monotonic() + SKIP_SLOW_DONOR
+                now = time.monotonic()      # forget donors skipped long enough (gone ones too)
+                self._slow = {slow: until for slow, until in self._slow.items() if until > now}
+                self._slow[pid] = now + SKIP_SLOW_DONOR
                 return None
             except OSError:
                 return None
@@ -325,7 +329,7 @@ class IdleExchange:
                              '%s (%s); opening one', pid, exc)
                 return None
             if not self.budget.take_slot(row, pid, serial):
-                _drop_copy(cnx)     # the donor gave up waiting and kept it
+                drop_copy(cnx)      # the donor gave up waiting and kept it
                 return None
             try:
                 conn.send(b'A')
@@ -361,7 +365,7 @@ class IdleExchange:
         try:
             os.dup2(fd, cnx.fileno(), inheritable=False)
         except BaseException:
-            _drop_copy(cnx)
+            drop_copy(cnx)
             raise
         finally:
             for end in served:
@@ -370,14 +374,22 @@ class IdleExchange:
         return cnx
 
 
-def _drop_copy(cnx):
-    """Close our psycopg2 connection without ending its server session (another
-    process holds the same socket): libpq's goodbye goes to /dev/null."""
+def neutralize(cnx):
+    """Point our copy of a socket another process also holds (a forked child's, a
+    connection given away) at /dev/null, so that closing it, or libpq's goodbye,
+    leaves the server session alone."""
+    if cnx.closed:
+        return
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
         os.dup2(devnull, cnx.fileno())
     finally:
         os.close(devnull)
+
+
+def drop_copy(cnx):
+    """Close our psycopg2 connection without ending its server session."""
+    neutralize(cnx)
     cnx.close()
 
 

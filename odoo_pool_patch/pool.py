@@ -41,7 +41,7 @@ from .errors import PoolError, PoolTimeout
 from .options import Settings
 from . import session_state
 from .session_tracking import SessionTracking, restore_characteristics, run_reset, track
-from .exchange import offerable, set_application_name
+from .exchange import drop_copy, neutralize, offerable, set_application_name
 from .tls import explain_failure, record as record_tls
 from . import maintenance
 
@@ -678,8 +678,7 @@ class ConnectionPool:
         slot: drop our copy without ending the session), else back to idle (closed if
         ``close_all`` ran meanwhile)."""
         if given:
-            _neutralize(cnx)
-            cnx.close()
+            drop_copy(cnx)
         with self._lock:
             if not given and (self._closed or self._closings != cnx._dbp_lent_at):
                 doomed = [cnx]          # still counted in _closing
@@ -988,7 +987,7 @@ class ConnectionPool:
         for stack in self._idle.values():
             inherited.extend(stack)
         for cnx in inherited:
-            _neutralize(cnx)
+            neutralize(cnx)
         self._lock = threading.Lock()
         self._idle, self._n_idle, self._used = {}, 0, {}
         self._opening = self._closing = 0
@@ -999,16 +998,6 @@ class ConnectionPool:
         self._budget_waits = {}
         self._handed_in_row = 0
         self._timer = None
-
-
-def _neutralize(cnx):
-    if cnx.closed:
-        return
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        os.dup2(devnull, cnx.fileno())
-    finally:
-        os.close(devnull)
 
 
 def socket_readable(cnx):
