@@ -11,9 +11,11 @@ The backend, its warm caches and its budget slot change process; no server
 connection is opened or closed. It costs a fraction of a millisecond, against
 several for a new backend (fork, authentication, cold catalog caches).
 
-Who offers what is in the shared state: per process, up to ``N_OFFER`` pairs
-(hash of the database key, idle connections), written by that process only,
-read lock-free by takers. A stale offer costs the taker one refusal.
+Who offers what is in the shared state: per process, up to ``N_OFFER`` entries
+(hash of the database key, idle connections, connections in use), written by
+that process only, read lock-free by takers. A stale offer costs the taker one
+refusal. The in-use count tells a borrower that finds nothing idle whether a
+connection to its database will come back soon (see ``pool.AWAIT_BUSY``).
 
 Only clean connections move: no transaction, no session state (``_dbp_dirty``),
 plain TCP or Unix socket (never TLS: its state lives in the donor's libpq),
@@ -47,6 +49,7 @@ import psycopg2
 import psycopg2.extensions
 
 from . import shared_state as ss
+from .session_tracking import restore_characteristics
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 
@@ -59,6 +62,8 @@ REPLY_TIMEOUT = 0.05    # seconds a taker waits for a donor (a busy donor thread
 ACK_TIMEOUT = 0.5       # seconds a donor waits for the taker to say it took the connection
 SKIP_SLOW_DONOR = 5.0   # seconds a taker leaves alone a donor that did not answer in time
 MIN_LIBPQ = 140000      # abstract Unix socket addresses in libpq
+MAX_SHELLS = 2          # per database: psycopg2 connections kept to take the next one into
+MAX_SHELLS_TOTAL = 16   # per process (each holds a descriptor of /dev/null)
 _CRED = struct.Struct('3i')
 _SSL_REQUEST, _GSS_REQUEST = 80877103, 80877104
 _REQUEST = struct.Struct('!qqqq')       # key hash, taker pid, donor row, sequence number
@@ -131,6 +136,8 @@ class IdleExchange:
         self._listener = None
         self._slow = {}             # donor pid -> monotonic time until which it is skipped
         self._pools = weakref.WeakSet()
+        self._shells = {}           # key hash -> [psycopg2 connections over /dev/null]
+        self._n_shells = 0
         self._wrap_lock = threading.Lock()
         self._serials = itertools.count(1)
 
@@ -155,16 +162,20 @@ class IdleExchange:
         with self._lock:
             self._pools.add(pool)
 
-    def changed(self, khash, delta):
-        """This process holds ``delta`` more (or fewer) idle connections of ``khash``."""
+    def changed(self, khash, idle=0, in_use=0):
+        """This process holds ``idle`` more (or fewer) idle connections of ``khash``, and
+        ``in_use`` more (or fewer) in use."""
         with self._lock:
-            count = max(self._counts.get(khash, 0) + delta, 0)
-            self._counts[khash] = count
+            counts = self._counts.get(khash)
+            if counts is None:
+                counts = self._counts[khash] = [0, 0]
+            counts[0] = max(counts[0] + idle, 0)
+            counts[1] = max(counts[1] + in_use, 0)
             entry = self._entries.get(khash)
             cells = self.state.cells
-            base = ss.OFFER_BASE + self.budget.row * ss.N_OFFER * 2
+            base = ss.OFFER_BASE + self.budget.row * ss.N_OFFER * ss.O_FIELDS
             if entry is None:
-                if not count:
+                if not counts[0] and not counts[1]:
                     return
                 if self._listener is None:
                     self._listen()
@@ -174,8 +185,9 @@ class IdleExchange:
                 if entry is None:
                     return          # offers full: this database is not offered
                 self._entries[khash] = entry
-                cells[base + 2 * entry] = khash
-            cells[base + 2 * entry + 1] = count
+                cells[base + ss.O_FIELDS * entry] = khash
+            at = base + ss.O_FIELDS * entry
+            cells[at + 1], cells[at + 2] = counts
 
     def _free_entry_locked(self, cells, base):
         used = set(self._entries.values())
@@ -183,38 +195,53 @@ class IdleExchange:
             if entry not in used:
                 return entry
         for khash, entry in list(self._entries.items()):
-            if not self._counts.get(khash):
+            if self._counts.get(khash) == [0, 0]:
                 del self._entries[khash]
-                cells[base + 2 * entry + 1] = 0
+                at = base + ss.O_FIELDS * entry
+                cells[at + 1] = cells[at + 2] = 0
                 return entry
         return None
 
     def _offers(self):
-        """The offer cells of every process row ever used: [key hash, count, ...]."""
+        """The offer cells of every process row ever used: [key hash, idle, in use, ...]."""
         cells = self.state.cells
-        return cells[ss.OFFER_BASE:ss.OFFER_BASE + cells[ss.H_ROWS] * ss.N_OFFER * 2].tolist()
+        return cells[ss.OFFER_BASE:
+                     ss.OFFER_BASE + cells[ss.H_ROWS] * ss.N_OFFER * ss.O_FIELDS].tolist()
 
-    def offered(self, khash):
-        """[(idle count, donor row, donor pid)] of other processes offering ``khash``."""
-        cells, offers = self.state.cells, self._offers()
-        found, start, mine = [], 0, self.budget.row
+    def _entries_of(self, khash):
+        """[(offer cell index, process row)] of the entries of ``khash``, any process."""
+        offers, found, start = self._offers(), [], 0
         while True:
             try:
                 at = offers.index(khash, start)
             except ValueError:
-                return found
+                return offers, found
             start = at + 1
-            row = at // (ss.N_OFFER * 2)
-            if at % 2 == 0 and offers[at + 1] > 0 and row != mine:
+            if at % ss.O_FIELDS == 0:
+                found.append((at, at // (ss.N_OFFER * ss.O_FIELDS)))
+
+    def offered(self, khash):
+        """[(idle count, donor row, donor pid)] of other processes offering ``khash``."""
+        cells, mine = self.state.cells, self.budget.row
+        offers, entries = self._entries_of(khash)
+        found = []
+        for at, row in entries:
+            if offers[at + 1] > 0 and row != mine:
                 pid = cells[ss.PROC_BASE + row * ss.P_FIELDS + ss.P_PID]
                 if pid:
                     found.append((offers[at + 1], row, pid))
+        return found
+
+    def in_use(self, khash):
+        """Connections of ``khash`` in use instance-wide (this process's included)."""
+        offers, entries = self._entries_of(khash)
+        return sum(offers[at + 2] for at, _row in entries)
 
     def idle_totals(self):
         """{key hash: idle connections offered instance-wide} (this process's included)."""
         offers = self._offers()
         totals = {}
-        for at in range(0, len(offers), 2):
+        for at in range(0, len(offers), ss.O_FIELDS):
             if offers[at + 1] > 0:
                 totals[offers[at]] = totals.get(offers[at], 0) + offers[at + 1]
         return totals
@@ -275,7 +302,7 @@ class IdleExchange:
                 set_application_name(cnx, app)
             meta = {'params': [(name, value) for name in REPORTED
                                for value in [cnx.info.parameter_status(name)] if value is not None],
-                    'pid': cnx.info.backend_pid, 'born': cnx._dbp_born,
+                    'pid': cnx._dbp_pid, 'born': cnx._dbp_born,
                     'expires': cnx._dbp_expires, 'reuses': cnx._dbp_reuses}
             socket.send_fds(conn, [b'Y' + json.dumps(meta).encode()], [cnx.fileno()])
             acknowledged = conn.recv(1) == b'A'
@@ -322,7 +349,7 @@ class IdleExchange:
                 return None
             try:
                 meta = json.loads(message[1:])
-                cnx = self._wrap(fds[0], meta, key, factory)
+                cnx = self._wrap(fds[0], meta, key, factory, khash)
             except Exception as exc:
                 os.close(fds[0])    # a copy: the donor still has the socket, keeps it idle
                 _logger.info('db_pooling: could not take over an idle connection of process '
@@ -338,9 +365,63 @@ class IdleExchange:
             cnx._dbp_app = app.decode('utf-8', 'replace')
             return cnx, meta
 
-    def _wrap(self, fd, meta, key, factory):
-        """A psycopg2 connection over ``fd``: libpq's start-up is answered here with
-        the donor's session parameters, then the real socket replaces the fake one."""
+    def _wrap(self, fd, meta, key, factory, khash):
+        """A psycopg2 connection over ``fd``: a shell (see :meth:`keep_shell`) with the
+        same session parameters, else a new one whose libpq start-up is answered here
+        with the donor's session parameters; then the real socket replaces the fake one."""
+        cnx = self._shell(khash, meta['params'])
+        if cnx is None:
+            cnx = self._stand_in(meta, key, factory)
+        try:
+            os.dup2(fd, cnx.fileno(), inheritable=False)
+        except BaseException:
+            drop_copy(cnx)
+            raise
+        os.close(fd)
+        return cnx
+
+    def keep_shell(self, cnx):
+        """Drop our copy of a connection given to another process, keeping its psycopg2
+        object, if a take made it, to take the next connection to its database into:
+        that saves the stand-in start-up (a thread, libpq's connection set-up), most of
+        a take's cost. Only objects a take made: their cancel key is 0 and their address
+        the stand-in's, so nothing in them reaches the session they held."""
+        neutralize(cnx)
+        khash = cnx._dbp_khash
+        if getattr(cnx, '_dbp_shell', False) and khash and not cnx.closed:
+            with self._lock:
+                shells = self._shells.setdefault(khash, [])
+                if len(shells) < MAX_SHELLS and self._n_shells < MAX_SHELLS_TOTAL:
+                    shells.append(cnx)
+                    self._n_shells += 1
+                    return
+        cnx.close()
+
+    def _shell(self, khash, params):
+        """A kept shell of ``khash`` whose libpq holds the same session parameters as
+        the connection coming in, its client-side settings back to a new one's; None
+        if there is none."""
+        with self._lock:
+            shells = self._shells.get(khash)
+            cnx = shells.pop() if shells else None
+            self._n_shells -= cnx is not None
+        if cnx is None:
+            return None
+        try:
+            info = cnx.info
+            if any(info.parameter_status(name) != value for name, value in params):
+                raise ValueError('other session parameters')
+            cnx.autocommit = False              # no round trip outside a transaction
+            restore_characteristics(cnx)
+            del cnx.notices[:], cnx.notifies[:]
+        except Exception:                       # noqa: BLE001 - a new one instead
+            cnx.close()                         # its socket is /dev/null
+            return None
+        return cnx
+
+    def _stand_in(self, meta, key, factory):
+        """A new psycopg2 connection whose start-up a thread of this process answers
+        with the donor's session parameters."""
         reply = _startup_reply(meta['params'], meta['pid'])
         items = dict(key)
         kwargs = {'dbname': items.get('database', ''), 'user': items.get('user', '')}
@@ -360,17 +441,11 @@ class IdleExchange:
                                            connect_timeout=2, **_FAKE_OPTIONS, **kwargs)
                 finally:
                     thread.join(2.0)
+                    for end in served:
+                        end.close()
             finally:
                 listener.close()
-        try:
-            os.dup2(fd, cnx.fileno(), inheritable=False)
-        except BaseException:
-            drop_copy(cnx)
-            raise
-        finally:
-            for end in served:
-                end.close()
-        os.close(fd)
+        cnx._dbp_shell = True
         return cnx
 
 

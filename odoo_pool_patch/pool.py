@@ -41,7 +41,7 @@ from .errors import PoolError, PoolTimeout
 from .options import Settings
 from . import session_state
 from .session_tracking import SessionTracking, restore_characteristics, run_reset, track
-from .exchange import drop_copy, neutralize, offerable, set_application_name
+from .exchange import neutralize, offerable, set_application_name
 from .tls import explain_failure, record as record_tls
 from . import maintenance
 
@@ -60,6 +60,12 @@ DIRECT_KEEPALIVES = {'keepalives': 1, 'keepalives_idle': 60, 'keepalives_interva
 HANDOFF_BURST = 3      # same-database hand-offs in a row before a freed slot goes to the queue
 EXIT_WAIT = 2.0        # seconds a closed connection's slot waits for its backend to exit
 HANDOVER_WAIT = 0.005  # seconds the closing thread waits for that when someone needs the slot
+# With the exchange and the budget full: how long a borrower that finds no idle connection
+# to its database anywhere waits for one in use in another process to come back, rather than
+# close a connection to another database and open a backend (fork, authentication, cold
+# caches: several ms of server CPU, and that other database may then have none left).
+AWAIT_BUSY = 0.015
+AWAIT_POLL = 0.0005
 monotonic = time.monotonic
 
 
@@ -139,6 +145,9 @@ class PoolStats:
                  'handed_over',
                  # idle connections taken from / given to other processes (db_pool_shared_idle)
                  'taken', 'given',
+                 # borrows that waited (up to AWAIT_BUSY) for another process's connection
+                 # in use to their database rather than open one
+                 'awaited',
                  # How reused connections were reset (db_pool_reset): skipped (clean), narrow
                  # (dirty), full (always mode, or what only DISCARD ALL clears), every
                  # (db_pool_reset_every), checked (idle past db_pool_check_after), rollback
@@ -248,11 +257,14 @@ class ConnectionPool:
         """
         key = dsn_key(connection_info)
         holder = Holder(borrow_site())
+        budget = self.budget
+        if budget is not None and budget.exchange is not None and key not in self._idle:
+            self._await_in_use(budget.exchange, key)
         with self._lock:
             if self._timer is None:
                 self._timer = maintenance.start(self)
-                if self.budget is not None and self.budget.exchange is not None:
-                    self.budget.exchange.add_pool(self)
+                if budget is not None and budget.exchange is not None:
+                    budget.exchange.add_pool(self)
             self.stats.borrows += 1
             grant = self._acquire_locked(key, holder, take=True)
         if grant is _TAKE:
@@ -277,7 +289,7 @@ class ConnectionPool:
                 return grant
             else:
                 with self._lock:    # dead: open a new one in its slot
-                    del self._used[grant]
+                    self._unbook_locked(grant)
                     self._opening += 1
                     self.stats.dead_replaced += 1
                 dead, grant = grant, _NEW
@@ -288,12 +300,28 @@ class ConnectionPool:
             raise
         return self._open(connection_info, key, holder)
 
+    def _await_in_use(self, exchange, key):
+        """Wait up to ``AWAIT_BUSY`` for an idle connection to ``key`` when the budget is
+        full, none is idle instance-wide and some are in use (in any process)."""
+        khash = exchange.hash_of(key)
+        if not khash or not AWAIT_BUSY or self.budget.has_room() or exchange.offered(khash) \
+                or not exchange.in_use(khash):
+            return
+        self.stats.awaited += 1
+        deadline = monotonic() + AWAIT_BUSY
+        while monotonic() < deadline:
+            time.sleep(AWAIT_POLL)
+            if key in self._idle or exchange.offered(khash) or not exchange.in_use(khash) \
+                    or self.budget.has_room():
+                return
+
     def give_back(self, connection, keep_in_pool=True):
         """Return a borrowed connection; ``keep_in_pool=False`` closes it."""
         owner = getattr(connection, '_dbp_pool', self)
         if owner is not self:       # lent by the read/write pool (replica routing)
             return owner.give_back(connection, keep_in_pool)
         with self._lock:
+            # Still counted in use for the exchange until it is idle or closed (below).
             holder = self._used.pop(connection, _MISSING)
             if holder is _MISSING:
                 if connection.closed or connection in self._idle.get(
@@ -310,7 +338,7 @@ class ConnectionPool:
                 if self._budget_waits and self._hand_over_locked(connection):
                     return
                 self._handed_in_row = 0
-                self._push_idle_locked(connection)
+                self._push_idle_locked(connection, in_use=-1)
                 if self._waiters:
                     self._hand_off_locked()
                 if self.budget is None or self._waiters or not self.budget.waiting():
@@ -322,6 +350,8 @@ class ConnectionPool:
                     return
             else:
                 doomed, shed = [connection], 0
+                if connection._dbp_khash:
+                    self.budget.exchange.changed(connection._dbp_khash, 0, -1)
             self._closing += len(doomed)
         self._retire(doomed, shed)
 
@@ -339,7 +369,7 @@ class ConnectionPool:
             del self._budget_waits[cnx._dbp_key]
         self._handed_in_row += 1
         cnx._dbp_last_used = monotonic()
-        self._used[cnx] = wait.holder
+        self._used[cnx] = wait.holder       # in use still (give_back did not unbook it)
         self._opening -= 1          # the local slot it reserved: the connection has one
         self.stats.handed_over += 1
         wait.cnx = cnx
@@ -354,7 +384,7 @@ class ConnectionPool:
         with self._lock:
             doomed = [cnx for cnx in self._used if key is None or cnx._dbp_key == key]
             for cnx in doomed:
-                del self._used[cnx]
+                self._unbook_locked(cnx)
             for stack_key in [k for k in self._idle if key is None or k == key]:
                 stack = self._idle.pop(stack_key)
                 self._n_idle -= len(stack)
@@ -397,7 +427,7 @@ class ConnectionPool:
             if not stack:
                 del self._idle[key]     # no empty stacks: the maintenance relies on it
             if cnx._dbp_khash:
-                self.budget.exchange.changed(cnx._dbp_khash, -1)
+                self.budget.exchange.changed(cnx._dbp_khash, -1, 1)
             self._used[cnx] = holder
             return cnx
         if take and self.budget is not None and self.budget.exchange is not None and \
@@ -461,7 +491,7 @@ class ConnectionPool:
                 self._push_idle_locked(grant.victim)    # back where it was
         else:
             del self._used[grant]
-            self._push_idle_locked(grant)
+            self._push_idle_locked(grant, in_use=-1)
         if self._waiters:
             self._hand_off_locked()
 
@@ -500,7 +530,21 @@ class ConnectionPool:
             self._remove_idle_locked(oldest)
         return oldest
 
-    def _push_idle_locked(self, cnx):
+    def _book_locked(self, cnx, holder):
+        """``cnx`` is now in use by ``holder`` (published for the exchange's waits)."""
+        self._used[cnx] = holder
+        if cnx._dbp_khash:
+            self.budget.exchange.changed(cnx._dbp_khash, 0, 1)
+
+    def _unbook_locked(self, cnx):
+        """``cnx`` is no longer in use: its holder, or ``_MISSING`` if it was not."""
+        holder = self._used.pop(cnx, _MISSING)
+        if holder is not _MISSING and getattr(cnx, '_dbp_khash', 0):
+            self.budget.exchange.changed(cnx._dbp_khash, 0, -1)
+        return holder
+
+    def _push_idle_locked(self, cnx, in_use=0):
+        """``cnx`` is idle now (``in_use`` = -1: it was in use)."""
         cnx._dbp_last_used = monotonic()
         stack = self._idle.get(cnx._dbp_key)
         if stack is None:
@@ -509,7 +553,7 @@ class ConnectionPool:
             stack.append(cnx)
         self._n_idle += 1
         if cnx._dbp_khash:
-            self.budget.exchange.changed(cnx._dbp_khash, 1)
+            self.budget.exchange.changed(cnx._dbp_khash, 1, in_use)
 
     def _remove_idle_locked(self, cnx):
         stack = self._idle[cnx._dbp_key]
@@ -578,7 +622,7 @@ class ConnectionPool:
         """Free the slots of in-use connections closed from outside or flagged ``leaked``."""
         freed = 0
         for cnx in [c for c in self._used if c.closed or getattr(c, 'leaked', False)]:
-            del self._used[cnx]
+            self._unbook_locked(cnx)
             if cnx.closed:
                 _logger.debug('%r: dropped a connection closed while in use', self)
                 if self.budget is not None:
@@ -618,7 +662,7 @@ class ConnectionPool:
         record_tls(cnx, direct or connection_info)
         with self._lock:
             self._opening -= 1
-            self._used[cnx] = holder
+            self._book_locked(cnx, holder)
             self.stats.opened += 1
         return cnx
 
@@ -633,8 +677,8 @@ class ConnectionPool:
                 return None
             cnx, meta = got
             self.prepare_connection(cnx, key)
-            cnx._dbp_born, cnx._dbp_expires, cnx._dbp_reuses = \
-                meta['born'], meta['expires'], meta['reuses']
+            cnx._dbp_born, cnx._dbp_expires, cnx._dbp_reuses, cnx._dbp_pid = \
+                meta['born'], meta['expires'], meta['reuses'], meta['pid']
             cnx._dbp_direct = False if self.settings.direct_host else None
             cnx._dbp_prefix = self._timeouts_prefix(key, holder)
         except BaseException:       # gevent.Timeout, Odoo's SIGXCPU: nothing may leak
@@ -649,7 +693,7 @@ class ConnectionPool:
             raise
         with self._lock:
             self._opening -= 1
-            self._used[cnx] = holder
+            self._book_locked(cnx, holder)
             self.stats.taken += 1
         return cnx
 
@@ -678,7 +722,7 @@ class ConnectionPool:
         slot: drop our copy without ending the session), else back to idle (closed if
         ``close_all`` ran meanwhile)."""
         if given:
-            drop_copy(cnx)
+            self.budget.exchange.keep_shell(cnx)
         with self._lock:
             if not given and (self._closed or self._closings != cnx._dbp_lent_at):
                 doomed = [cnx]          # still counted in _closing
@@ -708,6 +752,7 @@ class ConnectionPool:
         # recycle together.
         cnx._dbp_expires = now + lifetime * (1 - 0.1 * random.random()) if lifetime else 0
         cnx._dbp_reuses = 0
+        cnx._dbp_pid = cnx.info.backend_pid     # a taken one's libpq may say another's
         cnx._dbp_tracked = track(cnx)
         exchange = self.budget.exchange if self.budget is not None else None
         # Offered to other processes when idle: plain connections of ordinary databases.

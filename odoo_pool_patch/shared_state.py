@@ -20,11 +20,12 @@ Layout (indexes into the int64 array)::
     servers  4 cells + N_SRV rows   probe lease (pid, start, until ms), then per server
                               (primary first, then replicas): identity, kind, weight,
                               banned until, failures, probe time, replay LSN, lag, counters
-    offers   N_PROC rows      per process, N_OFFER pairs (database key hash, idle connections):
-                              what it can give to another process (see exchange)
+    offers   N_PROC rows      per process, N_OFFER triples (database key hash, idle
+                              connections, connections in use): what it can give to another
+                              process, and what it will give back soon (see exchange)
 
 With N_PROC = 512, N_WAIT = 1024, N_HIST = 720 (one sample per 5 s for
-an hour), N_SRV = 16 and N_OFFER = 8 the segment is 328,608 bytes, whatever the budget: 1,024
+an hour), N_SRV = 16 and N_OFFER = 8 the segment is 361,376 bytes, whatever the budget: 1,024
 connections need at most 1,024 waiter rows, and one row per process.
 
 Every change is made under :meth:`SharedState.locked`: a thread lock (for the
@@ -44,13 +45,14 @@ import threading
 import time
 
 MAGIC = 0x6462706F6F6C3031      # "dbpool01"
-VERSION = 5          # bump on any layout change: older files are reinitialised
+VERSION = 6          # bump on any layout change: older files are reinitialised
 
 N_PROC = 512
 N_WAIT = 1024
 N_HIST = 720
 N_COUNTERS = 9
 N_OFFER = 8
+O_FIELDS = 3     # offer entry: key hash, idle, in use
 
 # header cells
 H_MAGIC, H_VERSION, H_BUDGET, H_CRON_RESERVE, H_TICKET, H_WAITING, H_LAST_REAP, \
@@ -96,7 +98,7 @@ V_CONNS = 16            # client backends of our database user on that server (l
 V_FIELDS = 20
 SRV_ROWS = SRV_BASE + SRV_LEASE
 OFFER_BASE = SRV_ROWS + N_SRV * V_FIELDS
-CELLS = OFFER_BASE + N_PROC * N_OFFER * 2
+CELLS = OFFER_BASE + N_PROC * N_OFFER * O_FIELDS
 SIZE = CELLS * 8
 
 ROLES = ('master', 'http', 'cron', 'gevent', 'threaded', 'other')
@@ -215,7 +217,7 @@ class SharedState:
             cells[base + P_START] = start
             cells[base + P_ROLE] = ROLES.index(role) if role in ROLES else ROLES.index('other')
             cells[base + P_HELD] = held
-            clear(cells, OFFER_BASE + free * N_OFFER * 2, N_OFFER * 2)
+            clear(cells, OFFER_BASE + free * N_OFFER * O_FIELDS, N_OFFER * O_FIELDS)
             cells[H_ROWS] = max(cells[H_ROWS], free + 1)
         return free
 
@@ -247,8 +249,8 @@ class SharedState:
         return totals
 
     def total_held(self):
-        cells = self.cells
-        return sum(cells[PROC_BASE + P_HELD:WAIT_BASE:P_FIELDS])
+        cells = self.cells      # rows past H_ROWS were never used
+        return sum(cells[PROC_BASE + P_HELD:PROC_BASE + cells[H_ROWS] * P_FIELDS:P_FIELDS])
 
     def db_list_generation(self):
         """Changes whenever a process created or dropped a database (lock-free read)."""
@@ -282,7 +284,7 @@ class SharedState:
                 for i in range(N_COUNTERS):
                     cells[reaped + i] += cells[base + P_COUNTERS + i]
                 clear(cells, base, P_FIELDS)
-                clear(cells, OFFER_BASE + row * N_OFFER * 2, N_OFFER * 2)
+                clear(cells, OFFER_BASE + row * N_OFFER * O_FIELDS, N_OFFER * O_FIELDS)
         for row in range(N_WAIT):
             base = WAIT_BASE + row * W_FIELDS
             if cells[base + W_STATE] != FREE and cells[PROC_BASE + cells[base + W_PROC] * P_FIELDS

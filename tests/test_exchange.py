@@ -2,6 +2,7 @@
 real PostgreSQL, SIGKILL."""
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -274,4 +275,146 @@ def test_room_is_made_on_the_database_other_processes_offer_most(pg, info, tmp_p
         pool.give_back(again)
     finally:
         stop(child)
+        pool.shutdown()
+
+
+class Peer:
+    """A forked process with its own pool on the segment ``path``, doing what the test
+    says, one command at a time: ``borrow db`` (keeps it; answers its backend pid),
+    ``back db`` (gives it back), ``close db`` (gives it back to be closed)."""
+
+    def __init__(self, path, info, budget=4):
+        commands, self._commands = os.pipe()
+        self._answers, answers = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:                   # pragma: no cover - child
+            try:
+                os.close(self._commands)    # else our own copy keeps the commands open
+                os.close(self._answers)
+                self._serve(path, info, budget, commands, answers)
+            finally:
+                os._exit(0)
+        os.close(commands)
+        os.close(answers)
+
+    @staticmethod
+    def _serve(path, info, budget, commands, answers):    # pragma: no cover - child
+        pool, held = make_pool(path, budget=budget), {}
+        with os.fdopen(commands) as lines:
+            for line in lines:
+                verb, database = line.split()
+                answer = 0
+                if verb == 'borrow':
+                    cnx = held[database] = pool.borrow(info(database))
+                    answer = backend_pid(cnx)
+                    cnx.commit()
+                else:
+                    pool.give_back(held.pop(database), keep_in_pool=verb == 'back')
+                os.write(answers, f'{answer}\n'.encode())
+
+    def do(self, verb, database):
+        os.write(self._commands, f'{verb} {database}\n'.encode())
+        return int(os.read(self._answers, 64))
+
+    def stop(self):
+        os.close(self._commands)
+        os.waitpid(self.pid, 0)
+        os.close(self._answers)
+
+
+@pytest.mark.parametrize('await_busy', [5.0, 0.0])
+def test_a_full_budget_waits_for_a_connection_in_use_elsewhere_rather_than_open_one(
+        pg, info, tmp_path, monkeypatch, await_busy):
+    """Budget full, nothing idle to db1 anywhere but one in use in another process: the
+    borrower waits for it to come back and takes it, instead of closing its db2
+    connection and opening a backend. Nothing of db3 in use anywhere: no wait."""
+    from odoo_pool_patch import pool as pool_module
+    monkeypatch.setattr(pool_module, 'AWAIT_BUSY', await_busy)
+    path = str(tmp_path / 'segment')
+    peer = Peer(path, info, budget=2)
+    pool = make_pool(path, budget=2)
+    try:
+        busy = peer.do('borrow', 'db1')
+        cnx = pool.borrow(info('db2'))
+        pool.give_back(cnx)                 # the budget of 2 is full
+        giver = threading.Timer(0.3, peer.do, ('back', 'db1'))
+        giver.start()
+        cnx = pool.borrow(info('db1'))
+        giver.join()
+        if await_busy:
+            assert backend_pid(cnx) == busy
+            assert (pool.stats.awaited, pool.stats.taken, pool.stats.closed_room) == (1, 1, 0)
+        else:                               # control: room made, a backend opened
+            assert backend_pid(cnx) != busy
+            assert (pool.stats.awaited, pool.stats.taken, pool.stats.closed_room) == (0, 0, 1)
+        pool.give_back(cnx)
+        cnx = pool.borrow(info('db3'))
+        assert pool.stats.awaited == (1 if await_busy else 0)
+        pool.give_back(cnx)
+    finally:
+        peer.stop()
+        pool.shutdown()
+
+
+@pytest.mark.parametrize('max_shells', [2, 0])
+def test_a_connection_is_taken_into_the_object_of_one_given_before(
+        pg, info, tmp_path, monkeypatch, max_shells):
+    """The psycopg2 object of a taken connection, once given on, takes the next connection
+    of its database: the real session under it, client-side settings back to a new one's."""
+    from odoo_pool_patch import exchange
+    monkeypatch.setattr(exchange, 'MAX_SHELLS', max_shells)
+    path = str(tmp_path / 'segment')
+    peer = Peer(path, info)
+    pool = make_pool(path)
+    try:
+        backend = peer.do('borrow', 'db2')
+        peer.do('back', 'db2')
+        first = pool.borrow(info('db2'))            # taken: an object made by the take
+        first.set_session(isolation_level='SERIALIZABLE', readonly=True)
+        assert backend_pid(first) == backend
+        first.commit()
+        pool.give_back(first)
+        assert peer.do('borrow', 'db2') == backend  # given on: ours is kept as a shell
+        peer.do('back', 'db2')
+        again = pool.borrow(info('db2'))
+        assert pool.stats.taken == 2 and pool.stats.given == 1
+        assert (again is first) == bool(max_shells)
+        assert backend_pid(again) == backend == again._dbp_pid
+        assert (again.isolation_level, again.readonly, again.autocommit) == (None, None, False)
+        with again.cursor() as cur:
+            cur.execute('SHOW transaction_read_only')
+            assert cur.fetchone()[0] == 'off'
+        again.commit()
+        pool.give_back(again)
+    finally:
+        peer.stop()
+        pool.shutdown()
+
+
+def test_a_kept_object_never_takes_a_session_with_other_parameters(pg, info, tmp_path):
+    """The shell libpq still reports the session parameters of its first session: a
+    session with others (here a database default changed meanwhile) gets a new object."""
+    path = str(tmp_path / 'segment')
+    peer = Peer(path, info)
+    pool = make_pool(path)
+    try:
+        peer.do('borrow', 'db3')
+        peer.do('back', 'db3')
+        shell = pool.borrow(info('db3'))
+        old_zone = shell.info.parameter_status('TimeZone')
+        pool.give_back(shell)
+        peer.do('borrow', 'db3')                # takes it: ours becomes a shell
+        peer.do('close', 'db3')
+        pg.sql("ALTER DATABASE db3 SET TimeZone = 'Asia/Tokyo'")
+        backend = peer.do('borrow', 'db3')      # a new session, in Tokyo
+        peer.do('back', 'db3')
+        cnx = pool.borrow(info('db3'))
+        assert old_zone != 'Asia/Tokyo'
+        assert backend_pid(cnx) == backend and pool.stats.taken == 2
+        assert cnx is not shell and shell.closed
+        assert cnx.info.parameter_status('TimeZone') == 'Asia/Tokyo'
+        pool.give_back(cnx)
+    finally:
+        pg.sql('ALTER DATABASE db3 RESET TimeZone')
+        peer.stop()
         pool.shutdown()
