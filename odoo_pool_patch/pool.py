@@ -302,10 +302,13 @@ class ConnectionPool:
 
     def _await_in_use(self, exchange, key):
         """Wait up to ``AWAIT_BUSY`` for an idle connection to ``key`` when the budget is
-        full, none is idle instance-wide and some are in use (in any process)."""
+        full, none is idle instance-wide and some are in use (in any process). Not when
+        borrowers queue for the budget (overload): nothing stays idle long enough to
+        take, and the fair queue is where a slot comes from."""
         khash = exchange.hash_of(key)
-        if not khash or not AWAIT_BUSY or self.budget.has_room() or exchange.offered(khash) \
-                or not exchange.in_use(khash):
+        budget = self.budget
+        if not khash or not AWAIT_BUSY or budget.has_room() or budget.waiting() or \
+                exchange.offered(khash) or not exchange.in_use(khash):
             return
         self.stats.awaited += 1
         deadline = monotonic() + AWAIT_BUSY

@@ -282,6 +282,7 @@ class Peer:
     """A forked process with its own pool on the segment ``path``, doing what the test
     says, one command at a time: ``borrow db`` (keeps it; answers its backend pid),
     ``back db`` (gives it back), ``close db`` (gives it back to be closed)."""
+    _test_ends = []         # the test process's ends of every running peer's pipes
 
     def __init__(self, path, info, budget=4):
         commands, self._commands = os.pipe()
@@ -289,13 +290,15 @@ class Peer:
         self.pid = os.fork()
         if self.pid == 0:                   # pragma: no cover - child
             try:
-                os.close(self._commands)    # else our own copy keeps the commands open
-                os.close(self._answers)
+                # Else our copies of the test's ends keep commands open (ours, other peers').
+                for fd in [self._commands, self._answers] + Peer._test_ends:
+                    os.close(fd)
                 self._serve(path, info, budget, commands, answers)
             finally:
                 os._exit(0)
         os.close(commands)
         os.close(answers)
+        Peer._test_ends += [self._commands, self._answers]
 
     @staticmethod
     def _serve(path, info, budget, commands, answers):    # pragma: no cover - child
@@ -317,6 +320,8 @@ class Peer:
         return int(os.read(self._answers, 64))
 
     def stop(self):
+        Peer._test_ends.remove(self._commands)
+        Peer._test_ends.remove(self._answers)
         os.close(self._commands)
         os.waitpid(self.pid, 0)
         os.close(self._answers)
@@ -418,3 +423,41 @@ def test_a_kept_object_never_takes_a_session_with_other_parameters(pg, info, tmp
         pg.sql('ALTER DATABASE db3 RESET TimeZone')
         peer.stop()
         pool.shutdown()
+
+
+@pytest.mark.parametrize('queue_seen', [True, False])
+def test_no_wait_for_connections_in_use_while_borrowers_queue(
+        pg, info, tmp_path, monkeypatch, queue_seen):
+    """Overload: borrowers already queue for the budget, so a borrower goes to the fair
+    queue at once instead of first waiting for a connection in use to come back."""
+    path = str(tmp_path / 'segment')
+    holder, queued = Peer(path, info, budget=1), Peer(path, info, budget=1)
+    pool = make_pool(path, budget=1)
+    pool.settings = Settings(wait_timeout=30)
+    if not queue_seen:                      # control: the pool does not see the queue
+        monkeypatch.setattr(pool.budget, 'waiting', lambda: 0)
+    state = ss.SharedState(path)
+    threads = []
+    try:
+        holder.do('borrow', 'db1')          # the budget's only slot, in use
+        threads.append(threading.Thread(target=queued.do, args=('borrow', 'db2')))
+        threads[-1].start()
+        assert pg.wait_until(lambda: state.cells[ss.H_WAITING] == 1)
+        got = []
+        threads.append(threading.Thread(target=lambda: got.append(pool.borrow(info('db1')))))
+        threads[-1].start()
+        assert pg.wait_until(lambda: state.cells[ss.H_WAITING] == 2)
+        assert pool.stats.awaited == (0 if queue_seen else 1)
+        holder.do('back', 'db1')            # its slot goes to the queue: db2, then us
+        threads[0].join(10)
+        queued.do('back', 'db2')
+        threads[1].join(10)
+        assert got and pool.stats.budget_waits == 1
+        pool.give_back(got[0])
+    finally:
+        for thread in threads:
+            thread.join(10)
+        holder.stop()
+        queued.stop()
+        pool.shutdown()
+        state.close()
