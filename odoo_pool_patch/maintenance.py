@@ -50,7 +50,7 @@ SHED_TICK = 0.02    # how often processes check whether someone waits for the bu
 
 def _run(wake):
     my_pid = os.getpid()
-    next_full = 0.0
+    last_full = float('-inf')
     while _state['pid'] == my_pid:
         pools = [pool for pool in list(_pools) if not pool._closed]
         for pool in list(_pools):
@@ -62,10 +62,12 @@ def _run(wake):
                     _log_failure('db_pooling maintenance of %r failed; will retry', pool)
         period = min((pool.timer_period for pool in pools), default=1.0)
         shared = [pool for pool in pools if pool.budget is not None]
+        # Measured from the last pass with the pools of now: a pool registered with a
+        # shorter period is served at its own pace, not after the longer one's.
         now = time.monotonic()
-        full = now >= next_full
+        full = now - last_full >= period
         if full:
-            next_full = now + period
+            last_full = now
         for pool in pools:
             try:
                 if full:

@@ -200,6 +200,18 @@ def test_idle_eviction_runs_on_the_timer_without_borrows(pools, info, pg, app):
     assert pool.stats.closed_idle == 3
 
 
+def test_a_pool_with_a_shorter_timer_period_is_maintained_at_its_pace(pools, info, pg, app):
+    """One maintenance thread serves every pool of the process: a pool registered after a
+    pass scheduled at a long period's pace is still maintained at its own period."""
+    slow = pools(2, timer_period=3600)
+    slow.give_back(slow.borrow(info()))
+    time.sleep(1.3)         # a full pass with the slow pool alone (earlier periods were <= 1 s)
+    fast = pools(2, settings=Settings(idle_timeout=0.3), timer_period=0.1)
+    fast.give_back(fast.borrow(info('db2')))
+    assert pg.wait_until(lambda: fast.stats.closed_idle == 1, timeout=5)
+    assert slow.snapshot()['idle'] == 1 and slow.stats.closed_idle == 0
+
+
 def test_idle_eviction_keeps_recently_used(pools, info, pg, app):
     pool = pools(4, settings=Settings(idle_timeout=1.0), timer_period=0.1)
     a, b = pool.borrow(info()), pool.borrow(info())
