@@ -178,7 +178,9 @@ OPTIONS += (
            'of takes an idle one from another process of the instance (its socket is passed '
            'over a Unix socket, its session and caches kept) instead of opening a new one: '
            'a fraction of a millisecond instead of a new backend, and no connection opened or '
-           'closed. Only clean, non-TLS connections move. off: each process opens its own, '
+           'closed. When the budget is full and every connection to that database is in use, '
+           'it waits up to 15 ms for one to come back before opening one. Only clean, non-TLS '
+           'connections move. off: each process opens its own, '
            'closing one of its idle ones if the budget is full. Turn it off if a security '
            'module forbids passing file descriptors between processes.'),
     Option('db_pool_shared_path', 'shared_path', _path, None,
