@@ -238,10 +238,15 @@ class IdleExchange:
                     found.append((offers[at + 1], row, pid))
         return found
 
-    def in_use(self, khash):
-        """Connections of ``khash`` in use instance-wide (this process's included)."""
+    def elsewhere(self, khash):
+        """(idle, in use) connections of ``khash`` in the other processes (one read)."""
         offers, entries = self._entries_of(khash)
-        return sum(offers[at + 2] for at, _row in entries)
+        mine, idle, in_use = self.budget.row, 0, 0
+        for at, row in entries:
+            if row != mine:
+                idle += offers[at + 1]
+                in_use += offers[at + 2]
+        return idle, in_use
 
     def idle_totals(self):
         """{key hash: idle connections offered instance-wide} (this process's included)."""
@@ -304,10 +309,15 @@ class IdleExchange:
             return
         acknowledged = False
         try:
-            if app and cnx.info.parameter_status('application_name') != app:
+            # The session's name: the taker's of a taken connection (a shell's libpq may
+            # still report its first session's), else what libpq reports.
+            if app and (getattr(cnx, '_dbp_app', None) or
+                        cnx.info.parameter_status('application_name')) != app:
                 set_application_name(cnx, app)
-            meta = {'params': [(name, value) for name in REPORTED
-                               for value in [cnx.info.parameter_status(name)] if value is not None],
+            info = cnx.info
+            meta = {'params': [(name, app if app and name == 'application_name' else value)
+                               for name in REPORTED
+                               for value in [info.parameter_status(name)] if value is not None],
                     'pid': cnx._dbp_pid, 'born': cnx._dbp_born,
                     'expires': cnx._dbp_expires, 'reuses': cnx._dbp_reuses}
             socket.send_fds(conn, [b'Y' + json.dumps(meta).encode()], [cnx.fileno()])
@@ -414,8 +424,9 @@ class IdleExchange:
         if cnx is None:
             return None
         try:
-            info = cnx.info
-            if any(info.parameter_status(name) != value for name, value in params):
+            info = cnx.info         # its name is set apart (``_dbp_app``, see _answer)
+            if any(info.parameter_status(name) != value for name, value in params
+                   if name != 'application_name'):
                 raise ValueError('other session parameters')
             cnx.autocommit = False              # no round trip outside a transaction
             restore_characteristics(cnx)

@@ -357,7 +357,7 @@ def adopt(pool, pool_class):
             continue
         pool.prepare_connection(cnx, dsn_key(cnx.dsn))
         if in_use:
-            pool._used[cnx] = Holder(None)
+            pool._book_locked(cnx, Holder(None))
         else:
             pool._push_idle_locked(cnx)
     _logger.info('db_pooling took over %r', pool)

@@ -302,20 +302,25 @@ class ConnectionPool:
 
     def _await_in_use(self, exchange, key):
         """Wait up to ``AWAIT_BUSY`` for an idle connection to ``key`` when the budget is
-        full, none is idle instance-wide and some are in use (in any process). Not when
+        full, none is idle instance-wide and other processes have some in use (ours
+        cannot come back while this thread waits: nested cursors). Not when
         borrowers queue for the budget (overload): nothing stays idle long enough to
         take, and the fair queue is where a slot comes from."""
         khash = exchange.hash_of(key)
         budget = self.budget
-        if not khash or not AWAIT_BUSY or budget.has_room() or budget.waiting() or \
-                exchange.offered(khash) or not exchange.in_use(khash):
+        if not khash or not AWAIT_BUSY or self._count() >= self._maxconn or \
+                budget.has_room() or budget.waiting():
             return
-        self.stats.awaited += 1
+        idle, in_use = exchange.elsewhere(khash)
+        if idle or not in_use:
+            return
+        with self._lock:
+            self.stats.awaited += 1
         deadline = monotonic() + AWAIT_BUSY
         while monotonic() < deadline:
             time.sleep(AWAIT_POLL)
-            if key in self._idle or exchange.offered(khash) or not exchange.in_use(khash) \
-                    or self.budget.has_room():
+            idle, in_use = exchange.elsewhere(khash)
+            if idle or not in_use or key in self._idle or budget.has_room():
                 return
 
     def give_back(self, connection, keep_in_pool=True):

@@ -87,6 +87,12 @@ class SessionTracking:
     _dbp_direct = None      # True: sent to db_direct_host; False: it is set but not for this
                             # connection; None: db_direct_host is not set
 
+    def get_backend_pid(self):
+        # A connection taken from another process may sit in a psycopg2 object of an
+        # earlier session (exchange shells), whose libpq still reports that one's pid.
+        pid = getattr(self, '_dbp_pid', None)
+        return pid if pid is not None else super().get_backend_pid()
+
     @property
     def autocommit(self):
         return _autocommit.__get__(self)

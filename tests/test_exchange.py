@@ -280,7 +280,8 @@ def test_room_is_made_on_the_database_other_processes_offer_most(pg, info, tmp_p
 
 class Peer:
     """A forked process with its own pool on the segment ``path``, doing what the test
-    says, one command at a time: ``borrow db`` (keeps it; answers its backend pid),
+    says, one command at a time, under its own application_name (as Odoo names each
+    process's connections): ``borrow db`` (keeps it; answers its backend pid),
     ``back db`` (gives it back), ``close db`` (gives it back to be closed)."""
     _test_ends = []         # the test process's ends of every running peer's pipes
 
@@ -303,12 +304,13 @@ class Peer:
     @staticmethod
     def _serve(path, info, budget, commands, answers):    # pragma: no cover - child
         pool, held = make_pool(path, budget=budget), {}
+        name = info()['application_name'] + '-peer'
         with os.fdopen(commands) as lines:
             for line in lines:
                 verb, database = line.split()
                 answer = 0
                 if verb == 'borrow':
-                    cnx = held[database] = pool.borrow(info(database))
+                    cnx = held[database] = pool.borrow(info(database, application_name=name))
                     answer = backend_pid(cnx)
                     cnx.commit()
                 else:
@@ -342,7 +344,7 @@ def test_a_full_budget_waits_for_a_connection_in_use_elsewhere_rather_than_open_
         busy = peer.do('borrow', 'db1')
         cnx = pool.borrow(info('db2'))
         pool.give_back(cnx)                 # the budget of 2 is full
-        giver = threading.Timer(0.3, peer.do, ('back', 'db1'))
+        giver = threading.Timer(1.0, peer.do, ('back', 'db1'))
         giver.start()
         cnx = pool.borrow(info('db1'))
         giver.join()
@@ -384,11 +386,12 @@ def test_a_connection_is_taken_into_the_object_of_one_given_before(
         again = pool.borrow(info('db2'))
         assert pool.stats.taken == 2 and pool.stats.given == 1
         assert (again is first) == bool(max_shells)
-        assert backend_pid(again) == backend == again._dbp_pid
+        assert backend_pid(again) == backend == again.get_backend_pid()
         assert (again.isolation_level, again.readonly, again.autocommit) == (None, None, False)
         with again.cursor() as cur:
-            cur.execute('SHOW transaction_read_only')
-            assert cur.fetchone()[0] == 'off'
+            cur.execute("SELECT current_setting('transaction_read_only'), "
+                        "current_setting('application_name')")
+            assert cur.fetchone() == ('off', info()['application_name'])
         again.commit()
         pool.give_back(again)
     finally:
@@ -413,6 +416,7 @@ def test_a_kept_object_never_takes_a_session_with_other_parameters(pg, info, tmp
         pg.sql("ALTER DATABASE db3 SET TimeZone = 'Asia/Tokyo'")
         backend = peer.do('borrow', 'db3')      # a new session, in Tokyo
         peer.do('back', 'db3')
+        assert pool.budget.exchange._n_shells == 1
         cnx = pool.borrow(info('db3'))
         assert old_zone != 'Asia/Tokyo'
         assert backend_pid(cnx) == backend and pool.stats.taken == 2
@@ -461,3 +465,21 @@ def test_no_wait_for_connections_in_use_while_borrowers_queue(
         queued.stop()
         pool.shutdown()
         state.close()
+
+
+def test_no_wait_for_a_connection_this_process_holds(pg, info, tmp_path, monkeypatch):
+    """A nested cursor (Odoo's cron opens one per job on its database): the connection in
+    use is this process's own, it cannot come back while the borrower waits."""
+    from odoo_pool_patch import pool as pool_module
+    monkeypatch.setattr(pool_module, 'AWAIT_BUSY', 5.0)
+    pool = make_pool(str(tmp_path / 'segment'), budget=2)
+    try:
+        outer = pool.borrow(info('db1'))
+        pool.give_back(pool.borrow(info('db2')))    # the budget of 2 is full
+        inner = pool.borrow(info('db1'))
+        assert pool.stats.awaited == 0 and pool.stats.closed_room == 1
+        assert backend_pid(inner) != backend_pid(outer)
+        pool.give_back(inner)
+        pool.give_back(outer)
+    finally:
+        pool.shutdown()
