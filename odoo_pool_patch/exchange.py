@@ -171,29 +171,31 @@ class IdleExchange:
                 counts = self._counts[khash] = [0, 0]
             counts[0] += idle
             counts[1] += in_use
-            entry = self._entries.get(khash)
-            if entry is not None:       # the usual case, first
-                at = ss.OFFER_BASE + (self.budget.row * ss.N_OFFER + entry) * ss.O_FIELDS
-                cells = self.state.cells
-                cells[at + 1] = counts[0]
-                cells[at + 2] = counts[1]
-                return
-            if not counts[0] and not counts[1]:
-                return
-            if self._listener is None:
-                self._listen()
-            if not self._listener:
-                return              # cannot answer takers: offer nothing
             cells = self.state.cells
             base = ss.OFFER_BASE + self.budget.row * ss.N_OFFER * ss.O_FIELDS
-            entry = self._free_entry_locked(cells, base)
+            entry = self._entries.get(khash)
             if entry is None:
-                return              # offers full: this database is not offered
-            self._entries[khash] = entry
-            cells[base + ss.O_FIELDS * entry] = khash
+                entry = self._new_entry_locked(khash, counts, cells, base)
+                if entry is None:
+                    return
             at = base + ss.O_FIELDS * entry
             cells[at + 1] = counts[0]
             cells[at + 2] = counts[1]
+
+    def _new_entry_locked(self, khash, counts, cells, base):
+        """An offer entry for ``khash`` (its hash written), or None: nothing to publish,
+        no listener to answer takers, or the entries all in use."""
+        if not counts[0] and not counts[1]:
+            return None
+        if self._listener is None:
+            self._listen()
+        if not self._listener:
+            return None             # cannot answer takers: offer nothing
+        entry = self._free_entry_locked(cells, base)
+        if entry is not None:       # else offers full: this database is not offered
+            self._entries[khash] = entry
+            cells[base + ss.O_FIELDS * entry] = khash
+        return entry
 
     def _free_entry_locked(self, cells, base):
         used = set(self._entries.values())

@@ -177,7 +177,7 @@ def behind_pooler(cnx):
         try:
             with ext.cursor(cnx) as cur:
                 _execute(cur, 'SELECT pg_backend_pid()')
-                verdict = cur.fetchone()[0] != getattr(cnx, '_dbp_pid', cnx.info.backend_pid)
+                verdict = cur.fetchone()[0] != cnx.get_backend_pid()
         except psycopg2.Error:
             return False        # aborted transaction: decide another time
         _verdicts[key] = verdict
