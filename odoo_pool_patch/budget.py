@@ -230,10 +230,12 @@ class SharedBudget:
     def _usage_locked(self, cells):
         """(slots held by the instance, slots held by cron processes)."""
         helds = cells[ss.PROC_BASE + ss.P_HELD:ss.WAIT_BASE:ss.P_FIELDS]
+        parked = cells[ss.H_PARKED]     # parked connections belong to no process
         if not self.cron_reserve:
-            return sum(helds), 0
+            return sum(helds) + parked, 0
         roles = cells[ss.PROC_BASE + ss.P_ROLE:ss.WAIT_BASE:ss.P_FIELDS]
-        return sum(helds), sum(held for role, held in zip(roles, helds) if role == _CRON_ROLE)
+        return sum(helds) + parked, sum(held for role, held in zip(roles, helds)
+                                        if role == _CRON_ROLE)
 
     def _has_room(self, usage, priority):
         held, cron_held = usage
@@ -294,10 +296,16 @@ class SharedBudget:
         """How many of ``wanted`` timed-out idle connections this process may close
         while the instance keeps ``min_idle``; the answer is published at once."""
         with self.state.locked() as cells:
-            total = sum(cells[ss.PROC_BASE + ss.P_IDLE:ss.WAIT_BASE:ss.P_FIELDS])
+            total = sum(cells[ss.PROC_BASE + ss.P_IDLE:ss.WAIT_BASE:ss.P_FIELDS]) + \
+                cells[ss.H_PARKED]
             allowed = max(min(wanted, total - self.min_idle), 0)
             cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_IDLE] -= allowed
             return allowed
+
+    def idle_total(self):
+        """Idle connections instance-wide, parked ones included (lock-free)."""
+        cells = self.state.cells
+        return sum(cells[ss.PROC_BASE + ss.P_IDLE:ss.WAIT_BASE:ss.P_FIELDS]) + cells[ss.H_PARKED]
 
     def describe_holders(self):
         """Who holds the budget, for the timeout error: 'pid 12 (http): 3 in use, 1 idle; ...'."""

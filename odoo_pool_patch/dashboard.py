@@ -46,6 +46,10 @@ def shared_figures(state, now=None):
     cells = state.cells
     totals = {name: sum(row[name] for row in rows)
               for name in ('held', 'in_use', 'idle', 'long_lived')}
+    # Parked connections (see parking) are idle and hold slots, of no process.
+    totals['parked'] = cells[ss.H_PARKED]
+    totals['held'] += totals['parked']
+    totals['idle'] += totals['parked']
     totals.update(budget=cells[ss.H_BUDGET], waiting=cells[ss.H_WAITING],
                   cron_reserve=cells[ss.H_CRON_RESERVE], min_idle=cells[ss.H_MIN_IDLE])
     since = (now - HISTORY_SECONDS) * 1000
@@ -71,7 +75,7 @@ def local_figures(snapshots, role, now=None):
                                   'site': holder['site']}
     row['held'] = row['in_use'] + row['idle']
     totals = {name: row[name] for name in ('held', 'in_use', 'idle', 'long_lived')}
-    totals.update(budget=None, waiting=sum(s['waiting'] for s in snapshots),
+    totals.update(parked=0, budget=None, waiting=sum(s['waiting'] for s in snapshots),
                   cron_reserve=None, min_idle=None)
     return {'totals': totals, 'workers': [row], 'history': []}
 

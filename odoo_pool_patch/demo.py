@@ -98,16 +98,33 @@ def _worker(cluster_dsn, databases, make_pool, stop_at, seed, out, threads, thin
 def ours(settings, budget_spec=None, maxconn=64):
     """A pool factory for forked workers: db_pooling, optionally with the shared
     budget ``budget_spec`` = (shared state path, budget size)."""
+    parent = {}
+
+    def prepare():
+        """In the parent, before the workers fork (as Odoo's master in post_load): the
+        shared budget and its exchange, whose parking queues the workers inherit.
+        Returns what ends them after the arm."""
+        from .budget import SharedBudget
+        from .shared_state import SharedState
+        from .exchange import attach
+        budget = SharedBudget(SharedState(budget_spec[0]), budget_spec[1], min_idle=1,
+                              role='master')
+        attach(budget, settings)
+        parent['budget'] = budget
+
+        def end():
+            budget = parent.pop('budget')
+            if budget.exchange is not None:
+                budget.exchange.close()
+        return end
+
     def make_pool():
-        budget = None
-        if budget_spec:
-            from .budget import SharedBudget
-            from .shared_state import SharedState
-            budget = SharedBudget(SharedState(budget_spec[0]), budget_spec[1], min_idle=1,
-                                  role='http')
-            from .exchange import attach
-            attach(budget, settings)
+        budget = parent.get('budget')
+        if budget is not None:
+            budget.set_role('http')
         return ConnectionPool(maxconn, settings=settings, budget=budget)
+    if budget_spec:
+        make_pool.prepare = prepare
     return make_pool
 
 
@@ -124,6 +141,7 @@ def run_arm(cluster, databases, label, make_pool, workers, seconds, rest, thread
     count = count or (lambda: cluster.count_connections(f'{APP}-{label}'))
     stop_at = time.time() + seconds
     children = []
+    end = make_pool.prepare() if hasattr(make_pool, 'prepare') else None
     for number in range(workers):
         read, write = os.pipe()
         pid = os.fork()
@@ -161,6 +179,8 @@ def run_arm(cluster, databases, label, make_pool, workers, seconds, rest, thread
             os.kill(pid, signal.SIGTERM)
         for pid, _ in children:
             os.waitpid(pid, 0)
+        if end is not None:
+            end()
     load = [c for _, p, c in samples if p == 'load']
     return {'arm': label, 'peak': max(load or [0]), 'mean': sum(load) / max(len(load), 1),
             'at_rest': samples[-1][2] if samples else 0, 'samples': samples, **merged}

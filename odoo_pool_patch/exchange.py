@@ -49,6 +49,7 @@ import psycopg2
 import psycopg2.extensions
 
 from . import shared_state as ss
+from .parking import Parking
 from .session_tracking import restore_characteristics
 
 _logger = logging.getLogger('odoo.sql_db.pool')
@@ -129,6 +130,18 @@ class IdleExchange:
         self._lock = threading.Lock()
         self._hashes = {}           # dsn key -> key hash (0: never offered)
         self._reset_process()
+        try:                        # made before Odoo forks its workers: they share it
+            self.parking = Parking(budget)
+        except OSError as exc:
+            _logger.info('db_pooling: cannot make the parking queues (%s); idle connections '
+                         'move between processes on request only', exc)
+            self.parking = None
+
+    def close(self):
+        """Stop parking (the queues' connections end when no process holds them)."""
+        if self.parking is not None:
+            self.parking.close()
+            self.parking = None
 
     def _reset_process(self):
         self._counts = {}           # key hash -> idle connections of this process
@@ -147,6 +160,8 @@ class IdleExchange:
             self._listener.close()
         self._lock = threading.Lock()
         self._reset_process()
+        if self.parking is not None:
+            self.parking.after_fork_in_child()
 
     # ------------------------------------------------------------------ offers
     def hash_of(self, key):
@@ -316,12 +331,7 @@ class IdleExchange:
             if app and (getattr(cnx, '_dbp_app', None) or
                         cnx.info.parameter_status('application_name')) != app:
                 set_application_name(cnx, app)
-            info = cnx.info
-            meta = {'params': [(name, app if app and name == 'application_name' else value)
-                               for name in REPORTED
-                               for value in [info.parameter_status(name)] if value is not None],
-                    'pid': cnx._dbp_pid, 'born': cnx._dbp_born,
-                    'expires': cnx._dbp_expires, 'reuses': cnx._dbp_reuses}
+            meta = session_meta(cnx, app)
             socket.send_fds(conn, [b'Y' + json.dumps(meta).encode()], [cnx.fileno()])
             acknowledged = conn.recv(1) == b'A'
         except (OSError, psycopg2.Error):
@@ -367,7 +377,7 @@ class IdleExchange:
                 return None
             try:
                 meta = json.loads(message[1:])
-                cnx = self._wrap(fds[0], meta, key, factory, khash)
+                cnx = self.wrap(fds[0], meta, key, factory, khash)
             except Exception as exc:
                 os.close(fds[0])    # a copy: the donor still has the socket, keeps it idle
                 _logger.info('db_pooling: could not take over an idle connection of process '
@@ -383,7 +393,7 @@ class IdleExchange:
             cnx._dbp_app = app.decode('utf-8', 'replace')
             return cnx, meta
 
-    def _wrap(self, fd, meta, key, factory, khash):
+    def wrap(self, fd, meta, key, factory, khash):
         """A psycopg2 connection over ``fd``: a shell (see :meth:`keep_shell`) with the
         same session parameters, else a new one whose libpq start-up is answered here
         with the donor's session parameters; then the real socket replaces the fake one."""
@@ -426,9 +436,10 @@ class IdleExchange:
         if cnx is None:
             return None
         try:
-            info = cnx.info         # its name is set apart (``_dbp_app``, see _answer)
-            if any(info.parameter_status(name) != value for name, value in params
-                   if name != 'application_name'):
+            # What its libpq holds: the parameters of the sessions it held (all equal,
+            # and a clean session's stay as they started), its name set apart (``_dbp_app``).
+            view = cnx._dbp_params if cnx._dbp_params is not None else session_params(cnx)
+            if view != [tuple(param) for param in params if param[0] != 'application_name']:
                 raise ValueError('other session parameters')
             cnx.autocommit = False              # no round trip outside a transaction
             restore_characteristics(cnx)
@@ -466,6 +477,25 @@ class IdleExchange:
                 listener.close()
         cnx._dbp_shell = True
         return cnx
+
+
+def session_meta(cnx, app=''):
+    """What a process taking ``cnx`` over needs: the session's parameters (its name
+    ``app`` when given), backend pid and the pool's bookkeeping."""
+    params = cnx._dbp_params
+    if params is None:
+        params = cnx._dbp_params = session_params(cnx)
+    app = app or cnx.info.parameter_status('application_name')
+    return {'params': params + [('application_name', app)] if app else params,
+            'pid': cnx._dbp_pid, 'born': cnx._dbp_born,
+            'expires': cnx._dbp_expires, 'reuses': cnx._dbp_reuses}
+
+
+def session_params(cnx):
+    """The session parameters libpq holds for ``cnx``, its name left out."""
+    info = cnx.info
+    return [(name, value) for name in REPORTED if name != 'application_name'
+            for value in [info.parameter_status(name)] if value is not None]
 
 
 def neutralize(cnx):

@@ -77,6 +77,15 @@ def _run(wake):
                     pool.shed_idle()
             except Exception:
                 _log_failure('db_pooling maintenance of %r failed; will retry', pool)
+        for budget, settings in {id(pool.budget): (pool.budget, pool.settings)
+                                 for pool in shared}.values():
+            parking = budget.exchange.parking if budget.exchange is not None else None
+            if parking is not None:
+                try:
+                    parking.tick(full, settings.idle_timeout)
+                except Exception:
+                    _log_failure('db_pooling maintenance of the parked connections failed; '
+                                 'will retry')
         if shared:
             try:
                 _publish(shared)

@@ -71,6 +71,10 @@ def render(state):
         f'# HELP {PREFIX}_waiting Borrowers waiting for a slot of the budget.',
         f'# TYPE {PREFIX}_waiting gauge',
         _line(f'{PREFIX}_waiting', cells[ss.H_WAITING]),
+        f'# HELP {PREFIX}_parked Idle connections parked for any process to take (their '
+        f'slots belong to no process).',
+        f'# TYPE {PREFIX}_parked gauge',
+        _line(f'{PREFIX}_parked', cells[ss.H_PARKED]),
         f'# HELP {PREFIX}_processes Live processes attached to the shared state.',
         f'# TYPE {PREFIX}_processes gauge',
     ]

@@ -179,7 +179,9 @@ OPTIONS += (
            'over a Unix socket, its session and caches kept) instead of opening a new one: '
            'a fraction of a millisecond instead of a new backend, and no connection opened or '
            'closed. When the budget is full and every connection to that database is in use, '
-           'it waits up to 15 ms for one to come back before opening one. Only clean, non-TLS '
+           'it waits up to 15 ms for one to come back before opening one. When connections of '
+           'a database keep moving, a process giving one back parks it in a kernel queue any '
+           'worker takes it from with no process to ask. Only clean, non-TLS '
            'connections move. off: each process opens its own, '
            'closing one of its idle ones if the budget is full. Turn it off if a security '
            'module forbids passing file descriptors between processes.'),

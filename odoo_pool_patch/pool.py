@@ -41,7 +41,7 @@ from .errors import PoolError, PoolTimeout
 from .options import Settings
 from . import session_state
 from .session_tracking import SessionTracking, restore_characteristics, run_reset, track
-from .exchange import neutralize, offerable, set_application_name
+from .exchange import neutralize, offerable, session_meta, set_application_name
 from .tls import explain_failure, record as record_tls
 from . import maintenance
 
@@ -52,6 +52,7 @@ _logger = logging.getLogger('odoo.sql_db.pool')
 _NEW = object()        # grant: a reserved slot, open a new connection in it
 _BUDGET = object()     # grant: a reserved local slot; take a slot of the shared budget first
 _TAKE = object()       # grant: a reserved local slot; take another process's idle connection
+_EVICT = object()      # grant: a reserved local slot; close a parked connection, open in its slot
 _MISSING = object()
 # libpq keepalives of direct connections: a LISTEN connection idle for hours
 # notices a dead server or NAT drop within about a minute and a half.
@@ -145,6 +146,9 @@ class PoolStats:
                  'handed_over',
                  # idle connections taken from / given to other processes (db_pool_shared_idle)
                  'taken', 'given',
+                 # idle connections parked for any process / taken from the parking (see
+                 # parking)
+                 'parked', 'unparked',
                  # borrows that waited (up to AWAIT_BUSY) for another process's connection
                  # in use to their database rather than open one
                  'awaited',
@@ -274,6 +278,29 @@ class ConnectionPool:
             with self._lock:
                 self._opening -= 1
                 grant = self._acquire_locked(key, holder)
+        if grant is _EVICT:
+            try:
+                evicted = self._evict_parked()
+            except BaseException:   # gevent.Timeout, Odoo's SIGXCPU: the local slot back
+                evicted = False
+                raise
+            finally:
+                if not evicted:
+                    with self._lock:
+                        self._opening -= 1
+                        if self._waiters:
+                            self._hand_off_locked()
+            if evicted:
+                grant = _NEW
+            else:
+                with self._lock:
+                    grant = self._acquire_locked(key, holder, evict=False)
+        if (grant is _NEW or grant is _BUDGET or grant is _EVICT or type(grant) is _Room) and \
+                budget is not None and budget.exchange is not None and \
+                budget.exchange.parking is not None:
+            khash = budget.exchange.hash_of(key)
+            if khash:
+                budget.exchange.parking.want(khash)     # not held here: park it elsewhere
         if grant is _NEW:
             return self._open(connection_info, key, holder)
         if grant is _BUDGET:
@@ -311,16 +338,22 @@ class ConnectionPool:
         if not khash or not AWAIT_BUSY or self._count() >= self._maxconn or \
                 budget.has_room() or budget.waiting():
             return
+        parking = exchange.parking
+        if parking is not None and parking.count(khash):
+            return
         idle, in_use = exchange.elsewhere(khash)
         if idle or not in_use:
             return
+        if parking is not None:
+            parking.want(khash)     # the process giving one back parks it for us
         with self._lock:
             self.stats.awaited += 1
         deadline = monotonic() + AWAIT_BUSY
         while monotonic() < deadline:
             time.sleep(AWAIT_POLL)
             idle, in_use = exchange.elsewhere(khash)
-            if idle or not in_use or key in self._idle or budget.has_room():
+            if idle or not in_use or key in self._idle or budget.has_room() or (
+                    parking is not None and parking.count(khash)):
                 return
 
     def give_back(self, connection, keep_in_pool=True):
@@ -346,22 +379,72 @@ class ConnectionPool:
                 if self._budget_waits and self._hand_over_locked(connection):
                     return
                 self._handed_in_row = 0
-                self._push_idle_locked(connection, in_use=-1)
-                if self._waiters:
-                    self._hand_off_locked()
-                if self.budget is None or self._waiters or not self.budget.waiting():
-                    return
-                # Another process waits for a slot of the shared budget and nobody
-                # here does: give up our least recently used idle connection.
-                doomed, shed = self._claim_shed_locked(1)
-                if not doomed:
-                    return
+                park = connection._dbp_khash and not self._waiters and \
+                    self._should_park_locked(connection)
+                if park:
+                    self._closing += 1      # its slot stays counted here while it travels
+                    connection._dbp_lent_at = self._closings
+                    doomed = None
+                else:
+                    self._push_idle_locked(connection, in_use=-1)
+                    if self._waiters:
+                        self._hand_off_locked()
+                    if self.budget is None or self._waiters or not self.budget.waiting():
+                        return
+                    # Another process waits for a slot of the shared budget and nobody
+                    # here does: give up our least recently used idle connection.
+                    doomed, shed = self._claim_shed_locked(1)
+                    if not doomed:
+                        return
             else:
                 doomed, shed = [connection], 0
                 if connection._dbp_khash:
                     self.budget.exchange.changed(connection._dbp_khash, 0, -1)
-            self._closing += len(doomed)
-        self._retire(doomed, shed)
+            if doomed:
+                self._closing += len(doomed)
+        if doomed is None:
+            self._park(connection)
+        else:
+            self._retire(doomed, shed)
+
+    def _should_park_locked(self, cnx):
+        """Whether to park ``cnx`` rather than keep it idle here: another process
+        needed its database lately, nobody waits for the budget, it is clean."""
+        exchange = self.budget.exchange
+        return exchange.parking is not None and self.settings.reset == 'smart' and \
+            not cnx._dbp_dirty and not self.budget.waiting() and \
+            not (cnx._dbp_expires and cnx._dbp_expires < monotonic() + 5) and \
+            exchange.parking.wanted(cnx._dbp_khash)
+
+    def _park(self, cnx):
+        """Send ``cnx`` to the parking (counted in ``_closing`` meanwhile); kept idle
+        here if it cannot go."""
+        exchange = self.budget.exchange
+        parked = False
+        try:
+            if offerable(cnx) and not socket_readable(cnx):
+                parked = exchange.parking.park(cnx._dbp_khash, cnx.fileno(), session_meta(
+                    cnx, getattr(cnx, '_dbp_app', None) or ''))
+        except (OSError, psycopg2.Error):
+            parked = False
+        if parked:
+            exchange.keep_shell(cnx)
+        doomed = None
+        with self._lock:
+            if parked:
+                self._closing -= 1
+                self.stats.parked += 1
+                exchange.changed(cnx._dbp_khash, 0, -1)
+            elif self._closed or self._closings != cnx._dbp_lent_at:
+                doomed = [cnx]          # close_all() ran meanwhile: closed too (in _closing)
+                exchange.changed(cnx._dbp_khash, 0, -1)
+            else:
+                self._closing -= 1
+                self._push_idle_locked(cnx, in_use=-1)
+            if self._waiters:
+                self._hand_off_locked()
+        if doomed:
+            self._retire(doomed)
 
     def _hand_over_locked(self, cnx):
         """Give ``cnx`` to the oldest borrower of this process waiting in the shared
@@ -406,27 +489,34 @@ class ConnectionPool:
             self._retire(doomed)
             _logger.info('%r: Closed %d connections%s', self, len(doomed),
                          f' to {key_database(key)!r}' if key else '')
+        exchange = self.budget.exchange if self.budget is not None else None
+        if key is not None and exchange is not None and exchange.parking is not None:
+            # Its database is being dropped or renamed: nothing of it may stay parked.
+            khash = exchange.hash_of(key)
+            if khash and exchange.parking.drain(khash):
+                _logger.info('%r: Closed the parked connections to %r', self, key_database(key))
 
     # ------------------------------------------------------------------ slots
     def _count(self):
         return len(self._used) + self._n_idle + self._opening + self._closing
 
-    def _acquire_locked(self, key, holder, take=False):
-        """A reused idle connection (now in use), ``_NEW``, ``_BUDGET``, a ``_Room`` or,
-        if ``take``, ``_TAKE``."""
+    def _acquire_locked(self, key, holder, take=False, evict=True):
+        """A reused idle connection (now in use), ``_NEW``, ``_BUDGET``, a ``_Room``,
+        ``_EVICT`` (if ``evict``) or, if ``take``, ``_TAKE``."""
         if not self._waiters:
-            grant = self._grant_locked(key, holder, take)
+            grant = self._grant_locked(key, holder, take, evict)
             if grant is None and self._reclaim_used_locked():
                 grant = self._grant_locked(key, holder)
             if grant is not None:
                 return grant
         return self._wait_locked(key, holder)
 
-    def _grant_locked(self, key, holder, take=False):
+    def _grant_locked(self, key, holder, take=False, evict=False):
         """Take a slot for ``key``: a reused idle connection (booked in use at
         once, so the slot is never counted free in between), ``_TAKE`` (if
-        ``take`` and another process offers one), ``_NEW``, a ``_Room`` or None
-        when there is no slot."""
+        ``take`` and another process offers one), ``_NEW``, a ``_Room``,
+        ``_EVICT`` (if ``evict`` and connections are parked) or None when there
+        is no slot."""
         stack = self._idle.get(key)
         if stack:
             self._n_idle -= 1
@@ -442,7 +532,8 @@ class ConnectionPool:
                 self._count() < self._maxconn:
             exchange = self.budget.exchange
             khash = exchange.hash_of(key)
-            if khash and exchange.offered(khash):
+            if khash and ((exchange.parking is not None and exchange.parking.count(khash)) or
+                          exchange.offered(khash)):
                 self._opening += 1
                 return _TAKE
         if self._exiting and self._count() >= self._maxconn:
@@ -457,6 +548,11 @@ class ConnectionPool:
             self.stats.closed_room += 1
             self._opening += 1
             return _Room(victim)
+        if evict and self._count() < self._maxconn and budget is not None and \
+                budget.exchange is not None and budget.exchange.parking is not None and \
+                budget.exchange.parking.parked():
+            self._opening += 1              # full: make room on a parked connection
+            return _EVICT
         if self._count() < self._maxconn:   # room here, but the shared budget is full
             self._opening += 1
             return _BUDGET
@@ -678,17 +774,28 @@ class ConnectionPool:
         """Take an idle connection to ``key`` from another process (a local slot is
         reserved): it keeps the donor's age and lifetime. None if none came."""
         got = None
+        exchange = self.budget.exchange
         try:
-            got = self.budget.exchange.take(self.budget.exchange.hash_of(key), key,
-                                            self.connection_factory)
+            khash = exchange.hash_of(key)
+            got = self._unpark(exchange, khash, key)
+            parked = got is not None
+            if got is None:
+                got = exchange.take(khash, key, self.connection_factory)
             if got is None:
                 return None
             cnx, meta = got
             self.prepare_connection(cnx, key)
             cnx._dbp_born, cnx._dbp_expires, cnx._dbp_reuses, cnx._dbp_pid = \
                 meta['born'], meta['expires'], meta['reuses'], meta['pid']
+            cnx._dbp_params = [tuple(param) for param in meta['params']
+                               if param[0] != 'application_name']
             cnx._dbp_direct = False if self.settings.direct_host else None
             cnx._dbp_prefix = self._timeouts_prefix(key, holder)
+            if parked:
+                app = dict(key).get('application_name')
+                if app and cnx._dbp_app != app:     # a round trip, as a donor does it
+                    set_application_name(cnx, app)
+                    cnx._dbp_app = app
         except BaseException:       # gevent.Timeout, Odoo's SIGXCPU: nothing may leak
             with self._lock:
                 self._opening -= 1
@@ -702,8 +809,52 @@ class ConnectionPool:
         with self._lock:
             self._opening -= 1
             self._book_locked(cnx, holder)
-            self.stats.taken += 1
+            if parked:
+                self.stats.unparked += 1
+            else:
+                self.stats.taken += 1
         return cnx
+
+    def _evict_parked(self):
+        """Close a parked connection of the database with the most parked (spare ones),
+        waiting for its backend to exit: its budget slot is ours. False if none."""
+        parking = self.budget.exchange.parking
+        got = parking.unpark_spare()
+        if got is None:
+            return False
+        try:
+            parking.close_and_wait(got[0])
+        except BaseException:
+            self.budget.release()   # the slot came with it (its backend is on its way out)
+            raise
+        with self._lock:
+            self.stats.closed_room += 1
+        return True
+
+    def _unpark(self, exchange, khash, key):
+        """(connection, bookkeeping) of ``khash`` from the parking, its budget slot now
+        ours; None if none is parked. Dead and expired ones are closed on the way."""
+        parking = exchange.parking
+        if parking is None or not khash:
+            return None
+        while True:
+            got = parking.unpark(khash)
+            if got is None:
+                parking.want(khash)
+                return None
+            fd, meta, parker, _parked_at = got
+            if parker != self.budget.pid:
+                parking.want(khash)     # connections of this database move: keep parking
+            try:
+                if (meta['expires'] and meta['expires'] <= monotonic()) or fd_readable(fd):
+                    parking.retire(fd)  # expired, or the server said goodbye
+                    continue
+                cnx = exchange.wrap(fd, meta, key, self.connection_factory, khash)
+            except BaseException:
+                parking.retire(fd)      # nothing may leak (fd is closed once wrapped)
+                raise
+            cnx._dbp_app = dict(meta['params']).get('application_name', '')
+            return cnx, meta
 
     def lend_idle(self, khash):
         """For another process: our most recently used idle connection of ``khash`` if it
@@ -884,6 +1035,7 @@ class ConnectionPool:
                 restore_characteristics(cnx)
         else:
             cnx.reset()             # ABORT (in a transaction) + DISCARD ALL
+            cnx._dbp_params = None
             app = getattr(cnx, '_dbp_app', None)
             if app and cnx.info.parameter_status('application_name') != app:
                 # Taken from another process: DISCARD ALL went back to the name the
@@ -1051,6 +1203,14 @@ class ConnectionPool:
         self._budget_waits = {}
         self._handed_in_row = 0
         self._timer = None
+
+
+def fd_readable(fd):
+    """Whether an idle server socket has something to read: the server's goodbye."""
+    try:
+        return bool(select.select((fd,), (), (), 0)[0])
+    except (OSError, ValueError):
+        return True
 
 
 def socket_readable(cnx):

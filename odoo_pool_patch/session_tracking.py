@@ -84,6 +84,7 @@ class SessionTracking:
     in autocommit mode set_session also changes server-side defaults)."""
     _dbp_dirty = 0
     _dbp_prefix = ''
+    _dbp_params = None      # the session parameters, cached (see exchange.session_meta)
     _dbp_direct = None      # True: sent to db_direct_host; False: it is set but not for this
                             # connection; None: db_direct_host is not set
 

@@ -23,9 +23,12 @@ Layout (indexes into the int64 array)::
     offers   N_PROC rows      per process, N_OFFER triples (database key hash, idle
                               connections, connections in use): what it can give to another
                               process, and what it will give back soon (see exchange)
+    lots     N_LOT rows       parking lots (see parking): owner token, database key hash,
+                              connections parked, change counter, last two demands
 
 With N_PROC = 512, N_WAIT = 1024, N_HIST = 720 (one sample per 5 s for
-an hour), N_SRV = 16 and N_OFFER = 8 the segment is 361,376 bytes, whatever the budget: 1,024
+an hour), N_SRV = 16, N_OFFER = 8 and N_LOT = 32 the segment is 363,424 bytes, whatever the
+budget: 1,024
 connections need at most 1,024 waiter rows, and one row per process.
 
 Every change is made under :meth:`SharedState.locked`: a thread lock (for the
@@ -45,7 +48,7 @@ import threading
 import time
 
 MAGIC = 0x6462706F6F6C3031      # "dbpool01"
-VERSION = 6          # bump on any layout change: older files are reinitialised
+VERSION = 7          # bump on any layout change: older files are reinitialised
 
 N_PROC = 512
 N_WAIT = 1024
@@ -56,7 +59,9 @@ O_FIELDS = 3     # offer entry: key hash, idle, in use
 
 # header cells
 H_MAGIC, H_VERSION, H_BUDGET, H_CRON_RESERVE, H_TICKET, H_WAITING, H_LAST_REAP, \
-    H_HIST_POS, H_HIST_LAST, H_MIN_IDLE, H_DB_LIST_GEN, H_ROWS = range(12)
+    H_HIST_POS, H_HIST_LAST, H_MIN_IDLE, H_DB_LIST_GEN, H_ROWS, H_PARKED = range(13)
+# H_PARKED: connections parked in the kernel queues (see parking): they hold budget slots
+# that belong to no process
 H_REAPED = 16           # + role * N_COUNTERS + counter: totals of processes that are gone
 HEADER = 80
 
@@ -98,7 +103,13 @@ V_CONNS = 16            # client backends of our database user on that server (l
 V_FIELDS = 20
 SRV_ROWS = SRV_BASE + SRV_LEASE
 OFFER_BASE = SRV_ROWS + N_SRV * V_FIELDS
-CELLS = OFFER_BASE + N_PROC * N_OFFER * O_FIELDS
+LOT_BASE = OFFER_BASE + N_PROC * N_OFFER * O_FIELDS
+
+# parking lot rows (see parking)
+N_LOT = 32
+K_OWNER, K_HASH, K_COUNT, K_SEQ, K_WANT_MS, K_WANT_PID, K_OTHER_MS, K_FREE_MS = range(8)
+K_FIELDS = 8
+CELLS = LOT_BASE + N_LOT * K_FIELDS
 SIZE = CELLS * 8
 
 ROLES = ('master', 'http', 'cron', 'gevent', 'threaded', 'other')
@@ -249,8 +260,10 @@ class SharedState:
         return totals
 
     def total_held(self):
+        """Slots held instance-wide: by the processes, and by parked connections."""
         cells = self.cells      # rows past H_ROWS were never used
-        return sum(cells[PROC_BASE + P_HELD:PROC_BASE + cells[H_ROWS] * P_FIELDS:P_FIELDS])
+        return sum(cells[PROC_BASE + P_HELD:PROC_BASE + cells[H_ROWS] * P_FIELDS:P_FIELDS]) + \
+            cells[H_PARKED]
 
     def db_list_generation(self):
         """Changes whenever a process created or dropped a database (lock-free read)."""
@@ -310,7 +323,8 @@ class SharedState:
             cells[base + S_TIME] = now
             cells[base + S_HELD] = self.total_held()
             cells[base + S_IN_USE] = sum(cells[PROC_BASE + P_IN_USE:WAIT_BASE:P_FIELDS])
-            cells[base + S_IDLE] = sum(cells[PROC_BASE + P_IDLE:WAIT_BASE:P_FIELDS])
+            cells[base + S_IDLE] = sum(cells[PROC_BASE + P_IDLE:WAIT_BASE:P_FIELDS]) + \
+                cells[H_PARKED]
             cells[base + S_WAITING] = cells[H_WAITING]
             cells[base + S_LONG] = sum(cells[PROC_BASE + P_LONG:WAIT_BASE:P_FIELDS])
             cells[H_HIST_POS] = pos + 1

@@ -47,10 +47,11 @@ def longest_text(longest, now):
 def render(state):
     cells = state.cells
     rows = [r for r in state.processes() if ss.process_start(r['pid']) is not None]
-    held = sum(r['held'] for r in rows)
+    parked = cells[ss.H_PARKED]
+    held = sum(r['held'] for r in rows) + parked
     lines = [
         f'budget {cells[ss.H_BUDGET]}  held {held}  in use {sum(r["in_use"] for r in rows)}  '
-        f'idle {sum(r["idle"] for r in rows)}  long-lived {sum(r["long_lived"] for r in rows)}  '
+        f'idle {sum(r["idle"] for r in rows) + parked} (parked {parked})  long-lived {sum(r["long_lived"] for r in rows)}  '
         f'waiting {cells[ss.H_WAITING]}  cron reserve {cells[ss.H_CRON_RESERVE]}  '
         f'min idle {cells[ss.H_MIN_IDLE]}',
         '',

@@ -282,10 +282,11 @@ class Peer:
     """A forked process with its own pool on the segment ``path``, doing what the test
     says, one command at a time, under its own application_name (as Odoo names each
     process's connections): ``borrow db`` (keeps it; answers its backend pid),
-    ``back db`` (gives it back), ``close db`` (gives it back to be closed)."""
+    ``back db`` (gives it back), ``close db`` (gives it back to be closed), ``stat name``
+    (answers that counter of its pool). ``pool``: makes its pool (run in the child)."""
     _test_ends = []         # the test process's ends of every running peer's pipes
 
-    def __init__(self, path, info, budget=4):
+    def __init__(self, path, info, budget=4, pool=None):
         commands, self._commands = os.pipe()
         self._answers, answers = os.pipe()
         self.pid = os.fork()
@@ -294,7 +295,7 @@ class Peer:
                 # Else our copies of the test's ends keep commands open (ours, other peers').
                 for fd in [self._commands, self._answers] + Peer._test_ends:
                     os.close(fd)
-                self._serve(path, info, budget, commands, answers)
+                self._serve(path, info, budget, commands, answers, pool)
             finally:
                 os._exit(0)
         os.close(commands)
@@ -302,8 +303,8 @@ class Peer:
         Peer._test_ends += [self._commands, self._answers]
 
     @staticmethod
-    def _serve(path, info, budget, commands, answers):    # pragma: no cover - child
-        pool, held = make_pool(path, budget=budget), {}
+    def _serve(path, info, budget, commands, answers, make):   # pragma: no cover - child
+        pool, held = make() if make else make_pool(path, budget=budget), {}
         name = info()['application_name'] + '-peer'
         with os.fdopen(commands) as lines:
             for line in lines:
@@ -313,6 +314,8 @@ class Peer:
                     cnx = held[database] = pool.borrow(info(database, application_name=name))
                     answer = backend_pid(cnx)
                     cnx.commit()
+                elif verb == 'stat':
+                    answer = getattr(pool.stats, database)
                 else:
                     pool.give_back(held.pop(database), keep_in_pool=verb == 'back')
                 os.write(answers, f'{answer}\n'.encode())
@@ -321,7 +324,12 @@ class Peer:
         os.write(self._commands, f'{verb} {database}\n'.encode())
         return int(os.read(self._answers, 64))
 
-    def stop(self):
+    def stop(self, sig=None):
+        """End the peer: its commands closed (it exits), or killed with ``sig``."""
+        if self._commands not in Peer._test_ends:
+            return
+        if sig is not None:
+            os.kill(self.pid, sig)
         Peer._test_ends.remove(self._commands)
         Peer._test_ends.remove(self._answers)
         os.close(self._commands)

@@ -1,0 +1,415 @@
+"""Idle connections parked in kernel queues, for any worker of the instance to take.
+
+The exchange (:mod:`.exchange`) moves an idle connection from the process that
+holds it to one that needs it: a round trip to that process, whose serving
+thread must wake up and get the GIL. When the connections of a database move
+between processes all the time (more workers times databases than the budget
+has connections), a process giving one back *parks* it instead: it sends the
+socket and its bookkeeping into a queue, and the next process that needs that
+database receives it with one non-blocking ``recvmsg``. No donor, no wake-up,
+no thread: the kernel holds the socket in between.
+
+The queues are ``AF_UNIX`` datagram socket pairs made by the process that
+attaches the exchange (Odoo's master, in ``post_load``) before it forks its
+workers, so every worker holds both ends; a process that is not a descendant
+(another container, the gevent process) has its own and never sees these.
+Each database in use gets one of ``N_LOT`` *lots* (a pair, and a row of the
+shared state: owner token, key hash, connections parked, change counter,
+demand), claimed under the shared lock and freed when empty and unwanted.
+
+Parking is demand-driven: a connection is parked at give-back only if another
+process needed that database in the last ``DEMAND`` seconds (found none of its
+own idle). A lone worker keeps reusing its own connection at no cost.
+
+Budget: a parked connection's slot belongs to no process (``H_PARKED``). Park:
+under the lock the parker's ``held`` - 1, the lot's count and ``H_PARKED`` + 1,
+then ``sendmsg``. Unpark: ``recvmsg``, then under the lock the reverse into the
+taker's ``held``. A crash between the two steps leaves a count with no
+connection behind it (never a connection uncounted); the maintenance finds a
+lot counted but empty and unchanged across two passes and corrects it.
+
+Maintenance (any process, see :meth:`Parking.tick`): the queue is FIFO, so its
+head is the connection parked longest; it is closed past the idle timeout or
+its max lifetime (keeping ``min_idle`` instance-wide), and parked connections
+are closed first while borrowers wait for the budget. ``close_all(dsn)`` (a
+database dropped) closes that database's parked connections.
+"""
+import logging
+import marshal
+import os
+import random
+import select
+import socket
+import threading
+import time
+
+from . import shared_state as ss
+
+_logger = logging.getLogger('odoo.sql_db.pool')
+
+DEMAND = 1.0            # seconds a demand from another process keeps a database parked
+LOT_REUSE = 60.0        # seconds an empty lot stays its database's after the last demand
+EXIT_WAIT = 2.0         # seconds a closed parked connection's slot waits for its backend to exit
+MESSAGE = 16384         # bytes: more than a message (bookkeeping and session parameters) needs
+_TERMINATE = b'X\0\0\0\4'
+monotonic = time.monotonic
+
+
+def _ms():
+    return int(monotonic() * 1000)
+
+
+class Parking:
+    """The parking lots of one instance, as seen by this process.
+
+    :param budget: this process's :class:`~.budget.SharedBudget` (its shared state
+        holds the lots' rows).
+    """
+
+    def __init__(self, budget):
+        self.budget = budget
+        self.state = budget.state
+        self.token = random.getrandbits(62) + 1     # these queues' lots, not another family's
+        self._pairs = []        # lot -> (receiving end, sending end)
+        try:
+            for _ in range(ss.N_LOT):
+                ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+                for end in ends:
+                    end.setblocking(False)
+                self._pairs.append(ends)
+        except OSError:
+            self.close()
+            raise
+        self._reset_process()
+
+    def _reset_process(self):
+        self._lots = {}         # key hash -> lot (a cache: the lot's row says)
+        self._absent = {}       # key hash -> ms until which it is not looked for again
+        self._exiting = []      # [fd, give-up deadline, shed] of closed parked connections
+        self._exit_lock = threading.Lock()
+        self._seen = {}         # lot -> change counter when last seen counted but empty
+
+    def close(self):
+        """Close the queues (their parked connections end when no process holds them)."""
+        for ends in self._pairs:
+            for end in ends:
+                end.close()
+        self._pairs = []
+
+    def after_fork_in_child(self):
+        for fd, _deadline, _shed in self._exiting:
+            os.close(fd)        # the parent watches these
+        self._reset_process()
+
+    # ------------------------------------------------------------------ lots
+    def _lot(self, khash):
+        """Cell index of the row of ``khash``'s lot, or None (lock-free)."""
+        cells = self.state.cells
+        lot = self._lots.get(khash)
+        if lot is not None:
+            base = ss.LOT_BASE + lot * ss.K_FIELDS
+            if cells[base + ss.K_HASH] == khash and cells[base + ss.K_OWNER] == self.token:
+                return base
+        now = _ms()
+        if self._absent.get(khash, 0) > now:
+            return None
+        for lot in range(ss.N_LOT):
+            base = ss.LOT_BASE + lot * ss.K_FIELDS
+            if cells[base + ss.K_HASH] == khash and cells[base + ss.K_OWNER] == self.token:
+                self._lots[khash] = lot
+                return base
+        self._absent[khash] = now + 1000    # a lot another process claims is seen within 1 s
+        return None
+
+    def _claim(self, khash):
+        """A lot for ``khash``: its own, else a free one (never used, or empty and
+        unwanted for LOT_REUSE seconds); None when all are taken."""
+        now = _ms()
+        if self._absent.get(None, 0) > now:
+            return None             # all lots were taken a moment ago
+        self._absent.pop(khash, None)
+        with self.state.locked() as cells:
+            base = self._lot(khash)
+            if base is not None:
+                return base
+            for lot in range(ss.N_LOT):
+                base = ss.LOT_BASE + lot * ss.K_FIELDS
+                if not cells[base + ss.K_OWNER] or (
+                        cells[base + ss.K_COUNT] <= 0 and
+                        now - max(cells[base + ss.K_WANT_MS], cells[base + ss.K_FREE_MS])
+                        > LOT_REUSE * 1000):
+                    ss.clear(cells, base, ss.K_FIELDS)
+                    cells[base + ss.K_OWNER] = self.token
+                    cells[base + ss.K_HASH] = khash
+                    cells[base + ss.K_FREE_MS] = now
+                    self._lots[khash] = lot
+                    return base
+        self._absent[None] = now + 1000
+        return None
+
+    def count(self, khash):
+        """Connections of ``khash`` parked (lock-free)."""
+        base = self._lot(khash)
+        return self.state.cells[base + ss.K_COUNT] if base is not None else 0
+
+    def want(self, khash):
+        """This process needed a connection of ``khash`` it did not hold: processes that
+        give one back park it for DEMAND seconds (racy writes: a hint)."""
+        base = self._lot(khash) or self._claim(khash)
+        if base is None:
+            return
+        cells, pid = self.state.cells, self.budget.pid
+        if cells[base + ss.K_WANT_PID] != pid:
+            cells[base + ss.K_OTHER_MS] = cells[base + ss.K_WANT_MS]   # a demand not ours
+            cells[base + ss.K_WANT_PID] = pid
+        cells[base + ss.K_WANT_MS] = _ms()
+
+    def wanted(self, khash):
+        """Whether another process needed ``khash`` in the last DEMAND seconds."""
+        base = self._lot(khash)
+        if base is None:
+            return False
+        cells = self.state.cells
+        since = _ms() - DEMAND * 1000
+        return (cells[base + ss.K_WANT_MS] > since and cells[base + ss.K_WANT_PID] != self.budget.pid) \
+            or cells[base + ss.K_OTHER_MS] > since
+
+    # ------------------------------------------------------------------ park / unpark
+    def park(self, khash, fd, meta):
+        """Send the socket ``fd`` (a copy: the caller drops its own on success) with its
+        bookkeeping ``meta`` to ``khash``'s lot, with its budget slot. False if not."""
+        base = self._lot(khash)
+        if base is None or not self._pairs:
+            return False
+        lot = (base - ss.LOT_BASE) // ss.K_FIELDS
+        data = marshal.dumps((khash, self.budget.pid, monotonic(), meta))
+        held = ss.PROC_BASE + self.budget.row * ss.P_FIELDS + ss.P_HELD
+        with self.state.locked() as cells:
+            if cells[base + ss.K_HASH] != khash or cells[base + ss.K_OWNER] != self.token:
+                return False
+            cells[held] -= 1
+            cells[base + ss.K_COUNT] += 1
+            cells[base + ss.K_SEQ] += 1
+            cells[ss.H_PARKED] += 1
+        try:
+            socket.send_fds(self._pairs[lot][1], [data], [fd])
+        except OSError:         # the queue is full (socket buffer): keep it
+            with self.state.locked() as cells:
+                cells[held] += 1
+                self._counted_out_locked(cells, base)
+            return False
+        return True
+
+    def unpark(self, khash):
+        """(fd, meta, parker pid, parked at) of the connection of ``khash`` parked longest,
+        its slot now this process's; None if none."""
+        base = self._lot(khash)
+        if base is None or self.state.cells[base + ss.K_COUNT] <= 0:
+            return None
+        return self._receive(base)
+
+    def _receive(self, base):
+        lot = (base - ss.LOT_BASE) // ss.K_FIELDS
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self._pairs[lot][0], MESSAGE, 1)
+        except (BlockingIOError, IndexError):
+            return None
+        held = ss.PROC_BASE + self.budget.row * ss.P_FIELDS + ss.P_HELD
+        with self.state.locked() as cells:
+            cells[held] += 1
+            self._counted_out_locked(cells, base)
+        try:
+            khash, parker, parked_at, meta = marshal.loads(data)
+            if khash != self.state.cells[base + ss.K_HASH]:
+                raise ValueError('a connection of another database')
+            return fds[0], meta, parker, parked_at
+        except Exception:       # noqa: BLE001 - cannot happen but must not leak
+            for fd in fds:
+                self.retire(fd)
+            if not fds:
+                self.budget.release()
+            return None
+
+    def _counted_out_locked(self, cells, base):
+        cells[base + ss.K_COUNT] = max(cells[base + ss.K_COUNT] - 1, 0)
+        cells[base + ss.K_SEQ] += 1
+        cells[ss.H_PARKED] = max(cells[ss.H_PARKED] - 1, 0)
+        if not cells[base + ss.K_COUNT]:
+            cells[base + ss.K_FREE_MS] = _ms()
+
+    # ------------------------------------------------------------------ closing
+    def retire(self, fd, shed=False):
+        """Close a parked connection this process received (its slot is ours): tell the
+        backend goodbye, free the slot once it has exited (see pool.begin_close)."""
+        try:
+            os.write(fd, _TERMINATE)
+        except OSError:
+            pass
+        with self._exit_lock:
+            self._exiting.append([fd, monotonic() + EXIT_WAIT, shed])
+
+    @staticmethod
+    def close_and_wait(fd, timeout=EXIT_WAIT):
+        """Close a parked connection this process received and wait (up to ``timeout``)
+        for its backend to exit; its slot stays this process's (for a new connection)."""
+        try:
+            os.write(fd, _TERMINATE)
+            deadline = monotonic() + timeout
+            while monotonic() < deadline:
+                if select.select((fd,), (), (), deadline - monotonic())[0] and \
+                        not os.read(fd, 65536):
+                    break
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def unpark_spare(self):
+        """Like :meth:`unpark`, from the lot with the most connections parked."""
+        cells, best = self.state.cells, None
+        for _lot, base in self._own_lots():
+            if cells[base + ss.K_COUNT] > 0 and (
+                    best is None or cells[base + ss.K_COUNT] > cells[best + ss.K_COUNT]):
+                best = base
+        return self._receive(best) if best is not None else None
+
+    def finish_exits(self, timeout=0.0):
+        """Free the slots of retired connections whose backend has exited."""
+        if not self._exiting:
+            return 0
+        with self._exit_lock:       # the maintenance thread and a borrower's: one closes
+            return self._finish_exits_locked(timeout)
+
+    def _finish_exits_locked(self, timeout):
+        try:
+            readable = set(select.select([e[0] for e in self._exiting], (), (), timeout)[0])
+        except (OSError, ValueError):
+            readable = {e[0] for e in self._exiting}
+        now, freed, shed = monotonic(), 0, 0
+        for entry in list(self._exiting):
+            fd = entry[0]
+            if fd in readable:
+                try:
+                    if os.read(fd, 65536):
+                        continue        # the server's last words; EOF comes next
+                except OSError:
+                    pass
+            elif entry[1] > now:
+                continue
+            os.close(fd)
+            self._exiting.remove(entry)
+            freed += 1
+            shed += entry[2]
+        if freed:
+            self.budget.release(freed, shed)
+        return freed
+
+    def drain(self, khash):
+        """Close every parked connection of ``khash`` (its database is being dropped)."""
+        base = self._lot(khash)
+        closed = 0
+        while base is not None and self.state.cells[base + ss.K_COUNT] > 0:
+            got = self._receive(base)
+            if got is None:
+                break
+            self.retire(got[0])
+            closed += 1
+        deadline = monotonic() + EXIT_WAIT
+        while self._exiting and monotonic() < deadline:
+            self.finish_exits(0.01)
+        return closed
+
+    def tick(self, full, idle_timeout):
+        """Maintenance: free exited slots; close parked connections for the budget's
+        waiters; on a ``full`` pass, close those parked past ``idle_timeout`` or their
+        max lifetime and correct counts left by a crash. Returns connections closed."""
+        closed = 0
+        cells = self.state.cells
+        if cells[ss.H_PARKED] > 0 and cells[ss.H_WAITING]:
+            for _ in range(self.budget.claim_shed(cells[ss.H_PARKED])):
+                got = self._receive_any()
+                if got is None:
+                    self.budget.release(0, 1)   # nothing parked after all: unclaim
+                    continue
+                self.retire(got[0], shed=True)
+                closed += 1
+        if full:
+            closed += self._evict(idle_timeout)
+        self.finish_exits()
+        return closed
+
+    def _own_lots(self):
+        cells = self.state.cells
+        for lot in range(ss.N_LOT):
+            base = ss.LOT_BASE + lot * ss.K_FIELDS
+            if cells[base + ss.K_OWNER] == self.token:
+                yield lot, base
+
+    def _receive_any(self):
+        for _lot, base in self._own_lots():
+            if self.state.cells[base + ss.K_COUNT] > 0:
+                got = self._receive(base)
+                if got is not None:
+                    return got
+        return None
+
+    def _evict(self, idle_timeout):
+        closed, now = 0, monotonic()
+        cells = self.state.cells
+        for lot, base in list(self._own_lots()):
+            if cells[base + ss.K_COUNT] <= 0:
+                continue
+            for _ in range(cells[base + ss.K_COUNT]):
+                head = self._peek(lot)
+                if head is None:
+                    self._heal(lot, base)
+                    break
+                _khash, _parker, parked_at, meta = head
+                expires = meta.get('expires') or 0
+                old = idle_timeout and parked_at + idle_timeout <= now
+                if not (old or (expires and expires <= now)):
+                    break
+                if not (expires and expires <= now) and \
+                        self.budget.idle_total() <= self.budget.min_idle:
+                    break       # the instance keeps min_idle (best effort: lock-free)
+                got = self._receive(base)
+                if got is None:
+                    break
+                self.retire(got[0])
+                closed += 1
+        return closed
+
+    def _peek(self, lot):
+        """The head message of ``lot`` without taking it (its socket is not received)."""
+        try:
+            data = self._pairs[lot][0].recv(MESSAGE, socket.MSG_PEEK)
+        except (BlockingIOError, IndexError):
+            return None
+        try:
+            return marshal.loads(data)
+        except Exception:       # noqa: BLE001
+            return None
+
+    def _heal(self, lot, base):
+        """A lot counted but empty: unchanged since the last pass that saw it so, its
+        count is a crash's leftover (a parker or taker killed between its two steps)."""
+        seq = self.state.cells[base + ss.K_SEQ]
+        if self._seen.get(lot) != seq:
+            self._seen[lot] = seq
+            return
+        with self.state.locked() as cells:
+            if cells[base + ss.K_SEQ] != seq or self._peek(lot) is not None:
+                return
+            lost = cells[base + ss.K_COUNT]
+            cells[base + ss.K_COUNT] = 0
+            cells[base + ss.K_SEQ] += 1
+            cells[ss.H_PARKED] = max(cells[ss.H_PARKED] - lost, 0)
+            if cells[ss.H_WAITING]:
+                self.budget._grant_locked(cells)
+        _logger.info('db_pooling: freed %d budget slot(s) of parked connections lost by a '
+                     'process that died while parking or taking one', lost)
+        self._seen.pop(lot, None)
+
+    # ------------------------------------------------------------------ figures
+    def parked(self):
+        return self.state.cells[ss.H_PARKED]

@@ -1,0 +1,255 @@
+"""Idle connections parked in kernel queues (see odoo_pool_patch.parking): a master
+process makes the budget and its exchange, workers forked from it share the queues.
+Real forked processes, real PostgreSQL, SIGKILL."""
+import os
+import signal
+import time
+
+import pytest
+
+from odoo_pool_patch import parking as parking_module
+from odoo_pool_patch import pool as pool_module
+from odoo_pool_patch import shared_state as ss
+from odoo_pool_patch.budget import SharedBudget
+from odoo_pool_patch.errors import PoolTimeout
+from odoo_pool_patch.exchange import IdleExchange
+from odoo_pool_patch.options import Settings
+from odoo_pool_patch.pool import ConnectionPool
+
+from conftest import backend_pid
+from test_exchange import Peer
+
+
+def master(path, budget=4):
+    """The budget and exchange an Odoo master makes in post_load, before forking."""
+    shared = SharedBudget(ss.SharedState(path), budget, role='master')
+    shared.exchange = IdleExchange(shared)
+    return shared
+
+
+def pools(shared, **settings):
+    """A pool factory on ``shared`` (the test process's, and its forked peers')."""
+    return lambda: ConnectionPool(4, settings=Settings(**settings), budget=shared,
+                                  timer_period=0.1)
+
+
+def parked(shared):
+    return shared.state.cells[ss.H_PARKED]
+
+
+def count(pg, app, database):
+    return pg.count_connections(app + '%', database)
+
+
+@pytest.fixture
+def family(tmp_path):
+    """(budget, pool factory, peers started) of one master; everything ended after."""
+    made = {'peers': [], 'pools': []}
+
+    def start(budget=4, **settings):
+        shared = made['shared'] = master(str(tmp_path / 'segment'), budget)
+        make = pools(shared, **settings)
+
+        def pool():
+            made['pools'].append(make())
+            return made['pools'][-1]
+        return shared, make, pool
+    yield start, made['peers']
+    for peer in made['peers']:
+        peer.stop()
+    for pool in made['pools']:
+        pool.shutdown()
+    if 'shared' in made:
+        made['shared'].exchange.close()
+
+
+def peer(peers, tmp_path, info, make):
+    peers.append(Peer(str(tmp_path / 'segment'), info, pool=make))
+    return peers[-1]
+
+
+@pytest.mark.parametrize('parking', [True, False])
+def test_a_parked_connection_is_taken_after_the_worker_that_parked_it_died(
+        pg, info, app, tmp_path, family, parking):
+    """Worker a gives back a db2 connection that worker b needed too: it parks it. a is
+    then killed; the next borrower still gets that session, with no process to ask."""
+    start, peers = family
+    shared, make, new_pool = start()
+    if not parking:
+        shared.exchange.close()             # control: offers only, from a live process
+    a = peer(peers, tmp_path, info, make)
+    b = peer(peers, tmp_path, info, make)
+    pool = new_pool()
+    backend = a.do('borrow', 'db2')
+    b.do('borrow', 'db2')                   # another worker needed db2: a parks its own
+    a.do('back', 'db2')
+    assert a.do('stat', 'parked') == (1 if parking else 0)
+    assert parked(shared) == (1 if parking else 0)
+    a.stop(signal.SIGKILL)
+    cnx = pool.borrow(info('db2'))
+    if parking:
+        assert backend_pid(cnx) == backend == cnx.get_backend_pid()
+        assert (pool.stats.unparked, pool.stats.opened) == (1, 0)
+        assert parked(shared) == 0
+    else:
+        assert backend_pid(cnx) != backend and pool.stats.opened == 1
+    cnx.commit()
+    pool.give_back(cnx)
+    # b's connection and ours (parked now: b needed db2), a's slot reaped if it held one.
+    assert pg.wait_until(lambda: shared.state.total_held() == 2)
+    assert pg.wait_until(lambda: count(pg, app, 'db2') == 2)
+
+
+def test_a_worker_alone_on_its_database_keeps_its_connection(
+        pg, info, tmp_path, family):
+    """Nobody else needs db2: the connection stays in the pool, reused at no cost.
+    Another worker needs it too: the next one given back is parked."""
+    start, peers = family
+    shared, make, new_pool = start()
+    pool = new_pool()
+    cnx = pool.borrow(info('db2'))
+    pool.give_back(cnx)
+    again = pool.borrow(info('db2'))
+    assert again is cnx and (pool.stats.reused, pool.stats.parked) == (1, 0)
+    other = peer(peers, tmp_path, info, make)
+    other.do('borrow', 'db2')
+    pool.give_back(again)
+    assert pool.stats.parked == 1 and parked(shared) == 1
+    assert other.do('stat', 'opened') == 1
+
+
+@pytest.mark.parametrize('idle_timeout', [0.5, 0])
+def test_parked_connections_are_closed_after_the_idle_timeout(
+        pg, info, app, tmp_path, family, idle_timeout):
+    start, peers = family
+    shared, make, new_pool = start(idle_timeout=idle_timeout)
+    a = peer(peers, tmp_path, info, make)
+    pool = new_pool()
+    a.do('borrow', 'db2')
+    cnx = pool.borrow(info('db2'))          # both needed db2: both park what they give back
+    a.do('back', 'db2')
+    pool.give_back(cnx)
+    assert parked(shared) == 2 and shared.state.total_held() == 2
+    if idle_timeout:
+        assert pg.wait_until(lambda: count(pg, app, 'db2') == 0)
+        assert pg.wait_until(lambda: shared.state.total_held() == 0)
+        assert parked(shared) == 0
+    else:                                   # control: no idle timeout, they stay
+        time.sleep(1.5)
+        assert count(pg, app, 'db2') == 2 and parked(shared) == 2
+
+
+def park_two(shared, tmp_path, info, make, peers, pool, database='db2'):
+    """Two connections of ``database`` parked (one from a peer, one from ``pool``)."""
+    a = peer(peers, tmp_path, info, make)
+    a.do('borrow', database)
+    cnx = pool.borrow(info(database))
+    a.do('back', database)
+    pool.give_back(cnx)
+    assert parked(shared) == 2
+    return a
+
+
+def test_a_full_budget_closes_a_parked_connection_to_open_another(
+        pg, info, app, tmp_path, family):
+    """Budget 2, both slots parked on db2: a db1 borrower closes one of them (waiting for
+    its backend to exit) and opens its connection in that slot."""
+    start, peers = family
+    shared, make, new_pool = start(budget=2)
+    pool = new_pool()
+    park_two(shared, tmp_path, info, make, peers, pool)
+    cnx = pool.borrow(info('db1'))
+    assert (pool.stats.closed_room, pool.stats.opened) == (1, 2)
+    assert parked(shared) == 1 and shared.state.total_held() == 2
+    assert count(pg, app, 'db2') == 1 and count(pg, app, 'db1') == 1
+    pool.give_back(cnx)
+
+
+@pytest.mark.parametrize('shed', [True, False])
+def test_borrowers_waiting_for_the_budget_get_the_slots_of_parked_connections(
+        pg, info, app, tmp_path, family, monkeypatch, shed):
+    """A borrower that cannot make room itself waits in the budget's queue: the
+    maintenance closes parked connections for it."""
+    monkeypatch.setattr(ConnectionPool, '_evict_parked', lambda self: False)
+    if not shed:                            # control: parked connections never shed
+        monkeypatch.setattr(parking_module.Parking, 'tick', lambda self, full, idle: 0)
+    start, peers = family
+    shared, make, new_pool = start(budget=2, wait_timeout=2)
+    pool = new_pool()
+    park_two(shared, tmp_path, info, make, peers, pool)
+    if not shed:
+        with pytest.raises(PoolTimeout):
+            pool.borrow(info('db1'))
+        return
+    cnx = pool.borrow(info('db1'))
+    assert pool.stats.budget_waits == 1
+    assert parked(shared) == 1 and count(pg, app, 'db2') == 1
+    pool.give_back(cnx)
+
+
+@pytest.mark.parametrize('dsn', [True, False])
+def test_closing_a_database_s_connections_closes_its_parked_ones(
+        pg, info, app, tmp_path, family, dsn):
+    """close_all(dsn), as Odoo does before dropping a database, reaches the parked
+    connections of that database; close_all() of a process leaves the instance's."""
+    start, peers = family
+    shared, make, new_pool = start()
+    pool = new_pool()
+    park_two(shared, tmp_path, info, make, peers, pool)
+    if dsn:
+        pool.close_all(info('db2'))
+        assert count(pg, app, 'db2') == 0
+        assert parked(shared) == 0
+        assert pg.wait_until(lambda: shared.state.total_held() == 0)
+    else:
+        pool.close_all()
+        assert count(pg, app, 'db2') == 2 and parked(shared) == 2
+
+
+def test_a_parked_connection_ended_by_the_server_is_not_handed_out(
+        pg, info, app, tmp_path, family):
+    start, peers = family
+    shared, make, new_pool = start()
+    pool = new_pool()
+    cnx = pool.borrow(info('db2'))
+    backend = backend_pid(cnx)
+    cnx.commit()
+    other = peer(peers, tmp_path, info, make)
+    other.do('borrow', 'db2')
+    pool.give_back(cnx)
+    assert parked(shared) == 1
+    with pg.connect() as admin, admin.cursor() as cur:
+        cur.execute('SELECT pg_terminate_backend(%s)', [backend])
+    assert pg.wait_until(lambda: count(pg, app, 'db2') == 1)
+    cnx = pool.borrow(info('db2'))
+    assert backend_pid(cnx) != backend and pool.stats.opened == 2
+    assert parked(shared) == 0
+    cnx.commit()
+    pool.give_back(cnx)
+    assert pg.wait_until(lambda: shared.state.total_held() == 2)
+
+
+def test_a_count_left_by_a_process_killed_while_parking_is_corrected(
+        pg, info, tmp_path, family):
+    """A lot counted but empty, unchanged over two maintenance passes (a parker killed
+    between its two steps), gives its slot back; a connection really parked stays."""
+    start, peers = family
+    shared, make, new_pool = start()
+    pool = new_pool()
+    other = peer(peers, tmp_path, info, make)
+    other.do('borrow', 'db2')
+    cnx = pool.borrow(info('db2'))
+    pool.give_back(cnx)                     # really parked, in db2's lot
+    parking = shared.exchange.parking
+    khash = shared.exchange.hash_of(cnx._dbp_key)
+    ghost = next(k for k in range(2, 100) if k != khash)
+    base = parking._claim(ghost)
+    with shared.state.locked() as cells:    # what a parker killed before sendmsg leaves
+        cells[base + ss.K_COUNT] += 1
+        cells[base + ss.K_SEQ] += 1
+        cells[ss.H_PARKED] += 1
+    assert parked(shared) == 2
+    parking.tick(True, 0)                   # first pass: seen empty, not yet corrected
+    assert parked(shared) == 2
+    parking.tick(True, 0)
+    assert parked(shared) == 1 and parking.count(khash) == 1 and parking.count(ghost) == 0
