@@ -504,11 +504,28 @@ def neutralize(cnx):
     leaves the server session alone."""
     if cnx.closed:
         return
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        os.dup2(devnull, cnx.fileno())
-    finally:
-        os.close(devnull)
+    os.dup2(_devnull(), cnx.fileno())
+
+
+_DEVNULL = [None, None]     # descriptor, (device, inode)
+
+
+def _devnull():
+    """A descriptor of /dev/null kept open (shared with forked children: it is the same
+    for all), checked, so that code closing descriptors it does not own cannot make us
+    copy another file over a socket."""
+    fd = _DEVNULL[0]
+    if fd is not None:
+        try:
+            stat = os.fstat(fd)
+            if (stat.st_rdev, stat.st_ino) == _DEVNULL[1]:
+                return fd
+        except OSError:
+            pass
+    fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    stat = os.fstat(fd)
+    _DEVNULL[:] = fd, (stat.st_rdev, stat.st_ino)
+    return fd
 
 
 def drop_copy(cnx):

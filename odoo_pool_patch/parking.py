@@ -81,6 +81,11 @@ class Parking:
             self.close()
             raise
         self._reset_process()
+        self.join()
+
+    def join(self):
+        """Mark this process's row as holding these queues (its lots live while it does)."""
+        self.state.cells[ss.PROC_BASE + self.budget.row * ss.P_FIELDS + ss.P_FAMILY] = self.token
 
     def _reset_process(self):
         self._lots = {}         # key hash -> lot (a cache: the lot's row says)
@@ -95,11 +100,15 @@ class Parking:
             for end in ends:
                 end.close()
         self._pairs = []
+        family = ss.PROC_BASE + self.budget.row * ss.P_FIELDS + ss.P_FAMILY
+        if self.state.cells[family] == self.token:
+            self.state.cells[family] = 0    # its lots are freed at the next reaping
 
     def after_fork_in_child(self):
         for fd, _deadline, _shed in self._exiting:
             os.close(fd)        # the parent watches these
         self._reset_process()
+        self.join()             # the budget took a row of its own first
 
     # ------------------------------------------------------------------ lots
     def _lot(self, khash):

@@ -421,8 +421,8 @@ class ConnectionPool:
         here if it cannot go."""
         exchange = self.budget.exchange
         parked = False
-        try:
-            if offerable(cnx) and not socket_readable(cnx):
+        try:                        # (a dead one is found out by the taker: fd_readable)
+            if offerable(cnx):
                 parked = exchange.parking.park(cnx._dbp_khash, cnx.fileno(), session_meta(
                     cnx, getattr(cnx, '_dbp_app', None) or ''))
         except (OSError, psycopg2.Error):

@@ -12,7 +12,8 @@ Layout (indexes into the int64 array)::
                               database list generation (cell 10), rows ever used (cell 11),
                               then the counters of reaped processes, per role
     process  N_PROC rows      pid, start time, role, held, in use, idle, long-lived,
-                              shedding, last idle connection given away, counters[N_COUNTERS]
+                              shedding, last idle connection given away, parking family,
+                              counters[N_COUNTERS]
     waiter   N_WAIT rows      pid, process row, priority, ticket, state, since (ms)
     history  N_HIST samples   time (ms), held, in use, idle, waiting, long-lived
     detail   N_PROC rows      pid, since (wall ms), then bytes: the database and the
@@ -27,7 +28,7 @@ Layout (indexes into the int64 array)::
                               connections parked, change counter, last two demands
 
 With N_PROC = 512, N_WAIT = 1024, N_HIST = 720 (one sample per 5 s for
-an hour), N_SRV = 16, N_OFFER = 8 and N_LOT = 32 the segment is 363,424 bytes, whatever the
+an hour), N_SRV = 16, N_OFFER = 8 and N_LOT = 32 the segment is 367,520 bytes, whatever the
 budget: 1,024
 connections need at most 1,024 waiter rows, and one row per process.
 
@@ -66,8 +67,11 @@ H_REAPED = 16           # + role * N_COUNTERS + counter: totals of processes tha
 HEADER = 80
 
 # process row fields
-P_PID, P_START, P_ROLE, P_HELD, P_IN_USE, P_IDLE, P_LONG, P_SHEDDING, P_GIVEN = range(9)
-P_COUNTERS = 9
+P_PID, P_START, P_ROLE, P_HELD, P_IN_USE, P_IDLE, P_LONG, P_SHEDDING, P_GIVEN, \
+    P_FAMILY = range(10)
+# P_FAMILY: the token of the parking queues the process holds (see parking): a lot whose
+# family has no live process left has no queue any more, its counts are freed.
+P_COUNTERS = 10
 P_FIELDS = P_COUNTERS + N_COUNTERS
 COUNTERS = ('borrows', 'waits', 'timeouts', 'opened', 'closed', 'reused', 'shed', 'reaped',
             'taken')
@@ -222,8 +226,10 @@ class SharedState:
                 raise RuntimeError(f'db_pooling shared state {self.path} has no free process row '
                                    f'(all {N_PROC} in use)')
             base = PROC_BASE + free * P_FIELDS
-            held = cells[base + P_HELD] if cells[base + P_PID] == pid else 0
+            same = cells[base + P_PID] == pid
+            held, family = (cells[base + P_HELD], cells[base + P_FAMILY]) if same else (0, 0)
             clear(cells, base, P_FIELDS)
+            cells[base + P_FAMILY] = family
             cells[base + P_PID] = pid
             cells[base + P_START] = start
             cells[base + P_ROLE] = ROLES.index(role) if role in ROLES else ROLES.index('other')
@@ -305,6 +311,25 @@ class SharedState:
                 clear(cells, base, W_FIELDS)
         cells[H_WAITING] = sum(1 for row in range(N_WAIT)
                                if cells[WAIT_BASE + row * W_FIELDS + W_STATE] == WAITING)
+        return freed + self._reap_lots_locked(cells)
+
+    @staticmethod
+    def _reap_lots_locked(cells):
+        """Free the parking lots of families no live process belongs to (an instance
+        restarted: its queues, and the connections in them, are gone). Slots freed."""
+        families = None
+        freed = 0
+        for lot in range(N_LOT):
+            base = LOT_BASE + lot * K_FIELDS
+            if not cells[base + K_OWNER]:
+                continue
+            if families is None:
+                families = set(cells[PROC_BASE + P_FAMILY:WAIT_BASE:P_FIELDS])
+            if cells[base + K_OWNER] not in families:
+                lost = max(cells[base + K_COUNT], 0)
+                cells[H_PARKED] = max(cells[H_PARKED] - lost, 0)
+                freed += lost
+                clear(cells, base, K_FIELDS)
         return freed
 
     # ------------------------------------------------------------------ history

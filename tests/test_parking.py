@@ -253,3 +253,24 @@ def test_a_count_left_by_a_process_killed_while_parking_is_corrected(
     assert parked(shared) == 2
     parking.tick(True, 0)
     assert parked(shared) == 1 and parking.count(khash) == 1 and parking.count(ghost) == 0
+
+
+def test_the_lots_of_an_instance_that_stopped_are_freed(pg, info, app, tmp_path, family):
+    """The master and workers of an instance are gone (a restart): the connections they
+    parked went with their queues, and the next instance on the same shared state gets
+    their budget slots back. The lots of an instance still running are kept."""
+    start, peers = family
+    shared, make, new_pool = start()
+    pool = new_pool()
+    park_two(shared, tmp_path, info, make, peers, pool)
+    path = str(tmp_path / 'segment')
+    successor = SharedBudget(ss.SharedState(path), 4, role='master')
+    successor.state.reap(force=True)
+    assert parked(shared) == 2              # control: the instance is alive
+    for peer_ in peers:
+        peer_.stop()
+    pool.shutdown()
+    shared.exchange.close()                 # the last holder of its queues leaves
+    successor.state.reap(force=True)
+    assert parked(shared) == 0 and successor.state.total_held() == 0
+    assert pg.wait_until(lambda: count(pg, app, 'db2') == 0)
