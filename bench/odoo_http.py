@@ -157,8 +157,9 @@ def main(argv=None):
         pool = row.get('pool')
         if pool and pool.get('borrows'):
             print(f'  {row["arm"]}: {pool["borrows"]} borrows (warm-up included), '
-                  f'{pool["reused"]} reused ({100 * pool["reused"] / pool["borrows"]:.0f}%), '
-                  f'{pool["opened"]} opened, {pool["waits"]} waited for the budget')
+                  + ', '.join(f'{pool[name]} {name} ({100 * pool[name] / pool["borrows"]:.0f}%)'
+                              for name in ('reused', 'unparked', 'taken', 'opened'))
+                  + f', {pool["waits"]} waited for the budget')
     write_json('odoo_http', {'odoo': tree.series, 'args': vars(args), 'rows': rows}, args.json)
     return 0
 

@@ -16,6 +16,8 @@ COUNTER_HELP = {
     'waits': 'Borrowers that waited for a slot of the budget.',
     'timeouts': 'Borrowers that gave up after db_pool_wait_timeout.',
     'shed': 'Idle connections closed because another process waited.',
+    'taken': 'Borrows served by an idle connection another process gave (db_pool_shared_idle).',
+    'unparked': 'Borrows served by a parked connection (db_pool_shared_idle).',
 }
 
 

@@ -187,7 +187,7 @@ OPTIONS += (
            'module forbids passing file descriptors between processes.'),
     Option('db_pool_shared_path', 'shared_path', _path, None,
            'an absolute file path',
-           'File holding the shared state (about 360 kB). Default: a file in /dev/shm named '
+           'File holding the shared state (about 370 kB). Default: a file in /dev/shm named '
            'after the config file and database server, so the processes of one instance find '
            'it. Set the same path on a volume shared by several Odoo containers of one host to '
            'give them one budget.'),

@@ -215,9 +215,9 @@ class Parking:
         base = self._lot(khash)
         if base is None or self.state.cells[base + ss.K_COUNT] <= 0:
             return None
-        return self._receive(base)
+        return self._receive(base, 'unparked')
 
-    def _receive(self, base):
+    def _receive(self, base, counter=None):
         lot = (base - ss.LOT_BASE) // ss.K_FIELDS
         try:
             data, fds, _flags, _addr = socket.recv_fds(self._pairs[lot][0], MESSAGE, 1)
@@ -227,6 +227,8 @@ class Parking:
         with self.state.locked() as cells:
             cells[held] += 1
             self._counted_out_locked(cells, base)
+            if counter:
+                self.budget._count_locked(cells, counter)
         try:
             khash, parker, parked_at, meta = marshal.loads(data)
             if khash != self.state.cells[base + ss.K_HASH]:

@@ -28,7 +28,7 @@ Layout (indexes into the int64 array)::
                               connections parked, change counter, last two demands
 
 With N_PROC = 512, N_WAIT = 1024, N_HIST = 720 (one sample per 5 s for
-an hour), N_SRV = 16, N_OFFER = 8 and N_LOT = 32 the segment is 367,520 bytes, whatever the
+an hour), N_SRV = 16, N_OFFER = 8 and N_LOT = 32 the segment is 371,616 bytes, whatever the
 budget: 1,024
 connections need at most 1,024 waiter rows, and one row per process.
 
@@ -54,7 +54,7 @@ VERSION = 7          # bump on any layout change: older files are reinitialised
 N_PROC = 512
 N_WAIT = 1024
 N_HIST = 720
-N_COUNTERS = 9
+N_COUNTERS = 10
 N_OFFER = 8
 O_FIELDS = 3     # offer entry: key hash, idle, in use
 
@@ -74,7 +74,7 @@ P_PID, P_START, P_ROLE, P_HELD, P_IN_USE, P_IDLE, P_LONG, P_SHEDDING, P_GIVEN, \
 P_COUNTERS = 10
 P_FIELDS = P_COUNTERS + N_COUNTERS
 COUNTERS = ('borrows', 'waits', 'timeouts', 'opened', 'closed', 'reused', 'shed', 'reaped',
-            'taken')
+            'taken', 'unparked')
 
 # waiter row fields and states
 W_PID, W_PROC, W_PRIORITY, W_TICKET, W_STATE, W_SINCE = range(6)

@@ -62,7 +62,7 @@ def collect(pid, read_end, timeout=120):
 
 
 def test_segment_size_is_fixed_and_stated():
-    assert ss.SIZE == 367_520
+    assert ss.SIZE == 371_616
     assert ss.N_WAIT >= 1024
 
 
