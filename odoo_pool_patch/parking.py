@@ -183,6 +183,17 @@ class Parking:
         return (cells[base + ss.K_WANT_MS] > since and cells[base + ss.K_WANT_PID] != self.budget.pid) \
             or cells[base + ss.K_OTHER_MS] > since
 
+    def wait(self, khash, timeout):
+        """Sleep up to ``timeout`` seconds, less if a connection of ``khash`` is parked."""
+        base = self._lot(khash)
+        if base is None or not self._pairs:
+            time.sleep(timeout)
+            return
+        try:
+            select.select((self._pairs[(base - ss.LOT_BASE) // ss.K_FIELDS][0],), (), (), timeout)
+        except (OSError, ValueError):
+            time.sleep(timeout)
+
     # ------------------------------------------------------------------ park / unpark
     def park(self, khash, fd, meta):
         """Send the socket ``fd`` (a copy: the caller drops its own on success) with its

@@ -350,7 +350,10 @@ class ConnectionPool:
             self.stats.awaited += 1
         deadline = monotonic() + AWAIT_BUSY
         while monotonic() < deadline:
-            time.sleep(AWAIT_POLL)
+            if parking is not None:
+                parking.wait(khash, AWAIT_POLL)     # wakes as soon as one is parked
+            else:
+                time.sleep(AWAIT_POLL)
             idle, in_use = exchange.elsewhere(khash)
             if idle or not in_use or key in self._idle or budget.has_room() or (
                     parking is not None and parking.count(khash)):

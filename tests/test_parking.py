@@ -274,3 +274,32 @@ def test_the_lots_of_an_instance_that_stopped_are_freed(pg, info, app, tmp_path,
     successor.state.reap(force=True)
     assert parked(shared) == 0 and successor.state.total_held() == 0
     assert pg.wait_until(lambda: count(pg, app, 'db2') == 0)
+
+
+@pytest.mark.parametrize('demand', [1.0, 0.0])
+def test_a_borrower_waiting_for_a_connection_in_use_receives_it_parked(
+        pg, info, tmp_path, family, monkeypatch, demand):
+    """Budget full, db1's only connection in use in worker a: the borrower waits for it
+    and says it needs it, so a parks it on give-back and the borrower receives it from
+    the queue. Control (no demand ever seen): a keeps it, the borrower asks a for it."""
+    import threading
+    monkeypatch.setattr(pool_module, 'AWAIT_BUSY', 5.0)
+    monkeypatch.setattr(parking_module, 'DEMAND', demand)
+    start, peers = family
+    shared, make, new_pool = start(budget=2)
+    a = peer(peers, tmp_path, info, make)
+    pool = new_pool()
+    busy = a.do('borrow', 'db1')
+    cnx = pool.borrow(info('db2'))
+    pool.give_back(cnx)                     # the budget of 2 is full
+    giver = threading.Timer(0.5, a.do, ('back', 'db1'))
+    giver.start()
+    cnx = pool.borrow(info('db1'))
+    giver.join()
+    assert backend_pid(cnx) == busy and pool.stats.awaited == 1
+    if demand:
+        assert (pool.stats.unparked, pool.stats.taken) == (1, 0)
+    else:
+        assert (pool.stats.unparked, pool.stats.taken) == (0, 1)
+    cnx.commit()
+    pool.give_back(cnx)
