@@ -228,14 +228,18 @@ class Parking:
             return None
         return self._receive(base, 'unparked')
 
-    def _receive(self, base, counter=None):
+    def _receive(self, base, counter=None, keep=None):
+        """Receive the head of a lot, its slot now ours (one locked step, so that
+        evictors keeping ``keep`` idle connections instance-wide never both go below)."""
         lot = (base - ss.LOT_BASE) // ss.K_FIELDS
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(self._pairs[lot][0], MESSAGE, 1)
-        except (BlockingIOError, IndexError):
-            return None
         held = ss.PROC_BASE + self.budget.row * ss.P_FIELDS + ss.P_HELD
         with self.state.locked() as cells:
+            if keep is not None and self.budget.idle_total() <= keep:
+                return None
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self._pairs[lot][0], MESSAGE, 1)
+            except (BlockingIOError, IndexError):
+                return None
             cells[held] += 1
             self._counted_out_locked(cells, base)
             if counter:
@@ -391,10 +395,8 @@ class Parking:
                 old = idle_timeout and parked_at + idle_timeout <= now
                 if not (old or (expires and expires <= now)):
                     break
-                if not (expires and expires <= now) and \
-                        self.budget.idle_total() <= self.budget.min_idle:
-                    break       # the instance keeps min_idle (best effort: lock-free)
-                got = self._receive(base)
+                keep = None if expires and expires <= now else self.budget.min_idle
+                got = self._receive(base, keep=keep)    # None: min_idle are kept
                 if got is None:
                     break
                 self.retire(got[0])
