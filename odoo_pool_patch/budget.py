@@ -296,16 +296,9 @@ class SharedBudget:
         """How many of ``wanted`` timed-out idle connections this process may close
         while the instance keeps ``min_idle``; the answer is published at once."""
         with self.state.locked() as cells:
-            total = sum(cells[ss.PROC_BASE + ss.P_IDLE:ss.WAIT_BASE:ss.P_FIELDS]) + \
-                cells[ss.H_PARKED]
-            allowed = max(min(wanted, total - self.min_idle), 0)
+            allowed = max(min(wanted, self.state.idle_total() - self.min_idle), 0)
             cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_IDLE] -= allowed
             return allowed
-
-    def idle_total(self):
-        """Idle connections instance-wide, parked ones included (lock-free)."""
-        cells = self.state.cells
-        return sum(cells[ss.PROC_BASE + ss.P_IDLE:ss.WAIT_BASE:ss.P_FIELDS]) + cells[ss.H_PARKED]
 
     def describe_holders(self):
         """Who holds the budget, for the timeout error: 'pid 12 (http): 3 in use, 1 idle; ...'."""

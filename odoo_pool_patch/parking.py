@@ -44,6 +44,7 @@ import threading
 import time
 
 from . import shared_state as ss
+from .backend_exit import exited, wait_exited
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 
@@ -234,7 +235,7 @@ class Parking:
         lot = (base - ss.LOT_BASE) // ss.K_FIELDS
         held = ss.PROC_BASE + self.budget.row * ss.P_FIELDS + ss.P_HELD
         with self.state.locked() as cells:
-            if keep is not None and self.budget.idle_total() <= keep:
+            if keep is not None and self.state.idle_total() <= keep:
                 return None
             try:
                 data, fds, _flags, _addr = socket.recv_fds(self._pairs[lot][0], MESSAGE, 1)
@@ -280,15 +281,9 @@ class Parking:
         for its backend to exit; its slot stays this process's (for a new connection)."""
         try:
             os.write(fd, _TERMINATE)
-            deadline = monotonic() + timeout
-            while monotonic() < deadline:
-                if select.select((fd,), (), (), deadline - monotonic())[0] and \
-                        not os.read(fd, 65536):
-                    break
         except OSError:
             pass
-        finally:
-            os.close(fd)
+        wait_exited((fd,), timeout)
 
     def unpark_spare(self):
         """Like :meth:`unpark`, from the lot with the most connections parked."""
@@ -307,25 +302,15 @@ class Parking:
             return self._finish_exits_locked(timeout)
 
     def _finish_exits_locked(self, timeout):
-        try:
-            readable = set(select.select([e[0] for e in self._exiting], (), (), timeout)[0])
-        except (OSError, ValueError):
-            readable = {e[0] for e in self._exiting}
+        done = set(exited([entry[0] for entry in self._exiting], timeout))
         now, freed, shed = monotonic(), 0, 0
         for entry in list(self._exiting):
-            fd = entry[0]
-            if fd in readable:
-                try:
-                    if os.read(fd, 65536):
-                        continue        # the server's last words; EOF comes next
-                except OSError:
-                    pass
-            elif entry[1] > now:
-                continue
-            os.close(fd)
-            self._exiting.remove(entry)
-            freed += 1
-            shed += entry[2]
+            if entry[0] in done or entry[1] <= now:
+                if entry[0] not in done:
+                    os.close(entry[0])  # gave up waiting (slow or unreachable server)
+                self._exiting.remove(entry)
+                freed += 1
+                shed += entry[2]
         if freed:
             self.budget.release(freed, shed)
         return freed

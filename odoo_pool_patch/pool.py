@@ -43,6 +43,7 @@ from . import session_state
 from .session_tracking import SessionTracking, restore_characteristics, run_reset, track
 from .exchange import neutralize, offerable, session_meta, set_application_name
 from .tls import explain_failure, record as record_tls
+from .backend_exit import exited, wait_exited
 from . import maintenance
 
 # Under odoo.sql_db so Odoo's PostgreSQL log handler (log_db) never logs our
@@ -279,12 +280,10 @@ class ConnectionPool:
                 self._opening -= 1
                 grant = self._acquire_locked(key, holder)
         if grant is _EVICT:
+            evicted = False
             try:
                 evicted = self._evict_parked()
-            except BaseException:   # gevent.Timeout, Odoo's SIGXCPU: the local slot back
-                evicted = False
-                raise
-            finally:
+            finally:                # also on gevent.Timeout, Odoo's SIGXCPU: the local slot back
                 if not evicted:
                     with self._lock:
                         self._opening -= 1
@@ -295,7 +294,7 @@ class ConnectionPool:
             else:
                 with self._lock:
                     grant = self._acquire_locked(key, holder, evict=False)
-        if (grant is _NEW or grant is _BUDGET or grant is _EVICT or type(grant) is _Room) and \
+        if (grant is _NEW or grant is _BUDGET or type(grant) is _Room) and \
                 budget is not None and budget.exchange is not None and \
                 budget.exchange.parking is not None:
             khash = budget.exchange.hash_of(key)
@@ -1209,7 +1208,8 @@ class ConnectionPool:
 
 
 def fd_readable(fd):
-    """Whether an idle server socket has something to read: the server's goodbye."""
+    """True when the server sent something to an idle socket: usually its goodbye
+    (shutdown, pg_terminate_backend) or a dropped socket. No round trip."""
     try:
         return bool(select.select((fd,), (), (), 0)[0])
     except (OSError, ValueError):
@@ -1217,12 +1217,12 @@ def fd_readable(fd):
 
 
 def socket_readable(cnx):
-    """True when the server sent something to an idle connection: usually its
-    goodbye (shutdown, pg_terminate_backend) or a dropped socket. No round trip."""
+    """:func:`fd_readable` of an idle connection (True if it has no socket)."""
     try:
-        return bool(select.select((cnx.fileno(),), (), (), 0)[0])
-    except (OSError, ValueError, psycopg2.Error):
+        fd = cnx.fileno()
+    except psycopg2.Error:
         return True
+    return fd_readable(fd)
 
 
 def is_dead(cnx):
@@ -1264,37 +1264,9 @@ def begin_close(connections):
     return fds
 
 
-def exited(fds, timeout=0.0):
-    """The fds (from :func:`begin_close`) whose backend exited within ``timeout``;
-    they are closed. Without a timeout this never blocks."""
-    done = []
-    try:
-        readable = select.select(fds, (), (), timeout)[0] if fds else ()
-    except (OSError, ValueError):
-        readable = list(fds)
-    for fd in readable:
-        try:
-            data = os.read(fd, 65536)
-        except OSError:
-            data = b''
-        if not data:
-            os.close(fd)
-            done.append(fd)
-    return done
-
-
 def close_and_wait(connections, timeout=2.0):
     """Close connections and wait (up to ``timeout``) until their backends have exited."""
-    fds = begin_close(connections)
-    deadline = monotonic() + timeout
-    while fds:
-        remaining = deadline - monotonic()
-        if remaining <= 0:
-            break
-        for fd in exited(fds, remaining):
-            fds.remove(fd)
-    for fd in fds:
-        os.close(fd)
+    wait_exited(begin_close(connections), timeout)
 
 
 # Pools of this process, to reset in a forked child.

@@ -271,6 +271,11 @@ class SharedState:
         return sum(cells[PROC_BASE + P_HELD:PROC_BASE + cells[H_ROWS] * P_FIELDS:P_FIELDS]) + \
             cells[H_PARKED]
 
+    def idle_total(self):
+        """Idle connections instance-wide: published by the processes, and parked."""
+        cells = self.cells
+        return sum(cells[PROC_BASE + P_IDLE:WAIT_BASE:P_FIELDS]) + cells[H_PARKED]
+
     def db_list_generation(self):
         """Changes whenever a process created or dropped a database (lock-free read)."""
         return self.cells[H_DB_LIST_GEN]
@@ -348,8 +353,7 @@ class SharedState:
             cells[base + S_TIME] = now
             cells[base + S_HELD] = self.total_held()
             cells[base + S_IN_USE] = sum(cells[PROC_BASE + P_IN_USE:WAIT_BASE:P_FIELDS])
-            cells[base + S_IDLE] = sum(cells[PROC_BASE + P_IDLE:WAIT_BASE:P_FIELDS]) + \
-                cells[H_PARKED]
+            cells[base + S_IDLE] = self.idle_total()
             cells[base + S_WAITING] = cells[H_WAITING]
             cells[base + S_LONG] = sum(cells[PROC_BASE + P_LONG:WAIT_BASE:P_FIELDS])
             cells[H_HIST_POS] = pos + 1

@@ -1,0 +1,48 @@
+"""When a closed connection's backend has exited.
+
+The server closes its end of the socket only after the backend has left
+``pg_stat_activity``, so EOF on a descriptor of that socket means "gone from
+the server": a budget slot freed then is reused without the server ever
+seeing one connection too many. The pool watches duplicates of the sockets it
+closes (``pool.begin_close``); the parking watches the parked sockets it
+received and said goodbye on.
+"""
+import os
+import select
+import time
+
+
+def exited(fds, timeout=0.0):
+    """The fds whose backend exited within ``timeout``; they are closed. Without a
+    timeout this never blocks."""
+    done = []
+    try:
+        readable = select.select(fds, (), (), timeout)[0] if fds else ()
+    except (OSError, ValueError):
+        readable = list(fds)
+    for fd in readable:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            data = b''
+        if not data:
+            os.close(fd)
+            done.append(fd)
+    return done
+
+
+def wait_exited(fds, timeout):
+    """Wait up to ``timeout`` seconds for the backends behind ``fds`` to exit; every fd
+    is closed on return."""
+    fds = list(fds)
+    deadline = time.monotonic() + timeout
+    try:
+        while fds:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for fd in exited(fds, remaining):
+                fds.remove(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
