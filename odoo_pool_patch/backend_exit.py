@@ -31,6 +31,23 @@ def exited(fds, timeout=0.0):
     return done
 
 
+def finished(exiting, timeout=0.0):
+    """Take out of ``exiting`` (entries [fd, give-up deadline, shed]) those whose backend
+    exited, or whose deadline passed (slow or unreachable server: their fd is closed);
+    returns (how many, how many of them shed)."""
+    done = set(exited([entry[0] for entry in exiting], timeout))
+    now = time.monotonic()
+    freed = shed = 0
+    for entry in list(exiting):
+        if entry[0] in done or entry[1] <= now:
+            if entry[0] not in done:
+                os.close(entry[0])      # gave up waiting
+            exiting.remove(entry)
+            freed += 1
+            shed += entry[2]
+    return freed, shed
+
+
 def wait_exited(fds, timeout):
     """Wait up to ``timeout`` seconds for the backends behind ``fds`` to exit; every fd
     is closed on return."""

@@ -44,7 +44,7 @@ import threading
 import time
 
 from . import shared_state as ss
-from .backend_exit import exited, wait_exited
+from .backend_exit import finished, wait_exited
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 
@@ -302,15 +302,7 @@ class Parking:
             return self._finish_exits_locked(timeout)
 
     def _finish_exits_locked(self, timeout):
-        done = set(exited([entry[0] for entry in self._exiting], timeout))
-        now, freed, shed = monotonic(), 0, 0
-        for entry in list(self._exiting):
-            if entry[0] in done or entry[1] <= now:
-                if entry[0] not in done:
-                    os.close(entry[0])  # gave up waiting (slow or unreachable server)
-                self._exiting.remove(entry)
-                freed += 1
-                shed += entry[2]
+        freed, shed = finished(self._exiting, timeout)
         if freed:
             self.budget.release(freed, shed)
         return freed

@@ -43,7 +43,7 @@ from . import session_state
 from .session_tracking import SessionTracking, restore_characteristics, run_reset, track
 from .exchange import neutralize, offerable, session_meta, set_application_name
 from .tls import explain_failure, record as record_tls
-from .backend_exit import exited, wait_exited
+from .backend_exit import exited, finished, wait_exited
 from . import maintenance
 
 # Under odoo.sql_db so Odoo's PostgreSQL log handler (log_db) never logs our
@@ -702,16 +702,7 @@ class ConnectionPool:
     def _finish_exits_locked(self):
         if not self._exiting:
             return
-        now = monotonic()
-        done = set(exited([entry[0] for entry in self._exiting]))
-        freed = shed = 0
-        for entry in list(self._exiting):
-            if entry[0] in done or entry[1] <= now:
-                if entry[0] not in done:
-                    os.close(entry[0])  # gave up waiting (slow or unreachable server)
-                self._exiting.remove(entry)
-                freed += 1
-                shed += entry[2]
+        freed, shed = finished(self._exiting)
         if freed:
             self._free_slots_locked(freed, shed)
 

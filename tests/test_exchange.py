@@ -337,6 +337,19 @@ class Peer:
         os.close(self._answers)
 
 
+def borrow_while_peer_gives_back(pool, peer, info, delay):
+    """The budget of 2 full (``peer`` holds db1 in use, ``pool`` an idle db2), ``pool``
+    borrows db1 while the peer gives it back after ``delay`` s: (connection, the
+    backend the peer held)."""
+    busy = peer.do('borrow', 'db1')
+    pool.give_back(pool.borrow(info('db2')))
+    giver = threading.Timer(delay, peer.do, ('back', 'db1'))
+    giver.start()
+    cnx = pool.borrow(info('db1'))
+    giver.join()
+    return cnx, busy
+
+
 @pytest.mark.parametrize('await_busy', [5.0, 0.0])
 def test_a_full_budget_waits_for_a_connection_in_use_elsewhere_rather_than_open_one(
         pg, info, tmp_path, monkeypatch, await_busy):
@@ -349,13 +362,7 @@ def test_a_full_budget_waits_for_a_connection_in_use_elsewhere_rather_than_open_
     peer = Peer(path, info, budget=2)
     pool = make_pool(path, budget=2)
     try:
-        busy = peer.do('borrow', 'db1')
-        cnx = pool.borrow(info('db2'))
-        pool.give_back(cnx)                 # the budget of 2 is full
-        giver = threading.Timer(1.0, peer.do, ('back', 'db1'))
-        giver.start()
-        cnx = pool.borrow(info('db1'))
-        giver.join()
+        cnx, busy = borrow_while_peer_gives_back(pool, peer, info, 1.0)
         if await_busy:
             assert backend_pid(cnx) == busy
             assert (pool.stats.awaited, pool.stats.taken, pool.stats.closed_room) == (1, 1, 0)

@@ -17,7 +17,7 @@ from odoo_pool_patch.options import Settings
 from odoo_pool_patch.pool import ConnectionPool
 
 from conftest import backend_pid
-from test_exchange import Peer
+from test_exchange import Peer, borrow_while_peer_gives_back
 
 
 def master(path, budget=4, min_idle=0):
@@ -284,20 +284,13 @@ def test_a_borrower_waiting_for_a_connection_in_use_receives_it_parked(
     """Budget full, db1's only connection in use in worker a: the borrower waits for it
     and says it needs it, so a parks it on give-back and the borrower receives it from
     the queue. Control (no demand ever seen): a keeps it, the borrower asks a for it."""
-    import threading
     monkeypatch.setattr(pool_module, 'AWAIT_BUSY', 5.0)
     monkeypatch.setattr(parking_module, 'DEMAND', demand)
     start, peers = family
     shared, make, new_pool = start(budget=2)
     a = peer(peers, tmp_path, info, make)
     pool = new_pool()
-    busy = a.do('borrow', 'db1')
-    cnx = pool.borrow(info('db2'))
-    pool.give_back(cnx)                     # the budget of 2 is full
-    giver = threading.Timer(0.5, a.do, ('back', 'db1'))
-    giver.start()
-    cnx = pool.borrow(info('db1'))
-    giver.join()
+    cnx, busy = borrow_while_peer_gives_back(pool, a, info, 0.5)
     assert backend_pid(cnx) == busy and pool.stats.awaited == 1
     if demand:
         assert (pool.stats.unparked, pool.stats.taken) == (1, 0)
