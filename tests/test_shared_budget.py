@@ -365,6 +365,37 @@ def test_budget_survives_a_waiter_killed_while_waiting(pg, shm_path, info):
     holder.shutdown()
 
 
+def test_maintenance_passes_come_often_only_while_they_are_urgent(pg, shm_path, info):
+    """A pass of a shared-budget process costs its worker CPU: every IDLE_TICK at rest,
+    every SHED_TICK while a borrower waits for the budget or a closed connection's slot
+    waits for its backend to exit, then back to IDLE_TICK."""
+    from odoo_pool_patch import maintenance
+    assert maintenance.SHED_TICK < maintenance.IDLE_TICK
+    budget = make_budget(shm_path, 1)
+    pool = ConnectionPool(2, budget=budget, settings=Settings(wait_timeout=60))
+    cnx = pool.borrow(info())
+    assert maintenance._pause(1.0, [pool]) == maintenance.IDLE_TICK   # budget full, nobody waits
+
+    def waiter():
+        other = ConnectionPool(2, budget=make_budget(shm_path, 1), settings=Settings(wait_timeout=60))
+        other.give_back(other.borrow(info('db2')))
+
+    pid, fd = fork(waiter)
+    assert pg.wait_until(lambda: budget.waiting() == 1, timeout=10)
+    assert maintenance._pause(1.0, [pool]) == maintenance.SHED_TICK
+    assert maintenance._pause(0.01, [pool]) == 0.01                   # never above the period
+    pool.give_back(cnx, keep_in_pool=False)
+    assert collect(pid, fd) is None             # the waiter got the slot
+    assert pg.wait_until(lambda: budget.state.total_held() == 0, timeout=5)
+    assert not pool._exiting
+    assert maintenance._pause(1.0, [pool]) == maintenance.IDLE_TICK
+    pool._exiting.append([os.dup(0), time.monotonic() + 60, 0])      # a slot pending an exit
+    assert maintenance._pause(1.0, [pool]) == maintenance.SHED_TICK
+    os.close(pool._exiting.pop()[0])
+    assert maintenance._pause(1.0, []) == 1.0                         # no shared budget: the period
+    pool.shutdown()
+
+
 def test_threads_and_processes_share_one_budget(pg, shm_path, info, app):
     budget = make_budget(shm_path, 2)
     pool = ConnectionPool(8, budget=budget, settings=Settings(wait_timeout=30))
