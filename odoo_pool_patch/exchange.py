@@ -377,6 +377,7 @@ class IdleExchange:
                 return None
             try:
                 meta = json.loads(message[1:])
+                meta['params'] = [tuple(param) for param in meta['params']]   # as parked ones'
                 cnx = self.wrap(fds[0], meta, key, factory, khash)
             except Exception as exc:
                 os.close(fds[0])    # a copy: the donor still has the socket, keeps it idle
@@ -439,7 +440,7 @@ class IdleExchange:
             # What its libpq holds: the parameters of the sessions it held (all equal,
             # and a clean session's stay as they started), its name set apart (``_dbp_app``).
             view = cnx._dbp_params if cnx._dbp_params is not None else session_params(cnx)
-            if view != [tuple(param) for param in params if param[0] != 'application_name']:
+            if view != params:
                 raise ValueError('other session parameters')
             cnx.autocommit = False              # no round trip outside a transaction
             restore_characteristics(cnx)
@@ -452,7 +453,9 @@ class IdleExchange:
     def _stand_in(self, meta, key, factory):
         """A new psycopg2 connection whose start-up a thread of this process answers
         with the donor's session parameters."""
-        reply = _startup_reply(meta['params'], meta['pid'])
+        params = meta['params'] + [('application_name', meta['app'])] if meta['app'] \
+            else meta['params']
+        reply = _startup_reply(params, meta['pid'])
         items = dict(key)
         kwargs = {'dbname': items.get('database', ''), 'user': items.get('user', '')}
         with self._wrap_lock:
@@ -480,13 +483,13 @@ class IdleExchange:
 
 
 def session_meta(cnx, app=''):
-    """What a process taking ``cnx`` over needs: the session's parameters (its name
-    ``app`` when given), backend pid and the pool's bookkeeping."""
+    """What a process taking ``cnx`` over needs: the session's parameters but its name
+    (``params``, as :func:`session_params`), its name (``app``: ``app`` when given),
+    backend pid and the pool's bookkeeping."""
     params = cnx._dbp_params
     if params is None:
         params = cnx._dbp_params = session_params(cnx)
-    app = app or cnx.info.parameter_status('application_name')
-    return {'params': params + [('application_name', app)] if app else params,
+    return {'params': params, 'app': app or cnx.info.parameter_status('application_name') or '',
             'pid': cnx._dbp_pid, 'born': cnx._dbp_born,
             'expires': cnx._dbp_expires, 'reuses': cnx._dbp_reuses}
 

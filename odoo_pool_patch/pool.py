@@ -217,6 +217,7 @@ class ConnectionPool:
         self._opening = 0            # slots reserved by borrowers that are connecting
         self._closing = 0            # slots of connections whose backend is exiting
         self._exiting = []           # [dup fd, give-up deadline, shed] per closing connection
+        self._app_names = {}         # dsn key -> its application_name ('' if none)
         self._waiters = collections.deque()
         self._budget_waits = {}      # dsn key -> deque of _BudgetWait, oldest first
         self._handed_in_row = 0
@@ -782,12 +783,13 @@ class ConnectionPool:
             self.prepare_connection(cnx, key)
             cnx._dbp_born, cnx._dbp_expires, cnx._dbp_reuses, cnx._dbp_pid = \
                 meta['born'], meta['expires'], meta['reuses'], meta['pid']
-            cnx._dbp_params = [tuple(param) for param in meta['params']
-                               if param[0] != 'application_name']
+            cnx._dbp_params = meta['params']
             cnx._dbp_direct = False if self.settings.direct_host else None
             cnx._dbp_prefix = self._timeouts_prefix(key, holder)
             if parked:
-                app = dict(key).get('application_name')
+                app = self._app_names.get(key)
+                if app is None:
+                    app = self._app_names[key] = dict(key).get('application_name') or ''
                 if app and cnx._dbp_app != app:     # a round trip, as a donor does it
                     set_application_name(cnx, app)
                     cnx._dbp_app = app
@@ -848,7 +850,7 @@ class ConnectionPool:
             except BaseException:
                 parking.retire(fd)      # nothing may leak (fd is closed once wrapped)
                 raise
-            cnx._dbp_app = dict(meta['params']).get('application_name', '')
+            cnx._dbp_app = meta['app']
             return cnx, meta
 
     def lend_idle(self, khash):

@@ -39,7 +39,6 @@ crash never deadlocks the others; rows of dead processes are then reclaimed
 by :meth:`SharedState.reap`. Values written by a process about itself only
 (its in-use and idle counts) are written without the lock.
 """
-import contextlib
 import fcntl
 import hashlib
 import mmap
@@ -157,6 +156,34 @@ def _text(raw):
     return raw.rstrip(b'\0').decode('utf-8', 'replace').lstrip('\ufffd')
 
 
+class _Locked:
+    """The context of :meth:`SharedState.locked`: a class rather than a generator, as it
+    is entered twice per parked connection (see parking), a hot path."""
+    __slots__ = ('state',)
+
+    def __init__(self, state):
+        self.state = state
+
+    def __enter__(self):
+        state = self.state
+        lock = state._thread_lock
+        lock.acquire()
+        try:
+            fcntl.lockf(state.fd, fcntl.LOCK_EX)
+        except BaseException:
+            lock.release()
+            raise
+        return state.cells
+
+    def __exit__(self, *exc_info):
+        state = self.state
+        try:
+            fcntl.lockf(state.fd, fcntl.LOCK_UN)
+        finally:
+            state._thread_lock.release()
+        return False
+
+
 class SharedState:
     """One attached segment. ``cells`` is the int64 view of the whole file."""
 
@@ -188,16 +215,13 @@ class SharedState:
             raise
         self.fd = fd
         self._thread_lock = threading.Lock()
+        self._locked = _Locked(self)
 
     # ------------------------------------------------------------------ locking
-    @contextlib.contextmanager
     def locked(self):
-        with self._thread_lock:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX)
-            try:
-                yield self.cells
-            finally:
-                fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        """``with state.locked() as cells:`` the change is made by this thread alone
+        instance-wide."""
+        return self._locked
 
     def after_fork_in_child(self):
         # lockf locks belong to a process, so the inherited descriptor is fine;
