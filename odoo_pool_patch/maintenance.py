@@ -45,51 +45,56 @@ def _log_failure(message, *args):
         _logger.exception(message, *args)
 
 
-SHED_TICK = 0.02    # seconds between passes while borrowers wait for the shared budget
-IDLE_TICK = 0.1     # seconds between passes of a shared-budget process otherwise (see _pause)
+SHED_TICK = 0.02    # seconds between wake-ups of a shared-budget process's thread
+IDLE_TICK = 0.1     # seconds between its passes when none is urgent (see _urgent)
 
 
-def nudge():
-    """Run this process's next pass now (a connection was closed: its slot is freed
-    once its backend has exited, and the passes that follow come every SHED_TICK)."""
-    wake = _state['wake']
-    if wake is not None and _state['pid'] == os.getpid():
-        wake.set()
+def _urgent(pools):
+    """Whether a shared-budget process's pass is due at once: borrowers wait for the
+    budget (idle connections are shed for them), or slots of closed connections wait
+    for their backend to exit (closed pools' too). Lock-free reads.
 
-
-def _pause(period, shared):
-    """Seconds until the next pass. A pass of a shared-budget process costs its worker
-    CPU and GIL time (a sixth of a short transaction's CPU at 50 passes a second, measured
-    under the footprint benchmark), so passes come every SHED_TICK only while they are
-    urgent: borrowers wait for the budget (idle connections are shed for them), or
-    slots of closed connections wait for their backend to exit; else every IDLE_TICK."""
-    if not shared:
-        return period
-    for pool in shared:
-        exchange = pool.budget.exchange
-        parking = exchange.parking if exchange is not None else None
-        if pool.budget.waiting() or pool._exiting or (parking is not None and parking._exiting):
-            return min(period, SHED_TICK)
-    return min(period, IDLE_TICK)
+    The thread wakes every SHED_TICK to ask, but runs a whole pass only when this
+    says so or IDLE_TICK has passed: under the footprint benchmark a pass every
+    SHED_TICK cost each worker a sixth of a short transaction's CPU (and the GIL
+    meanwhile), a wake-up and these reads almost nothing."""
+    for pool in pools:
+        if pool._exiting:
+            return True
+        budget = pool.budget
+        if budget is not None:
+            if budget.waiting():
+                return True
+            parking = budget.exchange.parking if budget.exchange is not None else None
+            if parking is not None and parking._exiting:
+                return True
+    return False
 
 
 def _run(wake):
     my_pid = os.getpid()
-    last_full = float('-inf')
+    last_full = last_pass = float('-inf')
     while _state['pid'] == my_pid:
-        pools = [pool for pool in list(_pools) if not pool._closed]
-        for pool in list(_pools):
+        every = list(_pools)
+        pools = [pool for pool in every if not pool._closed]
+        period = min((pool.timer_period for pool in pools), default=1.0)
+        shared = [pool for pool in pools if pool.budget is not None]
+        now = time.monotonic()
+        if shared and now - last_pass < min(period, IDLE_TICK) and not _urgent(every):
+            del every, pools, shared
+            wake.wait(min(period, SHED_TICK))
+            wake.clear()
+            continue
+        last_pass = now
+        for pool in every:
             if pool._closed and pool._exiting:
                 # shut down: its closed connections' slots are freed once their backends exit
                 try:
                     pool.finish_exits()
                 except Exception:
                     _log_failure('db_pooling maintenance of %r failed; will retry', pool)
-        period = min((pool.timer_period for pool in pools), default=1.0)
-        shared = [pool for pool in pools if pool.budget is not None]
         # Measured from the last pass with the pools of now: a pool registered with a
         # shorter period is served at its own pace, not after the longer one's.
-        now = time.monotonic()
         full = now - last_full >= period
         if full:
             last_full = now
@@ -116,8 +121,8 @@ def _run(wake):
                 _publish(shared)
             except Exception:
                 _log_failure('db_pooling could not publish to the shared state; will retry')
-        pause = _pause(period, shared)
-        del pools, shared
+        pause = min(period, SHED_TICK) if shared else period
+        del every, pools, shared
         wake.wait(pause)
         wake.clear()
 

@@ -43,7 +43,7 @@ import socket
 import threading
 import time
 
-from . import maintenance, shared_state as ss
+from . import shared_state as ss
 from .backend_exit import finished, wait_exited
 
 _logger = logging.getLogger('odoo.sql_db.pool')
@@ -274,7 +274,6 @@ class Parking:
             pass
         with self._exit_lock:
             self._exiting.append([fd, monotonic() + EXIT_WAIT, shed])
-        maintenance.nudge()             # passes come often until its backend exits
 
     @staticmethod
     def close_and_wait(fd, timeout=EXIT_WAIT):

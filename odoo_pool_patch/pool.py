@@ -693,8 +693,6 @@ class ConnectionPool:
                 entry[2] = 1            # a slot claimed for another process's waiter
             self._free_slots_locked(len(connections) - len(fds), max(shed - len(fds), 0))
             self._finish_exits_locked()
-        if fds and self.budget is not None:
-            maintenance.nudge()         # passes come often until their backends exit
 
     def finish_exits(self):
         """Free the slots of closed connections whose backend has exited."""

@@ -4,6 +4,7 @@ import os
 import random
 import re
 import signal
+import struct
 import threading
 import time
 
@@ -365,16 +366,17 @@ def test_budget_survives_a_waiter_killed_while_waiting(pg, shm_path, info):
     holder.shutdown()
 
 
-def test_maintenance_passes_come_often_only_while_they_are_urgent(pg, shm_path, info):
-    """A pass of a shared-budget process costs its worker CPU: every IDLE_TICK at rest,
-    every SHED_TICK while a borrower waits for the budget or a closed connection's slot
-    waits for its backend to exit, then back to IDLE_TICK."""
+def test_maintenance_pass_is_urgent_while_borrowers_wait_or_slots_wait_for_an_exit(
+        pg, shm_path, info):
+    """What makes a shared-budget process run its maintenance pass at once rather than
+    at IDLE_TICK: a borrower waiting for the budget, a closed connection's slot waiting
+    for its backend to exit (also in a closed pool)."""
     from odoo_pool_patch import maintenance
     assert maintenance.SHED_TICK < maintenance.IDLE_TICK
     budget = make_budget(shm_path, 1)
     pool = ConnectionPool(2, budget=budget, settings=Settings(wait_timeout=60))
     cnx = pool.borrow(info())
-    assert maintenance._pause(1.0, [pool]) == maintenance.IDLE_TICK   # budget full, nobody waits
+    assert not maintenance._urgent([pool])          # budget full, nobody waits
 
     def waiter():
         other = ConnectionPool(2, budget=make_budget(shm_path, 1), settings=Settings(wait_timeout=60))
@@ -382,17 +384,71 @@ def test_maintenance_passes_come_often_only_while_they_are_urgent(pg, shm_path, 
 
     pid, fd = fork(waiter)
     assert pg.wait_until(lambda: budget.waiting() == 1, timeout=10)
-    assert maintenance._pause(1.0, [pool]) == maintenance.SHED_TICK
-    assert maintenance._pause(0.01, [pool]) == 0.01                   # never above the period
+    assert maintenance._urgent([pool])
     pool.give_back(cnx, keep_in_pool=False)
-    assert collect(pid, fd) is None             # the waiter got the slot
+    assert collect(pid, fd) is None                 # the waiter got the slot
     assert pg.wait_until(lambda: budget.state.total_held() == 0, timeout=5)
-    assert not pool._exiting
-    assert maintenance._pause(1.0, [pool]) == maintenance.IDLE_TICK
-    pool._exiting.append([os.dup(0), time.monotonic() + 60, 0])      # a slot pending an exit
-    assert maintenance._pause(1.0, [pool]) == maintenance.SHED_TICK
-    os.close(pool._exiting.pop()[0])
-    assert maintenance._pause(1.0, []) == 1.0                         # no shared budget: the period
+    assert not maintenance._urgent([pool])
+    # A closed connection whose backend has not exited yet: it is busy (a query sent
+    # over the raw socket), so the Terminate that close() sends waits behind it.
+    busy = pool.borrow(info())
+    backend = busy.get_backend_pid()
+    query = b'SELECT pg_sleep(60)\0'
+    os.write(busy.fileno(), b'Q' + struct.pack('!i', 4 + len(query)) + query)
+    pool.give_back(busy, keep_in_pool=False)
+    assert pool._exiting and maintenance._urgent([pool])
+    pool.shutdown()
+    assert pool._closed and maintenance._urgent([pool])    # a closed pool's too
+    pg.sql('SELECT pg_terminate_backend(%s)', [backend])   # it exits: its slot is freed
+    assert pg.wait_until(lambda: not pool._exiting, timeout=5)
+    assert budget.state.total_held() == 0
+    assert not maintenance._urgent([pool])
+
+
+def test_maintenance_passes_are_rare_at_rest(pg, shm_path, info):
+    """At rest a shared-budget process runs a pass every IDLE_TICK, not every SHED_TICK
+    (a pass costs the worker CPU and the GIL)."""
+    from odoo_pool_patch import maintenance
+
+    def count_passes():
+        pool = ConnectionPool(2, budget=make_budget(shm_path, 4), settings=Settings())
+        pool.give_back(pool.borrow(info()))         # starts the maintenance thread
+        passes = []
+        publish = maintenance._publish
+        maintenance._publish = lambda pools: (passes.append(1), publish(pools))
+        time.sleep(1.0)
+        return len(passes)
+
+    passes = collect(*fork(count_passes))
+    assert 2 <= passes <= 15, passes    # about 10; a pass every SHED_TICK makes 50
+
+
+def test_a_waiter_gets_the_idle_connections_of_a_process_at_rest_at_once(pg, shm_path, info, app):
+    """A borrower starting to wait is noticed at the next wake-up (SHED_TICK) of a process
+    holding idle connections, not at its next pass at rest: here that process's passes
+    are a minute apart, and the borrower waits at most 3 s."""
+    from odoo_pool_patch import maintenance
+    ready = shm_path + '.ready'
+
+    def idle_holder():
+        maintenance.IDLE_TICK = 60
+        pool = ConnectionPool(8, budget=make_budget(shm_path, 2), timer_period=60,
+                              settings=Settings(idle_timeout=3600))
+        held = [pool.borrow(info(db)) for db in ('db1', 'db2')]
+        for cnx in held:
+            pool.give_back(cnx)                     # idle, the whole budget
+        open(ready, 'w').close()
+        time.sleep(6)
+        return pool.stats.shed
+
+    pid, fd = fork(idle_holder)
+    assert pg.wait_until(lambda: os.path.exists(ready), timeout=10)
+    assert pg.count_connections(app) == 2
+    pool = ConnectionPool(4, budget=make_budget(shm_path, 2), settings=Settings(wait_timeout=3))
+    cnx = pool.borrow(info('db3'))                  # PoolTimeout after 3 s otherwise
+    assert pool.stats.budget_waits == 1
+    pool.give_back(cnx)
+    assert collect(pid, fd) >= 1
     pool.shutdown()
 
 
