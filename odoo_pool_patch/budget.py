@@ -119,6 +119,9 @@ class SharedBudget:
             slot = self._enqueue_locked(cells, priority)
             self._count_locked(cells, 'waits')
             self._grant_locked(cells)
+        bell = self.state.doorbell()
+        if bell is not None:
+            bell.ring()             # every process's maintenance sheds idle connections for us
         state_index = ss.WAIT_BASE + slot * ss.W_FIELDS + ss.W_STATE
         cells = self.state.cells
         next_check = time.monotonic() + 0.25

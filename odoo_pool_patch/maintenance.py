@@ -13,6 +13,8 @@ import threading
 import time
 import weakref
 
+from .doorbell import can_sleep
+
 _logger = logging.getLogger('odoo.sql_db.pool')
 
 _lock = threading.Lock()
@@ -54,10 +56,12 @@ def _urgent(pools):
     budget (idle connections are shed for them), or slots of closed connections wait
     for their backend to exit (closed pools' too). Lock-free reads.
 
-    The thread wakes every SHED_TICK to ask, but runs a whole pass only when this
-    says so or IDLE_TICK has passed: under the footprint benchmark a pass every
-    SHED_TICK cost each worker a sixth of a short transaction's CPU (and the GIL
-    meanwhile), a wake-up and these reads almost nothing."""
+    Otherwise a pass comes every IDLE_TICK: under the footprint benchmark a pass
+    every SHED_TICK cost each worker a sixth of a short transaction's CPU (and the
+    GIL meanwhile), and a timed wake-up every SHED_TICK just to ask a third of that.
+    So the thread sleeps on the instance's doorbell (see :mod:`.doorbell`), which a
+    borrower that starts waiting rings; where there is none it wakes every SHED_TICK
+    to ask."""
     for pool in pools:
         if pool._exiting:
             return True
@@ -71,6 +75,15 @@ def _urgent(pools):
     return False
 
 
+def _doorbell(shared):
+    """The doorbell the thread may sleep on: that of the one shared state of the
+    process's shared-budget pools (None with several, or none usable)."""
+    states = {id(pool.budget.state): pool.budget.state for pool in shared}
+    if len(states) != 1 or not can_sleep():
+        return None
+    return next(iter(states.values())).doorbell()
+
+
 def _run(wake):
     my_pid = os.getpid()
     last_full = last_pass = float('-inf')
@@ -80,11 +93,18 @@ def _run(wake):
         period = min((pool.timer_period for pool in pools), default=1.0)
         shared = [pool for pool in pools if pool.budget is not None]
         now = time.monotonic()
-        if shared and now - last_pass < min(period, IDLE_TICK) and not _urgent(every):
-            del every, pools, shared
-            wake.wait(min(period, SHED_TICK))
-            wake.clear()
-            continue
+        bell = _doorbell(shared) if shared else None
+        due = last_pass + min(period, IDLE_TICK)
+        if shared and now < due:
+            seen = bell.value() if bell is not None else 0  # before the check: no ring lost
+            if not _urgent(every):
+                del every, pools, shared
+                if bell is not None:
+                    bell.sleep(seen, due - now)
+                else:
+                    wake.wait(min(period, SHED_TICK))
+                    wake.clear()
+                continue
         last_pass = now
         for pool in every:
             if pool._closed and pool._exiting:
@@ -121,10 +141,13 @@ def _run(wake):
                 _publish(shared)
             except Exception:
                 _log_failure('db_pooling could not publish to the shared state; will retry')
-        pause = min(period, SHED_TICK) if shared else period
+        # Shared: while a pass is urgent, the next comes after SHED_TICK; else the
+        # top of the loop sleeps (on the doorbell) until one is due.
+        pause = period if not shared else SHED_TICK if bell is None or _urgent(every) else 0
         del every, pools, shared
-        wake.wait(pause)
-        wake.clear()
+        if pause:
+            wake.wait(min(period, pause))
+            wake.clear()
 
 
 def _publish(pools):

@@ -48,7 +48,7 @@ import threading
 import time
 
 MAGIC = 0x6462706F6F6C3031      # "dbpool01"
-VERSION = 7          # bump on any layout change: older files are reinitialised
+VERSION = 8          # bump on any layout change: older files are reinitialised
 
 N_PROC = 512
 N_WAIT = 1024
@@ -59,9 +59,11 @@ O_FIELDS = 3     # offer entry: key hash, idle, in use
 
 # header cells
 H_MAGIC, H_VERSION, H_BUDGET, H_CRON_RESERVE, H_TICKET, H_WAITING, H_LAST_REAP, \
-    H_HIST_POS, H_HIST_LAST, H_MIN_IDLE, H_DB_LIST_GEN, H_ROWS, H_PARKED = range(13)
+    H_HIST_POS, H_HIST_LAST, H_MIN_IDLE, H_DB_LIST_GEN, H_ROWS, H_PARKED, H_BELL = range(14)
 # H_PARKED: connections parked in the kernel queues (see parking): they hold budget slots
 # that belong to no process
+# H_BELL: the maintenance threads' doorbell (see doorbell), rung when a borrower starts
+# waiting for the budget
 H_REAPED = 16           # + role * N_COUNTERS + counter: totals of processes that are gone
 HEADER = 80
 
@@ -423,7 +425,19 @@ class SharedState:
                         'site': _text(raw[D_DATABASE_BYTES:])}
         return None
 
+    def doorbell(self):
+        """The :class:`~.doorbell.Doorbell` of this shared state, or None where it cannot
+        be used (the maintenance threads then poll)."""
+        bell = self.__dict__.get('_doorbell', False)
+        if bell is False:
+            from .doorbell import for_state
+            bell = self._doorbell = for_state(self, H_BELL)
+        return bell
+
     def close(self):
+        bell = self.__dict__.pop('_doorbell', None)
+        if bell is not None:
+            bell.close()            # its reference into the mapping would keep it open
         try:
             self.cells.release()
             self.map.close()

@@ -423,15 +423,20 @@ def test_maintenance_passes_are_rare_at_rest(pg, shm_path, info):
     assert 2 <= passes <= 15, passes    # about 10; a pass every SHED_TICK makes 50
 
 
-def test_a_waiter_gets_the_idle_connections_of_a_process_at_rest_at_once(pg, shm_path, info, app):
-    """A borrower starting to wait is noticed at the next wake-up (SHED_TICK) of a process
-    holding idle connections, not at its next pass at rest: here that process's passes
-    are a minute apart, and the borrower waits at most 3 s."""
+@pytest.mark.parametrize('doorbell', [True, False], ids=['doorbell', 'polling'])
+def test_a_waiter_gets_the_idle_connections_of_a_process_at_rest_at_once(
+        pg, shm_path, info, app, doorbell):
+    """A borrower starting to wait rings the doorbell of a process holding idle
+    connections (or, without one, is noticed at its next wake-up, SHED_TICK), not at
+    its next pass at rest: here that process's passes are a minute apart, and the
+    borrower waits at most 3 s."""
     from odoo_pool_patch import maintenance
     ready = shm_path + '.ready'
 
     def idle_holder():
         maintenance.IDLE_TICK = 60
+        if not doorbell:
+            ss.SharedState.doorbell = lambda self: None
         pool = ConnectionPool(8, budget=make_budget(shm_path, 2), timer_period=60,
                               settings=Settings(idle_timeout=3600))
         held = [pool.borrow(info(db)) for db in ('db1', 'db2')]
