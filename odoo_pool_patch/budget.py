@@ -119,14 +119,16 @@ class SharedBudget:
             slot = self._enqueue_locked(cells, priority)
             self._count_locked(cells, 'waits')
             self._grant_locked(cells)
-        bell = self.state.doorbell()
-        if bell is not None:
-            bell.ring()             # every process's maintenance sheds idle connections for us
+            bell = self.state.doorbell()
+            if bell is not None:
+                bell.bump()
         state_index = ss.WAIT_BASE + slot * ss.W_FIELDS + ss.W_STATE
         cells = self.state.cells
         next_check = time.monotonic() + 0.25
         woken = interrupted = False
         try:
+            if bell is not None:
+                bell.wake()         # every process's maintenance sheds idle connections for us
             while cells[state_index] != ss.GRANTED:
                 now = time.monotonic()
                 if now >= deadline:

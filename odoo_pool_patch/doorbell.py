@@ -5,10 +5,11 @@ waiting for the shared budget (idle connections are shed for it), but a pass,
 or even a timed wake-up to ask, costs each worker CPU and the GIL (see
 :mod:`.maintenance`). So the threads sleep on a *doorbell*: a 32-bit word of the
 shared state used as a Linux futex, which works across processes on a shared
-mapping. A borrower joining the budget's queue changes the word and wakes every
-sleeper (:meth:`Doorbell.ring`); a sleeper that read the word before checking
-whether anyone waits cannot miss a ring (FUTEX_WAIT returns at once if the word
-changed since).
+mapping. A borrower joining the budget's queue changes the word under the shared
+lock (:meth:`Doorbell.bump`) and wakes every sleeper after it
+(:meth:`Doorbell.wake`); a sleeper that read the word before checking whether
+anyone waits cannot miss a ring (FUTEX_WAIT returns at once if the word changed
+since).
 
 Linux on x86-64 and arm64 only, and never under gevent (a futex wait would
 block the whole process): :func:`for_state` returns None elsewhere, and the
@@ -61,9 +62,13 @@ class Doorbell:
     def value(self):
         return self._word.value
 
-    def ring(self):
-        """Wake every process sleeping in :meth:`sleep` (racy increment: any change wakes)."""
+    def bump(self):
+        """Change the word, under the shared state's lock (so that two rings never
+        overwrite each other's change); then :meth:`wake`, after the lock."""
         self._word.value = (self._word.value + 1) & 0xFFFFFFFF
+
+    def wake(self):
+        """Wake every process sleeping in :meth:`sleep` (never blocks)."""
         _libc_syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(self._address),
                       ctypes.c_long(_FUTEX_WAKE), ctypes.c_long(_WAKE_ALL),
                       None, None, ctypes.c_long(0))
@@ -94,8 +99,10 @@ def for_state(state, cell):
         return None
     try:
         bell = Doorbell(state, cell)
-        # The word differs from the one given: the kernel answers EAGAIN at once.
-        if bell._wait(bell.value() + 1, 0) != -1 or ctypes.get_errno() != errno.EAGAIN:
+        # The kernel answers at once: EAGAIN (the word differs from the one given), or
+        # ETIMEDOUT if a ring made them equal meanwhile; anything else: no futex here.
+        if bell._wait(bell.value() + 1, 0) != -1 or \
+                ctypes.get_errno() not in (errno.EAGAIN, errno.ETIMEDOUT):
             raise OSError(ctypes.get_errno(), 'futex not usable')
         return bell
     except (OSError, TypeError, ValueError, AttributeError) as exc:

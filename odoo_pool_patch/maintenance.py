@@ -61,7 +61,8 @@ def _urgent(pools):
     GIL meanwhile), and a timed wake-up every SHED_TICK just to ask a third of that.
     So the thread sleeps on the instance's doorbell (see :mod:`.doorbell`), which a
     borrower that starts waiting rings; where there is none it wakes every SHED_TICK
-    to ask."""
+    to ask. A connection closed while the thread sleeps is seen at the next pass
+    (its slot is freed at most IDLE_TICK later; anyone short of one rings)."""
     for pool in pools:
         if pool._exiting:
             return True
@@ -105,7 +106,6 @@ def _run(wake):
                     wake.wait(min(period, SHED_TICK))
                     wake.clear()
                 continue
-        last_pass = now
         for pool in every:
             if pool._closed and pool._exiting:
                 # shut down: its closed connections' slots are freed once their backends exit
@@ -142,7 +142,8 @@ def _run(wake):
             except Exception:
                 _log_failure('db_pooling could not publish to the shared state; will retry')
         # Shared: while a pass is urgent, the next comes after SHED_TICK; else the
-        # top of the loop sleeps (on the doorbell) until one is due.
+        # top of the loop sleeps (on the doorbell) until IDLE_TICK after this one's end.
+        last_pass = time.monotonic()
         pause = period if not shared else SHED_TICK if bell is None or _urgent(every) else 0
         del every, pools, shared
         if pause:
