@@ -11,9 +11,10 @@ lock (:meth:`Doorbell.bump`) and wakes every sleeper after it
 anyone waits cannot miss a ring (FUTEX_WAIT returns at once if the word changed
 since).
 
-Linux on x86-64 and arm64 only, and never under gevent (a futex wait would
-block the whole process): :func:`for_state` returns None elsewhere, and the
-maintenance thread then wakes every ``SHED_TICK`` to ask instead.
+Linux on x86-64 and arm64 only (:func:`for_state` returns None elsewhere), and
+no sleeping on it under gevent, where a futex wait would block the whole process
+(:func:`can_sleep`): the maintenance thread then wakes every ``SHED_TICK`` to ask
+instead.
 """
 import ctypes
 import errno
@@ -69,9 +70,7 @@ class Doorbell:
 
     def wake(self):
         """Wake every process sleeping in :meth:`sleep` (never blocks)."""
-        _libc_syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(self._address),
-                      ctypes.c_long(_FUTEX_WAKE), ctypes.c_long(_WAKE_ALL),
-                      None, None, ctypes.c_long(0))
+        self._futex(_FUTEX_WAKE, _WAKE_ALL)
 
     def sleep(self, seen, timeout):
         """Sleep up to ``timeout`` seconds unless the word is no longer ``seen``
@@ -83,9 +82,13 @@ class Doorbell:
     def _wait(self, seen, timeout):
         timeout = max(timeout, 0.0)
         ts = _Timespec(int(timeout), int((timeout - int(timeout)) * 1e9))
+        return self._futex(_FUTEX_WAIT, seen & 0xFFFFFFFF, ctypes.byref(ts))
+
+    def _futex(self, op, value, timeout=None):
+        """futex(2) on the word; -1 and errno on failure."""
         return _libc_syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(self._address),
-                             ctypes.c_long(_FUTEX_WAIT), ctypes.c_long(seen & 0xFFFFFFFF),
-                             ctypes.byref(ts), None, ctypes.c_long(0))
+                             ctypes.c_long(op), ctypes.c_long(value), timeout, None,
+                             ctypes.c_long(0))
 
     def close(self):
         """Drop the reference into the mapping (the shared state can then be closed)."""

@@ -141,13 +141,16 @@ def _run(wake):
                 _publish(shared)
             except Exception:
                 _log_failure('db_pooling could not publish to the shared state; will retry')
-        # Shared: while a pass is urgent, the next comes after SHED_TICK; else the
-        # top of the loop sleeps (on the doorbell) until IDLE_TICK after this one's end.
         last_pass = time.monotonic()
-        pause = period if not shared else SHED_TICK if bell is None or _urgent(every) else 0
+        if not shared:
+            pause = period
+        elif bell is None or _urgent(every):
+            pause = min(period, SHED_TICK)
+        else:
+            pause = 0       # the top of the loop sleeps on the doorbell until the next is due
         del every, pools, shared
         if pause:
-            wake.wait(min(period, pause))
+            wake.wait(pause)
             wake.clear()
 
 

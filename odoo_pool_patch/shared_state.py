@@ -189,6 +189,8 @@ class _Locked:
 class SharedState:
     """One attached segment. ``cells`` is the int64 view of the whole file."""
 
+    _doorbell = False       # not looked for yet (see doorbell())
+
     def __init__(self, path, create=True):
         self.path = path
         fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
@@ -428,16 +430,15 @@ class SharedState:
     def doorbell(self):
         """The :class:`~.doorbell.Doorbell` of this shared state, or None where it cannot
         be used (the maintenance threads then poll)."""
-        bell = self.__dict__.get('_doorbell', False)
-        if bell is False:
+        if self._doorbell is False:
             from .doorbell import for_state
-            bell = self._doorbell = for_state(self, H_BELL)
-        return bell
+            self._doorbell = for_state(self, H_BELL)
+        return self._doorbell
 
     def close(self):
-        bell = self.__dict__.pop('_doorbell', None)
-        if bell is not None:
-            bell.close()            # its reference into the mapping would keep it open
+        if self._doorbell:
+            self._doorbell.close()  # its reference into the mapping would keep it open
+        self._doorbell = None
         try:
             self.cells.release()
             self.map.close()
