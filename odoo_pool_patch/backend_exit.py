@@ -11,16 +11,36 @@ import os
 import select
 import time
 
+_POLLIN = select.POLLIN
+_DONE = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+def readable(fds, timeout=0.0):
+    """The fds among ``fds`` with something to read (data, EOF, an error or not a
+    descriptor any more) within ``timeout`` seconds (None: no limit). poll(), not
+    select(): select() cannot watch descriptors from 1024 up, which a threaded Odoo
+    with many websockets reaches. ``select.poll`` is looked up at each call, so that
+    gevent's cooperative one is used once it has patched the module."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, _POLLIN)
+    ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+    try:
+        events = poller.poll(ms)
+    except InterruptedError:    # (PEP 475 retries; kept for gevent's implementation)
+        events = ()
+    return [fd for fd, event in events if event & _DONE]
+
 
 def exited(fds, timeout=0.0):
     """The fds whose backend exited within ``timeout``; they are closed. Without a
     timeout this never blocks."""
     done = []
     try:
-        readable = select.select(fds, (), (), timeout)[0] if fds else ()
+        ready = readable(fds, timeout) if fds else ()
     except (OSError, ValueError):
-        readable = list(fds)
-    for fd in readable:
+        ready = list(fds)
+    for fd in ready:
         try:
             data = os.read(fd, 65536)
         except OSError:

@@ -38,13 +38,12 @@ import logging
 import marshal
 import os
 import random
-import select
 import socket
 import threading
 import time
 
 from . import shared_state as ss
-from .backend_exit import finished, wait_exited
+from .backend_exit import finished, readable, wait_exited
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 
@@ -191,7 +190,7 @@ class Parking:
             time.sleep(timeout)
             return
         try:
-            select.select((self._pairs[(base - ss.LOT_BASE) // ss.K_FIELDS][0],), (), (), timeout)
+            readable((self._pairs[(base - ss.LOT_BASE) // ss.K_FIELDS][0],), timeout)
         except (OSError, ValueError):
             time.sleep(timeout)
 
