@@ -26,7 +26,6 @@ import collections
 import logging
 import os
 import random
-import select
 import sys
 import threading
 import time
@@ -40,10 +39,11 @@ from .dsn import dsn_key, key_database, dsn_equals
 from .errors import PoolError, PoolTimeout
 from .options import Settings
 from . import session_state
-from .session_tracking import SessionTracking, restore_characteristics, run_reset, track
+from .session_tracking import (SessionTracking, privileges_changed, restore_characteristics,
+                               run_reset, track)
 from .exchange import neutralize, offerable, session_meta, set_application_name
 from .tls import explain_failure, record as record_tls
-from .backend_exit import exited, finished, wait_exited
+from .backend_exit import exited, finished, readable, wait_exited
 from . import maintenance
 
 # Under odoo.sql_db so Odoo's PostgreSQL log handler (log_db) never logs our
@@ -374,6 +374,8 @@ class ConnectionPool:
                     _logger.debug('%r: ignored give_back of a connection it no longer holds', self)
                     return
                 raise PoolError('This connection does not belong to the pool')
+            if privileges_changed(connection):     # (cheap: no round trip)
+                connection._dbp_dirty |= session_state.ROLE
             if connection._dbp_dirty & session_state.LOAD and keep_in_pool:
                 keep_in_pool = False    # a loaded library cannot be unloaded
                 self.stats.reset_closed += 1
@@ -1204,7 +1206,7 @@ def fd_readable(fd):
     """True when the server sent something to an idle socket: usually its goodbye
     (shutdown, pg_terminate_backend) or a dropped socket. No round trip."""
     try:
-        return bool(select.select((fd,), (), (), 0)[0])
+        return bool(readable((fd,)))
     except (OSError, ValueError):
         return True
 

@@ -13,16 +13,27 @@ true)`` and names inside strings or comments do not count). Without sqlparse
 with regular expressions: the same for the first words, and erring on the
 dirty side for names that could sit in comments or strings.
 
-Not seen by parsing, so left to the periodic full reset (``db_pool_reset_every``):
-state set by a user function (``SELECT my_func()`` that calls ``set_config``),
-``SELECT ... INTO TEMP``, dynamic SQL inside ``DO`` blocks apart from the block
-itself (counted as UNKNOWN), and sequence state (``currval``).
+Privileges are never left to chance: ``RESET ALL`` leaves ``role`` and
+``session_authorization`` alone (PostgreSQL flags both ``NO_RESET_ALL``), so every
+reset of settings also resets them (``SET`` implies the role's reset, whatever
+the spelling: ``SET SESSION ROLE``, ``SET "role"``, ``set_config('role', ...)``,
+a ``set_config`` whose arguments are parameters, one inside a ``PREPARE``), and
+what runs code we cannot see into (``DO``, ``CALL``) gets the full reset, which
+includes ``SET SESSION AUTHORIZATION DEFAULT``. A user function that changes the
+role itself is caught when that crosses the superuser line: the server reports
+``is_superuser`` without a round trip (:func:`.session_tracking.privileges_changed`);
+one switching between two ordinary roles is left to the periodic full reset
+(``db_pool_reset_every``).
+
+Not seen by parsing, so left to the periodic full reset as well: other state set
+by a user function (``SELECT my_func()`` that calls ``set_config``),
+``SELECT ... INTO TEMP``, and sequence state (``currval``).
 """
 import functools
 import re
 
 SET = 1 << 0          # SET / RESET / set_config(..., false) / SET SESSION CHARACTERISTICS
-ROLE = 1 << 1         # SET ROLE, SET SESSION AUTHORIZATION
+ROLE = 1 << 1         # SET [SESSION] ROLE, SET SESSION AUTHORIZATION (and implied by SET)
 LISTEN = 1 << 2
 ADVISORY = 1 << 3     # session advisory locks (not the _xact_ ones)
 TEMP = 1 << 4         # CREATE TEMP ...
@@ -53,14 +64,19 @@ def names(mask):
 
 
 def narrow_reset(mask):
-    """One SQL text (one round trip) clearing the narrowly clearable kinds of ``mask``."""
+    """One SQL text (one round trip) clearing the narrowly clearable kinds of ``mask``.
+    A reset of settings always resets the role and session authorization too: a
+    setting may be one of those two under another spelling (``SET "role"``,
+    ``set_config($1, ...)``), and ``RESET ALL`` does not reset them."""
+    if mask & SET:
+        mask |= ROLE
     return '; '.join(sql for bit, sql in _NARROW if mask & bit)
 
 
 # ------------------------------------------------------------------ fast check
 _HEAD = re.compile(r'\s*([A-Za-z]+)')
 _CANDIDATE_HEADS = frozenset(('SET', 'RESET', 'LISTEN', 'CREATE', 'DECLARE', 'PREPARE',
-                              'LOAD', 'DO'))
+                              'LOAD', 'DO', 'CALL'))
 
 
 def session_kinds(query):
@@ -107,7 +123,7 @@ def _statement_kinds(words, T):
     if first == 'SET':
         if second in ('LOCAL', 'TRANSACTION', 'CONSTRAINTS'):
             return 0
-        if second == 'ROLE' or (second == 'SESSION' and third == 'AUTHORIZATION'):
+        if second == 'ROLE' or (second == 'SESSION' and third in ('AUTHORIZATION', 'ROLE')):
             return ROLE
         return SET
     if first == 'RESET':
@@ -117,10 +133,13 @@ def _statement_kinds(words, T):
         return LISTEN
     if first == 'LOAD':
         return LOAD
-    if first == 'DO':
+    if first in ('DO', 'CALL'):
         return UNKNOWN       # runs code we cannot see into
     if first == 'PREPARE':
-        return 0 if second == 'TRANSACTION' else PREPARE
+        # Its EXECUTE runs the body later: what the body calls counts now.
+        if second == 'TRANSACTION':
+            return 0
+        return PREPARE | (_call_kinds(words, T) if T is not None else 0)  # (else: regexes)
     if first == 'DECLARE':
         keywords = [tok.normalized.upper() for tok in words if tok.is_keyword]
         for before, after in zip(keywords, keywords[1:]):
@@ -208,13 +227,14 @@ def confirm_without_sqlparse(query):
         if not words:
             continue
         head = words[0].normalized
-        if head in _CANDIDATE_HEADS and head != 'DO':
-            mask |= _statement_kinds(words, None) if head != 'DECLARE' else (
-                HOLD if re.search(r'\bWITH\s+HOLD\b', text.upper().split(' FOR ')[0]) else 0)
-            continue
-        if head == 'DO':
+        if head in ('DO', 'CALL'):
             mask |= UNKNOWN
             continue
+        if head in _CANDIDATE_HEADS:
+            mask |= _statement_kinds(words, None) if head != 'DECLARE' else (
+                HOLD if re.search(r'\bWITH\s+HOLD\b', text.upper().split(' FOR ')[0]) else 0)
+            if head != 'PREPARE':
+                continue
         low = text.lower()
         if _LOCK_CALL.search(low):
             mask |= ADVISORY

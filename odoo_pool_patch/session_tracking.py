@@ -83,6 +83,7 @@ class SessionTracking:
     (psycopg2's reset puts autocommit and the session characteristics back;
     in autocommit mode set_session also changes server-side defaults)."""
     _dbp_dirty = 0
+    _dbp_auth = None        # privileges() when the pool got it (see privileges_changed)
     _dbp_prefix = ''
     _dbp_params = None      # the session parameters, cached (see exchange.session_meta)
     _dbp_direct = None      # True: sent to db_direct_host; False: it is set but not for this
@@ -130,10 +131,29 @@ def tracked_class(connection_class):
 _classes = {}
 
 
+def privileges(cnx):
+    """Whether the current role is a superuser, as the server last reported it (no
+    round trip; None on a closed connection)."""
+    return None if cnx.closed else cnx.get_parameter_status('is_superuser')
+
+
+def privileges_changed(cnx):
+    """Whether the session crossed the superuser line since the pool got it, by a path
+    :func:`.session_state.session_kinds` cannot see (a user function running ``SET
+    ROLE`` or ``SET SESSION AUTHORIZATION``): the server reports ``is_superuser``
+    whenever it changes. That catches any change of role of a superuser login, and
+    any escalation to a superuser of an ordinary one; a switch between two ordinary
+    roles (it needs membership) is left to the periodic full reset. One check, about
+    a microsecond: ``session_authorization``, reported too, can only change in a
+    superuser's session, where ``is_superuser`` already tells."""
+    return privileges(cnx) != cnx._dbp_auth
+
+
 def track(cnx):
     """Make a connection (ours, or one adopted from Odoo's stock pool) track its
     session state. False when that is impossible (the pool then always resets it)."""
     cnx._dbp_dirty = 0
+    cnx._dbp_auth = privileges(cnx)
     if not isinstance(cnx, SessionTracking):
         try:
             cnx.__class__ = tracked_class(type(cnx))
