@@ -39,14 +39,19 @@ def exited(fds, timeout=0.0):
     try:
         ready = readable(fds, timeout) if fds else ()
     except (OSError, ValueError):
-        ready = list(fds)
+        ready = ()          # none for now: each is given up at its deadline (see finished)
     for fd in ready:
         try:
             data = os.read(fd, 65536)
+        except BlockingIOError:
+            continue        # nothing to read after all: the backend is still there
         except OSError:
-            data = b''
+            data = b''      # reset by the server, or not a descriptor any more: gone
         if not data:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
             done.append(fd)
     return done
 
