@@ -37,7 +37,7 @@ def describe_error(exc):
 def shared_figures(state, now=None):
     """Totals, live processes (with their longest borrow) and the last hour of history."""
     now = time.time() if now is None else now
-    rows = [row for row in state.processes() if ss.process_start(row['pid']) is not None]
+    rows = state.live_processes()
     for row in rows:
         longest = state.longest_borrow(row['row'], row['pid'])
         if longest:

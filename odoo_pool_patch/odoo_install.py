@@ -243,10 +243,13 @@ def budget_settings(settings):
 def attach_budget(settings):
     from .budget import SharedBudget
     from .exchange import attach as attach_exchange
-    from .shared_state import SharedState
+    from .shared_state import SharedState, SharedStateError
     size, reserve, path = budget_settings(settings)
     try:
         state = SharedState(path)
+    except SharedStateError as exc:
+        _logger.critical('%s', exc)
+        raise SystemExit(str(exc)) from None
     except OSError as exc:
         message = (f'db_pooling cannot open its shared state file {path} ({exc.strerror}): set '
                    f'db_pool_shared_path to a writable absolute path, or db_pool_shared = off.')

@@ -33,19 +33,42 @@ budget: 1,024
 connections need at most 1,024 waiter rows, and one row per process.
 
 Every change is made under :meth:`SharedState.locked`: a thread lock (for the
-threads of one process) plus ``lockf`` on the file (for processes). The
-kernel drops a ``lockf`` lock when its holder dies, even by SIGKILL, so a
-crash never deadlocks the others; rows of dead processes are then reclaimed
-by :meth:`SharedState.reap`. Values written by a process about itself only
-(its in-use and idle counts) are written without the lock.
+threads of one process) plus ``lockf`` on the file's first byte (for
+processes). The kernel drops a ``lockf`` lock when its holder dies, even by
+SIGKILL, so a crash never deadlocks the others; rows of dead processes are then
+reclaimed by :meth:`SharedState.reap`. Values written by a process about itself
+only (its in-use and idle counts) are written without the lock.
+
+Which rows belong to live processes: each process holds, for as long as it
+lives, an open-file-description lock (``F_OFD_SETLK``) on one byte past the end
+of the file, ``LIVE_BASE`` + its row, through a descriptor of its own (a forked
+child closes the copy it inherits). The kernel drops it when the process dies,
+whatever PID namespace or container it runs in, so a row is reaped only when
+its byte can be locked: pids, meaningless across containers sharing a file
+through ``db_pool_shared_path``, are only shown, never trusted. Where such
+locks do not exist (not 64-bit Linux) liveness falls back to ``/proc/<pid>``
+and its start time, which holds within one PID namespace.
+
+The file is created with ``O_EXCL | O_NOFOLLOW`` at mode 0600, by default in
+a directory of its own (``/dev/shm/odoo-db_pooling-<uid>``, mode 0700), and
+is opened only if it is a regular file of this user, not readable nor writable
+by anyone else, with one link, and holding this format or being empty: another
+local user can neither make Odoo write through a symbolic link nor attach to,
+read, or truncate (SIGBUS) the segment. Anything else stops with
+:class:`SharedStateError`, which names the path, what is wrong and what to do.
 """
+import errno
 import fcntl
 import hashlib
 import mmap
 import os
+import platform
+import stat
+import struct
 import tempfile
 import threading
 import time
+import weakref
 
 MAGIC = 0x6462706F6F6C3031      # "dbpool01"
 VERSION = 8          # bump on any layout change: older files are reinitialised
@@ -125,11 +148,159 @@ def clear(cells, start, count):
     cells[start:start + count] = memoryview(bytes(count * 8)).cast('q')
 
 
+class SharedStateError(RuntimeError):
+    """The shared state file cannot be used safely; the message says why and what to do."""
+
+
+def private_directory():
+    """The directory of this user's default state files: ``/dev/shm/odoo-db_pooling-<uid>``
+    (the temporary directory where there is no /dev/shm), mode 0700."""
+    base = '/dev/shm' if os.path.isdir('/dev/shm') else tempfile.gettempdir()
+    return os.path.join(base, f'odoo-db_pooling-{os.geteuid()}')
+
+
 def default_path(*identity):
     """Segment path for an instance identified by ``identity`` (config file, db host, port...)."""
     digest = hashlib.sha1(repr(identity).encode()).hexdigest()[:16]
-    directory = '/dev/shm' if os.path.isdir('/dev/shm') else tempfile.gettempdir()
-    return os.path.join(directory, f'odoo-db_pooling-{digest}')
+    return os.path.join(private_directory(), f'state-{digest}')
+
+
+_ADVICE = ('Remove it if it is a leftover, or set db_pool_shared_path to a file in a directory '
+           'only Odoo\'s user can write (or db_pool_shared = off).')
+
+
+def _check_directory(path):
+    """The directory of the state file: ours (created 0700 for the default one), or root's;
+    not writable by others unless sticky (there, a file of theirs is refused below)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    private = directory == private_directory()
+    uid = os.geteuid()
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        if not private:
+            raise SharedStateError(f'db_pooling cannot open its shared state file {path}: '
+                                   f'the directory {directory} does not exist. Create it (mode '
+                                   f'0700, owned by Odoo\'s user), or set db_pool_shared_path '
+                                   f'to a writable absolute path (or db_pool_shared = off).'
+                                   ) from None
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(directory)
+    what = None
+    if not stat.S_ISDIR(info.st_mode):
+        what = 'is not a directory (a symbolic link or a file put there by someone else?)'
+    elif private and (info.st_uid != uid or info.st_mode & 0o077):
+        what = (f'is owned by uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):04o}, '
+                f'not private to this user (uid {uid}, mode 0700)')
+    elif info.st_uid not in (uid, 0):
+        what = f'belongs to uid {info.st_uid}, neither this user (uid {uid}) nor root'
+    elif info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        what = (f'is writable by other users (mode {stat.S_IMODE(info.st_mode):04o}) and not '
+                f'sticky: they could replace the file')
+    if what:
+        raise SharedStateError(f'db_pooling: refusing the shared state directory {directory}: '
+                               f'it {what}. {_ADVICE}')
+
+
+def _open_file(path, create):
+    """A descriptor of the state file, safe from symbolic links and other users' files;
+    (fd, created)."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    for _attempt in range(5):
+        try:
+            if create:
+                try:
+                    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+                    os.fchmod(fd, 0o600)        # exactly, whatever the umask
+                    return fd, True
+                except FileExistsError:
+                    pass
+            return os.open(path, flags), False
+        except FileNotFoundError:
+            if not create:
+                raise SharedStateError(f'db_pooling: no shared state file at {path} (is the '
+                                       f'instance running, with this db_pool_shared_path?)') from None
+            continue                            # removed between the two opens: again
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SharedStateError(f'db_pooling: refusing the shared state file {path}: it '
+                                       f'is a symbolic link, which db_pooling never follows. '
+                                       f'{_ADVICE}') from None
+            raise SharedStateError(f'db_pooling cannot open its shared state file {path} '
+                                   f'({exc.strerror}): set db_pool_shared_path to a writable '
+                                   f'absolute path, or db_pool_shared = off.') from None
+    raise SharedStateError(f'db_pooling: the shared state file {path} keeps disappearing')
+
+
+def _check_file(fd, path):
+    info = os.fstat(fd)
+    uid = os.geteuid()
+    what = None
+    if not stat.S_ISREG(info.st_mode):
+        what = 'is not a regular file'
+    elif info.st_uid != uid:
+        what = f'belongs to uid {info.st_uid}, not to this user (uid {uid})'
+    elif info.st_mode & 0o077:
+        what = (f'has mode {stat.S_IMODE(info.st_mode):04o}: other users may read or write '
+                f'it (expected 0600)')
+    elif info.st_nlink != 1:
+        what = f'has {info.st_nlink} hard links: it may be reachable from elsewhere'
+    if what:
+        raise SharedStateError(f'db_pooling: refusing the shared state file {path}: it {what}. '
+                               f'{_ADVICE}')
+    return info
+
+
+# ------------------------------------------------------------------ process liveness
+# struct flock of 64-bit Linux (x86-64, arm64): type, whence, start, len, pid.
+_FLOCK = struct.Struct('@hhqqi4x')
+OFD_LOCKS = (hasattr(fcntl, 'F_OFD_SETLK') and struct.calcsize('P') == 8
+             and platform.system() == 'Linux')
+LIVE_BASE = 1 << 32     # byte LIVE_BASE + row: locked by the process of that row while it lives
+
+
+def _row_lock(fd, command, kind, row):
+    """fcntl(F_OFD_*) on the liveness byte of ``row``; the l_type the kernel answers."""
+    answer = fcntl.fcntl(fd, command, _FLOCK.pack(kind, os.SEEK_SET, LIVE_BASE + row, 1, 0))
+    return _FLOCK.unpack(answer)[0]
+
+
+class _Rows:
+    """The process row this process holds in one state file, shared by the
+    :class:`SharedState` objects of that file in this process, with the descriptor
+    whose open-file-description lock keeps the row alive."""
+    __slots__ = ('pid', 'row', 'fd', 'users')
+
+    def __init__(self):
+        self.pid, self.row, self.fd, self.users = os.getpid(), None, None, 0
+
+    def drop(self):
+        if self.fd is not None:
+            try:
+                os.close(self.fd)       # in a forked child: the parent's lock stays
+            except OSError:
+                pass
+        self.fd = self.row = None
+
+
+_rows = {}          # (st_dev, st_ino) -> _Rows of this process
+_states = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    # The inherited descriptors share the parent's locks: closing our copies leaves
+    # them to the parent; the child takes a row of its own when it registers.
+    for rows in _rows.values():
+        rows.drop()
+    _rows.clear()
+    for state in list(_states):
+        state.after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def process_start(pid):
@@ -171,7 +342,7 @@ class _Locked:
         lock = state._thread_lock
         lock.acquire()
         try:
-            fcntl.lockf(state.fd, fcntl.LOCK_EX)
+            fcntl.lockf(state.fd, fcntl.LOCK_EX, 1)    # byte 0 (rows' bytes are apart)
         except BaseException:
             lock.release()
             raise
@@ -180,7 +351,7 @@ class _Locked:
     def __exit__(self, *exc_info):
         state = self.state
         try:
-            fcntl.lockf(state.fd, fcntl.LOCK_UN)
+            fcntl.lockf(state.fd, fcntl.LOCK_UN, 1)
         finally:
             state._thread_lock.release()
         return False
@@ -193,33 +364,51 @@ class SharedState:
 
     def __init__(self, path, create=True):
         self.path = path
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX)
-            try:
-                if os.fstat(fd).st_size < SIZE:
-                    if not create:
-                        raise ValueError(f'{path} is not a db_pooling shared state file')
-                    os.ftruncate(fd, SIZE)
-                self.map = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-                self.cells = memoryview(self.map).cast('q')
-                if self.cells[H_MAGIC] != MAGIC or self.cells[H_VERSION] != VERSION:
-                    if not create:
-                        self.cells.release()
-                        self.map.close()
-                        raise ValueError(f'{path} is not a db_pooling shared state file '
-                                         f'(or of another version)')
-                    clear(self.cells, 0, CELLS)
-                    self.cells[H_VERSION] = VERSION
-                    self.cells[H_MAGIC] = MAGIC
-            finally:
-                fcntl.lockf(fd, fcntl.LOCK_UN)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
         self._thread_lock = threading.Lock()
         self._locked = _Locked(self)
+        self._rows = None
+        _check_directory(path)
+        fd, created = _open_file(path, create)
+        try:
+            info = _check_file(fd, path)
+            self._inode = (info.st_dev, info.st_ino)
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1)
+            try:
+                self._attach(fd, path, create)
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1)
+        except BaseException:
+            os.close(fd)
+            if created:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            raise
+        self.fd = fd
+        _states.add(self)
+
+    def _attach(self, fd, path, create):
+        """Map the file (under the file lock), formatting it if it is empty, or ours of
+        another version; anything else is refused."""
+        size = os.fstat(fd).st_size
+        magic, version = struct.unpack('=qq', os.pread(fd, 16, 0).ljust(16, b'\0'))
+        current = size == SIZE and magic == MAGIC and version == VERSION
+        blank = size == 0 or (size == SIZE and magic == 0 and version == 0)
+        if not current and not (create and (blank or magic == MAGIC)):
+            what = ('is not formatted yet' if blank else
+                    'is of another db_pooling version' if magic == MAGIC else
+                    'is not a db_pooling shared state file')
+            raise SharedStateError(f'db_pooling: refusing the shared state file {path}: it '
+                                   f'{what}. {_ADVICE}')
+        if size != SIZE:
+            os.ftruncate(fd, SIZE)
+        self.map = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.cells = memoryview(self.map).cast('q')
+        if not current:             # empty, or left by another version: format
+            clear(self.cells, 0, CELLS)
+            self.cells[H_VERSION] = VERSION
+            self.cells[H_MAGIC] = MAGIC
 
     # ------------------------------------------------------------------ locking
     def locked(self):
@@ -229,8 +418,66 @@ class SharedState:
 
     def after_fork_in_child(self):
         # lockf locks belong to a process, so the inherited descriptor is fine;
-        # only the thread lock may have been held by a thread that is gone.
+        # only the thread lock may have been held by a thread that is gone. The
+        # parent's row is the parent's (see _after_fork_in_child).
         self._thread_lock = threading.Lock()
+        self._locked = _Locked(self)
+        if self._rows is not None and self._rows.pid != os.getpid():
+            self._rows = None
+
+    # ------------------------------------------------------------------ liveness
+    def _my_rows(self):
+        """This process's :class:`_Rows` of this file (made on first use)."""
+        rows = self._rows
+        if rows is None or rows.pid != os.getpid():
+            rows = _rows.get(self._inode)
+            if rows is None or rows.pid != os.getpid():
+                rows = _rows[self._inode] = _Rows()
+            rows.users += 1
+            self._rows = rows
+        return rows
+
+    def _hold_row_locked(self, row):
+        """Lock ``row``'s liveness byte through a descriptor of this process's own; False
+        if a live process holds it."""
+        rows = self._my_rows()
+        if not OFD_LOCKS:
+            rows.row = row
+            return True
+        if rows.fd is None:
+            try:    # a new open file description of the same file, not shared with the parent
+                rows.fd = os.open(f'/proc/self/fd/{self.fd}', os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                rows.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            if (os.fstat(rows.fd).st_dev, os.fstat(rows.fd).st_ino) != self._inode:
+                rows.drop()
+                raise SharedStateError(f'db_pooling: the shared state file {self.path} was '
+                                       f'replaced while in use; restart Odoo')
+        try:
+            _row_lock(rows.fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, row)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        if rows.row is not None and rows.row != row:
+            _row_lock(rows.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, rows.row)
+        rows.row = row
+        return True
+
+    def alive(self, row, cells=None):
+        """Whether the process of ``row`` is alive (any PID namespace, see the module's
+        docstring)."""
+        cells = self.cells if cells is None else cells
+        base = PROC_BASE + row * P_FIELDS
+        if not cells[base + P_PID]:
+            return False
+        if not OFD_LOCKS:
+            return process_start(cells[base + P_PID]) == cells[base + P_START]
+        rows = self._rows
+        if rows is not None and rows.pid == os.getpid() and rows.row == row:
+            return True
+        # Our main descriptor never holds a row lock, so any lock found is a live owner's.
+        return _row_lock(self.fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, row) != fcntl.F_UNLCK
 
     # ------------------------------------------------------------------ processes
     @staticmethod
@@ -242,19 +489,21 @@ class SharedState:
         pid, start = os.getpid(), process_start(os.getpid()) or 0
         with self.locked() as cells:
             self._reap_locked(cells, force=True)
-            free = None
-            for row in range(N_PROC):
-                base = PROC_BASE + row * P_FIELDS
-                if cells[base + P_PID] == pid and cells[base + P_START] == start:
-                    free = row      # re-registering (same process): reuse the row
-                    break
-                if free is None and cells[base + P_PID] == 0:
-                    free = row
+            mine = self._my_rows().row
+            if mine is not None and cells[PROC_BASE + mine * P_FIELDS + P_PID] == pid:
+                free = mine         # re-registering (same process): reuse the row
+            else:
+                free = None
+                for row in range(N_PROC):
+                    if cells[PROC_BASE + row * P_FIELDS + P_PID] == 0 and \
+                            self._hold_row_locked(row):
+                        free = row
+                        break
             if free is None:
                 raise RuntimeError(f'db_pooling shared state {self.path} has no free process row '
                                    f'(all {N_PROC} in use)')
             base = PROC_BASE + free * P_FIELDS
-            same = cells[base + P_PID] == pid
+            same = free == mine
             held, family = (cells[base + P_HELD], cells[base + P_FAMILY]) if same else (0, 0)
             clear(cells, base, P_FIELDS)
             cells[base + P_FAMILY] = family
@@ -269,8 +518,12 @@ class SharedState:
     def set_role(self, row, role):
         self.cells[self.proc_index(row, P_ROLE)] = ROLES.index(role)
 
+    def live_processes(self):
+        """:meth:`processes` whose process is alive (not yet reaped ones left out)."""
+        return [row for row in self.processes() if self.alive(row['row'])]
+
     def processes(self):
-        """[dict] of the live process rows (for the dashboard, the CLI, tests)."""
+        """[dict] of the used process rows (for the dashboard, the CLI, tests)."""
         cells, rows = self.cells, []
         for row in range(N_PROC):
             base = PROC_BASE + row * P_FIELDS
@@ -326,10 +579,9 @@ class SharedState:
             return 0
         cells[H_LAST_REAP] = now
         freed = 0
-        for row in range(N_PROC):
+        for row in range(cells[H_ROWS]):        # rows past H_ROWS were never used
             base = PROC_BASE + row * P_FIELDS
-            pid = cells[base + P_PID]
-            if pid and process_start(pid) != cells[base + P_START]:
+            if cells[base + P_PID] and not self.alive(row, cells):
                 freed += cells[base + P_HELD]
                 # Keep its counters, so instance totals never go backwards.
                 reaped = H_REAPED + cells[base + P_ROLE] * N_COUNTERS
@@ -436,6 +688,13 @@ class SharedState:
         return self._doorbell
 
     def close(self):
+        _states.discard(self)
+        rows, self._rows = self._rows, None
+        if rows is not None and rows.pid == os.getpid():
+            rows.users -= 1
+            if rows.users <= 0:     # the last object of this file here: the row dies
+                rows.drop()
+                _rows.pop(self._inode, None)
         if self._doorbell:
             self._doorbell.close()  # its reference into the mapping would keep it open
         self._doorbell = None

@@ -13,7 +13,7 @@ from . import shared_state as ss
 
 
 def find_segments():
-    return sorted(glob.glob('/dev/shm/odoo-db_pooling-*'))
+    return sorted(glob.glob(os.path.join(ss.private_directory(), 'state-*')))
 
 
 def resolve_path(args):
@@ -46,7 +46,7 @@ def longest_text(longest, now):
 
 def render(state):
     cells = state.cells
-    rows = [r for r in state.processes() if ss.process_start(r['pid']) is not None]
+    rows = state.live_processes()
     parked = cells[ss.H_PARKED]
     held = sum(r['held'] for r in rows) + parked
     lines = [
@@ -80,7 +80,7 @@ def main(argv=None):
         raise SystemExit(f'odoo-pool top: {path} does not exist')
     try:
         state = ss.SharedState(path, create=False)
-    except ValueError as exc:
+    except (ValueError, ss.SharedStateError) as exc:
         raise SystemExit(f'odoo-pool top: {exc}') from None
     try:
         while True:

@@ -209,7 +209,7 @@ def test_a_process_of_another_user_gets_nothing(pg, info, tmp_path):
     import socket
     from odoo_pool_patch import exchange
     path = str(tmp_path / 'segment')
-    os.chmod(tmp_path, 0o777)
+    os.chmod(tmp_path, 0o1777)     # (sticky: the state file's directory may not be 0777)
     pid, _backend = start_donor(path, info('db1'))
     state = ss.SharedState(path)
     try:

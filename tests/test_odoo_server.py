@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -374,6 +375,37 @@ def test_unusable_shared_state_path_stops_startup(odoo_tree, pg, tmp_path):
     assert proc.returncode != 0
     assert 'cannot open its shared state file /nonexistent-dir/odoo-budget' in srv.log()
     assert 'set db_pool_shared_path to a writable absolute path' in proc.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which('runuser'),
+                    reason='needs root and runuser to act as another local user')
+@pytest.mark.parametrize('planted', ['symlink', 'file_0666'])
+def test_a_state_file_planted_by_another_user_stops_startup(odoo_tree, pg, tmp_path, planted):
+    """Another local user (nobody) plants a symbolic link to Odoo's own config, or a
+    world-writable file, at the state path: Odoo refuses to start, says why, and the
+    link's target is untouched."""
+    os.chmod(tmp_path, 0o755)
+    public = tempfile.mkdtemp(prefix='dbp-public-')
+    try:
+        os.chmod(public, 0o1777)
+        path = os.path.join(public, 'state')
+        srv = OdooServer(odoo_tree, pg, str(tmp_path), name='planted',
+                         options={'db_pool_shared_path': path})
+        conf = srv.write_config()
+        before = open(conf).read()
+        command = ['ln', '-s', conf, path] if planted == 'symlink' else \
+            ['sh', '-c', f'umask 0; : > {path}; chmod 666 {path}']
+        subprocess.run(['runuser', '-u', 'nobody', '--', *command], check=True, timeout=30)
+        proc = srv.run('--stop-after-init', check=False, timeout=120)
+        assert proc.returncode != 0
+        why = 'it is a symbolic link' if planted == 'symlink' else 'it belongs to uid'
+        for text in (proc.stdout, srv.log()):
+            assert f'refusing the shared state file {path}: {why}' in text
+        assert open(conf).read() == before
+        if planted == 'file_0666':
+            assert os.path.getsize(path) == 0
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
 
 
 def test_installed_without_server_wide_loading_warns(server, odoo_tree, pg, tmp_path):

@@ -528,6 +528,7 @@ def test_odoo_pool_top_shows_a_running_instance(pg, shm_path, info, tmp_path):
     assert re.search(r'  \d+\.\ds db1 .*test_shared_budget\.py:\d+ in ', mine)
     not_ours = tmp_path / 'other'
     not_ours.write_bytes(b'x' * 10)
+    os.chmod(not_ours, 0o600)
     bad = subprocess.run([sys.executable, '-m', 'odoo_pool_patch.cli', 'top', '--once',
                           '--path', str(not_ours)], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and 'not a db_pooling shared state file' in bad.stderr
