@@ -187,10 +187,13 @@ OPTIONS += (
            'module forbids passing file descriptors between processes.'),
     Option('db_pool_shared_path', 'shared_path', _path, None,
            'an absolute file path',
-           'File holding the shared state (about 370 kB). Default: a file in /dev/shm named '
-           'after the config file and database server, so the processes of one instance find '
-           'it. Set the same path on a volume shared by several Odoo containers of one host to '
-           'give them one budget.'),
+           'File holding the shared state (about 370 kB). Default: a file named after the '
+           'config file and database server in /dev/shm/odoo-db_pooling-<uid> (a directory '
+           'private to Odoo\'s user), so the processes of one instance find it. Set the same '
+           'path on a volume shared by several Odoo containers of one host (same user id) to '
+           'give them one budget. Its directory must belong to Odoo\'s user or root and not be '
+           'writable by other users (unless sticky); the file is created at mode 0600 and '
+           'refused if it is a symbolic link, belongs to another user or others may read it.'),
 )
 
 OPTIONS += (
@@ -333,7 +336,7 @@ class Settings:
     cron_reserve: int = None        # None: 1 with cron workers, else 0
     min_idle: int = 1
     shared_idle: bool = True
-    shared_path: str = None         # None: /dev/shm/odoo-db_pooling-<instance hash>
+    shared_path: str = None         # None: /dev/shm/odoo-db_pooling-<uid>/state-<instance hash>
     metrics_token: str = None       # None: /db_pooling/metrics is off
     reset: str = 'smart'
     reset_every: int = 100
