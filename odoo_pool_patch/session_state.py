@@ -76,7 +76,7 @@ def narrow_reset(mask):
 # ------------------------------------------------------------------ fast check
 _HEAD = re.compile(r'\s*([A-Za-z]+)')
 _CANDIDATE_HEADS = frozenset(('SET', 'RESET', 'LISTEN', 'CREATE', 'DECLARE', 'PREPARE',
-                              'LOAD', 'DO', 'CALL'))
+                              'LOAD', 'DO', 'CALL', 'EXPLAIN'))
 
 
 def session_kinds(query):
@@ -84,7 +84,8 @@ def session_kinds(query):
     head = _HEAD.match(query)
     if head is not None and head.group(1).upper() not in _CANDIDATE_HEADS:
         low = query.lower()
-        if 'advisory' not in low and 'set_config' not in low and ';' not in low:
+        if 'advisory' not in low and 'set_config' not in low and ';' not in low and \
+                'u&' not in low and 'pg_settings' not in low:
             return 0
     return confirm(query)
 
@@ -94,15 +95,27 @@ _SESSION_LOCKS = frozenset(('pg_advisory_lock', 'pg_advisory_lock_shared',
                             'pg_try_advisory_lock', 'pg_try_advisory_lock_shared'))
 
 
+_UNICODE_NAME = re.compile(r'u&\s*"', re.I)
+_SETTINGS_UPDATE = re.compile(r'\bupdate\b[^;]*\bpg_settings\b', re.I | re.S)
+
+
 @functools.lru_cache(maxsize=2048)      # Odoo repeats the same texts
 def confirm(query):
-    """Parse a candidate and return the kinds it really has."""
+    """Parse a candidate and return the kinds it really has. Where sqlparse may read a
+    text otherwise than PostgreSQL (a backslash: ``\\'`` ends a standard string for
+    PostgreSQL, not for sqlparse; a block comment: they nest for PostgreSQL only), the
+    regular expressions' conservative reading is added. Names written with Unicode
+    escapes (``U&"..."``) could be any function: the full reset."""
+    if _UNICODE_NAME.search(query):
+        return UNKNOWN
     try:
         import sqlparse
         from sqlparse import tokens as T
     except ImportError:     # not installed in Odoo's environment (PYTHONPATH install)
         return confirm_without_sqlparse(query)
-    mask = 0
+    mask = confirm_without_sqlparse(query) if '\\' in query or '/*' in query else 0
+    if 'pg_settings' in query.lower() and _SETTINGS_UPDATE.search(query):
+        mask |= SET             # UPDATE pg_settings SET setting = ... is a SET
     for statement in sqlparse.parse(query):
         words = [tok for tok in statement.flatten()
                  if not tok.is_whitespace and tok.ttype not in T.Comment]
@@ -135,6 +148,10 @@ def _statement_kinds(words, T):
         return LOAD
     if first in ('DO', 'CALL'):
         return UNKNOWN       # runs code we cannot see into
+    if first == 'EXPLAIN':   # EXPLAIN ANALYZE runs the statement
+        analyze = any(tok.normalized.upper() in ('ANALYZE', 'ANALYSE') for tok in words[1:4]
+                      if tok.is_keyword or T is None)
+        return UNKNOWN if analyze else (_call_kinds(words, T) if T is not None else 0)
     if first == 'PREPARE':
         # Its EXECUTE runs the body later: what the body calls counts now.
         if second == 'TRANSACTION':
@@ -198,11 +215,36 @@ def _is_local_false(words, start):
 
 
 # ------------------------------------------------------------------ without sqlparse
-_LEADING_COMMENTS = re.compile(r'(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*', re.S)
 _WORD = re.compile(r'[A-Za-z_]+')
-_LOCK_CALL = re.compile(r'"?pg_(?:try_)?advisory_lock(?:_shared)?"?\s*\(')
-_SET_CONFIG = re.compile(r'"?set_config"?\s*\(')
-_SET_CONFIG_LOCAL = re.compile(r'set_config"?\s*\([^()]*,\s*true\s*\)')
+# Any mention counts (a comment may sit between the name and its parenthesis), but a
+# set_config call whose third argument is plainly true, with nothing else in between.
+_LOCK_CALL = re.compile(r'pg_(?:try_)?advisory_lock(?:_shared)?\b')
+_SET_CONFIG = re.compile(r'set_config')
+_ARGUMENT = r"\s*(?:'[^'\\]*'|%s|%\(\w+\)s|\$\d+)\s*"
+_SET_CONFIG_LOCAL = re.compile(rf'set_config"?\s*\({_ARGUMENT},{_ARGUMENT},\s*true\s*\)')
+
+
+def _skip_comments(text):
+    """``text`` after its leading blanks and comments (block comments nest)."""
+    at, size = 0, len(text)
+    while at < size:
+        if text[at].isspace():
+            at += 1
+        elif text.startswith('--', at):
+            end = text.find('\n', at)
+            at = size if end < 0 else end + 1
+        elif text.startswith('/*', at):
+            depth, at = 1, at + 2
+            while at < size and depth:
+                if text.startswith('/*', at):
+                    depth, at = depth + 1, at + 2
+                elif text.startswith('*/', at):
+                    depth, at = depth - 1, at + 2
+                else:
+                    at += 1
+        else:
+            break
+    return text[at:]
 
 
 class _Word:
@@ -222,12 +264,13 @@ def confirm_without_sqlparse(query):
     string or comment counts)."""
     mask = 0
     for part in query.split(';'):
-        text = part[_LEADING_COMMENTS.match(part).end():]
+        text = _skip_comments(part)
         words = [_Word(word) for word in _WORD.findall(text)]
         if not words:
             continue
         head = words[0].normalized
-        if head in ('DO', 'CALL'):
+        if head in ('DO', 'CALL') or (head == 'EXPLAIN' and re.match(
+                r'EXPLAIN\s*(?:\(\s*)?ANALY[SZ]E', text.upper())):
             mask |= UNKNOWN
             continue
         if head in _CANDIDATE_HEADS:
@@ -241,4 +284,6 @@ def confirm_without_sqlparse(query):
         if _SET_CONFIG.search(low) and len(_SET_CONFIG.findall(low)) != len(
                 _SET_CONFIG_LOCAL.findall(low)):
             mask |= SET
+        if 'pg_settings' in low and _SETTINGS_UPDATE.search(low):
+            mask |= SET         # UPDATE pg_settings SET setting = ... is a SET
     return mask

@@ -16,12 +16,15 @@ import logging
 
 import psycopg2
 import psycopg2.extensions as ext
+import psycopg2.sql
 
-from .session_state import AUTOCOMMIT, HOLD, SESSION_ONLY, names, session_kinds
+from .session_state import AUTOCOMMIT, HOLD, SESSION_ONLY, UNKNOWN, names, session_kinds
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 
 _execute = ext.cursor.execute
+_copy_expert = ext.cursor.copy_expert
+_cursor = ext.connection.cursor
 _executemany = ext.cursor.executemany
 _callproc = ext.cursor.callproc
 _autocommit = ext.connection.autocommit
@@ -38,6 +41,21 @@ def _text(query, cursor):
     return str(query)
 
 
+_SQL_VALUES = (ext.AsIs, psycopg2.sql.Composable)
+
+
+def _carries_sql(vars):
+    """Whether query parameters put SQL text in the query (AsIs, psycopg2.sql)."""
+    values = vars.values() if type(vars) is dict else vars
+    try:
+        for value in values:
+            if isinstance(value, _SQL_VALUES):
+                return True
+    except TypeError:
+        pass
+    return False
+
+
 class TrackingCursor(ext.cursor):
     """A plain psycopg2 cursor whose ``execute`` records session-state kinds."""
 
@@ -45,6 +63,8 @@ class TrackingCursor(ext.cursor):
         cnx = self.connection
         text = query if type(query) is str else _text(query, self)
         kinds = session_kinds(text)
+        if vars and not kinds and _carries_sql(vars):
+            kinds = session_kinds(_text(self.mogrify(query, vars), self))
         if kinds:
             _note(cnx, kinds, text)
         if self.name is not None:
@@ -57,6 +77,13 @@ class TrackingCursor(ext.cursor):
             # which may be SET TRANSACTION (it must come first).
             query = cnx._dbp_prefix + text
         return _execute(self, query, vars)
+
+    def copy_expert(self, sql, file, size=8192):
+        text = sql if type(sql) is str else _text(sql, self)
+        kinds = session_kinds(text)         # COPY (SELECT set_config(...)) TO STDOUT
+        if kinds:
+            _note(self.connection, kinds, text)
+        return _copy_expert(self, sql, file, size)
 
     def callproc(self, procname, parameters=None):
         kinds = session_kinds(f'SELECT {procname}()')    # the name is all that matters
@@ -95,6 +122,13 @@ class SessionTracking:
         pid = getattr(self, '_dbp_pid', None)
         return pid if pid is not None else super().get_backend_pid()
 
+    def cursor(self, *args, **kwargs):
+        # A cursor of another class does not report what it runs: the full reset.
+        factory = kwargs.get('cursor_factory', args[1] if len(args) > 1 else None)
+        if factory is not None and not issubclass(factory, TrackingCursor):
+            self._dbp_dirty |= UNKNOWN
+        return _cursor(self, *args, **kwargs)
+
     @property
     def autocommit(self):
         return _autocommit.__get__(self)
@@ -132,20 +166,26 @@ _classes = {}
 
 
 def privileges(cnx):
-    """Whether the current role is a superuser, as the server last reported it (no
-    round trip; None on a closed connection)."""
-    return None if cnx.closed else cnx.get_parameter_status('is_superuser')
+    """The session's identity as the server last reported it (no round trip; None on
+    a closed connection): whether the current role is a superuser and, for a superuser
+    login (only one can change it), the session user."""
+    if cnx.closed:
+        return None
+    status = cnx.get_parameter_status
+    superuser = status('is_superuser')
+    auth = cnx._dbp_auth            # (None while it is being taken)
+    if (superuser if auth is None else auth[0]) != 'on':
+        return superuser, None      # an ordinary login cannot change its session user
+    return superuser, status('session_authorization')
 
 
 def privileges_changed(cnx):
-    """Whether the session crossed the superuser line since the pool got it, by a path
+    """Whether the session's identity changed since the pool got it, by a path
     :func:`.session_state.session_kinds` cannot see (a user function running ``SET
-    ROLE`` or ``SET SESSION AUTHORIZATION``): the server reports ``is_superuser``
-    whenever it changes. That catches any change of role of a superuser login, and
-    any escalation to a superuser of an ordinary one; a switch between two ordinary
-    roles (it needs membership) is left to the periodic full reset. One check, about
-    a microsecond: ``session_authorization``, reported too, can only change in a
-    superuser's session, where ``is_superuser`` already tells."""
+    ROLE`` or ``SET SESSION AUTHORIZATION``): the server reports ``is_superuser`` and
+    ``session_authorization`` whenever they change. Not seen: ``SET ROLE`` between
+    two roles on the same side of the superuser line (it needs membership), left to
+    the periodic full reset. About a microsecond (two for a superuser login)."""
     return privileges(cnx) != cnx._dbp_auth
 
 
@@ -153,6 +193,7 @@ def track(cnx):
     """Make a connection (ours, or one adopted from Odoo's stock pool) track its
     session state. False when that is impossible (the pool then always resets it)."""
     cnx._dbp_dirty = 0
+    cnx._dbp_auth = None
     cnx._dbp_auth = privileges(cnx)
     if not isinstance(cnx, SessionTracking):
         try:

@@ -37,7 +37,12 @@ def roles(pg):
     pg.sql(f"DO $$ BEGIN CREATE ROLE {LOGIN} LOGIN NOSUPERUSER; EXCEPTION WHEN "
            f"duplicate_object THEN NULL; END $$")
     pg.sql(f'GRANT {TARGET} TO {LOGIN}')
+    pg.sql("DO $$ BEGIN CREATE ROLE dbp_priv_super SUPERUSER NOLOGIN; EXCEPTION WHEN "
+           "duplicate_object THEN NULL; END $$")
     for database in ('db1', 'db2', 'db3'):
+        pg.sql('CREATE OR REPLACE FUNCTION dbp_priv_other_super() RETURNS void LANGUAGE '
+               'plpgsql AS $$ BEGIN SET SESSION AUTHORIZATION dbp_priv_super; END $$',
+               dbname=database)
         pg.sql(f'CREATE OR REPLACE PROCEDURE dbp_priv_proc() LANGUAGE plpgsql AS '
                f'$$ BEGIN SET ROLE {TARGET}; END $$', dbname=database)
         pg.sql(f'CREATE OR REPLACE FUNCTION dbp_priv_become() RETURNS void LANGUAGE plpgsql '
@@ -89,12 +94,16 @@ def legacy(monkeypatch):
 
 
 def run_leak(cnx, statements, detected=True):
-    """Run ``statements`` on a borrowed connection and commit."""
+    """Run ``statements`` on a borrowed connection and commit (a callable statement is
+    called with the cursor)."""
     if not detected:
         cnx.cursor_factory = psycopg2.extensions.cursor
     with cnx.cursor() as cur:
         for sql, params in statements:
-            cur.execute(sql, params)
+            if callable(sql):
+                sql(cur)
+            else:
+                cur.execute(sql, params)
     cnx.commit()
     cnx.cursor_factory = TrackingCursor
 
@@ -222,3 +231,66 @@ def test_a_settings_reset_always_resets_the_role():
         assert session_state.narrow_reset(mask).startswith(
             'RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL')
     assert 'ROLE' not in session_state.narrow_reset(session_state.LISTEN)
+
+
+def _copy(cur):
+    import io
+    cur.copy_expert(f"COPY (SELECT set_config('role', '{TARGET}', false)) TO STDOUT",
+                    io.StringIO())
+
+
+def _as_is(cur):
+    cur.execute('%s', [psycopg2.extensions.AsIs(f'SET ROLE {TARGET}')])
+
+
+def _foreign_cursor(cur):
+    import psycopg2.extras
+    with cur.connection.cursor(cursor_factory=psycopg2.extras.DictCursor) as other:
+        other.execute(f'SET ROLE {TARGET}')
+
+
+# Texts sqlparse or the regular expressions once read otherwise than PostgreSQL, and
+# entry points that bypassed the cursor's execute (found by a review of the fix).
+MISREAD = [
+    ('unicode_escape_name', LOGIN,
+     f"SELECT U&\"set\\005fconfig\"('role', '{TARGET}', false)"),
+    ('backslash_ends_the_string', LOGIN, f"SELECT '\\'; SET ROLE {TARGET}; --'"),
+    ('nested_comment', LOGIN, f'/* a /* b */ c */ SET ROLE {TARGET}'),
+    ('comment_before_parenthesis', LOGIN, f"SELECT set_config/**/('role', '{TARGET}', false)"),
+    ('comment_fakes_local', LOGIN, f"SELECT set_config('role', '{TARGET}' /*, true)*/, false)"),
+    ('line_comment_fakes_local', LOGIN,
+     f"SELECT set_config('role', '{TARGET}' -- , true)\n, false)"),
+    ('copy_expert', LOGIN, _copy),
+    ('as_is_parameter', LOGIN, _as_is),
+    ('foreign_cursor_class', LOGIN, _foreign_cursor),
+    ('superuser_to_superuser', SUPER, 'SELECT dbp_priv_other_super()'),
+]
+
+
+@pytest.mark.parametrize('parser', ['sqlparse', 'regular_expressions'])
+@pytest.mark.parametrize('name, login, statement', MISREAD, ids=[m[0] for m in MISREAD])
+def test_texts_parsers_misread_and_other_entry_points_are_reset(
+        roles, pools, info, monkeypatch, parser, name, login, statement):
+    if parser == 'regular_expressions':
+        monkeypatch.setitem(__import__('sys').modules, 'sqlparse', None)   # ImportError
+    session_state.confirm.cache_clear()
+    try:
+        connection_info = info('db1', user=login)
+        assert same_process(pools(1, settings=SMART), connection_info, [(statement, None)]) \
+            == (login, login)
+    finally:
+        session_state.confirm.cache_clear()
+
+
+def test_a_leaked_connection_reclaimed_is_checked_too(roles, pools, info):
+    """A connection Odoo flagged ``leaked`` goes back idle through the reclaim path."""
+    pool = pools(1, settings=SMART)
+    cnx = pool.borrow(info('db1'))
+    with cnx.cursor() as cur:
+        cur.execute('SELECT dbp_priv_become()')      # a user function: SET ROLE
+    cnx.commit()
+    cnx.leaked = True
+    pool.maintain()
+    again = pool.borrow(info('db1'))
+    assert again is cnx and identity(again)[:2] == (SUPER, SUPER)
+    pool.give_back(again)
