@@ -83,8 +83,11 @@ def wait_exited(fds, timeout):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            for fd in exited(fds, remaining):
+            done = exited(fds, remaining)
+            for fd in done:
                 fds.remove(fd)
+            if not done and deadline - time.monotonic() > 0.05:
+                time.sleep(0.01)    # (a poll that failed returns at once: do not spin)
     finally:
         for fd in fds:
             os.close(fd)

@@ -71,7 +71,8 @@ import time
 import weakref
 
 MAGIC = 0x6462706F6F6C3031      # "dbpool01"
-VERSION = 8          # bump on any layout change: older files are reinitialised
+VERSION = 9          # bump on any layout or protocol change: older files are reinitialised
+                     # once no process of theirs is alive (9: liveness locks, token)
 
 N_PROC = 512
 N_WAIT = 1024
@@ -165,8 +166,10 @@ def default_path(*identity):
     return os.path.join(private_directory(), f'state-{digest}')
 
 
-_ADVICE = ('Remove it if it is a leftover, or set db_pool_shared_path to a file in a directory '
-           'only Odoo\'s user can write (or db_pool_shared = off).')
+_ADVICE = ('If another user made it, remove it as root; if it is your own leftover and no '
+           'Odoo uses it, remove it; else (another instance\'s file: odoo-pool top as its '
+           'user) set db_pool_shared_path to a file in a directory only Odoo\'s user can '
+           'write (or db_pool_shared = off).')
 
 
 def _check_directory(path):
@@ -194,7 +197,9 @@ def _check_directory(path):
         what = 'is not a directory (a symbolic link or a file put there by someone else?)'
     elif private and (info.st_uid != uid or info.st_mode & 0o077):
         what = (f'is owned by uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):04o}, '
-                f'not private to this user (uid {uid}, mode 0700)')
+                f'not private to this user (uid {uid}, mode 0700)'
+                + (' (another user made it first: remove it as root, or set '
+                   'db_pool_shared_path)' if info.st_uid != uid else ''))
     elif info.st_uid not in (uid, 0):
         what = f'belongs to uid {info.st_uid}, neither this user (uid {uid}) nor root'
     elif info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
@@ -233,6 +238,24 @@ def _open_file(path, create):
                                    f'({exc.strerror}): set db_pool_shared_path to a writable '
                                    f'absolute path, or db_pool_shared = off.') from None
     raise SharedStateError(f'db_pooling: the shared state file {path} keeps disappearing')
+
+
+def _refuse_if_in_use(fd, path, version, size):
+    """A file of another version is reformatted only if none of its processes is alive:
+    version 8 had this layout of process rows, judged alive by /proc (the others are
+    older than anything that could still run)."""
+    if version != 8 or size < PROC_BASE * 8 + N_PROC * P_FIELDS * 8:
+        return
+    data = os.pread(fd, N_PROC * P_FIELDS * 8, PROC_BASE * 8)
+    rows = memoryview(data).cast('q')
+    alive = [rows[row * P_FIELDS + P_PID] for row in range(N_PROC)
+             if rows[row * P_FIELDS + P_PID] and
+             process_start(rows[row * P_FIELDS + P_PID]) == rows[row * P_FIELDS + P_START]]
+    if alive:
+        raise SharedStateError(
+            f'db_pooling: the shared state file {path} is in use by processes of an older '
+            f'db_pooling version (pids {", ".join(map(str, alive[:8]))}): stop them first, '
+            f'as one budget cannot be shared across versions.')
 
 
 def _check_file(fd, path):
@@ -368,7 +391,7 @@ class SharedState:
         self._locked = _Locked(self)
         self._rows = None
         _check_directory(path)
-        fd, created = _open_file(path, create)
+        fd, _created = _open_file(path, create)
         try:
             info = _check_file(fd, path)
             self._inode = (info.st_dev, info.st_ino)
@@ -378,12 +401,7 @@ class SharedState:
             finally:
                 fcntl.lockf(fd, fcntl.LOCK_UN, 1)
         except BaseException:
-            os.close(fd)
-            if created:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+            os.close(fd)    # (a file we created stays: empty or blank, the next start formats it)
             raise
         self.fd = fd
         _states.add(self)
@@ -393,15 +411,17 @@ class SharedState:
         another version; anything else is refused."""
         size = os.fstat(fd).st_size
         magic, version = struct.unpack('=qq', os.pread(fd, 16, 0).ljust(16, b'\0'))
-        current = size == SIZE and magic == MAGIC and version == VERSION
-        blank = size == 0 or (size == SIZE and magic == 0 and version == 0)
+        current = size >= SIZE and magic == MAGIC and version == VERSION
+        blank = size == 0 or (size >= SIZE and magic == 0 and version == 0)
         if not current and not (create and (blank or magic == MAGIC)):
             what = ('is not formatted yet' if blank else
                     'is of another db_pooling version' if magic == MAGIC else
                     'is not a db_pooling shared state file')
             raise SharedStateError(f'db_pooling: refusing the shared state file {path}: it '
                                    f'{what}. {_ADVICE}')
-        if size != SIZE:
+        if not current and not blank:
+            _refuse_if_in_use(fd, path, version, size)
+        if size < SIZE:             # (never shrunk: a process mapping more would SIGBUS)
             os.ftruncate(fd, SIZE)
         self.map = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.cells = memoryview(self.map).cast('q')

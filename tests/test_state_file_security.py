@@ -141,3 +141,27 @@ def test_another_user_cannot_truncate_the_file_of_a_running_instance(pg, info, p
         pool.give_back(again)
     finally:
         pool.shutdown()
+
+
+def _older_file(path, pid, start):
+    """A file as db_pooling's previous format (8) left it, with one process row."""
+    cells = [0] * ss.CELLS
+    cells[ss.H_MAGIC], cells[ss.H_VERSION] = ss.MAGIC, 8
+    cells[ss.PROC_BASE + ss.P_PID], cells[ss.PROC_BASE + ss.P_START] = pid, start
+    import array
+    path.write_bytes(array.array('q', cells).tobytes() + b'\0' * 4096)   # larger, too
+    os.chmod(path, 0o600)
+
+
+def test_a_file_of_the_older_version_is_reformatted_only_once_its_processes_are_gone(tmp_path):
+    path = tmp_path / 'state'
+    _older_file(path, os.getpid(), ss.process_start(os.getpid()))    # a live one: us
+    with pytest.raises(ss.SharedStateError, match=rf'older db_pooling version \(pids '
+                                                  rf'{os.getpid()}\): stop them first'):
+        ss.SharedState(str(path))
+    assert path.read_bytes()[8:16] == (8).to_bytes(8, 'little')      # untouched
+    _older_file(path, os.getpid(), ss.process_start(os.getpid()) + 1)   # gone
+    state = ss.SharedState(str(path))
+    assert state.cells[ss.H_VERSION] == ss.VERSION and state.cells[ss.PROC_BASE] == 0
+    assert os.path.getsize(path) == ss.SIZE + 4096    # never shrunk under a mapping
+    state.close()
