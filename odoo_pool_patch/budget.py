@@ -25,6 +25,7 @@ import os
 import time
 import weakref
 
+from . import faults
 from . import shared_state as ss
 
 PRIORITIES = {'long': 0, 'http': 1, 'master': 1, 'threaded': 1, 'other': 1, 'gevent': 2, 'cron': 3}
@@ -182,28 +183,47 @@ class SharedBudget:
             self._count_locked(cells, 'closed', count)
             self._give_back_locked(cells, count)
 
-    def take_slot(self, row, pid, serial):
-        """Make ours the slot of the connection process ``pid`` (its ``row``) sent for
-        request ``serial``; False if the donor gave up on us first (it keeps it)."""
+    # The hand-over token (the donor row's P_GIVEN; see the exchange module's protocol):
+    # +s promised to request s, -s taken by its taker, 0 settled. Changed under the lock.
+    def promise(self, serial):
+        """Donor: the connection about to be sent is request ``serial``'s to take."""
         with self.state.locked() as cells:
+            cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_GIVEN] = serial
+
+    def take_slot(self, row, pid, serial, claim=None):
+        """Taker: make ours the session process ``pid`` (its ``row``) sent for request
+        ``serial``, with its slot, if the token still reads the promise (``+serial``);
+        False if not (the donor settled first and keeps it). ``claim[2]`` is set inside
+        the locked step (see ``IdleExchange.take``)."""
+        with self.state.locked() as cells:
+            if faults.plan:
+                faults.hit('budget.take_slot.locked')
             base = ss.PROC_BASE + row * ss.P_FIELDS
-            if cells[base + ss.P_PID] == pid:   # else reaped: its slots are free already
-                if cells[base + ss.P_GIVEN] == -serial:
+            if cells[base + ss.P_PID] == pid:
+                if cells[base + ss.P_GIVEN] != serial:
                     return False
                 cells[base + ss.P_HELD] = max(cells[base + ss.P_HELD] - 1, 0)
-                cells[base + ss.P_GIVEN] = serial
+                cells[base + ss.P_GIVEN] = -serial
+            # else the donor died and its row was reaped (a row is reaped only when its
+            # process is gone): its slots are free already and nobody else holds the
+            # socket, so the session is ours with a new slot.
             cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD] += 1
+            if claim is not None:
+                claim[2] = True
             self._count_locked(cells, 'taken')
             return True
 
-    def given_away(self, serial):
-        """Whether the taker of request ``serial`` has the connection (it took the slot);
-        if not, it never will (see :meth:`take_slot`)."""
+    def settle(self, serial):
+        """Donor, without an acknowledgement: whether the taker of request ``serial``
+        took the session (token ``-serial``); if not, the token becomes 0 and it never
+        will (see :meth:`take_slot`)."""
         with self.state.locked() as cells:
-            given = ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_GIVEN
-            if cells[given] == serial:
+            if faults.plan:
+                faults.hit('budget.settle.locked')
+            token = ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_GIVEN
+            if cells[token] == -serial:
                 return True
-            cells[given] = -serial
+            cells[token] = 0
             return False
 
     def claim_shed(self, idle):

@@ -21,24 +21,62 @@ Only clean connections move: no transaction, no session state (``_dbp_dirty``),
 plain TCP or Unix socket (never TLS: its state lives in the donor's libpq),
 not to the long-lived databases (LISTEN), not close to their max lifetime.
 
-The budget slot moves with the connection in one locked step done by the taker
-(donor ``held`` - 1, taker ``held`` + 1, donor's ``P_GIVEN`` = the request's
-serial number), then the taker acknowledges. A donor that gets no
-acknowledgement decides under the same lock: ``P_GIVEN`` = serial, the taker has
-it (its copy is dropped without ending the session), else it writes -serial,
-which makes a late taker give up, and the connection goes back idle. Either way
-one process owns the session and its slot.
+The hand-over protocol: one session, one owner
+-----------------------------------------------
+A server session must never be driven by two processes. Who owns a session in
+flight is decided by one cell, the donor row's ``P_GIVEN`` (the *token*),
+written only under the shared lock (:meth:`SharedState.locked`):
+
+========================  ========================================================
+token                     meaning
+========================  ========================================================
+``+s`` (promised)         the donor promised the connection to request ``s``;
+                          written by the donor before the descriptor leaves it
+``-s`` (taken)            the taker of request ``s`` owns the session and its
+                          budget slot (donor ``held`` - 1, taker ``held`` + 1 in
+                          the same locked step); written by that taker only if
+                          the token is ``+s``
+``0`` (settled)           no hand-over in flight: written by the donor when it
+                          settles ``s`` and finds ``+s`` (the taker did not take
+                          it in time: the donor keeps the connection)
+========================  ========================================================
+
+``s`` is a random 62-bit serial chosen by the taker for each request, and a
+donor serves one request at a time (one thread), so once a donor settled
+``s`` the token never reads ``+s`` again: a late taker (delayed between
+receiving the descriptor and taking the slot: a GC pause, a stand-in
+start-up held up, a starved container) finds ``0``, ``+s2`` or ``-s2`` and
+gives up, dropping its copy of the socket without a word to the server. The
+donor settles without the lock when the taker acknowledged (``-s`` is then
+certain), else under the lock: ``-s`` means given (its copy is dropped),
+anything else it rewrites to ``0`` and the connection goes back idle.
+
+What a crash (or SIGKILL) leaves at each step: donor dies before sending -- the
+taker receives nothing; after sending, before the taker took the slot -- the
+taker takes it (the token still reads ``+s``) or, the donor's row reaped, takes
+it with a new slot (the donor's were freed with its row; nobody else holds the
+socket); taker dies before taking the slot -- the donor settles to ``0`` and
+keeps the session (the taker's descriptor closed by its death, no Terminate
+sent); taker dies after taking it -- the donor settles to given and drops its
+copy, the session ends with the taker's descriptor and its slot is freed with
+the taker's row. Exceptions at any point (Odoo's SIGXCPU handler, gevent's
+Timeout): the taker records in a *claim* (``[connection, meta, taken]``, set
+inside the locked step) what it holds, so the pool closes a taken connection
+with its slot and drops an untaken copy; the donor settles in a ``finally``.
+The one window left is a C call that returned a descriptor and was interrupted
+before Python bound it (the descriptor then stays open, never driven, until
+the process ends). Fault points (:mod:`.faults`) sit at every step.
 
 Both ends check who is on the other side (``SO_PEERCRED``: same user, the
 expected pid), as abstract Unix socket names are visible to every local user.
 Needs libpq 14 or later (abstract Unix socket addresses).
 """
 import hashlib
-import itertools
 import json
 import logging
 import os
 import random
+import secrets
 import socket
 import struct
 import threading
@@ -48,9 +86,10 @@ import weakref
 import psycopg2
 import psycopg2.extensions
 
+from . import faults
 from . import shared_state as ss
 from .parking import Parking
-from .session_tracking import restore_characteristics
+from .session_tracking import restore_characteristics, shell_class
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 
@@ -111,10 +150,39 @@ def offerable(cnx):
     try:
         return (not cnx.closed and cnx.status == psycopg2.extensions.STATUS_READY
                 and cnx.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
-                and not cnx.info.ssl_in_use
+                and not cnx.info.ssl_in_use and not gss_in_use(cnx)
                 and (cnx.info.parameter_status('DateStyle') or '').startswith('ISO'))
     except psycopg2.Error:
         return False
+
+
+_GSS = []       # [PQgssEncInUse] once looked up, [None] where it cannot be
+
+
+def gss_in_use(cnx):
+    """Whether ``cnx`` is GSSAPI-encrypted: its encryption state lives in this process's
+    libpq, like TLS's, so it must never move. Asked of the libpq psycopg2 uses
+    (``PQgssEncInUse``, libpq 12+; psycopg2 does not expose it); True when that cannot
+    be asked of a libpq that could encrypt (the connection then stays here)."""
+    if not _GSS:
+        function = None
+        try:
+            import ctypes
+            from psycopg2 import _psycopg
+            function = ctypes.CDLL(_psycopg.__file__).PQgssEncInUse
+            function.restype, function.argtypes = ctypes.c_int, [ctypes.c_void_p]
+        except (ImportError, OSError, AttributeError) as exc:
+            if psycopg2.extensions.libpq_version() >= 120000:
+                _logger.info('db_pooling: cannot tell whether connections are GSSAPI-encrypted '
+                             '(%s): none moves between processes', exc)
+                function = False
+        _GSS.append(function)
+    function = _GSS[0]
+    if function is None:
+        return False        # libpq < 12: no GSSAPI encryption at all
+    if function is False or cnx.closed:
+        return function is False
+    return bool(function(cnx.pgconn_ptr))
 
 
 class IdleExchange:
@@ -152,7 +220,6 @@ class IdleExchange:
         self._shells = {}           # key hash -> [psycopg2 connections over /dev/null]
         self._n_shells = 0
         self._wrap_lock = threading.Lock()
-        self._serials = itertools.count(1)
 
     def after_fork_in_child(self):
         """A forked child offers nothing yet; the parent's listener is not ours."""
@@ -304,7 +371,7 @@ class IdleExchange:
             try:
                 with conn:
                     self._answer(conn)
-            except Exception:       # a taker that vanished, a bad request
+            except BaseException:   # a taker that vanished, a bad request: serve the next
                 _logger.debug('db_pooling exchange: request failed', exc_info=True)
 
     def _answer(self, conn):
@@ -324,25 +391,56 @@ class IdleExchange:
         else:
             conn.send(b'N')
             return
-        acknowledged = False
+        acknowledged = promised = False
+        fd = None
         try:
+            if faults.plan:
+                faults.hit('exchange.donor.after_lend')
             # The session's name: the taker's of a taken connection (a shell's libpq may
             # still report its first session's), else what libpq reports.
             if app and (getattr(cnx, '_dbp_app', None) or
                         cnx.info.parameter_status('application_name')) != app:
                 set_application_name(cnx, app)
             meta = session_meta(cnx, app)
-            socket.send_fds(conn, [b'Y' + json.dumps(meta).encode()], [cnx.fileno()])
+            # Our libpq is pointed at /dev/null while the session is away: it cannot
+            # drive it, whatever happens here; it gets it back if the taker does not.
+            fd = os.dup(cnx.fileno())
+            neutralize(cnx)
+            self.budget.promise(serial)         # token +s, before the descriptor leaves
+            promised = True
+            if faults.plan:
+                faults.hit('exchange.donor.after_promise')
+            socket.send_fds(conn, [b'Y' + json.dumps(meta).encode()], [fd])
+            if faults.plan:
+                faults.hit('exchange.donor.after_send')
             acknowledged = conn.recv(1) == b'A'
         except (OSError, psycopg2.Error):
             pass
-        # Without the acknowledgement the shared state decides, once for both sides.
-        pool.lent(cnx, acknowledged or self.budget.given_away(serial))
+        finally:
+            # Settled once for both sides: acknowledged means the token reads -s.
+            given = False
+            try:
+                if faults.plan:
+                    faults.hit('exchange.donor.before_settle')
+            finally:
+                try:
+                    if promised:
+                        given = acknowledged or self.budget.settle(serial)
+                    if fd is not None and not given:
+                        os.dup2(fd, cnx.fileno(), inheritable=False)    # ours again
+                finally:
+                    if fd is not None:
+                        os.close(fd)
+                    pool.lent(cnx, given)
 
     # ------------------------------------------------------------------ taker
-    def take(self, khash, key, factory):
+    def take(self, khash, key, factory, claim=None):
         """A connection to ``key`` taken from another process's idle ones, with the
-        donor's bookkeeping (``born``, ``expires``, ``reuses``), or None."""
+        donor's bookkeeping (``born``, ``expires``, ``reuses``), or None.
+
+        ``claim``: a list the caller keeps; whatever is raised, it then says what this
+        process holds (``[connection, meta, True]``: the session and its slot, to be
+        closed like any connection of ours; empty: nothing)."""
         offers = self.offered(khash)
         if not offers:
             return None
@@ -350,54 +448,77 @@ class IdleExchange:
         app = dict(key).get('application_name', '').encode()[:200]
         now = time.monotonic()
         offers = [offer for offer in offers if self._slow.get(offer[2], 0) < now]
+        claim = [] if claim is None else claim
         for _count, row, pid in offers[:2]:
-            got = self._take_from(row, pid, khash, key, factory, app)
+            got = self._take_from(row, pid, khash, key, factory, app, claim)
             if got is not None:
                 return got
         return None
 
-    def _take_from(self, row, pid, khash, key, factory, app):
+    def _take_from(self, row, pid, khash, key, factory, app, claim):
         serial = random.getrandbits(62) + 1
+        fds = ()
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
             conn.settimeout(REPLY_TIMEOUT)
             try:
-                conn.connect(self._address(row, pid))
-                if peer(conn) != (pid, os.geteuid()):
-                    return None     # not the process that published the offer
-                conn.send(_REQUEST.pack(khash, os.getpid(), row, serial) + app)
-                message, fds, _flags, _addr = socket.recv_fds(conn, 65536, 1)
-            except socket.timeout:
-                now = time.monotonic()      # forget donors skipped long enough (gone ones too)
-                self._slow = {slow: until for slow, until in self._slow.items() if until > now}
-                self._slow[pid] = now + SKIP_SLOW_DONOR
-                return None
-            except OSError:
-                return None
-            if not fds:
-                return None
-            try:
-                meta = json.loads(message[1:])
-                meta['params'] = [tuple(param) for param in meta['params']]   # as parked ones'
-                cnx = self.wrap(fds[0], meta, key, factory, khash)
-            except Exception as exc:
-                os.close(fds[0])    # a copy: the donor still has the socket, keeps it idle
-                _logger.info('db_pooling: could not take over an idle connection of process '
-                             '%s (%s); opening one', pid, exc)
-                return None
-            if not self.budget.take_slot(row, pid, serial):
-                drop_copy(cnx)      # the donor gave up waiting and kept it
-                return None
-            try:
-                conn.send(b'A')
-            except OSError:
-                pass                # the donor reads P_GIVEN
-            cnx._dbp_app = app.decode('utf-8', 'replace')
-            return cnx, meta
+                try:
+                    conn.connect(self._address(row, pid))
+                    if peer(conn) != (pid, os.geteuid()):
+                        return None     # not the process that published the offer
+                    conn.send(_REQUEST.pack(khash, os.getpid(), row, serial) + app)
+                    message, fds, _flags, _addr = socket.recv_fds(conn, 65536, 1)
+                except socket.timeout:
+                    now = time.monotonic()  # forget donors skipped long enough (gone ones too)
+                    self._slow = {slow: until for slow, until in self._slow.items()
+                                  if until > now}
+                    self._slow[pid] = now + SKIP_SLOW_DONOR
+                    return None
+                except OSError:
+                    return None
+                if not fds:
+                    return None
+                if faults.plan:
+                    faults.hit('exchange.taker.after_receive')
+                try:
+                    meta = json.loads(message[1:])
+                    meta['params'] = [tuple(param) for param in meta['params']]  # as parked
+                    cnx = self.wrap(fds[0], meta, key, factory, khash)
+                except Exception as exc:
+                    _logger.info('db_pooling: could not take over an idle connection of '
+                                 'process %s (%s); opening one', pid, exc)
+                    return None
+                claim[:] = [cnx, meta, False]
+                if faults.plan:
+                    faults.hit('exchange.taker.after_wrap')
+                if not self.budget.take_slot(row, pid, serial, claim):
+                    del claim[:]
+                    drop_copy(cnx)  # the donor settled first and kept it: never ours
+                    return None
+                if faults.plan:
+                    faults.hit('exchange.taker.after_take_slot')
+                try:
+                    conn.send(b'A')
+                except OSError:
+                    pass            # the donor reads the token
+                if faults.plan:
+                    faults.hit('exchange.taker.after_ack')
+                cnx._dbp_app = app.decode('utf-8', 'replace')
+                return cnx, meta
+            except BaseException:
+                if claim and not claim[2]:
+                    cnx = claim[0]
+                    del claim[:]
+                    drop_copy(cnx)  # not taken: the donor keeps it (token not -s)
+                raise               # taken: the caller closes it with its slot
+            finally:
+                for fd in fds:      # the received copy (a wrapped connection has its own)
+                    os.close(fd)
 
     def wrap(self, fd, meta, key, factory, khash):
         """A psycopg2 connection over ``fd``: a shell (see :meth:`keep_shell`) with the
         same session parameters, else a new one whose libpq start-up is answered here
-        with the donor's session parameters; then the real socket replaces the fake one."""
+        with the donor's session parameters; then the real socket replaces the fake one.
+        ``fd`` stays the caller's to close (wrapped: the connection has its own copy)."""
         cnx = self._shell(khash, meta['params'])
         if cnx is None:
             cnx = self._stand_in(meta, key, factory)
@@ -406,7 +527,6 @@ class IdleExchange:
         except BaseException:
             drop_copy(cnx)
             raise
-        os.close(fd)
         return cnx
 
     def keep_shell(self, cnx):
@@ -459,12 +579,13 @@ class IdleExchange:
         items = dict(key)
         kwargs = {'dbname': items.get('database', ''), 'user': items.get('user', '')}
         with self._wrap_lock:
-            name = f'db_pooling-take-{os.getpid()}-{next(self._serials)}'
+            # Unpredictable: abstract names are visible to every local user, and one
+            # who connected first would make our libpq wait (see _serve_startup).
+            name = f'db_pooling-take-{secrets.token_hex(12)}'
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 listener.bind(f'\0{name}/.s.PGSQL.5432')
-                listener.listen(1)
-                listener.settimeout(2.0)
+                listener.listen(8)
                 served = []
                 thread = threading.Thread(target=_serve_startup, args=(listener, reply, served),
                                           daemon=True, name='db_pooling-exchange-startup')
@@ -478,6 +599,7 @@ class IdleExchange:
                         end.close()
             finally:
                 listener.close()
+        cnx.__class__ = shell_class(type(cnx))      # its cancel() and info are the pool's
         cnx._dbp_shell = True
         return cnx
 
@@ -543,11 +665,17 @@ def set_application_name(cnx, app):
     run_reset(cnx, sql.SQL('SET application_name = {}').format(sql.Literal(app)).as_string(cnx))
 
 
-# Options of the fake start-up, over the environment (PGSSLMODE, PGREQUIREAUTH...).
-_FAKE_OPTIONS = {'sslmode': 'disable', 'gssencmode': 'disable', 'channel_binding': 'disable',
-                 'target_session_attrs': 'any'}
+# Options of the fake start-up: every one libpq would otherwise read from the
+# environment and that matters is given (PGHOSTADDR would send the start-up elsewhere,
+# PGSSLNEGOTIATION=direct or PGREQUIREAUTH would make it fail), so that a service file
+# (PGSERVICE) can only fill in options without effect here. No password is ever asked:
+# the start-up is answered with AuthenticationOk.
+_FAKE_OPTIONS = {'hostaddr': '', 'options': '', 'sslmode': 'disable', 'gssencmode': 'disable', 'channel_binding': 'disable',
+                 'target_session_attrs': 'any', 'keepalives': '0', 'tcp_user_timeout': '0'}
 if psycopg2.extensions.libpq_version() >= 160000:
-    _FAKE_OPTIONS['require_auth'] = 'none'
+    _FAKE_OPTIONS.update(require_auth='none', load_balance_hosts='disable')
+if psycopg2.extensions.libpq_version() >= 170000:
+    _FAKE_OPTIONS['sslnegotiation'] = 'postgres'
 
 
 def _startup_reply(params, pid):
@@ -572,14 +700,22 @@ def _recv_exact(sock, size):
 
 
 def _serve_startup(listener, reply, served):
-    """Answer one libpq start-up (SSL or GSS encryption requests refused) with ``reply``."""
-    try:
-        end, _ = listener.accept()
-    except OSError:
-        return
-    served.append(end)
-    if peer(end)[0] != os.getpid():
-        return                      # only our own libpq gets the donor's parameters
+    """Answer our own libpq's start-up (SSL or GSS encryption requests refused) with
+    ``reply``; anyone else who connects is hung up on, and we wait on."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        listener.settimeout(remaining)
+        try:
+            end, _ = listener.accept()
+        except OSError:
+            return
+        served.append(end)
+        if peer(end)[0] == os.getpid():
+            break
+        end.close()                 # only our own libpq gets the donor's parameters
     try:
         end.settimeout(2.0)
         while True:

@@ -21,12 +21,19 @@ Parking is demand-driven: a connection is parked at give-back only if another
 process needed that database in the last ``DEMAND`` seconds (found none of its
 own idle). A lone worker keeps reusing its own connection at no cost.
 
-Budget: a parked connection's slot belongs to no process (``H_PARKED``). Park:
+Budget: a parked connection's slot belongs to no process (``H_PARKED``). Who
+owns a session is decided under the shared lock, in one step each way. Park:
 under the lock the parker's ``held`` - 1, the lot's count and ``H_PARKED`` + 1,
-then ``sendmsg``. Unpark: ``recvmsg``, then under the lock the reverse into the
-taker's ``held``. A crash between the two steps leaves a count with no
-connection behind it (never a connection uncounted); the maintenance finds a
-lot counted but empty and unchanged across two passes and corrects it.
+and the ``sendmsg`` (non-blocking: a full queue undoes the counts in the same
+step); the parker then drops its copy. Unpark: under the lock the ``recvmsg``
+and the reverse into the taker's ``held``. So under the lock a lot's count
+equals the connections in its queue, except after a process died inside the
+locked step between the counts and the send (a count with no connection behind
+it, never a connection uncounted): the maintenance finds a lot counted but
+empty and unchanged across two passes and corrects it, under the lock, so a
+parker stalled anywhere (it holds the lock, or has not counted yet) is never
+mistaken for a crash. The parker's copy of a parked socket is pointed at
+/dev/null before it is closed: nothing it does can end the session.
 
 Maintenance (any process, see :meth:`Parking.tick`): the queue is FIFO, so its
 head is the connection parked longest; it is closed past the idle timeout or
@@ -42,6 +49,7 @@ import socket
 import threading
 import time
 
+from . import faults
 from . import shared_state as ss
 from .backend_exit import finished, readable, wait_exited
 
@@ -195,7 +203,7 @@ class Parking:
             time.sleep(timeout)
 
     # ------------------------------------------------------------------ park / unpark
-    def park(self, khash, fd, meta):
+    def park(self, khash, fd, meta, sent=None):
         """Send the socket ``fd`` (a copy: the caller drops its own on success) with its
         bookkeeping ``meta`` to ``khash``'s lot, with its budget slot. False if not."""
         base = self._lot(khash)
@@ -204,6 +212,8 @@ class Parking:
         lot = (base - ss.LOT_BASE) // ss.K_FIELDS
         data = marshal.dumps((khash, self.budget.pid, monotonic(), meta))
         held = ss.PROC_BASE + self.budget.row * ss.P_FIELDS + ss.P_HELD
+        if faults.plan:
+            faults.hit('parking.park.before_lock')
         with self.state.locked() as cells:
             if cells[base + ss.K_HASH] != khash or cells[base + ss.K_OWNER] != self.token:
                 return False
@@ -211,24 +221,30 @@ class Parking:
             cells[base + ss.K_COUNT] += 1
             cells[base + ss.K_SEQ] += 1
             cells[ss.H_PARKED] += 1
-        try:
-            socket.send_fds(self._pairs[lot][1], [data], [fd])
-        except OSError:         # the queue is full (socket buffer): keep it
-            with self.state.locked() as cells:
+            try:
+                socket.send_fds(self._pairs[lot][1], [data], [fd])
+            except BaseException:   # the queue is full (socket buffer), or interrupted
                 cells[held] += 1
                 self._counted_out_locked(cells, base)
-            return False
+                return False
+            if sent is not None:
+                sent[0] = True
+            if faults.plan:
+                faults.hit('parking.park.after_send')
+        if faults.plan:
+            faults.hit('parking.park.after_lock')
         return True
 
-    def unpark(self, khash):
+    def unpark(self, khash, claim=None):
         """(fd, meta, parker pid, parked at) of the connection of ``khash`` parked longest,
-        its slot now this process's; None if none."""
+        its slot now this process's; None if none. ``claim`` (a list): set to
+        ``[None, None, True, fd]`` as soon as the descriptor is ours, whatever is raised."""
         base = self._lot(khash)
         if base is None or self.state.cells[base + ss.K_COUNT] <= 0:
             return None
-        return self._receive(base, 'unparked')
+        return self._receive(base, 'unparked', claim=claim)
 
-    def _receive(self, base, counter=None, keep=None):
+    def _receive(self, base, counter=None, keep=None, claim=None):
         """Receive the head of a lot, its slot now ours (one locked step, so that
         evictors keeping ``keep`` idle connections instance-wide never both go below)."""
         lot = (base - ss.LOT_BASE) // ss.K_FIELDS
@@ -240,16 +256,22 @@ class Parking:
                 data, fds, _flags, _addr = socket.recv_fds(self._pairs[lot][0], MESSAGE, 1)
             except (BlockingIOError, IndexError):
                 return None
+            if claim is not None and fds:
+                claim[:] = [None, None, True, fds[0]]
             cells[held] += 1
             self._counted_out_locked(cells, base)
             if counter:
                 self.budget._count_locked(cells, counter)
+        if faults.plan:
+            faults.hit('parking.receive.after_receive')
         try:
             khash, parker, parked_at, meta = marshal.loads(data)
             if khash != self.state.cells[base + ss.K_HASH]:
                 raise ValueError('a connection of another database')
             return fds[0], meta, parker, parked_at
         except Exception:       # noqa: BLE001 - cannot happen but must not leak
+            if claim is not None:
+                del claim[:]
             for fd in fds:
                 self.retire(fd)
             if not fds:

@@ -41,9 +41,10 @@ from .options import Settings
 from . import session_state
 from .session_tracking import (SessionTracking, privileges_changed, restore_characteristics,
                                run_reset, track)
-from .exchange import neutralize, offerable, session_meta, set_application_name
+from .exchange import gss_in_use, neutralize, offerable, session_meta, set_application_name
 from .tls import explain_failure, record as record_tls
 from .backend_exit import exited, finished, readable, wait_exited
+from . import faults
 from . import maintenance
 
 # Under odoo.sql_db so Odoo's PostgreSQL log handler (log_db) never logs our
@@ -274,7 +275,7 @@ class ConnectionPool:
             self.stats.borrows += 1
             grant = self._acquire_locked(key, holder, take=True)
         if grant is _TAKE:
-            cnx = self._take(key, holder)
+            cnx = self._take(key, holder, connection_info)
             if cnx is not None:
                 return cnx
             with self._lock:
@@ -425,13 +426,28 @@ class ConnectionPool:
         """Send ``cnx`` to the parking (counted in ``_closing`` meanwhile); kept idle
         here if it cannot go."""
         exchange = self.budget.exchange
-        parked = False
-        try:                        # (a dead one is found out by the taker: fd_readable)
-            if offerable(cnx):
-                parked = exchange.parking.park(cnx._dbp_khash, cnx.fileno(), session_meta(
-                    cnx, getattr(cnx, '_dbp_app', None) or ''))
-        except (OSError, psycopg2.Error):
-            parked = False
+        sent = [False]              # set by the parking inside its locked step
+        try:
+            try:                    # (a dead one is found out by the taker: fd_readable)
+                if offerable(cnx):
+                    meta = session_meta(cnx, getattr(cnx, '_dbp_app', None) or '')
+                    # Our libpq is pointed at /dev/null before the socket leaves: whatever
+                    # happens next (an exception, a close), it cannot drive a parked session.
+                    fd = os.dup(cnx.fileno())
+                    try:
+                        neutralize(cnx)
+                        exchange.parking.park(cnx._dbp_khash, fd, meta, sent)
+                    finally:
+                        if not sent[0]:
+                            os.dup2(fd, cnx.fileno(), inheritable=False)   # still ours
+                        os.close(fd)
+            except (OSError, psycopg2.Error):
+                pass
+        finally:                    # whatever was raised: parked, or back in the books
+            self._after_park(cnx, sent[0])
+
+    def _after_park(self, cnx, parked):
+        exchange = self.budget.exchange
         if parked:
             exchange.keep_shell(cnx)
         doomed = None
@@ -729,6 +745,8 @@ class ConnectionPool:
                     self.budget.release()
             else:
                 del cnx.leaked
+                if privileges_changed(cnx):     # as give_back does
+                    cnx._dbp_dirty |= session_state.ROLE
                 self._push_idle_locked(cnx)
                 self.stats.reclaimed_leaked += 1
                 _logger.info('%r: Free leaked connection to %r', self, key_database(cnx._dbp_key))
@@ -766,17 +784,18 @@ class ConnectionPool:
             self.stats.opened += 1
         return cnx
 
-    def _take(self, key, holder):
+    def _take(self, key, holder, connection_info=None):
         """Take an idle connection to ``key`` from another process (a local slot is
         reserved): it keeps the donor's age and lifetime. None if none came."""
         got = None
+        claim = []      # what we hold, whatever is raised: [cnx, meta, ours, fd] (see exchange)
         exchange = self.budget.exchange
         try:
             khash = exchange.hash_of(key)
-            got = self._unpark(exchange, khash, key)
+            got = self._unpark(exchange, khash, key, claim)
             parked = got is not None
             if got is None:
-                got = exchange.take(khash, key, self.connection_factory)
+                got = exchange.take(khash, key, self.connection_factory, claim)
             if got is None:
                 return None
             cnx, meta = got
@@ -784,6 +803,7 @@ class ConnectionPool:
             cnx._dbp_born, cnx._dbp_expires, cnx._dbp_reuses, cnx._dbp_pid = \
                 meta['born'], meta['expires'], meta['reuses'], meta['pid']
             cnx._dbp_params = meta['params']
+            cnx._dbp_cancel_info = connection_info     # for its cancel() (a shell's libpq cannot)
             cnx._dbp_direct = False if self.settings.direct_host else None
             cnx._dbp_prefix = self._timeouts_prefix(key, holder)
             if parked:
@@ -794,14 +814,17 @@ class ConnectionPool:
                     set_application_name(cnx, app)
                     cnx._dbp_app = app
         except BaseException:       # gevent.Timeout, Odoo's SIGXCPU: nothing may leak
+            ours = claim[0] if claim and claim[2] and claim[0] is not None else None
             with self._lock:
                 self._opening -= 1
-                if got is not None:
+                if ours is not None:
                     self._closing += 1      # ours with its slot: closed like any other
                 if self._waiters:
                     self._hand_off_locked()
-            if got is not None:
-                self._retire([got[0]])
+            if ours is not None:
+                self._retire([ours])
+            elif claim and claim[2] and len(claim) > 3:
+                exchange.parking.retire(claim[3])   # received, not wrapped: slot ours
             raise
         with self._lock:
             self._opening -= 1
@@ -828,28 +851,30 @@ class ConnectionPool:
             self.stats.closed_room += 1
         return True
 
-    def _unpark(self, exchange, khash, key):
+    def _unpark(self, exchange, khash, key, claim):
         """(connection, bookkeeping) of ``khash`` from the parking, its budget slot now
-        ours; None if none is parked. Dead and expired ones are closed on the way."""
+        ours; None if none is parked. Dead and expired ones are closed on the way.
+        ``claim`` says what we hold if anything is raised (see :meth:`_take`)."""
         parking = exchange.parking
         if parking is None or not khash:
             return None
         while True:
-            got = parking.unpark(khash)
+            got = parking.unpark(khash, claim)      # claim: [None, meta, True, fd]
             if got is None:
                 parking.want(khash)
                 return None
             fd, meta, parker, _parked_at = got
             if parker != self.budget.pid:
                 parking.want(khash)     # connections of this database move: keep parking
-            try:
-                if (meta['expires'] and meta['expires'] <= monotonic()) or fd_readable(fd):
-                    parking.retire(fd)  # expired, or the server said goodbye
-                    continue
-                cnx = exchange.wrap(fd, meta, key, self.connection_factory, khash)
-            except BaseException:
-                parking.retire(fd)      # nothing may leak (fd is closed once wrapped)
-                raise
+            if (meta['expires'] and meta['expires'] <= monotonic()) or fd_readable(fd):
+                del claim[:]
+                parking.retire(fd)      # expired, or the server said goodbye
+                continue
+            cnx = exchange.wrap(fd, meta, key, self.connection_factory, khash)
+            claim[:] = [cnx, meta, True]    # the wrapped copy is ours now
+            os.close(fd)
+            if faults.plan:
+                faults.hit('parking.receive.after_wrap')
             cnx._dbp_app = meta['app']
             return cnx, meta
 
@@ -913,7 +938,7 @@ class ConnectionPool:
         exchange = self.budget.exchange if self.budget is not None else None
         # Offered to other processes when idle: plain connections of ordinary databases.
         cnx._dbp_khash = exchange.hash_of(key) if exchange is not None and cnx._dbp_tracked \
-            and not cnx.closed and not cnx.info.ssl_in_use else 0
+            and not cnx.closed and not cnx.info.ssl_in_use and not gss_in_use(cnx) else 0
 
     def _direct_info(self, connection_info, key):
         """connection_info for PostgreSQL itself (db_direct_host/port) when this

@@ -165,6 +165,86 @@ def tracked_class(connection_class):
 _classes = {}
 
 
+# ------------------------------------------------------------------ taken connections
+class _ShellInfo:
+    """``cnx.info`` of a taken connection: its libpq describes the stand-in it started
+    with (see exchange), so the backend pid, host and port come from the pool."""
+    __slots__ = ('_info', '_cnx')
+
+    def __init__(self, info, cnx):
+        self._info, self._cnx = info, cnx
+
+    @property
+    def backend_pid(self):
+        return self._cnx._dbp_pid
+
+    @property
+    def host(self):
+        return (self._cnx._dbp_cancel_info or {}).get('host') or self._info.host
+
+    @property
+    def port(self):
+        port = (self._cnx._dbp_cancel_info or {}).get('port')
+        return int(port) if port else self._info.port
+
+    def __getattr__(self, name):
+        return getattr(self._info, name)
+
+
+class ShellConnection:
+    """Mixin of connections whose libpq started against a stand-in and holds a session
+    taken from another process: libpq's cancel request would go to the stand-in's
+    address with its key (0), so :meth:`cancel` asks the server itself."""
+    _dbp_cancel_info = None     # the connection_info it was borrowed with (set by the pool)
+
+    @property
+    def info(self):
+        return _ShellInfo(_info.__get__(self), self)
+
+    def cancel(self):
+        info = self._dbp_cancel_info
+        if info is None:
+            return _cancel(self)
+        cancel_session(info, self._dbp_pid, getattr(self, '_dbp_app', None))
+
+
+_info = ext.connection.info
+_cancel = ext.connection.cancel
+
+
+def cancel_session(connection_info, pid, application_name):
+    """Cancel what backend ``pid`` runs, from a short-lived connection with the same
+    credentials; only if that backend still carries our session's name (behind a
+    pooler the pid could be another session's). Raises like libpq's cancel."""
+    info = dict(connection_info, application_name='odoo-db_pooling-cancel', connect_timeout=5)
+    try:
+        other = psycopg2.connect(**info)
+    except psycopg2.Error as exc:
+        raise psycopg2.OperationalError(f'could not send the cancel request: {exc}') from None
+    try:
+        other.autocommit = True
+        with other.cursor() as cur:
+            cur.execute('SELECT pg_cancel_backend(pid) FROM pg_stat_activity '
+                        'WHERE pid = %s AND (%s IS NULL OR application_name = %s)',
+                        (pid, application_name, application_name))
+    finally:
+        other.close()
+
+
+_shell_classes = {}
+
+
+def shell_class(connection_class):
+    """``connection_class`` (tracked) with :class:`ShellConnection` mixed in (cached)."""
+    cached = _shell_classes.get(connection_class)
+    if cached is None:
+        base = tracked_class(connection_class)
+        cached = _shell_classes[connection_class] = type(
+            'Shell' + connection_class.__name__, (ShellConnection, base),
+            {'__module__': __name__})
+    return cached
+
+
 def privileges(cnx):
     """The session's identity as the server last reported it (no round trip; None on
     a closed connection): whether the current role is a superuser and, for a superuser

@@ -186,21 +186,34 @@ def in_child(function):
 
 
 def test_the_slot_moves_once_when_the_donor_gives_up_waiting(tmp_path):
-    """A donor that saw no acknowledgement and a taker that comes late decide once, under
-    the lock: the late taker is refused, or the donor learns the taker has it."""
+    """The hand-over token: a donor that saw no acknowledgement and a taker that comes
+    late decide once, under the lock; a late taker is refused whatever the donor did
+    since (served another request, or gave up on another). The old check accepted
+    any taker whose serial was not the refused one, so a taker of request 5 late past
+    request 6 took a session the donor had kept and handed on (two owners)."""
     path = str(tmp_path / 'segment')
     donor_budget = SharedBudget(ss.SharedState(path), 4, role='http')
-    assert donor_budget.try_acquire(1)
+    assert donor_budget.try_acquire(1) and donor_budget.try_acquire(1)
     row, pid = donor_budget.row, os.getpid()
 
     def take(serial):
         return SharedBudget(ss.SharedState(path), 4, role='http').take_slot(row, pid, serial)
-    assert donor_budget.given_away(5) is False          # gave up on request 5
+    donor_budget.promise(5)
+    assert donor_budget.settle(5) is False              # gave up on request 5
     assert in_child(lambda: take(5)) == 'False'         # its taker, late: refused
-    assert held(donor_budget.state)[pid] == 1
+    assert held(donor_budget.state)[pid] == 2
+    donor_budget.promise(6)
+    assert in_child(lambda: take(5)) == 'False'         # late past a new promise: refused
     assert in_child(lambda: take(6)) == 'True'          # request 6: taken, then the donor looks
-    assert donor_budget.given_away(6) is True
-    assert held(donor_budget.state)[pid] == 0
+    assert donor_budget.settle(6) is True
+    assert held(donor_budget.state)[pid] == 1
+    assert in_child(lambda: take(5)) == 'False'         # late past a take (old code: True)
+    assert in_child(lambda: take(6)) == 'False'         # taken once only
+    donor_budget.promise(7)
+    assert donor_budget.settle(7) is False
+    assert in_child(lambda: take(5)) == 'False' and in_child(lambda: take(7)) == 'False'
+    assert in_child(lambda: take(8)) == 'False'         # never promised
+    assert held(donor_budget.state)[pid] == 1
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason='needs root to run a process as another user')
