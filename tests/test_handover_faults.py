@@ -69,6 +69,19 @@ class Worker:
                         cnx.commit()
                     elif verb in ('back', 'close'):
                         pool.give_back(held.pop(argument), keep_in_pool=verb == 'back')
+                    elif verb == 'begin':       # a transaction left open: its start
+                        cnx = held.get(argument) or pool.borrow(info(argument,
+                                                                     application_name=name))
+                        held[argument] = cnx
+                        cur = held['cursor'] = cnx.cursor()
+                        cur.execute('SELECT clock_timestamp()')
+                        held['started'] = cur.fetchone()[0]
+                    elif verb == 'end':         # ... recorded, committed, given back
+                        cur = held.pop('cursor')
+                        cur.execute('INSERT INTO dbp_owner_log VALUES (%s, pg_backend_pid(), '
+                                    '%s, clock_timestamp())', (os.getpid(), held.pop('started')))
+                        cur.connection.commit()
+                        pool.give_back(held.pop(argument))
                     elif verb == 'closeall':
                         for cnx in held.values():
                             pool.give_back(cnx, keep_in_pool=False)
@@ -146,8 +159,8 @@ def instance(tmp_path, info, app):
     or without parking queues) and workers forked from it; all ended after."""
     made = {'workers': []}
 
-    def start(parking):
-        shared = made['shared'] = SharedBudget(ss.SharedState(str(tmp_path / 'state')), 4,
+    def start(parking, budget=4):
+        shared = made['shared'] = SharedBudget(ss.SharedState(str(tmp_path / 'state')), budget,
                                                role='master')
         shared.exchange = IdleExchange(shared)
         if not parking:
@@ -246,3 +259,261 @@ def test_a_fault_at_each_step_leaves_one_owner_and_nothing_leaked(
         point, action, state.total_held(), pg.count_connections(app + '%'),
         {p.pid: (sockets(p.pid), baseline[p.pid]) for p in (donor, taker) if p.alive},
         state.processes())
+
+
+# ------------------------------------------------------------------ the ownership invariant
+@pytest.fixture
+def owner_log(pg):
+    """A table in each database where every transaction records (OS pid, backend pid,
+    server time at its first and last statement)."""
+    for database in ('db1', 'db2', 'db3'):
+        pg.sql('CREATE TABLE IF NOT EXISTS dbp_owner_log (os_pid int, backend int, '
+               'started timestamptz, ended timestamptz)', dbname=database)
+        pg.sql('TRUNCATE dbp_owner_log', dbname=database)
+    return pg
+
+
+def logged_transaction(pool, connection_info):
+    """One short transaction recording its interval; the backend pid."""
+    cnx = pool.borrow(connection_info)
+    try:
+        with cnx.cursor() as cur:
+            cur.execute('SELECT clock_timestamp()')
+            started = cur.fetchone()[0]
+            cur.execute('INSERT INTO dbp_owner_log VALUES (%s, pg_backend_pid(), %s, '
+                        'clock_timestamp()) RETURNING backend', (os.getpid(), started))
+            backend = cur.fetchone()[0]
+        cnx.commit()
+    except BaseException:
+        pool.give_back(cnx, keep_in_pool=False)
+        raise
+    pool.give_back(cnx)
+    return backend
+
+
+def overlaps(pg):
+    """Pairs of transactions of different OS processes on one backend at the same time
+    (two owners of one session), in every database."""
+    found = 0
+    for database in ('db1', 'db2', 'db3'):
+        found += pg.sql('SELECT count(*) FROM dbp_owner_log a JOIN dbp_owner_log b ON '
+                        'a.backend = b.backend AND a.os_pid < b.os_pid AND '
+                        'a.started < b.ended AND b.started < a.ended', dbname=database)[0][0]
+    return found
+
+
+def logged(pg):
+    return sum(pg.sql('SELECT count(*) FROM dbp_owner_log', dbname=database)[0][0]
+               for database in ('db1', 'db2', 'db3'))
+
+
+def _old_protocol(monkeypatch):
+    """The hand-over as it was: the taker took unless the token read -serial (the
+    donor's give-up of that very request), writing +serial; no promise."""
+    def take_slot(self, row, pid, serial, claim=None):
+        with self.state.locked() as cells:
+            base = ss.PROC_BASE + row * ss.P_FIELDS
+            if cells[base + ss.P_PID] == pid:
+                if cells[base + ss.P_GIVEN] == -serial:
+                    return False
+                cells[base + ss.P_HELD] = max(cells[base + ss.P_HELD] - 1, 0)
+                cells[base + ss.P_GIVEN] = serial
+            cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD] += 1
+            if claim is not None:
+                claim[2] = True
+            return True
+
+    def settle(self, serial):
+        with self.state.locked() as cells:
+            given = ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_GIVEN
+            if cells[given] == serial:
+                return True
+            cells[given] = -serial
+            return False
+    monkeypatch.setattr(SharedBudget, 'promise', lambda self, serial: None)
+    monkeypatch.setattr(SharedBudget, 'take_slot', take_slot)
+    monkeypatch.setattr(SharedBudget, 'settle', settle)
+
+
+class _Background:
+    """``worker.do(...)`` in a thread (it blocks until the worker answers)."""
+
+    def __init__(self, worker, *command):
+        import threading
+        self.answer = None
+        self.thread = threading.Thread(target=self._run, args=(worker, command))
+        self.thread.start()
+
+    def _run(self, worker, command):
+        self.answer = worker.do(*command)
+
+    def result(self):
+        self.thread.join(30)
+        return self.answer
+
+
+@pytest.mark.parametrize('protocol', ['fenced', 'old'])
+def test_a_late_taker_never_drives_a_session_the_donor_handed_on(
+        owner_log, app, instance, monkeypatch, protocol):
+    """Taker a receives the donor's descriptor, then stalls 1.5 s before taking the slot
+    (a GC pause, a starved container, a local user squatting the stand-in's name): the
+    donor gives up waiting at 0.5 s, keeps the session and hands it to taker b. When a
+    wakes up it must give up. With the old protocol (control) a took it anyway: a and b
+    both hold one backend, and their transactions on it overlap, which the ownership
+    checker (overlaps) reports."""
+    if protocol == 'old':
+        _old_protocol(monkeypatch)
+    shared, worker = instance(parking=False)
+    donor, late, other = worker('donor'), worker('late'), worker('other')
+    backend = donor.value('borrow', 'db2')
+    donor.value('back', 'db2')
+    late.value('arm', {'exchange.taker.after_wrap': ('delay', 1.5)})
+    stalled = _Background(late, 'borrow', 'db2')
+    time.sleep(0.9)                                 # the donor gave up on a at 0.5 s
+    assert other.value('borrow', 'db2') == backend  # and handed the session to b
+    late_backend = stalled.result()[1]
+    if protocol == 'fenced':
+        assert late_backend != backend
+        assert (late.value('stat', 'taken'), late.value('stat', 'opened')) == (0, 1)
+        assert overlaps(owner_log) == 0
+        return
+    assert late_backend == backend                  # two owners
+    # Both now run a transaction on it at once: the checker sees it.
+    first = _Background(late, 'begin', 'db2')
+    second = _Background(other, 'begin', 'db2')
+    first.result(), second.result()
+    late.do('end', 'db2'), other.do('end', 'db2')
+    assert overlaps(owner_log) > 0
+
+
+@pytest.mark.parametrize('protocol', ['locked_send', 'old'])
+def test_a_stalled_parker_is_never_healed_away(pg, app, instance, monkeypatch, protocol):
+    """A parker stalls (0.6 s) while another process runs two maintenance passes, which
+    free the count of a lot counted but empty and unchanged (a crash's leftover). The
+    send now happens inside the locked step that counts it, so a stall anywhere leaves
+    count and queue equal and the parked connection is received. Control, the old
+    order (count, release the lock, then send): the passes heal the count to 0, the
+    connection arrives in a queue nobody takes it from, and the instance holds one
+    session more than its budget counts."""
+    from odoo_pool_patch.parking import Parking
+    if protocol == 'old':
+        send_fds = __import__('socket').send_fds
+
+        def old_park(self, khash, fd, meta, sent=None):
+            base = self._lot(khash)
+            lot = (base - ss.LOT_BASE) // ss.K_FIELDS
+            data = __import__('marshal').dumps((khash, self.budget.pid, time.monotonic(), meta))
+            with self.state.locked() as cells:
+                cells[ss.PROC_BASE + self.budget.row * ss.P_FIELDS + ss.P_HELD] -= 1
+                cells[base + ss.K_COUNT] += 1
+                cells[base + ss.K_SEQ] += 1
+                cells[ss.H_PARKED] += 1
+            time.sleep(0.6)                         # the stall between the two steps
+            send_fds(self._pairs[lot][1], [data], [fd])
+            sent[0] = True
+            return True
+        monkeypatch.setattr(Parking, 'park', old_park)
+    shared, worker = instance(parking=True)
+    parker, receiver = worker('parker'), worker('receiver')
+    backend = parker.value('borrow', 'db2')
+    receiver.value('borrow', 'db2')                 # db2 is wanted elsewhere: it will park
+    receiver.value('close', 'db2')
+    if protocol == 'locked_send':
+        parker.value('arm', {'parking.park.after_send': ('delay', 0.6)})
+    parking = _Background(parker, 'back', 'db2')
+    time.sleep(0.15)
+    for _ in range(2):                              # two maintenance passes meanwhile
+        shared.exchange.parking.tick(True, 600)
+        time.sleep(0.15)
+    assert parking.result() == [True, None]
+    got = receiver.value('borrow', 'db2')
+    if protocol == 'locked_send':
+        assert got == backend and receiver.value('stat', 'unparked') == 1
+        assert shared.state.cells[ss.H_PARKED] == 0
+        return
+    assert got != backend and receiver.value('stat', 'unparked') == 0   # stranded
+    assert shared.state.cells[ss.H_PARKED] == 0
+    assert pg.count_connections(app + '%') > shared.state.total_held()  # over the budget
+
+
+def _churn(shared, info, name, stop_path, seed, late):       # pragma: no cover - child
+    """A worker: short logged transactions on random databases until ``stop_path``
+    exists, with random delays at every fault point (now and then a late taker)."""
+    import random
+    rng = random.Random(seed)
+
+    def jitter(point):
+        if point == 'exchange.taker.after_wrap' and rng.random() < late:
+            time.sleep(0.6)                         # past the donor's patience
+        elif rng.random() < 0.2:
+            time.sleep(rng.random() * 0.002)
+    faults.arm({point: jitter for point in faults.POINTS})
+    pool = ConnectionPool(2, settings=Settings(wait_timeout=30), budget=shared,
+                          timer_period=0.1)
+    infos = [info(database, application_name=name) for database in ('db1', 'db2', 'db3')]
+    while not os.path.exists(stop_path):
+        try:
+            logged_transaction(pool, rng.choice(infos))
+        except Exception:       # noqa: BLE001 - a backend of a killed peer: go on
+            time.sleep(0.01)
+
+
+def test_one_owner_per_session_over_ten_thousand_hand_overs(
+        owner_log, info, app, tmp_path, instance):
+    """8 workers on a budget of 10 for 3 databases (less than the 24 connections they
+    would hold each on its own, so most transactions get their connection from another
+    worker: parked, or taken), random delays at every fault
+    point with late takers now and then, and a worker SIGKILLed every 0.4 s (taker,
+    donor or parker, whatever it was doing) and replaced, until 10,000 hand-overs:
+    no two processes ever ran a transaction on one backend at the same time, and
+    nothing is left once they are gone. The checker finds the two owners of the old
+    protocol (see test_a_late_taker_never_drives_a_session_the_donor_handed_on)."""
+    import random
+    shared, _worker = instance(parking=True, budget=10)
+    stop_path = str(tmp_path / 'stop')
+    rng = random.Random(1234)
+    children = {}
+
+    def spawn(number):
+        pid = os.fork()
+        if pid == 0:                                # pragma: no cover - child
+            try:
+                _churn(shared, info, f'{app}-w{number}', stop_path, number, 0.002)
+            finally:
+                os._exit(0)
+        children[pid] = number
+
+    def hand_overs():
+        totals = shared.state.counter_totals()
+        return sum(role['taken'] + role['unparked'] for role in totals.values())
+    for number in range(8):
+        spawn(number)
+    killed, started = 0, time.monotonic()
+    try:
+        while hand_overs() < 10_000:
+            assert time.monotonic() - started < 300, f'only {hand_overs()} hand-overs'
+            time.sleep(0.4)
+            victim = rng.choice(list(children))
+            os.kill(victim, signal.SIGKILL)
+            os.waitpid(victim, 0)
+            killed += 1
+            spawn(len(children) + killed + 100)
+            del children[victim]
+    finally:
+        open(stop_path, 'w').close()
+        for pid in children:
+            os.waitpid(pid, 0)
+    done = hand_overs()
+    assert done >= 10_000 and killed > 10 and logged(owner_log) > done / 2
+    assert overlaps(owner_log) == 0
+    state = shared.state
+
+    def settled():
+        state.reap(force=True)
+        shared.exchange.parking.tick(True, 0.001)   # what is parked idles out
+        return state.total_held() == 0 and pg_idle(owner_log, app) == 0
+    assert owner_log.wait_until(settled, 10), (state.total_held(), state.processes())
+
+
+def pg_idle(pg, app):
+    return pg.count_connections(app + '%')
