@@ -26,6 +26,7 @@ import collections
 import logging
 import os
 import random
+import select
 import sys
 import threading
 import time
@@ -43,7 +44,7 @@ from .session_tracking import (SessionTracking, privileges_changed, restore_char
                                run_reset, track)
 from .exchange import gss_in_use, neutralize, offerable, session_meta, set_application_name
 from .tls import explain_failure, record as record_tls
-from .backend_exit import exited, finished, readable, wait_exited
+from .backend_exit import exited, finished, wait_exited
 from . import faults
 from . import maintenance
 
@@ -1231,7 +1232,9 @@ def fd_readable(fd):
     """True when the server sent something to an idle socket: usually its goodbye
     (shutdown, pg_terminate_backend) or a dropped socket. No round trip."""
     try:
-        return bool(readable((fd,)))
+        poller = select.poll()          # (see backend_exit.readable: not select())
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
 
