@@ -1252,7 +1252,9 @@ def is_dead(cnx):
     """Whether an idle connection is known dead, without a round trip.
 
     The server's goodbye arrives as an error message and then EOF: the first
-    ``poll()`` consumes the message, the next one hits EOF and raises."""
+    ``poll()`` consumes the message (libpq files a FATAL one among the notices,
+    which is enough: the EOF may not be there yet), the next one hits EOF and
+    raises."""
     try:
         for _ in range(4):
             if cnx.closed:
@@ -1260,6 +1262,8 @@ def is_dead(cnx):
             if not socket_readable(cnx):
                 return False
             cnx.poll()
+            if cnx.notices and cnx.notices[-1].startswith('FATAL'):
+                return True
     except psycopg2.Error:
         return True
     return bool(cnx.closed)
