@@ -199,14 +199,12 @@ class SharedBudget:
             if faults.plan:
                 faults.hit('budget.take_slot.locked')
             base = ss.PROC_BASE + row * ss.P_FIELDS
-            if cells[base + ss.P_PID] == pid:
-                if cells[base + ss.P_GIVEN] != serial:
-                    return False
-                cells[base + ss.P_HELD] = max(cells[base + ss.P_HELD] - 1, 0)
-                cells[base + ss.P_GIVEN] = -serial
-            # else the donor died and its row was reaped (a row is reaped only when its
-            # process is gone): its slots are free already and nobody else holds the
-            # socket, so the session is ours with a new slot.
+            if cells[base + ss.P_PID] != pid or cells[base + ss.P_GIVEN] != serial:
+                # Not promised to us (any more). A reaped donor's row says nothing: it may
+                # have settled and handed the session on before it died.
+                return False
+            cells[base + ss.P_HELD] = max(cells[base + ss.P_HELD] - 1, 0)
+            cells[base + ss.P_GIVEN] = -serial
             cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD] += 1
             if claim is not None:
                 claim[2] = True

@@ -53,9 +53,9 @@ anything else it rewrites to ``0`` and the connection goes back idle.
 
 What a crash (or SIGKILL) leaves at each step: donor dies before sending -- the
 taker receives nothing; after sending, before the taker took the slot -- the
-taker takes it (the token still reads ``+s``) or, the donor's row reaped, takes
-it with a new slot (the donor's were freed with its row; nobody else holds the
-socket); taker dies before taking the slot -- the donor settles to ``0`` and
+taker takes it (the token still reads ``+s``) or, the donor's row reaped, gives
+up (a reaped row says nothing: the donor may have settled and handed the session
+on before it died), and the session ends with the last copy; taker dies before taking the slot -- the donor settles to ``0`` and
 keeps the session (the taker's descriptor closed by its death, no Terminate
 sent); taker dies after taking it -- the donor settles to given and drops its
 copy, the session ends with the taker's descriptor and its slot is freed with
@@ -88,7 +88,7 @@ import psycopg2.extensions
 
 from . import faults
 from . import shared_state as ss
-from .parking import Parking
+from .parking import IN_FLIGHT, Parking, recv_fds
 from .session_tracking import restore_characteristics, shell_class
 
 _logger = logging.getLogger('odoo.sql_db.pool')
@@ -401,10 +401,12 @@ class IdleExchange:
             if app and (getattr(cnx, '_dbp_app', None) or
                         cnx.info.parameter_status('application_name')) != app:
                 set_application_name(cnx, app)
+                cnx._dbp_app = app          # the session's name now (kept if not taken)
             meta = session_meta(cnx, app)
             # Our libpq is pointed at /dev/null while the session is away: it cannot
             # drive it, whatever happens here; it gets it back if the taker does not.
             fd = os.dup(cnx.fileno())
+            IN_FLIGHT[fd] = None
             neutralize(cnx)
             self.budget.promise(serial)         # token +s, before the descriptor leaves
             promised = True
@@ -425,13 +427,26 @@ class IdleExchange:
             finally:
                 try:
                     if promised:
-                        given = acknowledged or self.budget.settle(serial)
+                        given = acknowledged or self._settle(serial)
                     if fd is not None and not given:
                         os.dup2(fd, cnx.fileno(), inheritable=False)    # ours again
                 finally:
                     if fd is not None:
+                        IN_FLIGHT.pop(fd, None)
                         os.close(fd)
                     pool.lent(cnx, given)
+
+    def _settle(self, serial):
+        """:meth:`SharedBudget.settle`, retried: a donor that cannot read the token must
+        not take the session back. If it never can, the session is given up (dropped:
+        a late taker may still take it with its slot)."""
+        for attempt in range(3):
+            try:
+                return self.budget.settle(serial)
+            except Exception:       # noqa: BLE001 - the lock failed
+                _logger.warning('db_pooling exchange: settling a hand-over failed', exc_info=True)
+                time.sleep(0.01 * (attempt + 1))
+        return True
 
     # ------------------------------------------------------------------ taker
     def take(self, khash, key, factory, claim=None):
@@ -466,7 +481,7 @@ class IdleExchange:
                     if peer(conn) != (pid, os.geteuid()):
                         return None     # not the process that published the offer
                     conn.send(_REQUEST.pack(khash, os.getpid(), row, serial) + app)
-                    message, fds, _flags, _addr = socket.recv_fds(conn, 65536, 1)
+                    message, fds = recv_fds(conn, 65536)
                 except socket.timeout:
                     now = time.monotonic()  # forget donors skipped long enough (gone ones too)
                     self._slow = {slow: until for slow, until in self._slow.items()
@@ -491,8 +506,8 @@ class IdleExchange:
                 if faults.plan:
                     faults.hit('exchange.taker.after_wrap')
                 if not self.budget.take_slot(row, pid, serial, claim):
-                    del claim[:]
                     drop_copy(cnx)  # the donor settled first and kept it: never ours
+                    del claim[:]    # (after: until dropped, the claim says so)
                     return None
                 if faults.plan:
                     faults.hit('exchange.taker.after_take_slot')
@@ -506,12 +521,12 @@ class IdleExchange:
                 return cnx, meta
             except BaseException:
                 if claim and not claim[2]:
-                    cnx = claim[0]
+                    drop_copy(claim[0])     # not taken: the donor keeps it (token not -s)
                     del claim[:]
-                    drop_copy(cnx)  # not taken: the donor keeps it (token not -s)
                 raise               # taken: the caller closes it with its slot
             finally:
                 for fd in fds:      # the received copy (a wrapped connection has its own)
+                    IN_FLIGHT.pop(fd, None)
                     os.close(fd)
 
     def wrap(self, fd, meta, key, factory, khash):
@@ -670,7 +685,7 @@ def set_application_name(cnx, app):
 # PGSSLNEGOTIATION=direct or PGREQUIREAUTH would make it fail), so that a service file
 # (PGSERVICE) can only fill in options without effect here. No password is ever asked:
 # the start-up is answered with AuthenticationOk.
-_FAKE_OPTIONS = {'hostaddr': '', 'options': '', 'sslmode': 'disable', 'gssencmode': 'disable', 'channel_binding': 'disable',
+_FAKE_OPTIONS = {'hostaddr': '', 'options': '', 'requirepeer': '', 'sslmode': 'disable', 'gssencmode': 'disable', 'channel_binding': 'disable',
                  'target_session_attrs': 'any', 'keepalives': '0', 'tcp_user_timeout': '0'}
 if psycopg2.extensions.libpq_version() >= 160000:
     _FAKE_OPTIONS.update(require_auth='none', load_balance_hosts='disable')

@@ -46,6 +46,7 @@ import marshal
 import os
 import random
 import socket
+import struct
 import threading
 import time
 
@@ -61,6 +62,41 @@ EXIT_WAIT = 2.0         # seconds a closed parked connection's slot waits for it
 MESSAGE = 16384         # bytes: more than a message (bookkeeping and session parameters) needs
 _TERMINATE = b'X\0\0\0\4'
 monotonic = time.monotonic
+
+
+_CLOEXEC = getattr(socket, 'MSG_CMSG_CLOEXEC', 0)
+
+
+# Descriptors of sessions on their way between processes (a copy being sent, one just
+# received), by this process: a child forked meanwhile closes its copies, which would
+# otherwise keep such a session open after its owner is gone. Marked before use,
+# unmarked before being closed (never a closed number in here).
+IN_FLIGHT = {}
+
+
+def _close_in_flight_after_fork():
+    for fd in list(IN_FLIGHT):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    IN_FLIGHT.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_flight_after_fork)
+
+
+def recv_fds(sock, size, flags=0):
+    """(message, [descriptor]) from a Unix socket, the descriptors close-on-exec (as
+    socket.recv_fds, which ignores its flags, cannot give them)."""
+    message, ancdata, _flags, _addr = sock.recvmsg(size, socket.CMSG_LEN(4), flags | _CLOEXEC)
+    fds = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f'{len(data) // 4}i', data[:len(data) - len(data) % 4]))
+    for fd in fds:
+        IN_FLIGHT[fd] = None
+    return message, fds
 
 
 def _ms():
@@ -221,14 +257,20 @@ class Parking:
             cells[base + ss.K_COUNT] += 1
             cells[base + ss.K_SEQ] += 1
             cells[ss.H_PARKED] += 1
+            if sent is not None:
+                # Before the send: interrupted after it (a signal handler raising as the C
+                # call returns) the session is in the queue and must count as sent. One
+                # interrupted before it is counted but absent: healed, and lost, never
+                # two owners.
+                sent[0] = True
             try:
                 socket.send_fds(self._pairs[lot][1], [data], [fd])
-            except BaseException:   # the queue is full (socket buffer), or interrupted
+            except OSError:         # the queue is full (socket buffer): certainly not sent
+                if sent is not None:
+                    sent[0] = False
                 cells[held] += 1
                 self._counted_out_locked(cells, base)
                 return False
-            if sent is not None:
-                sent[0] = True
             if faults.plan:
                 faults.hit('parking.park.after_send')
         if faults.plan:
@@ -253,7 +295,7 @@ class Parking:
             if keep is not None and self.state.idle_total() <= keep:
                 return None
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self._pairs[lot][0], MESSAGE, 1)
+                data, fds = recv_fds(self._pairs[lot][0], MESSAGE)
             except (BlockingIOError, IndexError):
                 return None
             if claim is not None and fds:
@@ -289,6 +331,7 @@ class Parking:
     def retire(self, fd, shed=False):
         """Close a parked connection this process received (its slot is ours): tell the
         backend goodbye, free the slot once it has exited (see pool.begin_close)."""
+        IN_FLIGHT.pop(fd, None)     # (the goodbye is said: a forked child's copy is harmless)
         try:
             os.write(fd, _TERMINATE)
         except OSError:
@@ -300,6 +343,7 @@ class Parking:
     def close_and_wait(fd, timeout=EXIT_WAIT):
         """Close a parked connection this process received and wait (up to ``timeout``)
         for its backend to exit; its slot stays this process's (for a new connection)."""
+        IN_FLIGHT.pop(fd, None)
         try:
             os.write(fd, _TERMINATE)
         except OSError:

@@ -45,6 +45,7 @@ from .session_tracking import (SessionTracking, privileges_changed, restore_char
 from .exchange import gss_in_use, neutralize, offerable, session_meta, set_application_name
 from .tls import explain_failure, record as record_tls
 from .backend_exit import exited, finished, wait_exited
+from .parking import IN_FLIGHT
 from . import faults
 from . import maintenance
 
@@ -216,6 +217,7 @@ class ConnectionPool:
         self._idle = {}              # dsn key -> [cnx, ...], last freed last (LIFO)
         self._n_idle = 0
         self._used = {}              # cnx -> Holder
+        self._lent = set()           # lent to another process, in flight (see lend_idle)
         self._opening = 0            # slots reserved by borrowers that are connecting
         self._closing = 0            # slots of connections whose backend is exiting
         self._exiting = []           # [dup fd, give-up deadline, shed] per closing connection
@@ -435,12 +437,14 @@ class ConnectionPool:
                     # Our libpq is pointed at /dev/null before the socket leaves: whatever
                     # happens next (an exception, a close), it cannot drive a parked session.
                     fd = os.dup(cnx.fileno())
+                    IN_FLIGHT[fd] = None
                     try:
                         neutralize(cnx)
                         exchange.parking.park(cnx._dbp_khash, fd, meta, sent)
                     finally:
                         if not sent[0]:
                             os.dup2(fd, cnx.fileno(), inheritable=False)   # still ours
+                        IN_FLIGHT.pop(fd, None)
                         os.close(fd)
             except (OSError, psycopg2.Error):
                 pass
@@ -812,7 +816,13 @@ class ConnectionPool:
                 if app is None:
                     app = self._app_names[key] = dict(key).get('application_name') or ''
                 if app and cnx._dbp_app != app:     # a round trip, as a donor does it
-                    set_application_name(cnx, app)
+                    try:
+                        set_application_name(cnx, app)
+                    except psycopg2.Error:      # died since parked: open one instead
+                        with self._lock:
+                            self._closing += 1  # ours with its slot (the caller unbooks
+                        self._retire([cnx])     # the opening)
+                        return None
                     cnx._dbp_app = app
         except BaseException:       # gevent.Timeout, Odoo's SIGXCPU: nothing may leak
             ours = claim[0] if claim and claim[2] and claim[0] is not None else None
@@ -868,11 +878,19 @@ class ConnectionPool:
             if parker != self.budget.pid:
                 parking.want(khash)     # connections of this database move: keep parking
             if (meta['expires'] and meta['expires'] <= monotonic()) or fd_readable(fd):
-                del claim[:]
                 parking.retire(fd)      # expired, or the server said goodbye
+                del claim[:]            # (after: until retired, the claim says so)
                 continue
-            cnx = exchange.wrap(fd, meta, key, self.connection_factory, khash)
+            try:
+                cnx = exchange.wrap(fd, meta, key, self.connection_factory, khash)
+            except Exception as exc:    # noqa: BLE001 - the stand-in failed: open one
+                _logger.info('db_pooling: could not take a parked connection (%s); opening '
+                             'one', exc)
+                parking.retire(fd)
+                del claim[:]
+                return None
             claim[:] = [cnx, meta, True]    # the wrapped copy is ours now
+            IN_FLIGHT.pop(fd, None)
             os.close(fd)
             if faults.plan:
                 faults.hit('parking.receive.after_wrap')
@@ -894,6 +912,7 @@ class ConnectionPool:
                         or not offerable(cnx) or socket_readable(cnx):
                     return None
                 self._remove_idle_locked(cnx)
+                self._lent.add(cnx)     # (a child forked meanwhile neutralizes its copy)
                 self._closing += 1      # its slot stays counted while it travels
                 cnx._dbp_lent_at = self._closings
                 return cnx
@@ -905,6 +924,7 @@ class ConnectionPool:
         ``close_all`` ran meanwhile)."""
         if given:
             self.budget.exchange.keep_shell(cnx)
+        self._lent.discard(cnx)
         with self._lock:
             if not given and (self._closed or self._closings != cnx._dbp_lent_at):
                 doomed = [cnx]          # still counted in _closing
@@ -1211,7 +1231,8 @@ class ConnectionPool:
         the garbage collector do it) would send Terminate and end the parent's
         sessions. Pointing the child's copy of each socket at /dev/null first
         makes that close harmless."""
-        inherited = list(self._used)
+        inherited = list(self._used) + list(self._lent)
+        self._lent = set()
         for stack in self._idle.values():
             inherited.extend(stack)
         for cnx in inherited:

@@ -176,7 +176,8 @@ class _ShellInfo:
 
     @property
     def backend_pid(self):
-        return self._cnx._dbp_pid
+        pid = self._cnx._dbp_pid
+        return pid if pid is not None else self._info.backend_pid
 
     @property
     def host(self):
@@ -196,6 +197,7 @@ class ShellConnection:
     taken from another process: libpq's cancel request would go to the stand-in's
     address with its key (0), so :meth:`cancel` asks the server itself."""
     _dbp_cancel_info = None     # the connection_info it was borrowed with (set by the pool)
+    _dbp_pid = None
 
     @property
     def info(self):
@@ -205,7 +207,7 @@ class ShellConnection:
         info = self._dbp_cancel_info
         if info is None:
             return _cancel(self)
-        cancel_session(info, self._dbp_pid, getattr(self, '_dbp_app', None))
+        cancel_session(info, self._dbp_pid, getattr(self, '_dbp_app', None) or None)
 
 
 _info = ext.connection.info

@@ -361,13 +361,20 @@ class _Locked:
         self.state = state
 
     def __enter__(self):
+        # An exception raised by a signal handler as a C call returns (acquire, lockf)
+        # must not leave either lock held: whoever owns the thread lock undoes both (an
+        # unlock of a byte not locked is a no-op).
         state = self.state
         lock = state._thread_lock
-        lock.acquire()
         try:
+            lock.acquire()
             fcntl.lockf(state.fd, fcntl.LOCK_EX, 1)    # byte 0 (rows' bytes are apart)
         except BaseException:
-            lock.release()
+            if lock._is_owned():
+                try:
+                    fcntl.lockf(state.fd, fcntl.LOCK_UN, 1)
+                finally:
+                    lock.release()
             raise
         return state.cells
 
@@ -387,7 +394,7 @@ class SharedState:
 
     def __init__(self, path, create=True):
         self.path = path
-        self._thread_lock = threading.Lock()
+        self._thread_lock = threading.RLock()     # (for _is_owned: never re-entered)
         self._locked = _Locked(self)
         self._rows = None
         _check_directory(path)
@@ -440,7 +447,7 @@ class SharedState:
         # lockf locks belong to a process, so the inherited descriptor is fine;
         # only the thread lock may have been held by a thread that is gone. The
         # parent's row is the parent's (see _after_fork_in_child).
-        self._thread_lock = threading.Lock()
+        self._thread_lock = threading.RLock()     # (for _is_owned: never re-entered)
         self._locked = _Locked(self)
         if self._rows is not None and self._rows.pid != os.getpid():
             self._rows = None

@@ -216,6 +216,24 @@ def test_the_slot_moves_once_when_the_donor_gives_up_waiting(tmp_path):
     assert held(donor_budget.state)[pid] == 1
 
 
+def test_a_taker_never_takes_from_a_donor_whose_row_was_reaped(tmp_path):
+    """A reaped donor's row says nothing of what it did before dying: it may have kept
+    the session and handed it on (token 0, then -s2). A late taker gives up."""
+    path = str(tmp_path / 'segment')
+
+    def donor():
+        budget = SharedBudget(ss.SharedState(path), 4, role='http')
+        budget.try_acquire(1)
+        budget.promise(9)
+        return budget.row, os.getpid()
+    row, pid = eval(in_child(donor))
+    state = ss.SharedState(path)
+    assert state.reap(force=True) == 1                  # its slot freed with its row
+    taker = SharedBudget(state, 4, role='http')
+    assert taker.take_slot(row, pid, 9) is False and taker.held() == 0
+    state.close()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason='needs root to run a process as another user')
 def test_a_process_of_another_user_gets_nothing(pg, info, tmp_path):
     """Abstract Unix socket names are visible to every local user: the donor checks its peer."""

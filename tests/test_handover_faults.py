@@ -578,3 +578,42 @@ def test_one_owner_per_session_over_ten_thousand_hand_overs(
 
 def pg_idle(pg, app):
     return pg.count_connections(app + '%')
+
+
+def test_an_interrupt_as_the_park_send_returns_leaves_one_owner(
+        pg, app, info, instance, monkeypatch):
+    """A signal handler raising as the send of a parked connection returns (the session
+    is in the queue): the parker must count it parked and never use it again; the
+    exception reaches its caller. (Counting it "not sent" put it back under the parker's
+    libpq while another process received it: two owners.)"""
+    import socket as socket_module
+    shared, worker = instance(parking=True)
+    receiver = worker('receiver')
+    pool = ConnectionPool(4, settings=Settings(), budget=shared, timer_period=0.1)
+    try:
+        cnx = pool.borrow(info('db2', application_name=f'{app}-parker'))
+        with cnx.cursor() as cur:
+            cur.execute('SELECT pg_backend_pid()')
+            backend = cur.fetchone()[0]
+        cnx.commit()
+        receiver.value('borrow', 'db2')             # db2 is wanted elsewhere: it will park
+        receiver.value('close', 'db2')
+        send_fds = socket_module.send_fds
+
+        def interrupted(*args):
+            send_fds(*args)
+            raise faults.InjectedInterrupt('a signal handler, as the send returned')
+        monkeypatch.setattr(socket_module, 'send_fds', interrupted)
+        with pytest.raises(faults.InjectedInterrupt):
+            pool.give_back(cnx)
+        monkeypatch.setattr(socket_module, 'send_fds', send_fds)
+        assert pool.stats.parked == 1 and shared.state.cells[ss.H_PARKED] == 1
+        assert receiver.value('borrow', 'db2') == backend           # received
+        again = pool.borrow(info('db2', application_name=f'{app}-parker'))
+        with again.cursor() as cur:
+            cur.execute('SELECT pg_backend_pid()')
+            assert cur.fetchone()[0] != backend                     # never ours again
+        again.commit()
+        pool.give_back(again)
+    finally:
+        pool.shutdown()
