@@ -63,9 +63,13 @@ the taker's row. Exceptions at any point (Odoo's SIGXCPU handler, gevent's
 Timeout): the taker records in a *claim* (``[connection, meta, taken]``, set
 inside the locked step) what it holds, so the pool closes a taken connection
 with its slot and drops an untaken copy; the donor settles in a ``finally``.
-The one window left is a C call that returned a descriptor and was interrupted
-before Python bound it (the descriptor then stays open, never driven, until
-the process ends). Fault points (:mod:`.faults`) sit at every step.
+The windows left are the bytecodes right after a C call that returned a
+descriptor (``recvmsg``, ``dup``) and before Python bound it: interrupted there,
+the descriptor stays open, never driven, until the process ends (a received
+parked one also leaves its lot counted until the maintenance heals it, its
+backend alive meanwhile: one session over the budget). Descriptors in flight
+are closed in a child forked meanwhile (``parking.IN_FLIGHT``). Fault points
+(:mod:`.faults`) sit at every step.
 
 Both ends check who is on the other side (``SO_PEERCRED``: same user, the
 expected pid), as abstract Unix socket names are visible to every local user.
