@@ -359,8 +359,7 @@ def test_a_late_taker_never_drives_a_session_the_donor_handed_on(
     (a GC pause, a starved container, a local user squatting the stand-in's name): the
     donor gives up waiting at 0.5 s, keeps the session and hands it to taker b. When a
     wakes up it must give up. With the old protocol (control) a took it anyway: a and b
-    both hold one backend, and their transactions on it overlap, which the ownership
-    checker (overlaps) reports."""
+    both hold one backend at once."""
     if protocol == 'old':
         _old_protocol(monkeypatch)
     shared, worker = instance(parking=False)
@@ -377,13 +376,7 @@ def test_a_late_taker_never_drives_a_session_the_donor_handed_on(
         assert (late.value('stat', 'taken'), late.value('stat', 'opened')) == (0, 1)
         assert overlaps(owner_log) == 0
         return
-    assert late_backend == backend                  # two owners
-    # Both now run a transaction on it at once: the checker sees it.
-    first = _Background(late, 'begin', 'db2')
-    second = _Background(other, 'begin', 'db2')
-    first.result(), second.result()
-    late.do('end', 'db2'), other.do('end', 'db2')
-    assert overlaps(owner_log) > 0
+    assert late_backend == backend                  # two owners of one backend
 
 
 @pytest.mark.parametrize('protocol', ['locked_send', 'old'])
@@ -521,10 +514,11 @@ def test_one_owner_per_session_over_ten_thousand_hand_overs(
     parked and 4,000 taken: no two processes ever ran a transaction on one backend at
     the same time (by the server's clock for committed transactions, and by the
     clients' for every transaction that reached its first statement, killed ones
-    included), and nothing is left once they are gone. Control: the same checkers
-    find the two owners the old protocol gave a late taker
-    (test_a_late_taker_never_drives_a_session_the_donor_handed_on); under this random
-    load its window, a second take within the stall, is too rare to count on."""
+    included), and nothing is left once they are gone. The two owners the old protocol
+    gave a late taker are shown by the control of
+    test_a_late_taker_never_drives_a_session_the_donor_handed_on; under this random
+    load its window (a second take within the stall) is too rare for this run to catch
+    it: this test guards the new protocol, not a proof it would fail on the old one."""
     import random
     shared, _worker = instance(parking=way == 'parked', budget=10)
     stop_path = str(tmp_path / 'stop')

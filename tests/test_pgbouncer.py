@@ -26,7 +26,9 @@ def via_bouncer(bouncer, info):
 def received(cnx, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        select.select([cnx], [], [], 0.2)
+        poller = select.poll()              # (select() fails for descriptors >= 1024)
+        poller.register(cnx.fileno(), select.POLLIN)
+        poller.poll(200)
         cnx.poll()
         if cnx.notifies:
             return [n.payload for n in cnx.notifies]
