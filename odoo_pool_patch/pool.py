@@ -40,7 +40,7 @@ from .dsn import dsn_key, key_database, dsn_equals
 from .errors import PoolError, PoolTimeout
 from .options import Settings
 from . import session_state
-from .session_tracking import (SessionTracking, privileges_changed, restore_characteristics,
+from .session_tracking import (SessionTracking, note_privileges, restore_characteristics,
                                run_reset, track)
 from .exchange import gss_in_use, neutralize, offerable, session_meta, set_application_name
 from .tls import explain_failure, record as record_tls
@@ -378,8 +378,7 @@ class ConnectionPool:
                     _logger.debug('%r: ignored give_back of a connection it no longer holds', self)
                     return
                 raise PoolError('This connection does not belong to the pool')
-            if privileges_changed(connection):     # (cheap: no round trip)
-                connection._dbp_dirty |= session_state.ROLE
+            note_privileges(connection)         # (cheap: no round trip)
             if connection._dbp_dirty & session_state.LOAD and keep_in_pool:
                 keep_in_pool = False    # a loaded library cannot be unloaded
                 self.stats.reset_closed += 1
@@ -750,8 +749,7 @@ class ConnectionPool:
                     self.budget.release()
             else:
                 del cnx.leaked
-                if privileges_changed(cnx):     # as give_back does
-                    cnx._dbp_dirty |= session_state.ROLE
+                note_privileges(cnx)            # as give_back does
                 self._push_idle_locked(cnx)
                 self.stats.reclaimed_leaked += 1
                 _logger.info('%r: Free leaked connection to %r', self, key_database(cnx._dbp_key))

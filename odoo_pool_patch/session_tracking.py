@@ -18,7 +18,7 @@ import psycopg2
 import psycopg2.extensions as ext
 import psycopg2.sql
 
-from .session_state import AUTOCOMMIT, HOLD, SESSION_ONLY, UNKNOWN, names, session_kinds
+from .session_state import AUTOCOMMIT, HOLD, ROLE, SESSION_ONLY, UNKNOWN, names, session_kinds
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 
@@ -269,6 +269,13 @@ def privileges_changed(cnx):
     two roles on the same side of the superuser line (it needs membership), left to
     the periodic full reset. About a microsecond (two for a superuser login)."""
     return privileges(cnx) != cnx._dbp_auth
+
+
+def note_privileges(cnx):
+    """Mark ``cnx`` for the role's reset if :func:`privileges_changed` (before it can be
+    reused, offered or parked)."""
+    if privileges_changed(cnx):
+        cnx._dbp_dirty |= ROLE
 
 
 def track(cnx):

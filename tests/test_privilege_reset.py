@@ -17,7 +17,6 @@ import signal
 import psycopg2.extensions
 import pytest
 
-from odoo_pool_patch import pool as pool_module
 from odoo_pool_patch import session_state, session_tracking
 from odoo_pool_patch.options import Settings
 from odoo_pool_patch.session_tracking import TrackingCursor
@@ -90,7 +89,7 @@ def legacy(monkeypatch):
     """The pool as it was before roles were reset with every setting."""
     monkeypatch.setattr(session_state, 'narrow_reset', _legacy_narrow_reset)
     monkeypatch.setattr(session_tracking, 'session_kinds', _legacy_kinds)
-    monkeypatch.setattr(pool_module, 'privileges_changed', lambda cnx: False)
+    monkeypatch.setattr(session_tracking, 'privileges_changed', lambda cnx: False)
 
 
 def run_leak(cnx, statements, detected=True):
@@ -140,11 +139,11 @@ def test_the_same_process_reuses_the_connection_as_its_login_role(
         leaked = same_process(pools(1, settings=SMART), connection_info, statements)
     else:
         pool = pools(1, settings=SMART)
-        pool_module.privileges_changed, saved = (lambda cnx: False), pool_module.privileges_changed
+        session_tracking.privileges_changed, saved = (lambda cnx: False), session_tracking.privileges_changed
         try:
             leaked = same_process(pool, connection_info, statements, detected=False)
         finally:
-            pool_module.privileges_changed = saved
+            session_tracking.privileges_changed = saved
     assert leaked != (login, login)
 
 
@@ -201,12 +200,12 @@ def test_a_connection_moved_to_another_process_arrives_as_the_login_role(
         request.getfixturevalue('legacy')
         leaked = after_hand_over(tmp_path, connection_info, statements)
     else:
-        saved = pool_module.privileges_changed
-        pool_module.privileges_changed = lambda cnx: False
+        saved = session_tracking.privileges_changed
+        session_tracking.privileges_changed = lambda cnx: False
         try:
             leaked = after_hand_over(tmp_path, connection_info, statements, detected=False)
         finally:
-            pool_module.privileges_changed = saved
+            session_tracking.privileges_changed = saved
     assert leaked != (login, login)
 
 

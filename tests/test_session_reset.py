@@ -9,7 +9,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from odoo_pool_patch import pool as pool_module
+from odoo_pool_patch import session_tracking
 from odoo_pool_patch.options import Settings
 from odoo_pool_patch.session_tracking import TrackingCursor
 from tests.conftest import backend_pid
@@ -77,7 +77,7 @@ def test_smart_reset_clears_each_feature_and_control_leaks(pools, info, other_ro
     assert pool.stats.reset_narrow == 1 and pool.stats.reset_full == 0
     # Control: the same statement hidden from detection (the text, and is_superuser for
     # a role change of this superuser login) leaks into the next borrower.
-    monkeypatch.setattr(pool_module, 'privileges_changed', lambda cnx: False)
+    monkeypatch.setattr(session_tracking, 'privileges_changed', lambda cnx: False)
     assert leak_then_observe(pool, info, leak, observe, detected=False) != clean
 
 
