@@ -12,7 +12,7 @@ its helpers testable) without Odoo.
 import logging
 import os
 
-from . import list_dbs_cache
+from . import first_statement, list_dbs_cache
 from .errors import ConfigError
 from .options import load_settings
 from .pool import ConnectionPool, Holder
@@ -94,6 +94,7 @@ def install(settings):
     list_dbs_cache.install(settings.list_dbs_cache,
                            pool_class.budget.state if pool_class.budget else None)
     sql_db.ConnectionPool = pool_class
+    first_statement.install(sql_db.Cursor)
     for name in ('_Pool', '_Pool_readonly'):
         live = getattr(sql_db, name, None)
         if live is not None and not isinstance(live, ConnectionPool):

@@ -123,8 +123,11 @@ OPTIONS = (
     Option('db_pool_wait_timeout', 'wait_timeout', _seconds, 20.0,
            'a number of seconds >= 0',
            'How long a borrower waits for a free connection when the pool is at its limit '
-           'before PoolError is raised. 0 restores stock behaviour (fail at once). Raise it '
-           'if legitimate bursts time out; lower it to fail fast behind a load balancer.'),
+           'before PoolError is raised, and for the database server to come back when it is '
+           'restarting, shutting down, starting up or (once reached) refusing connections '
+           '(one process probes it meanwhile). 0 restores stock behaviour (fail at once). '
+           'Raise it if legitimate bursts time out or to ride out longer failovers; lower it '
+           'to fail fast behind a load balancer.'),
     Option('db_pool_idle_timeout', 'idle_timeout', _seconds, 60.0,
            'a number of seconds >= 0 (0 keeps idle connections forever)',
            'An idle connection unused for this long is closed by the maintenance timer. '

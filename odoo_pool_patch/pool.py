@@ -45,6 +45,7 @@ from .session_tracking import (SessionTracking, note_privileges, restore_charact
 from .exchange import gss_in_use, neutralize, offerable, session_meta, set_application_name
 from .tls import explain_failure, record as record_tls
 from .backend_exit import exited, finished, wait_exited
+from .outage import outages_for, server_of
 from .parking import IN_FLIGHT
 from . import faults
 from . import maintenance
@@ -145,6 +146,9 @@ class PoolStats:
     __slots__ = ('borrows', 'reused', 'opened', 'waits', 'timeouts', 'closed_idle',
                  'closed_lifetime', 'closed_dead', 'closed_room', 'reclaimed_leaked',
                  'dead_replaced', 'leak_warnings', 'shed', 'budget_waits', 'budget_timeouts',
+                 # Odoo cursors moved to a new connection when theirs died before its first
+                 # statement (see first_statement)
+                 'first_statement_retries',
                  # budget waiters served with a connection to their database given back by
                  # another thread of this process, instead of a new one
                  'handed_over',
@@ -253,9 +257,10 @@ class ConnectionPool:
     def borrow(self, connection_info):
         """Return a connection for ``connection_info``, waiting for a free slot if needed
         (on the server the router picks, when replica routing is on)."""
-        if self.router is not None:
-            return self.router.borrow(self, connection_info)
-        return self._borrow(connection_info)
+        cnx = (self.router.borrow(self, connection_info) if self.router is not None
+               else self._borrow(connection_info))
+        cnx._dbp_asked = connection_info        # until its first statement (first_statement)
+        return cnx
 
     def _borrow(self, connection_info):
         """Return a connection for exactly ``connection_info``.
@@ -758,11 +763,21 @@ class ConnectionPool:
 
     # ------------------------------------------------------------------ network
     def _open(self, connection_info, key, holder):
-        """Connect in a slot already reserved (``_opening``); give it back on failure."""
+        """Connect in a slot already reserved (``_opening``); give it back on failure.
+        Through an outage of the server, waits for it until ``db_pool_wait_timeout`` after
+        the borrow began (see :mod:`.outage`); a replica's failure is the router's to handle."""
         direct = self._direct_info(connection_info, key)
+        info = direct or connection_info
+        outages = outages_for(self.budget)
+        server = server_of(info)
         try:
-            cnx = psycopg2.connect(connection_factory=self.connection_factory,
-                                   **(direct or connection_info))
+            if self.router is not None and server in self.router.replica_names:
+                cnx = psycopg2.connect(connection_factory=self.connection_factory, **info)
+            else:
+                cnx = outages.connect(
+                    lambda: psycopg2.connect(connection_factory=self.connection_factory, **info),
+                    server, holder.since + self.settings.wait_timeout,
+                    self.settings.wait_timeout)
         except BaseException as exc:
             with self._lock:
                 self._opening -= 1
@@ -778,6 +793,8 @@ class ConnectionPool:
             _logger.info('Connection to the database failed')
             raise
         self.prepare_connection(cnx, key)
+        cnx._dbp_gen_cells = outages.rows.cells
+        cnx._dbp_gen_cell, cnx._dbp_gen = outages.generation(server)
         cnx._dbp_direct = (direct is not None) if self.settings.direct_host else None
         cnx._dbp_prefix = self._timeouts_prefix(key, holder)
         record_tls(cnx, direct or connection_info)
@@ -1034,6 +1051,9 @@ class ConnectionPool:
         try:
             if is_dead(cnx):
                 raise psycopg2.OperationalError('closed by the server while idle')
+            if cnx._dbp_gen_cell is not None and \
+                    cnx._dbp_gen_cells[cnx._dbp_gen_cell] != cnx._dbp_gen:
+                raise psycopg2.OperationalError('opened before its server restarted')
             self._reset(cnx)
         except psycopg2.Error as exc:
             _logger.info('%r: replacing a dead idle connection to %r (%s)', self,
@@ -1136,7 +1156,8 @@ class ConnectionPool:
         doomed, timed_out = [], []
         for stack in sorted(self._idle.values(), key=lambda st: st[0]._dbp_last_used):
             for cnx in list(stack):
-                if is_dead(cnx):
+                if is_dead(cnx) or (cnx._dbp_gen_cell is not None and
+                                    cnx._dbp_gen_cells[cnx._dbp_gen_cell] != cnx._dbp_gen):
                     reason = 'closed_dead'
                 elif cnx._dbp_expires and cnx._dbp_expires <= now:
                     reason = 'closed_lifetime'

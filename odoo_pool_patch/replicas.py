@@ -112,6 +112,9 @@ class Router:
 
     def __init__(self, targets, table, settings, required_lsn=None):
         self.targets = targets
+        # host:port of the replicas (outage.server_of): the pool does not wait through
+        # their outages, the router bans them and moves on
+        self.replica_names = frozenset(target.name for target in targets[1:])
         self.primary = targets[0]
         self.replicas = [t for t in targets[1:] if t.weight > 0]
         self.table = table

@@ -115,6 +115,10 @@ class SessionTracking:
     _dbp_params = None      # the session parameters, cached (see exchange.session_meta)
     _dbp_direct = None      # True: sent to db_direct_host; False: it is set but not for this
                             # connection; None: db_direct_host is not set
+    _dbp_gen_cells = None   # outage generation of its server when opened (see outage):
+    _dbp_gen_cell = None    # cells[cell] != gen once that server came back from an outage
+    _dbp_gen = 0
+    _dbp_asked = None       # connection_info of a borrow whose first statement has not run
 
     def get_backend_pid(self):
         # A connection taken from another process may sit in a psycopg2 object of an

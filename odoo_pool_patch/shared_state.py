@@ -26,11 +26,13 @@ Layout (indexes into the int64 array)::
                               process, and what it will give back soon (see exchange)
     lots     N_LOT rows       parking lots (see parking): owner token, database key hash,
                               connections parked, change counter, last two demands
+    outages  N_OUT rows       per server: identity, down since, prober and its lease,
+                              last error kind, outages ended, reached once (see outage)
 
 With N_PROC = 512, N_WAIT = 1024, N_HIST = 720 (one sample per 5 s for
-an hour), N_SRV = 16, N_OFFER = 8 and N_LOT = 32 the segment is 371,616 bytes, whatever the
-budget: 1,024
-connections need at most 1,024 waiter rows, and one row per process.
+an hour), N_SRV = 16, N_OFFER = 8, N_LOT = 32 and N_OUT = 16 the segment is
+372,640 bytes, whatever the budget: 1,024 connections need at most 1,024
+waiter rows, and one row per process.
 
 Every change is made under :meth:`SharedState.locked`: a thread lock (for the
 threads of one process) plus ``lockf`` on the file's first byte (for
@@ -71,8 +73,9 @@ import time
 import weakref
 
 MAGIC = 0x6462706F6F6C3031      # "dbpool01"
-VERSION = 9          # bump on any layout or protocol change: older files are reinitialised
-                     # once no process of theirs is alive (9: liveness locks, token)
+VERSION = 10         # bump on any layout or protocol change: older files are reinitialised
+                     # once no process of theirs is alive (9: liveness locks, token;
+                     # 10: outage rows)
 
 N_PROC = 512
 N_WAIT = 1024
@@ -138,7 +141,13 @@ LOT_BASE = OFFER_BASE + N_PROC * N_OFFER * O_FIELDS
 N_LOT = 32
 K_OWNER, K_HASH, K_COUNT, K_SEQ, K_WANT_MS, K_WANT_PID, K_OTHER_MS, K_FREE_MS = range(8)
 K_FIELDS = 8
-CELLS = LOT_BASE + N_LOT * K_FIELDS
+OUT_BASE = LOT_BASE + N_LOT * K_FIELDS
+
+# outage rows (see outage): one per server connections are opened to
+N_OUT = 16
+U_IDENT, U_DOWN, U_PROBER, U_UNTIL, U_ERROR, U_GEN, U_REACHED = range(7)
+U_FIELDS = 8
+CELLS = OUT_BASE + N_OUT * U_FIELDS
 SIZE = CELLS * 8
 
 ROLES = ('master', 'http', 'cron', 'gevent', 'threaded', 'other')

@@ -63,7 +63,7 @@ def collect(pid, read_end, timeout=120):
 
 
 def test_segment_size_is_fixed_and_stated():
-    assert ss.SIZE == 371_616
+    assert ss.SIZE == 372_640
     assert ss.N_WAIT >= 1024
 
 

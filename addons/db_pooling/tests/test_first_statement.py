@@ -1,0 +1,72 @@
+"""A connection that dies between the borrow and its first statement is replaced
+transparently (odoo_pool_patch.first_statement); one that dies later fails as in
+stock Odoo. Real backends terminated with pg_terminate_backend."""
+import contextlib
+import time
+
+import psycopg2
+
+from odoo import sql_db
+from odoo.modules.registry import Registry
+from odoo.tests import common
+
+
+def terminate(cr):
+    """Terminate the backend behind Odoo cursor ``cr`` from another session; wait
+    until it is gone."""
+    pid = cr._cnx.get_backend_pid()
+    info = dict(sql_db.connection_info_for(common.get_db_name())[1])
+    info.pop('application_name', None)
+    killer = psycopg2.connect(**info)
+    killer.autocommit = True
+    try:
+        with killer.cursor() as cur:
+            cur.execute('SELECT pg_terminate_backend(%s)', (pid,))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                cur.execute('SELECT count(*) FROM pg_stat_activity WHERE pid = %s', (pid,))
+                if not cur.fetchone()[0]:
+                    break
+                time.sleep(0.02)
+    finally:
+        killer.close()
+    return pid
+
+
+@contextlib.contextmanager
+def doomed_cursor():
+    """A cursor whose connection the test kills: closing it fails as in stock Odoo."""
+    cr = Registry(common.get_db_name()).cursor()
+    try:
+        yield cr
+    finally:
+        try:
+            cr.close()
+        except psycopg2.Error:
+            pass
+
+
+class TestFirstStatement(common.BaseCase):
+
+    def test_dead_before_first_statement_is_replaced(self):
+        registry = Registry(common.get_db_name())
+        with registry.cursor() as cr:
+            dead = terminate(cr)
+            cr.execute('SELECT pg_backend_pid()')
+            self.assertNotEqual(cr.fetchone()[0], dead)
+            cr.execute('SELECT 1')                  # the cursor goes on normally
+            self.assertEqual(cr.fetchone(), (1,))
+
+    def test_dead_after_first_statement_fails_as_in_stock_odoo(self):
+        with doomed_cursor() as cr:
+            cr.execute('SELECT 1')
+            terminate(cr)
+            with self.assertRaises(psycopg2.OperationalError):
+                cr.execute('SELECT 1')
+
+    def test_dead_in_autocommit_is_not_sent_again(self):
+        with doomed_cursor() as cr:
+            cr._cnx.autocommit = True
+            terminate(cr)
+            with self.assertRaises(psycopg2.OperationalError):
+                cr.execute('SELECT 1')

@@ -1,0 +1,96 @@
+"""Re-run the first statement of a borrow whose connection turned out dead.
+
+A connection can die between the moment the pool hands it out and the first
+statement (a backend terminated, a server restarted): the pool checks it when
+it lends it, but the kill can come a microsecond later. Then nothing of the
+request's transaction has reached the server, so Odoo's cursor is moved to a
+new connection and that statement is sent again, once. Never anything else:
+
+- only the first statement through Odoo's ``Cursor.execute`` after a borrow
+  (``cnx._dbp_asked``, set by the pool's ``borrow``, cleared here once it ran);
+- only when no transaction was open before it (``status`` READY: nothing
+  uncommitted can be lost), the session is clean (``_dbp_dirty``: no SET that
+  the new connection would lack), and not in autocommit (a statement the dead
+  server may have committed is never sent twice);
+- only when the error left the connection closed (server gone, backend
+  terminated); any other error is raised as Odoo raises it.
+
+Installed on ``odoo.sql_db.Cursor`` by :mod:`.odoo_install`; the cost on every
+later statement is one attribute read.
+"""
+import logging
+
+import psycopg2
+from psycopg2.extensions import STATUS_READY
+
+_logger = logging.getLogger('odoo.sql_db')
+
+
+def install(cursor_class):
+    """Wrap ``cursor_class.execute`` (Odoo's ``Cursor``). Idempotent."""
+    stock = cursor_class.execute
+    if getattr(stock, '_dbp_stock', None) is not None:
+        return
+
+    def execute(self, query, params=None, log_exceptions=True):
+        if getattr(self._cnx, '_dbp_asked', None) is None:
+            return stock(self, query, params, log_exceptions)
+        return _first(self, stock, query, params, log_exceptions)
+
+    execute.__doc__, execute.__name__ = stock.__doc__, stock.__name__
+    execute.__qualname__ = stock.__qualname__
+    execute._dbp_stock = stock
+    cursor_class.execute = execute
+
+
+def uninstall(cursor_class):
+    stock = getattr(cursor_class.execute, '_dbp_stock', None)
+    if stock is not None:
+        cursor_class.execute = stock
+
+
+def _first(cr, stock, query, params, log_exceptions):
+    cnx = cr._cnx
+    asked, cnx._dbp_asked = cnx._dbp_asked, None
+    retry = cnx.status == STATUS_READY and not cnx._dbp_dirty and not cnx.autocommit
+    if not retry:
+        return stock(cr, query, params, log_exceptions)
+    try:
+        return stock(cr, query, params, False)
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        if not cnx.closed or cr._cnx is not cnx or cr._closed:
+            _log(cr, query, exc, log_exceptions)
+            raise
+        _replace(cr, cnx, asked, exc)
+    except Exception as exc:
+        _log(cr, query, exc, log_exceptions)
+        raise
+    return stock(cr, query, params, log_exceptions)
+
+
+def _log(cr, query, exc, log_exceptions):
+    # What Odoo's execute logs itself (we asked it not to, to stay silent on a retry).
+    if log_exceptions:
+        _logger.error("bad query: %s\nERROR: %s", getattr(cr._obj, 'query', None) or query, exc)
+
+
+def _replace(cr, dead, asked, exc):
+    """Move Odoo's cursor ``cr`` from the ``dead`` connection to a new one."""
+    pool = cr._Cursor__pool
+    characteristics = dict(isolation_level=dead.isolation_level, readonly=dead.readonly,
+                           deferrable=dead.deferrable)
+    try:
+        cr._obj.close()
+    except psycopg2.Error:
+        pass
+    pool.give_back(dead, keep_in_pool=False)
+    cr._cnx = pool.borrow(asked)    # raises if none comes: cr keeps the closed one
+    cr._cnx.set_session(**characteristics)
+    cr._obj = cr._cnx.cursor()
+    stats = getattr(getattr(cr._cnx, '_dbp_pool', None), 'stats', None)
+    if stats is not None:
+        stats.first_statement_retries += 1
+    _logger.info('db_pooling: the connection lent for database %r was closed by the server '
+                 'before its first statement (%s); sent that statement again on a new '
+                 'connection', cr.dbname, str(exc).strip().splitlines()[0] if str(exc) else exc)
+    cr._cnx._dbp_asked = None

@@ -1,0 +1,356 @@
+"""Waiting through a PostgreSQL outage: one prober per server, borrowers wait for it.
+
+When opening a connection fails because the server is restarting, shutting
+down, starting up, recovering from a crash, or (for a server this instance has
+reached before) refusing connections, the borrower does not fail at once: it
+waits for the server to come back, up to ``db_pool_wait_timeout`` from the
+start of its borrow, then fails with an error naming the server, since when it
+is down and the last error. Only one process per instance, and one thread in
+it, tries to connect meanwhile (the *prober*); the others watch its row.
+
+Protocol: one row per server in the outage region of :mod:`.shared_state`
+(``OUT_BASE + i * U_FIELDS``; a process-local copy when the shared state is off).
+Every write is made under ``SharedState.locked()``; the reads outside it are
+hints that the locked step re-checks.
+
+    fields   U_IDENT     server identity (host and port hash, 0: free row)
+             U_DOWN      wall ms the outage was first seen; 0: up
+             U_PROBER    process row + 1 of the prober; 0: none
+             U_UNTIL     wall ms its lease ends (renewed at every attempt)
+             U_ERROR     kind of the last failure (index in KINDS)
+             U_GEN       outages ended: +1 each time the server is seen up again
+             U_REACHED   1 once any process connected to it (refusals count as an
+                         outage only then: a wrong port still fails at once)
+
+    UP -> DOWN        a connect failed with an outage error: the failing process
+                      sets U_DOWN, becomes the prober (U_PROBER, U_UNTIL).
+    DOWN, prober      one thread of the prober's process connects after a backoff
+                      (BACKOFF doubling to BACKOFF_MAX, +-25% jitter); a failure
+                      renews the lease and records the error kind.
+    DOWN, others      never connect; re-read the row every WAIT_POLL (jittered);
+                      take the lease when it has expired or its holder's row is
+                      not alive (crash, SIGKILL: the liveness lock is gone).
+    DOWN -> UP        any connect that succeeds (the prober's, or a process that
+                      has not looked yet): U_DOWN = 0, U_PROBER = 0, U_GEN += 1.
+    give up           a borrower past its deadline raises; the row stays DOWN
+                      and another process takes the lease when it needs one.
+
+A crash at any step leaves at worst a row DOWN with a dead prober, which the
+next waiter takes over at once. Connections opened before an outage ended
+(their ``_dbp_gen`` differs from ``U_GEN``) are dropped when next reused or
+swept, not discovered one request at a time.
+"""
+import hashlib
+import os
+import random
+import threading
+import time
+import weakref
+
+import psycopg2
+
+from . import shared_state as ss
+
+BACKOFF = 0.05          # first retry of the prober, seconds
+BACKOFF_MAX = 1.0       # longest pause between two attempts
+WAIT_POLL = 0.05        # how often a waiting borrower re-reads the row
+LEASE = 5.0             # seconds a prober that stopped trying keeps the lease
+
+KINDS = ('failed', 'shutting down', 'starting up', 'in recovery', 'not accepting connections',
+         'closed the connection', 'refused the connection', 'unreachable')
+# libpq's texts (the server's, in English: a translated lc_messages is only caught by the
+# client-side errors below) -> kind. Checked in this order.
+_OUTAGE_TEXTS = (
+    ('the database system is shutting down', 1),
+    ('the database system is starting up', 2),
+    ('the database system is in recovery mode', 3),
+    ('the database system is not yet accepting connections', 4),
+    ('the database system is not accepting connections', 4),
+    ('terminating connection due to administrator command', 1),
+    ('server closed the connection unexpectedly', 5),
+    ('could not receive data from server', 5),
+    ('ssl syscall error: eof detected', 5),
+    ('ssl connection has been closed unexpectedly', 5),
+)
+# Errors that also mean "nobody listens" on a wrong host or port: an outage only for a
+# server reached before.
+_REFUSED_TEXTS = (
+    ('connection refused', 6), ('no such file or directory', 6), ('connection reset by peer', 5),
+    ('timeout expired', 7), ('no route to host', 7), ('network is unreachable', 7),
+)
+
+
+class OutageTimeout(psycopg2.OperationalError):
+    """The server stayed unreachable for the whole ``db_pool_wait_timeout``."""
+
+
+def classify(exc, reached):
+    """The kind of outage ``exc`` (a failed connect) shows, or None if it is no outage
+    (authentication, unknown database, TLS configuration...)."""
+    if not isinstance(exc, psycopg2.OperationalError):
+        return None
+    text = str(exc).lower()
+    for needle, kind in _OUTAGE_TEXTS:
+        if needle in text:
+            return kind
+    if reached:
+        for needle, kind in _REFUSED_TEXTS:
+            if needle in text:
+                return kind
+    return None
+
+
+def server_of(info):
+    """``host:port`` of a connection_info dict (its ``dsn`` URI included)."""
+    if 'dsn' in info:
+        from psycopg2.extensions import parse_dsn
+        info = dict(parse_dsn(info['dsn']), **{k: v for k, v in info.items() if k != 'dsn'})
+    host = info.get('hostaddr') or info.get('host') or 'local socket'
+    return f"{host}:{info.get('port') or 5432}"
+
+
+def ident(server):
+    return int.from_bytes(hashlib.sha1(server.encode()).digest()[:8], 'big') >> 2 or 1
+
+
+def now_ms():
+    return int(time.time() * 1000)
+
+
+class _LocalState:
+    """The outage rows of one process when the shared state is off."""
+
+    def __init__(self):
+        self.cells = [0] * (ss.N_OUT * ss.U_FIELDS)
+        self.base = 0
+        self.row = 0
+        self._lock = threading.RLock()
+
+    def locked(self):
+        return self
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self.cells
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+    def alive(self, row):
+        return True
+
+
+class _SharedRows:
+    """The outage rows of the shared state, seen by this process (``row``: its process row)."""
+
+    def __init__(self, budget):
+        self.budget = budget
+        self.cells = budget.state.cells
+        self.base = ss.OUT_BASE
+
+    @property
+    def row(self):
+        return self.budget.row
+
+    def locked(self):
+        return self.budget.state.locked()
+
+    def alive(self, row):
+        return self.budget.state.alive(row)
+
+
+class Outages:
+    """The outage rows of an instance, and the waiting borrowers of this process."""
+
+    def __init__(self, budget=None):
+        self.rows = _SharedRows(budget) if budget is not None else _LocalState()
+        self._index = {}                # server -> cell base of its row
+        self._probing = {}              # server -> threading.Lock: one prober thread here
+        self._reached = set()           # servers this process connected to
+        self._last_error = {}           # server -> last error text seen by this process
+        _all.add(self)
+
+    # ------------------------------------------------------------------ rows
+    def _base(self, server):
+        base = self._index.get(server)
+        if base is not None:
+            return base
+        key = ident(server)
+        rows = self.rows
+        with rows.locked() as cells:
+            free = None
+            for i in range(ss.N_OUT):
+                base = rows.base + i * ss.U_FIELDS
+                if cells[base + ss.U_IDENT] == key:
+                    break
+                if free is None and not cells[base + ss.U_IDENT]:
+                    free = base
+            else:
+                if free is None:        # more servers than rows: reuse an up row
+                    free = next((rows.base + i * ss.U_FIELDS for i in range(ss.N_OUT)
+                                 if not cells[rows.base + i * ss.U_FIELDS + ss.U_DOWN]),
+                                rows.base)
+                ss.clear(cells, free, ss.U_FIELDS)
+                cells[free + ss.U_IDENT] = key
+                base = free
+        self._index[server] = base
+        return base
+
+    def generation(self, server):
+        """(cell, value) of the server's outage generation, stamped on each new connection."""
+        cell = self._base(server) + ss.U_GEN
+        return cell, self.rows.cells[cell]
+
+    def down(self, server):
+        """Since when (wall seconds) ``server`` is known down, or None."""
+        base = self._index.get(server)
+        if base is None:
+            return None
+        since = self.rows.cells[base + ss.U_DOWN]
+        return since / 1000 if since else None
+
+    # ------------------------------------------------------------------ connecting
+    def connect(self, connect, server, deadline, timeout=None):
+        """``connect()`` to ``server``, waiting through an outage until ``deadline``
+        (monotonic). Errors that are no outage are raised at once."""
+        if time.monotonic() >= deadline:
+            return connect()        # db_pool_wait_timeout = 0, or spent: no waiting
+        base = self._base(server)
+        if not self.rows.cells[base + ss.U_DOWN]:
+            cnx = self._attempt(connect, server, base, self._was_reached(server, base))
+            if cnx is not None:
+                return cnx
+        return self._wait(connect, server, base, deadline, timeout)
+
+    def _attempt(self, connect, server, base, reached):
+        """``connect()`` once: the connection, or None after an outage error (the row
+        marked down, this process its prober if nobody was); other errors are raised."""
+        try:
+            cnx = connect()
+        except psycopg2.OperationalError as exc:
+            kind = classify(exc, reached)
+            if kind is None:
+                raise
+            self._last_error[server] = str(exc).strip()
+            self._mark_down(base, kind)
+            return None
+        self._up(server, base)
+        return cnx
+
+    def _was_reached(self, server, base):
+        return server in self._reached or bool(self.rows.cells[base + ss.U_REACHED])
+
+    def _up(self, server, base):
+        cells = self.rows.cells
+        if server not in self._reached:
+            self._reached.add(server)
+            if not cells[base + ss.U_REACHED]:
+                with self.rows.locked() as cells:
+                    cells[base + ss.U_REACHED] = 1
+        if cells[base + ss.U_DOWN]:
+            with self.rows.locked() as cells:
+                if cells[base + ss.U_DOWN]:
+                    cells[base + ss.U_DOWN] = 0
+                    cells[base + ss.U_PROBER] = 0
+                    cells[base + ss.U_UNTIL] = 0
+                    cells[base + ss.U_GEN] += 1
+        self._last_error.pop(server, None)
+
+    def _mark_down(self, base, kind):
+        rows = self.rows
+        me = rows.row + 1
+        with rows.locked() as cells:
+            if not cells[base + ss.U_DOWN]:
+                cells[base + ss.U_DOWN] = now_ms()
+                cells[base + ss.U_PROBER] = me
+            if cells[base + ss.U_PROBER] == me:       # the lease runs from the last try
+                cells[base + ss.U_UNTIL] = now_ms() + int(LEASE * 1000)
+            cells[base + ss.U_ERROR] = kind
+
+    def _take_lease(self, base):
+        """True if this process is (or just became) the prober of the row."""
+        rows = self.rows
+        cells = rows.cells
+        me = rows.row + 1
+        prober = cells[base + ss.U_PROBER]
+        if prober == me:
+            return True
+        if prober and cells[base + ss.U_UNTIL] > now_ms() and rows.alive(prober - 1):
+            return False
+        with rows.locked() as cells:
+            prober = cells[base + ss.U_PROBER]
+            if prober != me and prober and cells[base + ss.U_UNTIL] > now_ms() and \
+                    rows.alive(prober - 1):
+                return False
+            if not cells[base + ss.U_DOWN]:
+                return False
+            cells[base + ss.U_PROBER] = me
+            cells[base + ss.U_UNTIL] = now_ms() + int(LEASE * 1000)
+        return True
+
+    def _wait(self, connect, server, base, deadline, timeout):
+        cells = self.rows.cells
+        probing = self._probing.setdefault(server, threading.Lock())
+        pause = BACKOFF
+        next_try = 0.0
+        while True:
+            if not cells[base + ss.U_DOWN]:     # up again: connect ourselves
+                cnx = self._attempt(connect, server, base, True)
+                if cnx is not None:
+                    return cnx
+            elif time.monotonic() >= next_try and self._take_lease(base) and \
+                    probing.acquire(False):
+                try:
+                    cnx = self._attempt(connect, server, base, True)
+                finally:
+                    probing.release()
+                if cnx is not None:
+                    return cnx
+                next_try = time.monotonic() + pause * random.uniform(0.75, 1.25)
+                pause = min(pause * 2, BACKOFF_MAX)
+            now = time.monotonic()
+            if now >= deadline:
+                raise self._timeout(server, base, timeout)
+            time.sleep(min(WAIT_POLL * random.uniform(0.5, 1.5), max(deadline - now, 0.001)))
+
+    def _timeout(self, server, base, timeout):
+        cells = self.rows.cells
+        since = cells[base + ss.U_DOWN]
+        error = self._last_error.get(server) or \
+            f'the server {KINDS[cells[base + ss.U_ERROR]]} (seen by the prober process)'
+        when = time.strftime('%H:%M:%S', time.localtime(since / 1000)) if since else '?'
+        return OutageTimeout(
+            f'db_pooling: the PostgreSQL server {server} has been unavailable since {when} '
+            f'and did not come back within db_pool_wait_timeout = {timeout if timeout is not None else "?"} s. '
+            f'Last error: {error.splitlines()[0] if error else "?"}. Check that PostgreSQL '
+            f'runs and accepts connections (its log says why it stopped); raise '
+            f'db_pool_wait_timeout to ride out longer restarts or failovers.')
+
+
+_LOCAL = [None]
+_all = weakref.WeakSet()
+
+
+def outages_for(budget):
+    """The :class:`Outages` of ``budget``'s shared state (or of this process without one)."""
+    if budget is not None:
+        outages = budget.__dict__.get('outages')
+        if outages is None:
+            outages = budget.outages = Outages(budget)
+        return outages
+    if _LOCAL[0] is None:
+        _LOCAL[0] = Outages()
+    return _LOCAL[0]
+
+
+def _after_fork_in_child():
+    # A thread of the parent may have held these locks at fork time; the child's
+    # threads start afresh (the rows in shared memory stay, with the parent as prober).
+    for outages in list(_all):
+        outages._probing = {}
+        outages._last_error = {}
+        if isinstance(outages.rows, _LocalState):
+            outages.rows._lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
