@@ -632,7 +632,8 @@ def session_meta(cnx, app=''):
         params = cnx._dbp_params = session_params(cnx)
     return {'params': params, 'app': app or cnx.info.parameter_status('application_name') or '',
             'pid': cnx._dbp_pid, 'born': cnx._dbp_born,
-            'expires': cnx._dbp_expires, 'reuses': cnx._dbp_reuses}
+            'expires': cnx._dbp_expires, 'reuses': cnx._dbp_reuses,
+            'gen': [cnx._dbp_gen_cell, cnx._dbp_gen]}    # (see outage; same shared state)
 
 
 def session_params(cnx):

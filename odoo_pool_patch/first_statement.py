@@ -12,8 +12,11 @@ new connection and that statement is sent again, once. Never anything else:
   uncommitted can be lost), the session is clean (``_dbp_dirty``: no SET that
   the new connection would lack), and not in autocommit (a statement the dead
   server may have committed is never sent twice);
-- only when the error left the connection closed (server gone, backend
-  terminated); any other error is raised as Odoo raises it.
+- only when the ``BEGIN`` psycopg2 sends before it, in a round trip of its
+  own, is what failed on a connection the server closed (``closed == 2`` and
+  ``status`` still READY): the statement never left. A statement killed while
+  it ran (``status`` BEGIN) may have done anything, COMMIT included, and fails
+  as in stock Odoo; so does a connection the pool closed (``close_db``).
 
 Installed on ``odoo.sql_db.Cursor`` by :mod:`.odoo_install`; the cost on every
 later statement is one attribute read.
@@ -52,13 +55,16 @@ def uninstall(cursor_class):
 def _first(cr, stock, query, params, log_exceptions):
     cnx = cr._cnx
     asked, cnx._dbp_asked = cnx._dbp_asked, None
-    retry = cnx.status == STATUS_READY and not cnx._dbp_dirty and not cnx.autocommit
+    retry = cnx.status == STATUS_READY and not cnx._dbp_dirty and not cnx.autocommit and \
+        not cnx.closed
     if not retry:
         return stock(cr, query, params, log_exceptions)
     try:
         return stock(cr, query, params, False)
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        if not cnx.closed or cr._cnx is not cnx or cr._closed:
+    except psycopg2.OperationalError as exc:
+        # BEGIN failed (status still READY) because the server closed the connection
+        # (closed == 2, not our close_all's 1): the statement never reached the server.
+        if cnx.closed != 2 or cnx.status != STATUS_READY or cr._cnx is not cnx or cr._closed:
             _log(cr, query, exc, log_exceptions)
             raise
         _replace(cr, cnx, asked, exc)
@@ -91,6 +97,6 @@ def _replace(cr, dead, asked, exc):
     if stats is not None:
         stats.first_statement_retries += 1
     _logger.info('db_pooling: the connection lent for database %r was closed by the server '
-                 'before its first statement (%s); sent that statement again on a new '
+                 'before its first statement reached it (%s); sent that statement on a new '
                  'connection', cr.dbname, str(exc).strip().splitlines()[0] if str(exc) else exc)
     cr._cnx._dbp_asked = None

@@ -6,7 +6,9 @@ reached before) refusing connections, the borrower does not fail at once: it
 waits for the server to come back, up to ``db_pool_wait_timeout`` from the
 start of its borrow, then fails with an error naming the server, since when it
 is down and the last error. Only one process per instance, and one thread in
-it, tries to connect meanwhile (the *prober*); the others watch its row.
+it, tries to connect meanwhile (the *prober*); the others watch its row, and
+borrowers that would open a connection wait before they take a budget slot.
+Replicas have no row: the router bans them and moves on.
 
 Protocol: one row per server in the outage region of :mod:`.shared_state`
 (``OUT_BASE + i * U_FIELDS``; a process-local copy when the shared state is off).
@@ -18,27 +20,35 @@ hints that the locked step re-checks.
              U_PROBER    process row + 1 of the prober; 0: none
              U_UNTIL     wall ms its lease ends (renewed at every attempt)
              U_ERROR     kind of the last failure (index in KINDS)
-             U_GEN       outages ended: +1 each time the server is seen up again
+             U_GEN       restarts seen: +1 when the server comes back with another
+                         postmaster start time than U_STARTED (restart, failover)
              U_REACHED   1 once any process connected to it (refusals count as an
                          outage only then: a wrong port still fails at once)
+             U_STARTED   pg_postmaster_start_time() in microseconds, as last read
+    header   H_OUTAGES   rows DOWN: the one cell a borrower reads (lock-free)
 
     UP -> DOWN        a connect failed with an outage error: the failing process
-                      sets U_DOWN, becomes the prober (U_PROBER, U_UNTIL).
+                      sets U_DOWN, becomes the prober (U_PROBER, U_UNTIL),
+                      H_OUTAGES += 1.
     DOWN, prober      one thread of the prober's process connects after a backoff
                       (BACKOFF doubling to BACKOFF_MAX, +-25% jitter); a failure
-                      renews the lease and records the error kind.
+                      renews the lease and records the error kind. When the last
+                      waiter of the prober's process leaves (served elsewhere,
+                      timed out, interrupted) it clears U_PROBER.
     DOWN, others      never connect; re-read the row every WAIT_POLL (jittered);
-                      take the lease when it has expired or its holder's row is
-                      not alive (crash, SIGKILL: the liveness lock is gone).
-    DOWN -> UP        any connect that succeeds (the prober's, or a process that
-                      has not looked yet): U_DOWN = 0, U_PROBER = 0, U_GEN += 1.
+                      take the lease when it is free, expired (LEASE after the
+                      last attempt) or its holder's row is not alive (crash,
+                      SIGKILL: the liveness lock is gone).
+    DOWN -> UP        any connect that succeeds: U_DOWN = 0, U_PROBER = 0,
+                      H_OUTAGES -= 1; U_GEN += 1 if U_STARTED changed.
     give up           a borrower past its deadline raises; the row stays DOWN
                       and another process takes the lease when it needs one.
 
 A crash at any step leaves at worst a row DOWN with a dead prober, which the
-next waiter takes over at once. Connections opened before an outage ended
-(their ``_dbp_gen`` differs from ``U_GEN``) are dropped when next reused or
-swept, not discovered one request at a time.
+next waiter takes over at once. Connections opened before a restart (their
+``_dbp_gen`` differs from ``U_GEN``) are dropped when next reused, taken or
+swept, not discovered one request at a time; a connect refused once by a load
+balancer, with the server never restarted, drops nothing.
 """
 import hashlib
 import os
@@ -54,7 +64,7 @@ from . import shared_state as ss
 BACKOFF = 0.05          # first retry of the prober, seconds
 BACKOFF_MAX = 1.0       # longest pause between two attempts
 WAIT_POLL = 0.05        # how often a waiting borrower re-reads the row
-LEASE = 5.0             # seconds a prober that stopped trying keeps the lease
+LEASE = 2 * BACKOFF_MAX  # seconds a prober that stopped trying keeps the lease
 
 KINDS = ('failed', 'shutting down', 'starting up', 'in recovery', 'not accepting connections',
          'closed the connection', 'refused the connection', 'unreachable')
@@ -86,10 +96,13 @@ class OutageTimeout(psycopg2.OperationalError):
 
 def classify(exc, reached):
     """The kind of outage ``exc`` (a failed connect) shows, or None if it is no outage
-    (authentication, unknown database, TLS configuration...)."""
-    if not isinstance(exc, psycopg2.OperationalError):
+    (authentication, unknown database, TLS configuration, a standby without hot standby,
+    too many clients...)."""
+    if not isinstance(exc, psycopg2.OperationalError) or isinstance(exc, OutageTimeout):
         return None
     text = str(exc).lower()
+    if 'hot standby mode is disabled' in text:
+        return None
     for needle, kind in _OUTAGE_TEXTS:
         if needle in text:
             return kind
@@ -121,8 +134,9 @@ class _LocalState:
     """The outage rows of one process when the shared state is off."""
 
     def __init__(self):
-        self.cells = [0] * (ss.N_OUT * ss.U_FIELDS)
+        self.cells = [0] * (ss.N_OUT * ss.U_FIELDS + 1)
         self.base = 0
+        self.flag = ss.N_OUT * ss.U_FIELDS      # rows down (H_OUTAGES of the shared state)
         self.row = 0
         self._lock = threading.RLock()
 
@@ -147,6 +161,7 @@ class _SharedRows:
         self.budget = budget
         self.cells = budget.state.cells
         self.base = ss.OUT_BASE
+        self.flag = ss.H_OUTAGES
 
     @property
     def row(self):
@@ -164,18 +179,23 @@ class Outages:
 
     def __init__(self, budget=None):
         self.rows = _SharedRows(budget) if budget is not None else _LocalState()
+        self.cells, self.flag = self.rows.cells, self.rows.flag
         self._index = {}                # server -> cell base of its row
         self._probing = {}              # server -> threading.Lock: one prober thread here
+        self._waiting = {}              # server -> borrowers of this process in _wait
+        self._count_lock = threading.Lock()
         self._reached = set()           # servers this process connected to
         self._last_error = {}           # server -> last error text seen by this process
         _all.add(self)
 
     # ------------------------------------------------------------------ rows
     def _base(self, server):
-        base = self._index.get(server)
-        if base is not None:
-            return base
+        """The cell base of ``server``'s row (found or claimed; checked on every use:
+        with more servers than rows, another process may have reused it)."""
         key = ident(server)
+        base = self._index.get(server)
+        if base is not None and self.cells[base + ss.U_IDENT] == key:
+            return base
         rows = self.rows
         with rows.locked() as cells:
             free = None
@@ -190,6 +210,8 @@ class Outages:
                     free = next((rows.base + i * ss.U_FIELDS for i in range(ss.N_OUT)
                                  if not cells[rows.base + i * ss.U_FIELDS + ss.U_DOWN]),
                                 rows.base)
+                    if cells[free + ss.U_DOWN]:
+                        cells[rows.flag] -= 1
                 ss.clear(cells, free, ss.U_FIELDS)
                 cells[free + ss.U_IDENT] = key
                 base = free
@@ -197,30 +219,62 @@ class Outages:
         return base
 
     def generation(self, server):
-        """(cell, value) of the server's outage generation, stamped on each new connection."""
+        """(cell, value) of the server's restart generation, stamped on each new connection."""
         cell = self._base(server) + ss.U_GEN
-        return cell, self.rows.cells[cell]
+        return cell, self.cells[cell]
+
+    def any_down(self):
+        """Whether some server of the instance is down (one lock-free read)."""
+        return self.cells[self.flag] > 0
 
     def down(self, server):
         """Since when (wall seconds) ``server`` is known down, or None."""
         base = self._index.get(server)
         if base is None:
             return None
-        since = self.rows.cells[base + ss.U_DOWN]
+        since = self.cells[base + ss.U_DOWN]
         return since / 1000 if since else None
 
     # ------------------------------------------------------------------ connecting
+    def await_up(self, server, deadline, timeout=None):
+        """Before taking a slot: while ``server`` is down and another process (or another
+        thread here) probes it, wait without a slot; raise past ``deadline``."""
+        base = self._base(server)
+        cells, rows = self.cells, self.rows
+        probing = self._probing.get(server)
+        while cells[base + ss.U_DOWN]:
+            prober = cells[base + ss.U_PROBER]
+            if not prober or cells[base + ss.U_UNTIL] <= now_ms() or not rows.alive(prober - 1):
+                return                  # nobody probes: go and take the lease
+            if prober == rows.row + 1 and (probing is None or not probing.locked()):
+                return                  # our process's lease, no thread on it
+            now = time.monotonic()
+            if now >= deadline:
+                raise self._timeout(server, base, timeout)
+            time.sleep(min(WAIT_POLL * random.uniform(0.5, 1.5), max(deadline - now, 0.001)))
+
     def connect(self, connect, server, deadline, timeout=None):
         """``connect()`` to ``server``, waiting through an outage until ``deadline``
         (monotonic). Errors that are no outage are raised at once."""
-        if time.monotonic() >= deadline:
-            return connect()        # db_pool_wait_timeout = 0, or spent: no waiting
         base = self._base(server)
-        if not self.rows.cells[base + ss.U_DOWN]:
+        if time.monotonic() >= deadline:
+            if self.cells[base + ss.U_DOWN]:
+                raise self._timeout(server, base, timeout)
+            return connect()        # db_pool_wait_timeout = 0: no waiting
+        if not self.cells[base + ss.U_DOWN]:
             cnx = self._attempt(connect, server, base, self._was_reached(server, base))
             if cnx is not None:
                 return cnx
-        return self._wait(connect, server, base, deadline, timeout)
+        with self._count_lock:
+            self._waiting[server] = self._waiting.get(server, 0) + 1
+        try:
+            return self._wait(connect, server, base, deadline, timeout)
+        finally:
+            with self._count_lock:
+                self._waiting[server] -= 1
+                last = not self._waiting[server]
+            if last:
+                self._leave_lease(base)
 
     def _attempt(self, connect, server, base, reached):
         """``connect()`` once: the connection, or None after an outage error (the row
@@ -234,26 +288,32 @@ class Outages:
             self._last_error[server] = str(exc).strip()
             self._mark_down(base, kind)
             return None
-        self._up(server, base)
+        self._up(server, base, cnx)
         return cnx
 
     def _was_reached(self, server, base):
-        return server in self._reached or bool(self.rows.cells[base + ss.U_REACHED])
+        return server in self._reached or bool(self.cells[base + ss.U_REACHED])
 
-    def _up(self, server, base):
-        cells = self.rows.cells
-        if server not in self._reached:
-            self._reached.add(server)
-            if not cells[base + ss.U_REACHED]:
-                with self.rows.locked() as cells:
-                    cells[base + ss.U_REACHED] = 1
-        if cells[base + ss.U_DOWN]:
-            with self.rows.locked() as cells:
-                if cells[base + ss.U_DOWN]:
-                    cells[base + ss.U_DOWN] = 0
-                    cells[base + ss.U_PROBER] = 0
-                    cells[base + ss.U_UNTIL] = 0
-                    cells[base + ss.U_GEN] += 1
+    def _up(self, server, base, cnx):
+        cells = self.cells
+        first = server not in self._reached
+        if not (first or cells[base + ss.U_DOWN] or not cells[base + ss.U_STARTED]):
+            return
+        self._reached.add(server)
+        started = postmaster_started(cnx) if (cells[base + ss.U_DOWN] or
+                                              not cells[base + ss.U_STARTED]) else None
+        with self.rows.locked() as cells:
+            cells[base + ss.U_REACHED] = 1
+            if cells[base + ss.U_DOWN]:
+                cells[base + ss.U_DOWN] = 0
+                cells[base + ss.U_PROBER] = 0
+                cells[base + ss.U_UNTIL] = 0
+                cells[self.rows.flag] -= 1
+                if started is None or (cells[base + ss.U_STARTED] and
+                                       started != cells[base + ss.U_STARTED]):
+                    cells[base + ss.U_GEN] += 1     # restarted (or cannot tell): drop older
+            if started:
+                cells[base + ss.U_STARTED] = started
         self._last_error.pop(server, None)
 
     def _mark_down(self, base, kind):
@@ -263,9 +323,21 @@ class Outages:
             if not cells[base + ss.U_DOWN]:
                 cells[base + ss.U_DOWN] = now_ms()
                 cells[base + ss.U_PROBER] = me
+                cells[rows.flag] += 1
             if cells[base + ss.U_PROBER] == me:       # the lease runs from the last try
                 cells[base + ss.U_UNTIL] = now_ms() + int(LEASE * 1000)
             cells[base + ss.U_ERROR] = kind
+
+    def _leave_lease(self, base):
+        """The last waiter of this process left: free the lease for other processes."""
+        rows = self.rows
+        me = rows.row + 1
+        if self.cells[base + ss.U_PROBER] != me:
+            return
+        with rows.locked() as cells:
+            if cells[base + ss.U_PROBER] == me:
+                cells[base + ss.U_PROBER] = 0
+                cells[base + ss.U_UNTIL] = 0
 
     def _take_lease(self, base):
         """True if this process is (or just became) the prober of the row."""
@@ -289,7 +361,7 @@ class Outages:
         return True
 
     def _wait(self, connect, server, base, deadline, timeout):
-        cells = self.rows.cells
+        cells = self.cells
         probing = self._probing.setdefault(server, threading.Lock())
         pause = BACKOFF
         next_try = 0.0
@@ -314,17 +386,34 @@ class Outages:
             time.sleep(min(WAIT_POLL * random.uniform(0.5, 1.5), max(deadline - now, 0.001)))
 
     def _timeout(self, server, base, timeout):
-        cells = self.rows.cells
+        cells = self.cells
         since = cells[base + ss.U_DOWN]
         error = self._last_error.get(server) or \
             f'the server {KINDS[cells[base + ss.U_ERROR]]} (seen by the prober process)'
         when = time.strftime('%H:%M:%S', time.localtime(since / 1000)) if since else '?'
         return OutageTimeout(
             f'db_pooling: the PostgreSQL server {server} has been unavailable since {when} '
-            f'and did not come back within db_pool_wait_timeout = {timeout if timeout is not None else "?"} s. '
+            f'and did not come back within db_pool_wait_timeout = '
+            f'{timeout if timeout is not None else "?"} s. '
             f'Last error: {error.splitlines()[0] if error else "?"}. Check that PostgreSQL '
             f'runs and accepts connections (its log says why it stopped); raise '
             f'db_pool_wait_timeout to ride out longer restarts or failovers.')
+
+
+def postmaster_started(cnx):
+    """The server's start time in microseconds (one round trip), None if unknown."""
+    try:
+        with cnx.cursor() as cur:
+            cur.execute('SELECT (extract(epoch FROM pg_postmaster_start_time()) * 1e6)::bigint')
+            started = cur.fetchone()[0]
+        cnx.rollback()
+        return started
+    except psycopg2.Error:
+        try:
+            cnx.rollback()
+        except psycopg2.Error:
+            pass
+        return None
 
 
 _LOCAL = [None]

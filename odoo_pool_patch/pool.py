@@ -45,7 +45,7 @@ from .session_tracking import (SessionTracking, note_privileges, restore_charact
 from .exchange import gss_in_use, neutralize, offerable, session_meta, set_application_name
 from .tls import explain_failure, record as record_tls
 from .backend_exit import exited, finished, wait_exited
-from .outage import outages_for, server_of
+from .outage import OutageTimeout, outages_for, server_of
 from .parking import IN_FLIGHT
 from . import faults
 from . import maintenance
@@ -204,6 +204,7 @@ class ConnectionPool:
     timer_period = 1.0
     budget = None          # a SharedBudget: one connection budget for all processes
     router = None          # a replicas.Router: picks the server per borrow (replica routing)
+    _outages = None        # outage.Outages of the budget's state (or of this process)
 
     def __init__(self, maxconn=64, readonly=False, *, settings=None,
                  connection_factory=None, timer_period=None, budget=None):
@@ -273,6 +274,9 @@ class ConnectionPool:
         key = dsn_key(connection_info)
         holder = Holder(borrow_site())
         budget = self.budget
+        outages = self._outages or self._init_outages()
+        if outages.cells[outages.flag] and key not in self._idle:
+            self._await_server(outages, connection_info, key, holder)
         if budget is not None and budget.exchange is not None and key not in self._idle:
             self._await_in_use(budget.exchange, key)
         with self._lock:
@@ -335,6 +339,19 @@ class ConnectionPool:
                 self._release_grant_locked(grant)
             raise
         return self._open(connection_info, key, holder)
+
+    def _init_outages(self):
+        self._outages = outages_for(self.budget)
+        return self._outages
+
+    def _await_server(self, outages, connection_info, key, holder):
+        """A server of the instance is down: if it is ours and another process (or
+        thread) probes it, wait for it here, without taking a slot (see outage)."""
+        direct = self._direct_info(connection_info, key)
+        server = server_of(direct or connection_info)
+        if self.router is None or server not in self.router.replica_names:
+            outages.await_up(server, holder.since + self.settings.wait_timeout,
+                             self.settings.wait_timeout)
 
     def _await_in_use(self, exchange, key):
         """Wait up to ``AWAIT_BUSY`` for an idle connection to ``key`` when the budget is
@@ -768,10 +785,11 @@ class ConnectionPool:
         the borrow began (see :mod:`.outage`); a replica's failure is the router's to handle."""
         direct = self._direct_info(connection_info, key)
         info = direct or connection_info
-        outages = outages_for(self.budget)
+        outages = self._outages or self._init_outages()
         server = server_of(info)
+        replica = self.router is not None and server in self.router.replica_names
         try:
-            if self.router is not None and server in self.router.replica_names:
+            if replica:
                 cnx = psycopg2.connect(connection_factory=self.connection_factory, **info)
             else:
                 cnx = outages.connect(
@@ -786,15 +804,17 @@ class ConnectionPool:
                 if self._waiters:
                     self._hand_off_locked()
             explained = (explain_failure(exc, direct or connection_info)
-                         if isinstance(exc, psycopg2.OperationalError) else None)
+                         if isinstance(exc, psycopg2.OperationalError) and
+                         not isinstance(exc, OutageTimeout) else None)
             if explained:
                 _logger.warning('%s', explained)
                 raise psycopg2.OperationalError(explained) from exc
             _logger.info('Connection to the database failed')
             raise
         self.prepare_connection(cnx, key)
-        cnx._dbp_gen_cells = outages.rows.cells
-        cnx._dbp_gen_cell, cnx._dbp_gen = outages.generation(server)
+        if not replica:             # (a replica has no outage row: the router bans it)
+            cnx._dbp_gen_cells = outages.cells
+            cnx._dbp_gen_cell, cnx._dbp_gen = outages.generation(server)
         cnx._dbp_direct = (direct is not None) if self.settings.direct_host else None
         cnx._dbp_prefix = self._timeouts_prefix(key, holder)
         record_tls(cnx, direct or connection_info)
@@ -823,6 +843,14 @@ class ConnectionPool:
             cnx._dbp_born, cnx._dbp_expires, cnx._dbp_reuses, cnx._dbp_pid = \
                 meta['born'], meta['expires'], meta['reuses'], meta['pid']
             cnx._dbp_params = meta['params']
+            cnx._dbp_gen_cell, cnx._dbp_gen = meta.get('gen') or (None, 0)
+            if cnx._dbp_gen_cell is not None:
+                cnx._dbp_gen_cells = (self._outages or self._init_outages()).cells
+                if cnx._dbp_gen_cells[cnx._dbp_gen_cell] != cnx._dbp_gen:
+                    with self._lock:            # opened before its server's last outage:
+                        self._closing += 1      # closed with its slot, the caller opens one
+                    self._retire([cnx])
+                    return None
             cnx._dbp_cancel_info = connection_info     # for its cancel() (a shell's libpq cannot)
             cnx._dbp_direct = False if self.settings.direct_host else None
             cnx._dbp_prefix = self._timeouts_prefix(key, holder)

@@ -27,7 +27,8 @@ Layout (indexes into the int64 array)::
     lots     N_LOT rows       parking lots (see parking): owner token, database key hash,
                               connections parked, change counter, last two demands
     outages  N_OUT rows       per server: identity, down since, prober and its lease,
-                              last error kind, outages ended, reached once (see outage)
+                              last error kind, restarts seen, reached once, postmaster
+                              start time (see outage)
 
 With N_PROC = 512, N_WAIT = 1024, N_HIST = 720 (one sample per 5 s for
 an hour), N_SRV = 16, N_OFFER = 8, N_LOT = 32 and N_OUT = 16 the segment is
@@ -91,6 +92,7 @@ H_MAGIC, H_VERSION, H_BUDGET, H_CRON_RESERVE, H_TICKET, H_WAITING, H_LAST_REAP, 
 # that belong to no process
 # H_BELL: the maintenance threads' doorbell (see doorbell), rung when a borrower starts
 # waiting for the budget
+H_OUTAGES = 14          # outage rows down (see outage): borrowers look before taking a slot
 H_REAPED = 16           # + role * N_COUNTERS + counter: totals of processes that are gone
 HEADER = 80
 
@@ -145,7 +147,7 @@ OUT_BASE = LOT_BASE + N_LOT * K_FIELDS
 
 # outage rows (see outage): one per server connections are opened to
 N_OUT = 16
-U_IDENT, U_DOWN, U_PROBER, U_UNTIL, U_ERROR, U_GEN, U_REACHED = range(7)
+U_IDENT, U_DOWN, U_PROBER, U_UNTIL, U_ERROR, U_GEN, U_REACHED, U_STARTED = range(8)
 U_FIELDS = 8
 CELLS = OUT_BASE + N_OUT * U_FIELDS
 SIZE = CELLS * 8

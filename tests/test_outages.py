@@ -48,6 +48,7 @@ class Relay:
     def __init__(self, server):
         self.server = server
         self.accepted = 0
+        self.refuse = 0             # close that many next connections at once
         self.frozen_below = 0       # sessions numbered below this one are frozen
         self.listener = socket.create_server(('127.0.0.1', 0))
         self.port = self.listener.getsockname()[1]
@@ -64,6 +65,10 @@ class Relay:
                 return
             self.accepted += 1
             session = self.accepted
+            if self.refuse:
+                self.refuse -= 1
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection((self.server.host, self.server.port), 2)
             except OSError:
@@ -189,6 +194,76 @@ def test_idle_connections_opened_before_an_outage_are_dropped_once_it_ends(runni
         pool.give_back(other)
     finally:
         relay.close()
+
+
+def test_a_connect_refused_once_drops_no_connection(running, pools):
+    """A load balancer's hiccup (one connection closed at once, the server never
+    restarted) costs that borrower a retry, and nobody's idle connections."""
+    relay = Relay(running)
+    try:
+        pool = pools(8, settings=Settings(wait_timeout=20))
+        info = connection_info('127.0.0.1', relay.port)
+        first = [pool.borrow(info) for _ in range(4)]
+        pids = {cnx.get_backend_pid() for cnx in first}
+        for cnx in first:
+            pool.give_back(cnx)
+        relay.refuse = 1
+        other = pool.borrow(connection_info('127.0.0.1', relay.port, 'db2'))
+        assert relay.refuse == 0                    # control: it was refused once
+        again = [pool.borrow(info) for _ in range(4)]
+        assert {cnx.get_backend_pid() for cnx in again} == pids
+        for cnx in again + [other]:
+            pool.give_back(cnx)
+    finally:
+        relay.close()
+
+
+def _give_up_then_linger(port, path):
+    pool = ConnectionPool(2, settings=Settings(wait_timeout=1.5),
+                          budget=SharedBudget(ss.SharedState(path), 6))
+    try:
+        pool.borrow(connection_info('127.0.0.1', port))
+        outcome = 'connected'
+    except OutageTimeout:
+        outcome = 'timed out'
+    time.sleep(4)               # alive, not borrowing: its lease must not hold others up
+    return outcome
+
+
+def test_a_prober_that_gave_up_leaves_the_lease_to_others(running, tmp_path):
+    path = str(tmp_path / 'state')
+    info = connection_info(running.host, running.port)
+    pool = ConnectionPool(2, settings=Settings(wait_timeout=20),
+                          budget=SharedBudget(ss.SharedState(path), 6))
+    try:
+        pool.give_back(pool.borrow(info))
+        running.stop()
+        child = fork(_give_up_then_linger, running.port, path)
+        time.sleep(2.2)                             # the child has timed out, lingers
+        running.start()
+        started = time.monotonic()
+        pool.give_back(pool.borrow(info))   # a dead idle one, then an open: no lease wait
+        assert time.monotonic() - started < 0.8
+        assert collect(*child) == 'timed out'
+    finally:
+        pool.shutdown()
+
+
+def test_what_is_no_outage_fails_at_once():
+    from odoo_pool_patch.outage import classify
+    standby = psycopg2.OperationalError(
+        'connection to server at "db" (10.0.0.5), port 5432 failed: FATAL:  the database '
+        'system is not accepting connections\nDETAIL:  Hot standby mode is disabled.')
+    assert classify(standby, True) is None
+    for text in ('FATAL:  password authentication failed for user "odoo"',
+                 'FATAL:  database "nope" does not exist',
+                 'FATAL:  sorry, too many clients already'):
+        assert classify(psycopg2.OperationalError(text), True) is None
+    assert classify(psycopg2.OperationalError('FATAL:  the database system is starting up'),
+                    False) == 2
+    refused = psycopg2.OperationalError('connection to server at "127.0.0.1", port 1 failed: '
+                                        'Connection refused')
+    assert classify(refused, False) is None and classify(refused, True) == 6
 
 
 def _worker(port, path, until, log):

@@ -2,6 +2,7 @@
 transparently (odoo_pool_patch.first_statement); one that dies later fails as in
 stock Odoo. Real backends terminated with pg_terminate_backend."""
 import contextlib
+import threading
 import time
 
 import psycopg2
@@ -11,10 +12,8 @@ from odoo.modules.registry import Registry
 from odoo.tests import common
 
 
-def terminate(cr):
-    """Terminate the backend behind Odoo cursor ``cr`` from another session; wait
-    until it is gone."""
-    pid = cr._cnx.get_backend_pid()
+def terminate_pid(pid):
+    """Terminate backend ``pid`` from another session; wait until it is gone."""
     info = dict(sql_db.connection_info_for(common.get_db_name())[1])
     info.pop('application_name', None)
     killer = psycopg2.connect(**info)
@@ -30,6 +29,12 @@ def terminate(cr):
                 time.sleep(0.02)
     finally:
         killer.close()
+
+
+def terminate(cr):
+    """Terminate the backend behind Odoo cursor ``cr``; its pid."""
+    pid = cr._cnx.get_backend_pid()
+    terminate_pid(pid)
     return pid
 
 
@@ -69,4 +74,25 @@ class TestFirstStatement(common.BaseCase):
             cr._cnx.autocommit = True
             terminate(cr)
             with self.assertRaises(psycopg2.OperationalError):
+                cr.execute('SELECT 1')
+
+    def test_first_statement_killed_while_running_is_not_sent_again(self):
+        """Killed during the statement (not before it): it may have written, even
+        committed, so it fails as in stock Odoo instead of running twice."""
+        with doomed_cursor() as cr:
+            pid = cr._cnx.get_backend_pid()
+            killer = threading.Timer(0.5, terminate_pid, (pid,))
+            killer.start()
+            started = time.monotonic()
+            try:
+                with self.assertRaises(psycopg2.OperationalError):
+                    cr.execute('SELECT pg_sleep(3)')
+            finally:
+                killer.join()
+            self.assertLess(time.monotonic() - started, 2.5)   # not re-run for 3 s more
+
+    def test_connection_closed_by_close_db_is_not_replaced(self):
+        with doomed_cursor() as cr:
+            sql_db.close_db(common.get_db_name())
+            with self.assertRaises(psycopg2.InterfaceError):
                 cr.execute('SELECT 1')
