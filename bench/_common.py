@@ -140,3 +140,15 @@ def merge_rounds(label, runs, worst=('peak', 'at_rest'), total=('errors', 'reque
                 row[name][key] = row[name].get(key, 0) + n
     row['runs'] = [{k: v for k, v in r.items() if k != 'samples'} for r in runs]
     return row
+
+
+def odoo_tree(path=None):
+    """(tree, why not): the Odoo tree a benchmark runs on: ``path`` (--odoo), else
+    ODOO_PATH, else the newest /opt/odoo tree; (None, reason) when there is none."""
+    from odoo_pool_patch.odoo_runner import available_trees, find_odoo
+    if path:
+        return find_odoo(path), ''
+    trees, why_not = available_trees()
+    if not trees:
+        return None, why_not
+    return (trees[0] if os.environ.get('ODOO_PATH') else trees[-1]), ''

@@ -42,11 +42,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import print_table, write_json  # noqa: E402
+from bench._common import odoo_tree, print_table, write_json  # noqa: E402
 from odoo_pool_patch.demo import error_kind, odoo_databases  # noqa: E402
 from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
 from odoo_pool_patch.embedded_pgbouncer import PgBouncer  # noqa: E402
-from odoo_pool_patch.odoo_runner import OdooServer, available_trees, find_odoo  # noqa: E402
+from odoo_pool_patch.odoo_runner import OdooServer  # noqa: E402
 
 import psycopg2  # noqa: E402
 
@@ -231,19 +231,16 @@ def run_arm(tree, cluster, replica, workdir, databases, arm, args, number):
         cluster.restart('fast')
         phases[-1] = ('restart', phases[-1][1], time.time())
         phase('after-restart', args.after)
-        if replica is not None and arm != 'pgbouncer':
+        for name, stopped in (('replica', replica if arm != 'pgbouncer' else None),
+                              ('primary', cluster)):
+            if stopped is None:
+                continue
             began = time.time()
-            replica.stop()
+            stopped.stop()
             time.sleep(args.outage)
-            replica.start()
-            phases.append(('replica', began, time.time()))
-            phase('after-replica', args.after)
-        began = time.time()
-        cluster.stop()
-        time.sleep(args.outage)
-        cluster.start()
-        phases.append(('primary', began, time.time()))
-        phase('after-primary', args.after)
+            stopped.start()
+            phases.append((name, began, time.time()))
+            phase('after-' + name, args.after)
         load.finish()
         sampler.close()
         lost, duplicated, misplaced = audit(cluster, databases, label, load.acked)
@@ -290,14 +287,10 @@ def main(argv=None):
     parser.add_argument('--odoo', help='Odoo source tree (default: ODOO_PATH, else newest)')
     parser.add_argument('--json', default=None)
     args = parser.parse_args(argv)
-    if args.odoo:
-        tree = find_odoo(args.odoo)
-    else:
-        trees, why_not = available_trees()
-        if not trees:
-            print(f'n/a: {why_not}')
-            return 0
-        tree = trees[0] if os.environ.get('ODOO_PATH') else trees[-1]
+    tree, why_not = odoo_tree(args.odoo)
+    if tree is None:
+        print(f'n/a: {why_not}')
+        return 0
     arms = [a for a in args.arms.split(',') if a]
     cluster = Cluster('chaos').init().start()
     replica = None

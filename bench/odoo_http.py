@@ -24,12 +24,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import (ServerCounters, latency_figures, print_table,  # noqa: E402
+from bench._common import (ServerCounters, latency_figures, odoo_tree, print_table,  # noqa: E402
                            merge_rounds, sessions_opened, write_json)
 from odoo_pool_patch.embedded_pgbouncer import PgBouncer  # noqa: E402
 from odoo_pool_patch.demo import _drive_odoo, odoo_databases  # noqa: E402
 from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
-from odoo_pool_patch.odoo_runner import OdooServer, available_trees, find_odoo  # noqa: E402
+from odoo_pool_patch.odoo_runner import OdooServer  # noqa: E402
 
 ARMS = ('stock', 'db_pooling', 'pgbouncer')
 # More db_pooling arms, on demand (--arms): odoo.conf options on top of the defaults;
@@ -119,14 +119,10 @@ def main(argv=None):
     parser.add_argument('--json', default=None)
     args = parser.parse_args(argv)
     args.rest = args.rest if args.rest is not None else 2 * args.idle_timeout + 1.5
-    if args.odoo:
-        tree = find_odoo(args.odoo)
-    else:
-        trees, why_not = available_trees()
-        if not trees:
-            print(f'n/a: {why_not}')
-            return 0
-        tree = trees[0] if os.environ.get('ODOO_PATH') else trees[-1]
+    tree, why_not = odoo_tree(args.odoo)
+    if tree is None:
+        print(f'n/a: {why_not}')
+        return 0
     arms = [a for a in args.arms.split(',') if a]
 
     cluster = Cluster('bench-http').init().start()

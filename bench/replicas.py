@@ -34,7 +34,6 @@ import random
 import signal
 import sys
 import tempfile
-import threading
 import time
 import json
 

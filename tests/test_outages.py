@@ -1,6 +1,5 @@
 """Waiting through PostgreSQL outages (outage.py): real servers stopped and restarted,
 real forked processes, a TCP relay that counts the connection attempts."""
-import os
 import socket
 import threading
 import time
