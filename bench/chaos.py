@@ -8,12 +8,14 @@ interleaved over --rounds):
   pgbouncer   stock Odoo through PgBouncer in transaction mode (its defaults; no replica)
 
 Load: --clients threads on --databases databases of a prefork server (--workers HTTP workers
-+ 1 cron). Each writes a record with a unique name (sessionless JSON-RPC ``create``), then
-reads it back in another request through a logged-in web session (``call_kw search_read``,
-the web client's route: on Odoo 18+ a read-only one, served by the replica when there is
-one). A write is *acknowledged* when its response came back.
++ 1 cron), each logged in to every database as the web client is. Each writes a record with
+a unique name (``/web/dataset/call_kw`` ``create``), then reads it back in another request
+(``search_read``: on Odoo 18+ a read-only route, served by the replica when there is one).
+A write is *acknowledged* when its response came back.
 
-Phases, in order (a failed request is counted in the phase it failed in):
+Phases, in order. A failed request counts in the phase it failed in; for a server stop
+or restart, in that phase when it began before the server was back (it was in flight or
+waited through the outage), in the after- phase when it began after:
   calm          nothing happens
   worker-kill   an HTTP worker SIGKILLed every second
   backend-kill  an Odoo backend terminated (pg_terminate_backend) every 0.5 s
@@ -26,7 +28,9 @@ Phases, in order (a failed request is counted in the phase it failed in):
 
 Audit, at the end of every arm, in every database: each acknowledged record exactly once
 (``lost``: missing, ``dup``: more than once) and in its own database (``misplaced``);
-``wrong reads``: a read-back that did not return exactly the record written.
+``wrong reads``: a read-back that returned another record; ``stale reads``: one that found
+nothing yet (a replica behind the session's own write: stock Odoo reads from the replica
+whatever the session just wrote, db_pooling waits for it or reads from the primary).
 
 Run: python bench/chaos.py   (Odoo from ODOO_PATH, else the newest /opt/odoo tree)
 """
@@ -56,7 +60,8 @@ PHASES = ('calm', 'worker-kill', 'backend-kill', 'restart', 'after-restart', 're
 COLUMNS = [('arm', 'arm', ''), ('requests', 'requests', 'd'), ('errors', 'errors', 'd'),
            *[(phase, phase, 'd') for phase in PHASES],
            ('lost', 'lost', 'd'), ('dup', 'dup', 'd'), ('misplaced', 'misplaced', 'd'),
-           ('wrong_reads', 'wrong reads', 'd'), ('peak', 'peak cnx', 'd')]
+           ('wrong_reads', 'wrong reads', 'd'), ('stale_reads', 'stale reads', 'd'),
+           ('peak', 'peak cnx', 'd')]
 
 
 class Sampler:
@@ -125,14 +130,16 @@ def terminate_one(cluster):
 
 
 class Load:
-    """The clients: write a unique record, read it back through a web session."""
+    """The clients, each logged in to every database as the web client is: write a
+    unique record (``call_kw create``), read it back in another request (``call_kw
+    search_read``). A session Odoo dropped (it could not reach the database) logs in
+    again, as a user would."""
 
     def __init__(self, server, databases, label, clients):
         self.server, self.databases, self.label = server, databases, label
-        self.uids = {db: server.login(db) for db in databases}
         self.sessions = [{db: server.session(db) for db in databases} for _ in range(clients)]
-        self.acked, self.requests, self.errors = [], [], []   # errors: (failed at, kind)
-        self.wrong_reads = 0
+        self.acked, self.requests, self.errors = [], [], []   # (started, failed, kind)
+        self.stale_reads = self.wrong_reads = 0
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._client, args=(n,), daemon=True)
                         for n in range(clients)]
@@ -146,33 +153,45 @@ class Load:
         for thread in self.threads:
             thread.join(180)
 
+    def _call(self, number, db, what, method, *args, **kwargs):
+        started = time.time()
+        self.requests.append(started)
+        try:
+            return self.sessions[number][db].call(
+                f'/web/dataset/call_kw/res.partner/{method}', model='res.partner',
+                method=method, args=list(args), kwargs=kwargs)
+        except Exception as exc:                # noqa: BLE001 - counted
+            self.errors.append((started, time.time(), f'{what} {error_kind(exc)}'))
+            if getattr(exc, 'code', None) == 404:       # the session lost its database
+                try:
+                    self.sessions[number][db] = self.server.session(db)
+                except Exception:               # noqa: BLE001 - next time
+                    pass
+            raise
+
     def _client(self, number):
-        rng, server = random.Random(number), self.server
+        rng = random.Random(number)
         sequence = 0
         while not self.stop.is_set():
             db = rng.choice(self.databases)
             name = f'chaos-{self.label}-{number}-{sequence}'
             sequence += 1
-            started = time.time()
-            self.requests.append(started)
             try:
-                record = server.execute(db, self.uids[db], 'admin', 'res.partner', 'create',
-                                        {'name': name})
-            except Exception as exc:            # noqa: BLE001 - counted
-                self.errors.append((time.time(), 'write ' + error_kind(exc)))
+                record = self._call(number, db, 'write', 'create', {'name': name})
+            except Exception:                   # noqa: BLE001 - counted
                 continue
+            if isinstance(record, list):
+                record = record[0]
             self.acked.append((db, name, record))
-            started = time.time()
-            self.requests.append(started)
             try:
-                rows = self.sessions[number][db].call(
-                    '/web/dataset/call_kw/res.partner/search_read', model='res.partner',
-                    method='search_read', args=[[['name', '=', name]]],
-                    kwargs={'fields': ['id'], 'context': {'active_test': False}})
-                if [row['id'] for row in rows] != [record]:
-                    self.wrong_reads += 1
-            except Exception as exc:            # noqa: BLE001 - counted
-                self.errors.append((time.time(), 'read ' + error_kind(exc)))
+                rows = self._call(number, db, 'read', 'search_read', [['name', '=', name]],
+                                  fields=['id'])
+            except Exception:                   # noqa: BLE001 - counted
+                continue
+            if not rows:
+                self.stale_reads += 1           # a replica that has not replayed it yet
+            elif [row['id'] for row in rows] != [record]:
+                self.wrong_reads += 1
 
 
 def audit(cluster, databases, label, acked):
@@ -251,15 +270,25 @@ def run_arm(tree, cluster, replica, workdir, databases, arm, args, number):
         if bouncer:
             bouncer.destroy()
     row = {'arm': arm, 'requests': sum(1 for t in load.requests if t >= measured_from),
-           'errors': sum(1 for t, _ in load.errors if t >= measured_from),
+           'errors': sum(1 for _, t, _ in load.errors if t >= measured_from),
            'lost': lost, 'dup': duplicated, 'misplaced': misplaced,
-           'wrong_reads': load.wrong_reads, 'peak': sampler.peak, 'kinds': {}}
+           'stale_reads': load.stale_reads, 'wrong_reads': load.wrong_reads,
+           'peak': sampler.peak, 'kinds': {}}
+    row['late'] = []        # what began once a server was back and failed: none, ideally
     for name, began, ended in phases:
-        row[name] = sum(1 for t, _ in load.errors if began <= t < ended)
+        if name in ('restart', 'replica', 'primary'):
+            failed = [kind for start, end, kind in load.errors if start < ended and end >= began]
+        elif name.startswith('after-'):     # began after the server was back, failed before
+            failed = [kind for start, end, kind in load.errors   # the next phase began
+                      if began <= start and end < ended]
+            row['late'] += [f'{name}: {kind}' for kind in failed]
+        else:
+            failed = [kind for _, end, kind in load.errors if began <= end < ended]
+        row[name] = len(failed)
     for name in PHASES:
         row.setdefault(name, None)
-    for started, kind in load.errors:
-        if started >= measured_from:
+    for _, failed_at, kind in load.errors:
+        if failed_at >= measured_from:
             row['kinds'][kind] = row['kinds'].get(kind, 0) + 1
     return row
 
