@@ -46,12 +46,6 @@ def install(cursor_class):
     cursor_class.execute = execute
 
 
-def uninstall(cursor_class):
-    stock = getattr(cursor_class.execute, '_dbp_stock', None)
-    if stock is not None:
-        cursor_class.execute = stock
-
-
 def _first(cr, stock, query, params, log_exceptions):
     cnx = cr._cnx
     asked, cnx._dbp_asked = cnx._dbp_asked, None

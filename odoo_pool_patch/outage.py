@@ -50,7 +50,6 @@ next waiter takes over at once. Connections opened before a restart (their
 swept, not discovered one request at a time; a connect refused once by a load
 balancer, with the server never restarted, drops nothing.
 """
-import hashlib
 import os
 import random
 import threading
@@ -122,10 +121,6 @@ def server_of(info):
     return f"{host}:{info.get('port') or 5432}"
 
 
-def ident(server):
-    return int.from_bytes(hashlib.sha1(server.encode()).digest()[:8], 'big') >> 2 or 1
-
-
 def now_ms():
     return int(time.time() * 1000)
 
@@ -192,7 +187,7 @@ class Outages:
     def _base(self, server):
         """The cell base of ``server``'s row (found or claimed; checked on every use:
         with more servers than rows, another process may have reused it)."""
-        key = ident(server)
+        key = ss.server_ident(server)
         base = self._index.get(server)
         if base is not None and self.cells[base + ss.U_IDENT] == key:
             return base
@@ -222,18 +217,6 @@ class Outages:
         """(cell, value) of the server's restart generation, stamped on each new connection."""
         cell = self._base(server) + ss.U_GEN
         return cell, self.cells[cell]
-
-    def any_down(self):
-        """Whether some server of the instance is down (one lock-free read)."""
-        return self.cells[self.flag] > 0
-
-    def down(self, server):
-        """Since when (wall seconds) ``server`` is known down, or None."""
-        base = self._index.get(server)
-        if base is None:
-            return None
-        since = self.cells[base + ss.U_DOWN]
-        return since / 1000 if since else None
 
     # ------------------------------------------------------------------ connecting
     def await_up(self, server, deadline, timeout=None):
@@ -398,6 +381,13 @@ class Outages:
             f'Last error: {error.splitlines()[0] if error else "?"}. Check that PostgreSQL '
             f'runs and accepts connections (its log says why it stopped); raise '
             f'db_pool_wait_timeout to ride out longer restarts or failovers.')
+
+
+def opened_before_restart(cnx):
+    """Whether ``cnx`` was opened before its server's last restart (its generation is
+    not its row's any more); False for one without a generation (a replica's)."""
+    cell = cnx._dbp_gen_cell
+    return cell is not None and cnx._dbp_gen_cells[cell] != cnx._dbp_gen
 
 
 def postmaster_started(cnx):

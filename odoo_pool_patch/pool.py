@@ -45,7 +45,7 @@ from .session_tracking import (SessionTracking, note_privileges, restore_charact
 from .exchange import gss_in_use, neutralize, offerable, session_meta, set_application_name
 from .tls import explain_failure, record as record_tls
 from .backend_exit import exited, finished, wait_exited
-from .outage import OutageTimeout, outages_for, server_of
+from .outage import OutageTimeout, opened_before_restart, outages_for, server_of
 from .parking import IN_FLIGHT
 from . import faults
 from . import maintenance
@@ -803,7 +803,7 @@ class ConnectionPool:
                     self.budget.release()
                 if self._waiters:
                     self._hand_off_locked()
-            explained = (explain_failure(exc, direct or connection_info)
+            explained = (explain_failure(exc, info)
                          if isinstance(exc, psycopg2.OperationalError) and
                          not isinstance(exc, OutageTimeout) else None)
             if explained:
@@ -817,7 +817,7 @@ class ConnectionPool:
             cnx._dbp_gen_cell, cnx._dbp_gen = outages.generation(server)
         cnx._dbp_direct = (direct is not None) if self.settings.direct_host else None
         cnx._dbp_prefix = self._timeouts_prefix(key, holder)
-        record_tls(cnx, direct or connection_info)
+        record_tls(cnx, info)
         with self._lock:
             self._opening -= 1
             self._book_locked(cnx, holder)
@@ -844,13 +844,12 @@ class ConnectionPool:
                 meta['born'], meta['expires'], meta['reuses'], meta['pid']
             cnx._dbp_params = meta['params']
             cnx._dbp_gen_cell, cnx._dbp_gen = meta.get('gen') or (None, 0)
-            if cnx._dbp_gen_cell is not None:
-                cnx._dbp_gen_cells = (self._outages or self._init_outages()).cells
-                if cnx._dbp_gen_cells[cnx._dbp_gen_cell] != cnx._dbp_gen:
-                    with self._lock:            # opened before its server's last outage:
-                        self._closing += 1      # closed with its slot, the caller opens one
-                    self._retire([cnx])
-                    return None
+            cnx._dbp_gen_cells = (self._outages or self._init_outages()).cells
+            if opened_before_restart(cnx):
+                with self._lock:                # closed with its slot, the caller opens one
+                    self._closing += 1
+                self._retire([cnx])
+                return None
             cnx._dbp_cancel_info = connection_info     # for its cancel() (a shell's libpq cannot)
             cnx._dbp_direct = False if self.settings.direct_host else None
             cnx._dbp_prefix = self._timeouts_prefix(key, holder)
@@ -1079,8 +1078,7 @@ class ConnectionPool:
         try:
             if is_dead(cnx):
                 raise psycopg2.OperationalError('closed by the server while idle')
-            if cnx._dbp_gen_cell is not None and \
-                    cnx._dbp_gen_cells[cnx._dbp_gen_cell] != cnx._dbp_gen:
+            if opened_before_restart(cnx):
                 raise psycopg2.OperationalError('opened before its server restarted')
             self._reset(cnx)
         except psycopg2.Error as exc:
@@ -1184,8 +1182,7 @@ class ConnectionPool:
         doomed, timed_out = [], []
         for stack in sorted(self._idle.values(), key=lambda st: st[0]._dbp_last_used):
             for cnx in list(stack):
-                if is_dead(cnx) or (cnx._dbp_gen_cell is not None and
-                                    cnx._dbp_gen_cells[cnx._dbp_gen_cell] != cnx._dbp_gen):
+                if is_dead(cnx) or opened_before_restart(cnx):
                     reason = 'closed_dead'
                 elif cnx._dbp_expires and cnx._dbp_expires <= now:
                     reason = 'closed_lifetime'

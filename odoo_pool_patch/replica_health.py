@@ -40,9 +40,8 @@ def now_ms():
 
 
 def ident(target):
-    """A stable 62-bit identity of a server, to notice a configuration change."""
-    import hashlib
-    return int.from_bytes(hashlib.sha1(target.name.encode()).digest()[:8], 'big') >> 2
+    """A stable identity of a server, to notice a configuration change."""
+    return ss.server_ident(target.name)
 
 
 class ServerTable:

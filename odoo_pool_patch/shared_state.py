@@ -155,6 +155,12 @@ SIZE = CELLS * 8
 ROLES = ('master', 'http', 'cron', 'gevent', 'threaded', 'other')
 
 
+def server_ident(name):
+    """A stable non-zero 62-bit identity of a server (``host:port``), stored in its
+    shared rows (replica health, outages) to notice that a row is another server's."""
+    return int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], 'big') >> 2 or 1
+
+
 def clear(cells, start, count):
     """Zero ``count`` cells from ``start`` (a freed process or waiter row)."""
     cells[start:start + count] = memoryview(bytes(count * 8)).cast('q')
