@@ -76,6 +76,21 @@ def _log(cr, query, exc, log_exceptions):
 
 def _replace(cr, dead, asked, exc):
     """Move Odoo's cursor ``cr`` from the ``dead`` connection to a new one."""
+    move_cursor(cr, dead, asked)
+    stats = getattr(getattr(cr._cnx, '_dbp_pool', None), 'stats', None)
+    if stats is not None:
+        stats.first_statement_retries += 1
+    _logger.info('db_pooling: the connection lent for database %r was closed by the server '
+                 'before its first statement reached it (%s); sent that statement on a new '
+                 'connection', cr.dbname, first_line(exc))
+    cr._cnx._dbp_asked = None
+
+
+def move_cursor(cr, dead, connection_info):
+    """Give Odoo's cursor ``cr`` a new connection for ``connection_info`` with the
+    session characteristics of ``dead`` (read-only on Odoo 18+, isolation level),
+    which goes back to the pool closed. Raises what the borrow raises: ``cr`` then
+    keeps the closed connection (closing it later is a no-op for the pool)."""
     pool = cr._Cursor__pool
     characteristics = dict(isolation_level=dead.isolation_level, readonly=dead.readonly,
                            deferrable=dead.deferrable)
@@ -84,13 +99,11 @@ def _replace(cr, dead, asked, exc):
     except psycopg2.Error:
         pass
     pool.give_back(dead, keep_in_pool=False)
-    cr._cnx = pool.borrow(asked)    # raises if none comes: cr keeps the closed one
+    cr._cnx = pool.borrow(connection_info)
     cr._cnx.set_session(**characteristics)
     cr._obj = cr._cnx.cursor()
-    stats = getattr(getattr(cr._cnx, '_dbp_pool', None), 'stats', None)
-    if stats is not None:
-        stats.first_statement_retries += 1
-    _logger.info('db_pooling: the connection lent for database %r was closed by the server '
-                 'before its first statement reached it (%s); sent that statement on a new '
-                 'connection', cr.dbname, str(exc).strip().splitlines()[0] if str(exc) else exc)
-    cr._cnx._dbp_asked = None
+
+
+def first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -12,7 +12,7 @@ its helpers testable) without Odoo.
 import logging
 import os
 
-from . import first_statement, list_dbs_cache
+from . import first_statement, list_dbs_cache, request_retry
 from .errors import ConfigError
 from .options import load_settings
 from .pool import ConnectionPool, Holder
@@ -95,6 +95,8 @@ def install(settings):
                            pool_class.budget.state if pool_class.budget else None)
     sql_db.ConnectionPool = pool_class
     first_statement.install(sql_db.Cursor)
+    from odoo.service import model as service_model
+    request_retry.install(service_model)
     for name in ('_Pool', '_Pool_readonly'):
         live = getattr(sql_db, name, None)
         if live is not None and not isinstance(live, ConnectionPool):

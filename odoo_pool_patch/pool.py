@@ -149,6 +149,9 @@ class PoolStats:
                  # Odoo cursors moved to a new connection when theirs died before its first
                  # statement (see first_statement)
                  'first_statement_retries',
+                 # requests run again on a new connection after the server closed theirs
+                 # with nothing committed (see request_retry)
+                 'request_retries',
                  # budget waiters served with a connection to their database given back by
                  # another thread of this process, instead of a new one
                  'handed_over',
@@ -260,7 +263,9 @@ class ConnectionPool:
         (on the server the router picks, when replica routing is on)."""
         cnx = (self.router.borrow(self, connection_info) if self.router is not None
                else self._borrow(connection_info))
-        cnx._dbp_asked = connection_info        # until its first statement (first_statement)
+        # connection_info until its first statement (first_statement), and for good
+        # (request_retry moves the cursor to a new connection with it).
+        cnx._dbp_asked = cnx._dbp_info = connection_info
         return cnx
 
     def _borrow(self, connection_info):

@@ -42,14 +42,17 @@ PREPARE = 1 << 6      # PREPARE name AS ... (not PREPARE TRANSACTION)
 LOAD = 1 << 7         # a loaded library cannot be unloaded: the connection is closed
 AUTOCOMMIT = 1 << 8   # the connection went to autocommit (client-side state psycopg2 resets)
 UNKNOWN = 1 << 9      # something we cannot clear narrowly: DISCARD ALL
+COMMITTED = 1 << 10   # COMMIT / END / PREPARE TRANSACTION sent as SQL: psycopg2 believes
+                      # a transaction is still open (the full reset), and what ran before
+                      # may be committed (request_retry never runs the request again)
 
 KINDS = {'set': SET, 'role': ROLE, 'listen': LISTEN, 'advisory': ADVISORY, 'temp': TEMP,
          'hold': HOLD, 'prepare': PREPARE, 'load': LOAD, 'autocommit': AUTOCOMMIT,
-         'unknown': UNKNOWN}
+         'unknown': UNKNOWN, 'committed': COMMITTED}
 # Kinds that only work in a real session: broken behind a transaction pooler.
 SESSION_ONLY = LISTEN | ADVISORY | HOLD | PREPARE
 # Kinds cleared by the full reset (psycopg2's reset(): ABORT + DISCARD ALL).
-FULL = AUTOCOMMIT | UNKNOWN
+FULL = AUTOCOMMIT | UNKNOWN | COMMITTED
 
 # Narrowest statements that clear each kind, in the order they must run (the
 # role first, so that RESET ALL and the rest run as the session user).
@@ -76,7 +79,7 @@ def narrow_reset(mask):
 # ------------------------------------------------------------------ fast check
 _HEAD = re.compile(r'\s*([A-Za-z]+)')
 _CANDIDATE_HEADS = frozenset(('SET', 'RESET', 'LISTEN', 'CREATE', 'DECLARE', 'PREPARE',
-                              'LOAD', 'DO', 'CALL', 'EXPLAIN'))
+                              'LOAD', 'DO', 'CALL', 'EXPLAIN', 'COMMIT', 'END'))
 
 
 def session_kinds(query):
@@ -146,6 +149,8 @@ def _statement_kinds(words, T):
         return LISTEN
     if first == 'LOAD':
         return LOAD
+    if first in ('COMMIT', 'END'):
+        return COMMITTED
     if first in ('DO', 'CALL'):
         return UNKNOWN       # runs code we cannot see into
     if first == 'EXPLAIN':   # EXPLAIN ANALYZE runs the statement
@@ -155,7 +160,7 @@ def _statement_kinds(words, T):
     if first == 'PREPARE':
         # Its EXECUTE runs the body later: what the body calls counts now.
         if second == 'TRANSACTION':
-            return 0
+            return COMMITTED    # another session may COMMIT PREPARED it
         return PREPARE | (_call_kinds(words, T) if T is not None else 0)  # (else: regexes)
     if first == 'DECLARE':
         keywords = [tok.normalized.upper() for tok in words if tok.is_keyword]
@@ -273,6 +278,8 @@ def confirm_without_sqlparse(query):
                 r'EXPLAIN\s*(?:\(\s*)?ANALY[SZ]E', text.upper())):
             mask |= UNKNOWN
             continue
+        if head == 'END' and mask & UNKNOWN:
+            continue            # the END of a DO block's body (split at its ';')
         if head in _CANDIDATE_HEADS:
             mask |= _statement_kinds(words, None) if head != 'DECLARE' else (
                 HOLD if re.search(r'\bWITH\s+HOLD\b', text.upper().split(' FOR ')[0]) else 0)

@@ -18,7 +18,9 @@ import psycopg2
 import psycopg2.extensions as ext
 import psycopg2.sql
 
-from .session_state import AUTOCOMMIT, HOLD, ROLE, SESSION_ONLY, UNKNOWN, names, session_kinds
+from . import request_retry
+from .session_state import (AUTOCOMMIT, COMMITTED, HOLD, ROLE, SESSION_ONLY, UNKNOWN, names,
+                            session_kinds)
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 
@@ -28,6 +30,9 @@ _cursor = ext.connection.cursor
 _executemany = ext.cursor.executemany
 _callproc = ext.cursor.callproc
 _autocommit = ext.connection.autocommit
+_commit = ext.connection.commit
+_tpc_prepare = ext.connection.tpc_prepare
+_tpc_commit = ext.connection.tpc_commit
 _set_session = ext.connection.set_session
 _set_isolation_level = ext.connection.set_isolation_level
 STATUS_READY = ext.STATUS_READY
@@ -101,6 +106,8 @@ class TrackingCursor(ext.cursor):
 
 def _note(cnx, kinds, text):
     cnx._dbp_dirty |= kinds
+    if kinds & COMMITTED:
+        request_retry.committed()
     if kinds & SESSION_ONLY and not cnx._dbp_direct:
         warn_if_pooled(cnx, kinds, text)
 
@@ -108,7 +115,9 @@ def _note(cnx, kinds, text):
 class SessionTracking:
     """Mixin for the pool's connection class: autocommit toggles mark it dirty
     (psycopg2's reset puts autocommit and the session characteristics back;
-    in autocommit mode set_session also changes server-side defaults)."""
+    in autocommit mode set_session also changes server-side defaults). A commit
+    sent and an autocommit toggle are told to :mod:`.request_retry`: the thread's
+    request must not run again."""
     _dbp_dirty = 0
     _dbp_auth = None        # privileges() when the pool got it (see privileges_changed)
     _dbp_prefix = ''
@@ -119,6 +128,7 @@ class SessionTracking:
     _dbp_gen_cell = None    # cells[cell] != gen once that server came back from an outage
     _dbp_gen = 0
     _dbp_asked = None       # connection_info of a borrow whose first statement has not run
+    _dbp_info = None        # connection_info of the borrow (request_retry)
 
     def get_backend_pid(self):
         # A connection taken from another process may sit in a psycopg2 object of an
@@ -141,17 +151,33 @@ class SessionTracking:
     def autocommit(self, value):
         if value:
             self._dbp_dirty |= AUTOCOMMIT
+            request_retry.committed()
         _autocommit.__set__(self, value)
 
     def set_session(self, isolation_level=None, readonly=None, deferrable=None, autocommit=None):
         if autocommit:
             self._dbp_dirty |= AUTOCOMMIT
+            request_retry.committed()
         return _set_session(self, isolation_level, readonly, deferrable, autocommit)
 
     def set_isolation_level(self, level):
         if level == ext.ISOLATION_LEVEL_AUTOCOMMIT:
             self._dbp_dirty |= AUTOCOMMIT
+            request_retry.committed()
         return _set_isolation_level(self, level)
+
+    def commit(self):
+        if not self.closed:         # (closed: psycopg2 raises without sending anything)
+            request_retry.committed()
+        return _commit(self)
+
+    def tpc_prepare(self):
+        request_retry.committed()   # another session may commit it
+        return _tpc_prepare(self)
+
+    def tpc_commit(self, *xid):
+        request_retry.committed()
+        return _tpc_commit(self, *xid)
 
 
 def tracked_class(connection_class):

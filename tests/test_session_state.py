@@ -2,8 +2,8 @@
 import pytest
 
 from odoo_pool_patch import session_state as ss
-from odoo_pool_patch.session_state import (ADVISORY, HOLD, LISTEN, LOAD, PREPARE, ROLE, SET,
-                                           TEMP, UNKNOWN, session_kinds)
+from odoo_pool_patch.session_state import (ADVISORY, COMMITTED, HOLD, LISTEN, LOAD, PREPARE,
+                                           ROLE, SET, TEMP, UNKNOWN, session_kinds)
 
 # Statements as Odoo sends them: none leaves session state behind.
 ODOO_MIX = [
@@ -22,7 +22,6 @@ ODOO_MIX = [
     'SAVEPOINT "abc"', 'RELEASE SAVEPOINT "abc"', 'ROLLBACK TO SAVEPOINT "abc"',
     'CREATE TABLE foo (id serial)', 'CREATE INDEX ON foo (id)',
     'DECLARE c CURSOR FOR SELECT 1',
-    'PREPARE TRANSACTION \'x\'',
     "SELECT 'pg_advisory_lock(1); SET search_path = x'",
     'SELECT 1 -- pg_advisory_lock(1)',
     "SELECT '; LISTEN x'",
@@ -48,6 +47,10 @@ def test_ordinary_statements_leave_nothing(query):
 
 
 @pytest.mark.parametrize('query, kind', [
+    # What may have committed (the request is never run again, the full reset after).
+    ('COMMIT', COMMITTED), ('end', COMMITTED), ('/* x */ commit work', COMMITTED),
+    ("PREPARE TRANSACTION 'x'", COMMITTED), ("COMMIT PREPARED 'x'", COMMITTED),
+    ('INSERT INTO t VALUES (1); COMMIT', COMMITTED),
     ('SET search_path = x', SET),
     ('set statement_timeout to 0', SET),
     ('  Set   TIME ZONE UTC', SET),
