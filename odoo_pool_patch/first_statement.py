@@ -99,9 +99,14 @@ def move_cursor(cr, dead, connection_info):
     except psycopg2.Error:
         pass
     pool.give_back(dead, keep_in_pool=False)
-    cr._cnx = pool.borrow(connection_info)
-    cr._cnx.set_session(**characteristics)
-    cr._obj = cr._cnx.cursor()
+    cnx = pool.borrow(connection_info)
+    try:
+        cnx.set_session(**characteristics)
+        obj = cnx.cursor()
+    except BaseException:       # (gevent.Timeout, Odoo's SIGXCPU: the slot back)
+        pool.give_back(cnx, keep_in_pool=False)
+        raise
+    cr._cnx, cr._obj = cnx, obj
 
 
 def first_line(exc):

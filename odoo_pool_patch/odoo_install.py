@@ -95,8 +95,10 @@ def install(settings):
                            pool_class.budget.state if pool_class.budget else None)
     sql_db.ConnectionPool = pool_class
     first_statement.install(sql_db.Cursor)
-    from odoo.service import model as service_model
-    request_retry.install(service_model)
+    if settings.retry_terminated:
+        from odoo.service import model as service_model
+        request_retry.install(service_model)
+        request_retry.install_reruns()
     for name in ('_Pool', '_Pool_readonly'):
         live = getattr(sql_db, name, None)
         if live is not None and not isinstance(live, ConnectionPool):

@@ -320,6 +320,15 @@ OPTIONS += (
            'connection to the postgres database, closed at once) on every request without a '
            'session database: JSON-RPC/XML-RPC calls, the login page. A database created or '
            'dropped through another process shows up (or goes) within this delay.'),
+    Option('db_pool_retry_terminated', 'retry_terminated', _bool, True,
+           'on or off',
+           'A request whose server session ended while it ran (its backend terminated, the '
+           'server restarted or crashed) runs again on a new connection, at most twice, '
+           'when nothing may have been committed in its thread meanwhile, as Odoo runs a '
+           'request again after a serialization failure. off: such a request fails, as in '
+           'stock Odoo. Turn it off if a module commits through connections of its own '
+           '(psycopg2.connect, another thread) in the middle of a request: those commits '
+           'are not seen.'),
 )
 
 SECRETS = frozenset(('metrics_token',))   # never logged nor shown: as_options() masks them
@@ -355,6 +364,7 @@ class Settings:
     replica_read_your_writes: bool = True
     replica_readonly_methods: tuple = DEFAULT_READONLY_METHODS
     list_dbs_cache: float = 2.0
+    retry_terminated: bool = True
 
     def timeouts_prefix(self, role):
         """``SET LOCAL`` statements for the timeouts of ``role`` (http or cron)."""

@@ -16,16 +16,27 @@ runs again, on a new connection, at most :data:`MAX_RETRIES` times, when all
 of these hold once the attempt failed:
 
 - the cursor of the attempt is open and its connection is one of the pool's
-  that the *server* closed (psycopg2's ``closed == 2``: the socket broke or the
-  server ended the session; ``close_db`` of ours leaves 1);
+  that the *server* ended: psycopg2's ``closed == 2`` (``close_db`` of ours
+  leaves 1) with, in the error or the one it was raised from, SQLSTATE 57P01
+  (terminated: ``pg_terminate_backend``, a shutdown), 57P02 (another backend
+  crashed), 57P03 (starting) or libpq's "server closed the connection
+  unexpectedly" (a backend killed). Not a keepalive or TLS failure, after which
+  the backend may still run, nor an idle-in-transaction or transaction timeout;
 - nothing may have been committed in this thread (or greenlet) while the
   attempt ran, on any connection: no ``commit()`` sent on a live connection (a
   COMMIT whose answer was lost may have been applied), no connection put in
   autocommit, no ``COMMIT`` / ``END`` / ``PREPARE TRANSACTION`` sent as SQL
-  (:mod:`.session_tracking` calls :func:`committed` for each);
+  (:mod:`.session_tracking` calls :func:`committed` for each), nothing run
+  through ``dblink`` or ``pg_background``, nothing whose text we cannot read
+  (``DO``, ``CALL``: session_state's UNKNOWN), no cursor of another class;
 - the failure is not the pool's own (:class:`~.errors.PoolError`: no
   connection came in time);
 - the request's uploaded files can be rewound (as Odoo's own retry requires).
+
+What runs outside the thread's connections is not seen: another thread, another
+process, a connection opened with ``psycopg2.connect`` by a module. Odoo's own retry
+of serialization failures has the same blind spot; ``db_pool_retry_terminated =
+off`` turns this retry off for modules that commit that way.
 
 The retry then does what Odoo's does for a serialization failure (new
 connection, rollback hooks, environment, registry changes, session, files), so
@@ -34,8 +45,13 @@ again when their transaction did not commit. Everything else fails as in
 stock Odoo. The cost outside a failure: one thread-local read per request and
 one call per commit.
 """
+import functools
 import logging
+import re
 import threading
+import time
+
+import psycopg2
 
 from .errors import PoolError
 
@@ -59,18 +75,25 @@ def install(model_module):
 
     def retrying(func, env):
         for left in range(MAX_RETRIES, -1, -1):
-            before = getattr(_local, 'commits', 0)
+            before, started = getattr(_local, 'commits', 0), time.monotonic()
             try:
                 return stock(func, env)
             except Exception as exc:
                 if not left or not _may_retry(env, before, exc):
                     raise
+                prepared = False
                 try:
-                    _prepare(env, exc, MAX_RETRIES - left + 1)
+                    _prepare(env, exc, MAX_RETRIES - left + 1, time.monotonic() - started)
+                    prepared = True
+                except _MayHaveTimedOut as why:
+                    _logger.info('db_pooling: the server closed the connection of a '
+                                 'transaction on database %r while it ran; %s: not running '
+                                 'it again', env.cr.dbname, why)
                 except Exception:
                     _logger.warning('db_pooling could not run the request again on a new '
                                     'connection', exc_info=True)
-                    raise exc from None
+                if not prepared:
+                    raise       # the attempt's error, as it was
         raise AssertionError('unreachable')
 
     retrying.__doc__, retrying.__name__ = stock.__doc__, stock.__name__
@@ -79,17 +102,126 @@ def install(model_module):
     model_module.retrying = retrying
 
 
+def install_reruns():
+    """Run again, by the same rules, what Odoo does outside ``retrying`` with cursors of
+    its own, where a terminated backend would fail a request and drop the database from
+    its session (HTTP 404 until the user logs in again): loading a registry (a worker's
+    first request to a database), the registry signaling check at the start of every
+    request, and the login of Odoo 16-18 (19 logs in on the request's cursor, inside
+    ``retrying``). Idempotent."""
+    from odoo import http
+    from odoo.modules.registry import Registry
+    new = Registry.__dict__['new'].__func__
+    if getattr(new, '_dbp_stock', None) is None:
+        Registry.new = classmethod(rerun(new, 'loading the registry of database'))
+    check = Registry.check_signaling
+    if getattr(check, '_dbp_stock', None) is None:
+        Registry.check_signaling = rerun(
+            check, 'checking the registry signaling of database',
+            lambda args, kwargs: len(args) < 2 and kwargs.get('cr') is None)
+    login = http.Session.authenticate
+    if getattr(login, '_dbp_stock', None) is None:
+        http.Session.authenticate = rerun(
+            login, 'logging in to database',
+            lambda args, kwargs: len(args) > 1 and isinstance(args[1], str))
+
+
+def rerun(func, what, applies=None):
+    """``func`` run again, at most :data:`MAX_RETRIES` times, when it failed because the
+    server ended a session (:func:`ended_by_server`) and nothing may have been committed
+    in this thread meanwhile. For functions that open their own cursors (``applies(args,
+    kwargs)`` false: it was given one, which is dead, so it is not run again)."""
+    def wrapper(*args, **kwargs):
+        for left in range(MAX_RETRIES, -1, -1):
+            before = getattr(_local, 'commits', 0)
+            try:
+                return func(*args, **kwargs)
+            except Exception as exc:
+                if not left or isinstance(exc, PoolError) or \
+                        getattr(_local, 'commits', 0) != before or not ended_by_server(exc) \
+                        or (applies is not None and not applies(args, kwargs)):
+                    raise
+                from .first_statement import first_line
+                database = next((arg for arg in args if isinstance(arg, str)), None) or \
+                    getattr(args[0] if args else None, 'db_name', '?')
+                _logger.info('db_pooling: the server ended a session while %s %r (%s); '
+                             'nothing was committed: doing it again (retry %d of %d)', what,
+                             database, first_line(exc), MAX_RETRIES - left + 1, MAX_RETRIES)
+        raise AssertionError('unreachable')
+
+    functools.update_wrapper(wrapper, func)
+    wrapper._dbp_stock = func
+    return wrapper
+
+
+# Why the server ends a session: terminated (pg_terminate_backend, a fast or smart
+# shutdown), after another backend crashed, or while starting. Not an idle-in-transaction
+# or transaction timeout (25P03, 25P04): a request that keeps its transaction open that
+# long (waiting on a remote service?) would only do it again.
+SERVER_ENDED = frozenset(('57P01', '57P02', '57P03'))
+# libpq's words for a socket the server closed without a word (a backend killed, a
+# server crash); not a keepalive or TLS failure, after which the backend may live on.
+CLOSED_BY_SERVER = 'server closed the connection unexpectedly'
+
+
 def _may_retry(env, before, exc):
     if isinstance(exc, PoolError) or getattr(_local, 'commits', 0) != before:
         return False
     cr = env.cr
-    cnx = getattr(cr, '_cnx', None)     # (none on Odoo's TestCursor)
+    cnx = vars(cr).get('_cnx')      # (not through Odoo's TestCursor, which forwards it)
     return cnx is not None and not cr._closed and cnx.closed == 2 and \
-        getattr(cnx, '_dbp_info', None) is not None
+        getattr(cnx, '_dbp_info', None) is not None and ended_by_server(exc)
 
 
-def _prepare(env, exc, attempt):
-    """Put the request back as it was before its failed attempt, on a new connection."""
+def ended_by_server(exc):
+    """Whether ``exc`` or what led to it (Odoo's rollback raises ``InterfaceError:
+    connection already closed`` while handling the real error) says the server ended
+    the session."""
+    return _session_end(exc) is not None
+
+
+def _session_end(exc):
+    """'code': the server said it ended the session (SERVER_ENDED); 'eof': the socket
+    closed without a word, which is also what a session ended for an idle-in-transaction
+    timeout looks like when the client sends its next statement; None: neither."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, psycopg2.OperationalError):
+            code = exc.pgcode
+            if code in SERVER_ENDED:
+                return 'code'
+            if code is None and CLOSED_BY_SERVER in str(exc):
+                return 'eof'
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+class _MayHaveTimedOut(Exception):
+    """The session may have been ended by a timeout the retry would meet again."""
+
+
+_DURATION = re.compile(r'(\d+)\s*(ms|s|min|h|d)?')
+_UNITS = {None: 0.001, 'ms': 0.001, 's': 1.0, 'min': 60.0, 'h': 3600.0, 'd': 86400.0}
+
+
+def _timeout_limit(cr):
+    """The shortest of ``idle_in_transaction_session_timeout`` and (PostgreSQL 17+)
+    ``transaction_timeout`` in force for a transaction of ``cr``'s new connection (the
+    server's, the role's, the database's and db_pooling's own ``SET LOCAL`` of them,
+    which the tracking cursor puts in front of this first statement), in seconds; 0: none."""
+    cr._obj.execute("SELECT current_setting('idle_in_transaction_session_timeout'), "
+                    "current_setting('transaction_timeout', true)")
+    limits = []
+    for value in cr._obj.fetchone():
+        match = _DURATION.fullmatch((value or '').strip())
+        if match and int(match.group(1)):
+            limits.append(int(match.group(1)) * _UNITS[match.group(2)])
+    return min(limits, default=0.0)
+
+
+def _prepare(env, exc, attempt, elapsed):
+    """Put the request back as it was before its failed attempt (which lasted
+    ``elapsed`` seconds), on a new connection."""
     from odoo.http import request
 
     from .first_statement import first_line, move_cursor
@@ -100,6 +232,16 @@ def _prepare(env, exc, attempt):
     cr = env.cr
     dead = cr._cnx
     move_cursor(cr, dead, dead._dbp_info)
+    if _session_end(exc) == 'eof':
+        # A terminated backend, or a timeout that would end the next attempt as well
+        # (a request that waits on a remote service with its transaction open).
+        limit = _timeout_limit(cr)
+        if limit and elapsed >= limit:
+            cr._cnx.rollback()
+            raise _MayHaveTimedOut(
+                f'it lasted {elapsed:.1f} s, and a timeout of {limit:g} s '
+                f'(idle_in_transaction_session_timeout or transaction_timeout) may have '
+                f'ended it')
     cr.rollback()                       # on the new connection: Odoo's rollback hooks
     env.transaction.reset()
     env.registry.reset_changes()

@@ -88,7 +88,8 @@ def session_kinds(query):
     if head is not None and head.group(1).upper() not in _CANDIDATE_HEADS:
         low = query.lower()
         if 'advisory' not in low and 'set_config' not in low and ';' not in low and \
-                'u&' not in low and 'pg_settings' not in low:
+                'u&' not in low and 'pg_settings' not in low and 'dblink' not in low and \
+                'pg_background' not in low:
             return 0
     return confirm(query)
 
@@ -99,6 +100,7 @@ _SESSION_LOCKS = frozenset(('pg_advisory_lock', 'pg_advisory_lock_shared',
 
 
 _UNICODE_NAME = re.compile(r'u&\s*"', re.I)
+_OTHER_SESSION = re.compile(r'dblink|pg_background', re.I)
 _SETTINGS_UPDATE = re.compile(r'\bupdate\b[^;]*\bpg_settings\b', re.I | re.S)
 
 
@@ -109,8 +111,10 @@ def confirm(query):
     PostgreSQL, not for sqlparse; a block comment: they nest for PostgreSQL only), the
     regular expressions' conservative reading is added. Names written with Unicode
     escapes (``U&"..."``) could be any function: the full reset."""
+    # Another session that commits on its own: dblink, pg_background (names anywhere).
+    other = COMMITTED if _OTHER_SESSION.search(query) else 0
     if _UNICODE_NAME.search(query):
-        return UNKNOWN
+        return UNKNOWN | other
     try:
         import sqlparse
         from sqlparse import tokens as T
@@ -119,6 +123,7 @@ def confirm(query):
     mask = confirm_without_sqlparse(query) if '\\' in query or '/*' in query else 0
     if 'pg_settings' in query.lower() and _SETTINGS_UPDATE.search(query):
         mask |= SET             # UPDATE pg_settings SET setting = ... is a SET
+    mask |= other
     for statement in sqlparse.parse(query):
         words = [tok for tok in statement.flatten()
                  if not tok.is_whitespace and tok.ttype not in T.Comment]
@@ -267,7 +272,7 @@ def confirm_without_sqlparse(query):
     """:func:`confirm` with regular expressions: exact for statements starting
     with a session keyword, conservative for function calls (a name inside a
     string or comment counts)."""
-    mask = 0
+    mask = COMMITTED if _OTHER_SESSION.search(query) else 0
     for part in query.split(';'):
         text = _skip_comments(part)
         words = [_Word(word) for word in _WORD.findall(text)]

@@ -106,7 +106,7 @@ class TrackingCursor(ext.cursor):
 
 def _note(cnx, kinds, text):
     cnx._dbp_dirty |= kinds
-    if kinds & COMMITTED:
+    if kinds & (COMMITTED | UNKNOWN):       # UNKNOWN: code we cannot see into may commit
         request_retry.committed()
     if kinds & SESSION_ONLY and not cnx._dbp_direct:
         warn_if_pooled(cnx, kinds, text)
@@ -141,6 +141,7 @@ class SessionTracking:
         factory = kwargs.get('cursor_factory', args[1] if len(args) > 1 else None)
         if factory is not None and not issubclass(factory, TrackingCursor):
             self._dbp_dirty |= UNKNOWN
+            request_retry.committed()   # what it runs (a COMMIT?) is not seen
         return _cursor(self, *args, **kwargs)
 
     @property

@@ -5,6 +5,7 @@ inside Odoo (addons/db_pooling/tests/test_request_retry.py)."""
 import threading
 
 import psycopg2
+import psycopg2.extras
 import pytest
 
 from odoo_pool_patch import request_retry
@@ -49,7 +50,6 @@ def test_what_may_commit_is_marked(cnx, what, action):
     ('rollback()', lambda cnx: (statement('SELECT 1')(cnx), cnx.rollback())),
     ('autocommit = False', lambda cnx: setattr(cnx, 'autocommit', False)),
     ('savepoints', statement('SAVEPOINT a; RELEASE SAVEPOINT a')),
-    ('DO block', statement('DO $$ BEGIN PERFORM 1; END $$')),
 ])
 def test_what_cannot_commit_is_not_marked(cnx, what, action):
     before = marks()
@@ -72,3 +72,21 @@ def test_marks_are_per_thread(cnx):
     thread.start()
     thread.join()
     assert seen == [1] and marks() == before
+
+
+@pytest.mark.parametrize('what, action', [
+    ('a cursor of another class', lambda cnx: cnx.cursor(
+        cursor_factory=psycopg2.extras.DictCursor).close()),
+    ('COMMIT behind a Unicode name', statement(
+        'SELECT 1 AS U&"\\0069d"; COMMIT')),
+    ('DO block', statement('DO $$ BEGIN PERFORM 1; END $$')),
+    ('DO block then END', statement('DO $$ BEGIN PERFORM 1; END $$; END')),
+    ('dblink', statement("SELECT 'dblink_exec' WHERE false")),
+    ('pg_background', statement("SELECT 'pg_background_launch' WHERE false")),
+])
+def test_what_we_cannot_see_into_is_marked(cnx, what, action):
+    """What may commit out of our sight counts as a commit (names in strings too:
+    erring on the side of no retry)."""
+    before = marks()
+    action(cnx)
+    assert marks() > before, what

@@ -5,6 +5,7 @@ read-only route that writes is retried on the primary, and a session reads its o
 writes. 16/17: the replica_cursor() API and db_replica_readonly_methods.
 """
 import os
+import threading
 import time
 import uuid
 
@@ -187,3 +188,71 @@ def test_stopped_replica_no_request_fails(server, odoo_tree, pg, replica_set):
     assert first.wait_until(lambda: session.call('/dbp_test/server')[0] == first.port,
                             timeout=60, interval=0.1), server.log_tail()
     assert 'gets no reads for' in server.log()
+
+
+def call_in_thread(session, path, **params):
+    """Start ``session.call(path, **params)`` in a thread; a function that waits for it and
+    returns its result (or raises what it raised)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome['result'] = session.call(path, **params)
+        except Exception as exc:    # noqa: BLE001 - handed to the test
+            outcome['error'] = exc
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def result():
+        thread.join(60)
+        assert not thread.is_alive(), f'{path} did not answer in 60 s'
+        if 'error' in outcome:
+            raise outcome['error']
+        return outcome['result']
+    return result
+
+
+SLEEPING = ("SELECT pid FROM pg_stat_activity WHERE datname = %s AND state = 'active' "
+            "AND query LIKE %s AND pid <> pg_backend_pid()")
+
+
+def test_request_killed_before_its_commit_runs_again(server, odoo_tree, pg):
+    """A request that wrote and whose backend is terminated before its commit answers
+    normally (run again on a new connection: request_retry) and its write is there once.
+    Stock Odoo answers an error (InterfaceError: connection already closed)."""
+    session = server.session(server.db)
+    value = uuid.uuid4().hex
+    result = call_in_thread(session, '/dbp_test/slow_write', value=value, seconds=2)
+    killed = pg.wait_until(lambda: pg.sql(
+        f'SELECT pg_terminate_backend(pid) FROM ({SLEEPING}) s', [server.db, '%pg_sleep(%'],
+        dbname=server.db), timeout=30)
+    assert killed, server.log_tail()
+    assert result() == [pg.port, False]
+    assert pg.sql("SELECT value FROM ir_config_parameter WHERE key = 'dbp_test.slow'",
+                  dbname=server.db) == [(value,)]
+    assert 'running it again on a new connection (retry 1 of 2)' in server.log()
+
+
+def test_replica_stopped_mid_request_is_not_seen(server, odoo_tree, pg, replica_set):
+    """A read-only request running on a replica that stops is run again elsewhere."""
+    requires(odoo_tree, major_min=18)
+    session = replayed_session(server, replica_set)
+    result = call_in_thread(session, '/dbp_test/slow_server', seconds=2)
+    running = {}
+
+    def find():
+        for replica in replica_set:
+            if replica.sql(SLEEPING, [server.db, '%pg_sleep(%']):
+                running['replica'] = replica
+                return True
+        return False
+    assert pg.wait_until(find, timeout=30), server.log_tail()
+    stopped = running['replica']
+    stopped.stop()
+    try:
+        port, _ = result()
+        assert port != stopped.port
+    finally:
+        stopped.start()
+    assert stopped.wait_until(lambda: session.call('/dbp_test/server')[0] == stopped.port,
+                              timeout=60, interval=0.1), server.log_tail()

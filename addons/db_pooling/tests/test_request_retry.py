@@ -14,6 +14,8 @@ from odoo.modules.registry import Registry
 from odoo.service import model as service_model
 from odoo.tests import common
 
+from odoo_pool_patch import request_retry
+
 from .test_first_statement import terminate_pid
 
 TABLE = 'dbp_retry_probe'
@@ -105,6 +107,9 @@ class TestRequestRetry(common.BaseCase):
         self.assertEqual(count(self.tag), 0)
 
     def test_killed_idle_in_transaction_runs_again(self):
+        self.assert_killed_idle_runs_again()
+
+    def assert_killed_idle_runs_again(self):
         def body(env, attempt):
             insert(env.cr, self.tag)
             if attempt == 1:
@@ -216,3 +221,76 @@ class TestRequestRetry(common.BaseCase):
             self.run_request(body)
         self.assertEqual(len(self.attempts), 1)
 
+
+    @contextlib.contextmanager
+    def database_timeout(self, value):
+        """idle_in_transaction_session_timeout = value for the sessions opened meanwhile."""
+        dbname = common.get_db_name()
+        with Registry(dbname).cursor() as cr:
+            cr.execute(f"ALTER DATABASE {dbname} SET idle_in_transaction_session_timeout = "
+                       f"'{value}'")
+        sql_db.close_db(dbname)         # new sessions from here on have it
+        try:
+            yield
+        finally:
+            with Registry(dbname).cursor() as cr:
+                cr.execute(f'ALTER DATABASE {dbname} RESET idle_in_transaction_session_timeout')
+            sql_db.close_db(dbname)
+
+    def test_idle_in_transaction_timeout_is_not_run_again(self):
+        """A session ended by idle_in_transaction_session_timeout looks like a terminated
+        one to the client; a request that lasted longer than that timeout would only meet
+        it again, so it fails (at once, after one attempt)."""
+        def body(env, attempt):
+            env.cr.execute('SELECT 1')
+            time.sleep(0.8)
+            env.cr.execute('SELECT 1')
+        with self.database_timeout('300ms'), self.assertRaises(psycopg2.Error) as caught:
+            self.run_request(body)
+        self.assertEqual(len(self.attempts), 1)
+        self.assertTrue(request_retry.ended_by_server(caught.exception))
+
+    def test_killed_under_a_timeout_it_did_not_reach_runs_again(self):
+        with self.database_timeout('1min'):
+            self.assert_killed_idle_runs_again()
+
+
+class TestRerun(common.BaseCase):
+    """What Odoo runs outside ``retrying`` with cursors of its own (registry loading and
+    signaling, the login of 16-18) runs again by the same rules."""
+
+    def setUp(self):
+        super().setUp()
+        self.tag = uuid.uuid4().hex
+        self.attempts = 0
+
+    def own_cursor_work(self, commit_first=False):
+        def work(dbname):
+            self.attempts += 1
+            registry = Registry(dbname)
+            if commit_first:
+                with registry.cursor() as cr:
+                    insert(cr, self.tag)
+            with registry.cursor() as cr:
+                insert(cr, self.tag)
+                if self.attempts == 1:
+                    terminate_pid(cr._cnx.get_backend_pid())
+                cr.execute('SELECT 1')
+            return self.attempts
+        return request_retry.rerun(work, 'testing')
+
+    def test_runs_again_when_the_server_ended_its_session(self):
+        self.assertEqual(self.own_cursor_work()(common.get_db_name()), 2)
+        self.assertEqual(count(self.tag), 1)
+
+    def test_not_run_again_after_a_commit(self):
+        with self.assertRaises(psycopg2.Error):
+            self.own_cursor_work(commit_first=True)(common.get_db_name())
+        self.assertEqual(self.attempts, 1)
+        self.assertEqual(count(self.tag), 1)
+
+    def test_registry_signaling_and_login_are_run_again(self):
+        from odoo import http
+        self.assertTrue(Registry.new._dbp_stock)
+        self.assertTrue(Registry.check_signaling._dbp_stock)
+        self.assertTrue(http.Session.authenticate._dbp_stock)

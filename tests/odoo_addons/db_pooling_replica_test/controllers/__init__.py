@@ -20,6 +20,20 @@ class ReplicaTest(http.Controller):
         request.env['ir.config_parameter'].sudo().set_param('dbp_test.value', value)
         return _server()
 
+    @http.route('/dbp_test/slow_server', type='json', auth='user', readonly=True)
+    def slow_server(self, seconds):
+        """A read-only route (18+) that takes ``seconds``: which server finished it."""
+        request.env.cr.execute('SELECT pg_sleep(%s)', [seconds])
+        return _server()
+
+    @http.route('/dbp_test/slow_write', type='json', auth='user')
+    def slow_write(self, value, seconds):
+        """A route that writes, then takes ``seconds`` before its commit."""
+        request.env['ir.config_parameter'].sudo().set_param('dbp_test.slow', value)
+        request.env.flush_all()
+        request.env.cr.execute('SELECT pg_sleep(%s)', [seconds])
+        return _server()
+
     @http.route('/dbp_test/replica_cursor', type='json', auth='user')
     def replica_cursor(self):
         """The replica_cursor() API (every series)."""
