@@ -255,6 +255,12 @@ class ConnectionPool:
         (a lock-free estimate, for the replica choice)."""
         return self._count() < self._maxconn and (self.budget is None or self.budget.has_room())
 
+    def borrowed_for(self, connection):
+        """Seconds since ``connection`` was borrowed from this pool; None if it is not
+        in use here."""
+        holder = self._used.get(connection)
+        return None if holder is None else monotonic() - holder.since
+
     def _dsn_equals(self, dsn1, dsn2):
         return dsn_equals(dsn1, dsn2)
 

@@ -48,6 +48,7 @@ one call per commit.
 import functools
 import logging
 import re
+import sys
 import threading
 import time
 
@@ -74,16 +75,19 @@ def install(model_module):
         return
 
     def retrying(func, env):
+        outer = sys.exc_info()[1]       # being handled by the caller: not ours
         for left in range(MAX_RETRIES, -1, -1):
             before, started = getattr(_local, 'commits', 0), time.monotonic()
             try:
                 return stock(func, env)
             except Exception as exc:
-                if not left or not _may_retry(env, before, exc):
+                end = _may_retry(env, before, exc, outer)
+                if not left or end is None:
                     raise
                 prepared = False
                 try:
-                    _prepare(env, exc, MAX_RETRIES - left + 1, time.monotonic() - started)
+                    _prepare(env, exc, end, MAX_RETRIES - left + 1,
+                             time.monotonic() - started)
                     prepared = True
                 except _MayHaveTimedOut as why:
                     _logger.info('db_pooling: the server closed the connection of a '
@@ -103,17 +107,24 @@ def install(model_module):
 
 
 def install_reruns():
-    """Run again, by the same rules, what Odoo does outside ``retrying`` with cursors of
-    its own, where a terminated backend would fail a request and drop the database from
-    its session (HTTP 404 until the user logs in again): loading a registry (a worker's
-    first request to a database), the registry signaling check at the start of every
-    request, and the login of Odoo 16-18 (19 logs in on the request's cursor, inside
-    ``retrying``). Idempotent."""
+    """Run again what Odoo does outside ``retrying`` with cursors of its own, where a
+    terminated backend would fail a request and drop the database from its session
+    (HTTP 404, or a logout on 18+, until the user logs in again). Idempotent.
+
+    - Loading a registry (a worker's first request to a database) without installing or
+      updating modules: it commits on the way (the signaling sequences, the modules'
+      state after a failure), but only what a load does again anyway, and stock Odoo
+      loads it again at the next request: run again whatever it committed.
+    - The registry signaling check when it opens its own cursor (16/17; 18 and 19 pass
+      the request's, where a retry could lose what the caller did before on it).
+    - The login of 16-18 (19 logs in on the request's cursor, inside ``retrying``).
+    The rules are the others' (:func:`rerun`)."""
     from odoo import http
     from odoo.modules.registry import Registry
     new = Registry.__dict__['new'].__func__
     if getattr(new, '_dbp_stock', None) is None:
-        Registry.new = classmethod(rerun(new, 'loading the registry of database'))
+        Registry.new = classmethod(rerun(new, 'loading the registry of database',
+                                         commits_matter=_updates_modules))
     check = Registry.check_signaling
     if getattr(check, '_dbp_stock', None) is None:
         Registry.check_signaling = rerun(
@@ -126,32 +137,66 @@ def install_reruns():
             lambda args, kwargs: len(args) > 1 and isinstance(args[1], str))
 
 
-def rerun(func, what, applies=None):
+def _updates_modules(args, kwargs):
+    """Whether a ``Registry.new(cls, db_name, ...)`` call installs or updates modules
+    (16-18: ``update_module``, 5th positional; 19: keywords)."""
+    return bool(len(args) > 4 and args[4]) or any(
+        kwargs.get(name) for name in ('update_module', 'install_modules', 'upgrade_modules',
+                                      'reinit_modules'))
+
+
+def rerun(func, what, applies=None, commits_matter=None):
     """``func`` run again, at most :data:`MAX_RETRIES` times, when it failed because the
-    server ended a session (:func:`ended_by_server`) and nothing may have been committed
-    in this thread meanwhile. For functions that open their own cursors (``applies(args,
-    kwargs)`` false: it was given one, which is dead, so it is not run again)."""
+    server ended a session (:func:`ended_by_server`; for a socket closed without a word,
+    only if it did not last as long as a timeout in force could have) and nothing may
+    have been committed in this thread meanwhile (``commits_matter(args, kwargs)``
+    false: whatever it committed). For functions that open their own cursors
+    (``applies(args, kwargs)`` false: it was given one, so it is not run again)."""
     def wrapper(*args, **kwargs):
+        outer = sys.exc_info()[1]       # being handled by the caller: not ours
         for left in range(MAX_RETRIES, -1, -1):
-            before = getattr(_local, 'commits', 0)
+            before, started = getattr(_local, 'commits', 0), time.monotonic()
             try:
                 return func(*args, **kwargs)
             except Exception as exc:
-                if not left or isinstance(exc, PoolError) or \
-                        getattr(_local, 'commits', 0) != before or not ended_by_server(exc) \
-                        or (applies is not None and not applies(args, kwargs)):
+                end = None if isinstance(exc, PoolError) else _session_end(exc, outer)
+                if not left or end is None or \
+                        (applies is not None and not applies(args, kwargs)) or \
+                        (getattr(_local, 'commits', 0) != before and
+                         (commits_matter is None or commits_matter(args, kwargs))):
+                    raise
+                database = next((arg for arg in args if isinstance(arg, str)), None) or \
+                    getattr(args[0] if args else None, 'db_name', None)
+                if end == 'eof' and not _shorter_than_timeouts(
+                        database, time.monotonic() - started):
                     raise
                 from .first_statement import first_line
-                database = next((arg for arg in args if isinstance(arg, str)), None) or \
-                    getattr(args[0] if args else None, 'db_name', '?')
                 _logger.info('db_pooling: the server ended a session while %s %r (%s); '
-                             'nothing was committed: doing it again (retry %d of %d)', what,
-                             database, first_line(exc), MAX_RETRIES - left + 1, MAX_RETRIES)
+                             'doing it again (retry %d of %d)', what, database,
+                             first_line(exc), MAX_RETRIES - left + 1, MAX_RETRIES)
         raise AssertionError('unreachable')
 
     functools.update_wrapper(wrapper, func)
     wrapper._dbp_stock = func
     return wrapper
+
+
+def _shorter_than_timeouts(database, elapsed):
+    """Whether ``elapsed`` seconds are shorter than the timeouts in force on
+    ``database`` (read on a connection of the pool; False if that fails)."""
+    if not database:
+        return False
+    from odoo import sql_db
+    try:
+        cr = sql_db.db_connect(database).cursor()
+        try:
+            limit = _timeout_limit(cr)
+            cr._cnx.rollback()
+        finally:
+            cr.close()
+    except Exception:       # noqa: BLE001 - the original error is what matters
+        return False
+    return not limit or elapsed < limit
 
 
 # Why the server ends a session: terminated (pg_terminate_backend, a fast or smart
@@ -164,13 +209,17 @@ SERVER_ENDED = frozenset(('57P01', '57P02', '57P03'))
 CLOSED_BY_SERVER = 'server closed the connection unexpectedly'
 
 
-def _may_retry(env, before, exc):
+def _may_retry(env, before, exc, outer):
+    """How the server ended the session of ``env.cr`` ('code' or 'eof', see
+    :func:`_session_end`) if the request may run again; None if not."""
     if isinstance(exc, PoolError) or getattr(_local, 'commits', 0) != before:
-        return False
+        return None
     cr = env.cr
     cnx = vars(cr).get('_cnx')      # (not through Odoo's TestCursor, which forwards it)
-    return cnx is not None and not cr._closed and cnx.closed == 2 and \
-        getattr(cnx, '_dbp_info', None) is not None and ended_by_server(exc)
+    if cnx is None or cr._closed or cnx.closed != 2 or \
+            getattr(cnx, '_dbp_info', None) is None or not getattr(cnx, '_dbp_tracked', False):
+        return None
+    return _session_end(exc, outer)
 
 
 def ended_by_server(exc):
@@ -180,12 +229,13 @@ def ended_by_server(exc):
     return _session_end(exc) is not None
 
 
-def _session_end(exc):
+def _session_end(exc, outer=None):
     """'code': the server said it ended the session (SERVER_ENDED); 'eof': the socket
     closed without a word, which is also what a session ended for an idle-in-transaction
-    timeout looks like when the client sends its next statement; None: neither."""
+    timeout looks like when the client sends its next statement; None: neither. The
+    walk stops at ``outer``, an exception the caller was handling before."""
     seen = 0
-    while exc is not None and seen < 8:
+    while exc is not None and exc is not outer and seen < 8:
         if isinstance(exc, psycopg2.OperationalError):
             code = exc.pgcode
             if code in SERVER_ENDED:
@@ -219,9 +269,9 @@ def _timeout_limit(cr):
     return min(limits, default=0.0)
 
 
-def _prepare(env, exc, attempt, elapsed):
+def _prepare(env, exc, end, attempt, elapsed):
     """Put the request back as it was before its failed attempt (which lasted
-    ``elapsed`` seconds), on a new connection."""
+    ``elapsed`` seconds; ``end`` as :func:`_may_retry` says), on a new connection."""
     from odoo.http import request
 
     from .first_statement import first_line, move_cursor
@@ -231,8 +281,11 @@ def _prepare(env, exc, attempt, elapsed):
                 raise RuntimeError(f'the uploaded file {name!r} cannot be read again')
     cr = env.cr
     dead = cr._cnx
+    owner = getattr(dead, '_dbp_pool', None)
+    held = owner.borrowed_for(dead) if owner is not None else None
+    elapsed = max(elapsed, held or 0.0)   # its transaction may have begun before the attempt
     move_cursor(cr, dead, dead._dbp_info)
-    if _session_end(exc) == 'eof':
+    if end == 'eof':
         # A terminated backend, or a timeout that would end the next attempt as well
         # (a request that waits on a remote service with its transaction open).
         limit = _timeout_limit(cr)

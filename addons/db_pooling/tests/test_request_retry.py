@@ -32,6 +32,22 @@ def insert(cr, tag):
     cr.execute(f'INSERT INTO {TABLE} (tag) VALUES (%s)', (tag,))
 
 
+@contextlib.contextmanager
+def database_timeout(value):
+    """idle_in_transaction_session_timeout = value for the sessions opened meanwhile."""
+    dbname = common.get_db_name()
+    with Registry(dbname).cursor() as cr:
+        cr.execute(f"ALTER DATABASE {dbname} SET idle_in_transaction_session_timeout = "
+                   f"'{value}'")
+    sql_db.close_db(dbname)         # new sessions from here on have it
+    try:
+        yield
+    finally:
+        with Registry(dbname).cursor() as cr:
+            cr.execute(f'ALTER DATABASE {dbname} RESET idle_in_transaction_session_timeout')
+        sql_db.close_db(dbname)
+
+
 class TestRequestRetry(common.BaseCase):
 
     @classmethod
@@ -222,21 +238,6 @@ class TestRequestRetry(common.BaseCase):
         self.assertEqual(len(self.attempts), 1)
 
 
-    @contextlib.contextmanager
-    def database_timeout(self, value):
-        """idle_in_transaction_session_timeout = value for the sessions opened meanwhile."""
-        dbname = common.get_db_name()
-        with Registry(dbname).cursor() as cr:
-            cr.execute(f"ALTER DATABASE {dbname} SET idle_in_transaction_session_timeout = "
-                       f"'{value}'")
-        sql_db.close_db(dbname)         # new sessions from here on have it
-        try:
-            yield
-        finally:
-            with Registry(dbname).cursor() as cr:
-                cr.execute(f'ALTER DATABASE {dbname} RESET idle_in_transaction_session_timeout')
-            sql_db.close_db(dbname)
-
     def test_idle_in_transaction_timeout_is_not_run_again(self):
         """A session ended by idle_in_transaction_session_timeout looks like a terminated
         one to the client; a request that lasted longer than that timeout would only meet
@@ -245,13 +246,13 @@ class TestRequestRetry(common.BaseCase):
             env.cr.execute('SELECT 1')
             time.sleep(0.8)
             env.cr.execute('SELECT 1')
-        with self.database_timeout('300ms'), self.assertRaises(psycopg2.Error) as caught:
+        with database_timeout('300ms'), self.assertRaises(psycopg2.Error) as caught:
             self.run_request(body)
         self.assertEqual(len(self.attempts), 1)
         self.assertTrue(request_retry.ended_by_server(caught.exception))
 
     def test_killed_under_a_timeout_it_did_not_reach_runs_again(self):
-        with self.database_timeout('1min'):
+        with database_timeout('1min'):
             self.assert_killed_idle_runs_again()
 
 
@@ -264,7 +265,7 @@ class TestRerun(common.BaseCase):
         self.tag = uuid.uuid4().hex
         self.attempts = 0
 
-    def own_cursor_work(self, commit_first=False):
+    def own_cursor_work(self, commit_first=False, idle=0, commits_matter=None):
         def work(dbname):
             self.attempts += 1
             registry = Registry(dbname)
@@ -273,11 +274,12 @@ class TestRerun(common.BaseCase):
                     insert(cr, self.tag)
             with registry.cursor() as cr:
                 insert(cr, self.tag)
-                if self.attempts == 1:
+                if self.attempts == 1 and not idle:
                     terminate_pid(cr._cnx.get_backend_pid())
+                time.sleep(idle)
                 cr.execute('SELECT 1')
             return self.attempts
-        return request_retry.rerun(work, 'testing')
+        return request_retry.rerun(work, 'testing', commits_matter=commits_matter)
 
     def test_runs_again_when_the_server_ended_its_session(self):
         self.assertEqual(self.own_cursor_work()(common.get_db_name()), 2)
@@ -288,6 +290,25 @@ class TestRerun(common.BaseCase):
             self.own_cursor_work(commit_first=True)(common.get_db_name())
         self.assertEqual(self.attempts, 1)
         self.assertEqual(count(self.tag), 1)
+
+    def test_commits_that_do_not_matter_do_not_stop_it(self):
+        """Registry loading: what it commits, it commits again anyway."""
+        work = self.own_cursor_work(commit_first=True, commits_matter=lambda a, k: False)
+        self.assertEqual(work(common.get_db_name()), 2)
+        self.assertEqual(count(self.tag), 3)
+
+    def test_not_run_again_after_a_timeout_it_may_have_met(self):
+        with database_timeout('300ms'), self.assertRaises(psycopg2.Error):
+            self.own_cursor_work(idle=0.8)(common.get_db_name())
+        self.assertEqual(self.attempts, 1)
+
+    def test_registry_loading_updates_modules(self):
+        updates = request_retry._updates_modules
+        self.assertFalse(updates((Registry, 'db'), {}))
+        self.assertFalse(updates((Registry, 'db', False, None, False), {}))
+        self.assertTrue(updates((Registry, 'db', False, None, True), {}))
+        self.assertTrue(updates((Registry, 'db'), {'update_module': True}))
+        self.assertTrue(updates((Registry, 'db'), {'install_modules': ('sale',)}))
 
     def test_registry_signaling_and_login_are_run_again(self):
         from odoo import http
