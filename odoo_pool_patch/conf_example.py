@@ -1,4 +1,4 @@
-"""odoo.conf.example and the README's option table, generated from the code.
+"""odoo.conf.example and the option reference of docs/configuration.rst, generated from the code.
 
 The example lists, by group, every option db_pooling reads: ours (:data:`options.OPTIONS`,
 each in the group its name prefix maps to, see :func:`options.group_of`), the TLS options
@@ -6,8 +6,12 @@ each in the group its name prefix maps to, see :func:`options.group_of`), the TL
 interact with them (:data:`STOCK_OPTIONS`). Regenerate after changing any of them::
 
     python -m odoo_pool_patch.options > odoo.conf.example
-    python -m odoo_pool_patch.options --readme-table    # paste into README.rst
+    python -m odoo_pool_patch.options --reference-into docs/configuration.rst
+
+The second rewrites docs/configuration.rst from the line :data:`REFERENCE_MARK` to the end
+(``--reference`` prints that part instead).
 """
+import re
 import textwrap
 from dataclasses import dataclass
 
@@ -23,7 +27,7 @@ GROUPS = (
     ('budget', 'shared budget',
      'One connection budget for the HTTP workers, cron workers and the gevent process. '
      'Sizing: keep db_pool_max_connections under the server\'s max_connections minus '
-     'superuser_reserved_connections minus what other clients use (README.rst, Sizing).'),
+     'superuser_reserved_connections minus what other clients use (docs/sizing.rst).'),
     ('replicas', 'replicas',
      'Read-only cursors go to streaming replicas; writes and everything else to the primary.'),
     ('tls', 'TLS',
@@ -197,14 +201,99 @@ def example_file():
     return '\n'.join(lines) + '\n'
 
 
-def readme_table():
-    """An RST list-table of our options: name, group, default, first sentence of the doc."""
+REFERENCE_MARK = '.. Everything below is generated from the code: do not edit it by hand.'
+
+# TLS settings: what the start-up check (tls.validate) allows
+TLS_ALLOWED = {
+    'sslrootcert': 'an absolute path to a file Odoo\'s user can read',
+    'sslcert': 'an absolute path to a file Odoo\'s user can read; set with db_sslkey',
+    'sslkey': 'an absolute path to a file Odoo\'s user can read, not readable by group or '
+              'others (mode 0600; 0640 owned by root); set with db_sslcert',
+    'sslcrl': 'an absolute path to a file Odoo\'s user can read',
+    'ssl_min_protocol_version': ', '.join(tls.PROTOCOLS),
+}
+assert set(TLS_ALLOWED) == set(tls.KEYWORDS)
+
+
+def _rst_text(text):
+    """Plain option documentation as reStructuredText: option names as literals, markup escaped."""
+    text = re.sub(r'([*`|\\])', r'\\\1', text)
+    return re.sub(r'\b(db_(?!pooling\b)[a-z0-9_]+)', r'``\1``', text)
+
+
+def _section(name, doc, fields):
+    lines = ['', f'``{name}``', '~' * (len(name) + 4), '']
+    lines += textwrap.wrap(_rst_text(doc), 92, break_on_hyphens=False, break_long_words=False)
+    lines += ['']
+    lines += [f':{label}: ``{value}``' if label == 'Example' else f':{label}: {_rst_text(value)}'
+              for label, value in fields if value]
+    return lines
+
+
+def reference_sections():
+    """{option name: its section}, for every option odoo.conf.example lists."""
     titles = {key: title for key, title, _ in GROUPS}
-    rows = ['.. list-table::', '   :header-rows: 1', '   :widths: 30 14 14 42', '',
-            '   * - option', '     - group', '     - default', '     - meaning']
-    for option in sorted(options.OPTIONS, key=lambda o: GROUP_KEYS.index(o.group)):
-        shown = shown_default(option)
-        first = option.doc.split('. ')[0].rstrip('.') + '.'
-        rows += [f'   * - ``{option.name}``', f'     - {titles[option.group]}',
-                 f'     - {shown}', f'     - {first}']
-    return '\n'.join(rows) + '\n'
+    sections = {}
+    for option in options.OPTIONS:
+        sections[option.name] = _section(option.name, option.doc, [
+            ('Group', titles[option.group]), ('Default', shown_default(option)),
+            ('Allowed', option.allowed),
+            ('Example', f'{option.name} = {options.format_value(option.default)}'
+             if option.default not in (None, ()) else '')])
+    for stock in STOCK_OPTIONS:
+        sections[stock.name] = _section(stock.name, f'Stock Odoo option. {stock.doc}', [
+            ('Group', titles[stock.group]), ('Default', stock.default),
+            ('Since', f'Odoo {stock.since}.0' if stock.since > 16 else ''),
+            ('Example', f'{stock.name} = {stock.example}' if stock.example else '')])
+    modes = ', '.join(tls.SSLMODES)
+    sections['db_replica_sslmode'] = _section('db_replica_sslmode', 'db_sslmode for replicas '
+                                              '(db_replica_host, db_replicas).', [
+        ('Group', 'TLS'), ('Default', 'the value of db_sslmode'), ('Allowed', modes)])
+    for suffix, (example, doc) in TLS_DOCS.items():
+        sections['db_' + suffix] = _section('db_' + suffix, doc, [
+            ('Group', 'TLS'), ('Default', 'unset'), ('Allowed', TLS_ALLOWED[suffix]),
+            ('Example', f'db_{suffix} = {example}')])
+        sections['db_replica_' + suffix] = _section(
+            'db_replica_' + suffix, f'db_{suffix} for replicas (db_replica_host, db_replicas). '
+            'Set it when the replica has its own CA or needs another client certificate.', [
+                ('Group', 'TLS'), ('Default', f'the value of db_{suffix}'),
+                ('Allowed', TLS_ALLOWED[suffix])])
+    return sections
+
+
+def reference_rst():
+    """The option reference of docs/configuration.rst: one section per option, by group."""
+    sections = reference_sections()
+    assert set(sections) == documented_names()
+    lines = [REFERENCE_MARK, '.. Regenerate: python -m odoo_pool_patch.options --reference-into '
+             'docs/configuration.rst', '', 'Reference', '=========', '']
+    lines += textwrap.wrap('Every option db_pooling reads, by group: ours, the TLS options and '
+                           'the stock Odoo options that interact with them. The same text is in '
+                           'odoo.conf.example.', 92)
+    for key, title, intro in GROUPS:
+        names = [o.name for o in STOCK_OPTIONS if o.group == key]
+        if key == 'tls':
+            names += ['db_replica_sslmode']
+            for suffix in tls.KEYWORDS:
+                names += ['db_' + suffix, 'db_replica_' + suffix]
+        names += [o.name for o in options.OPTIONS if o.group == key]
+        if not names:
+            continue
+        heading = title[0].upper() + title[1:]
+        lines += ['', heading, '-' * len(heading)]
+        if intro:
+            lines += [''] + textwrap.wrap(_rst_text(intro), 92, break_on_hyphens=False)
+        for name in names:
+            lines += sections[name]
+    return '\n'.join(lines) + '\n'
+
+
+def write_reference(path):
+    """Replace everything from :data:`REFERENCE_MARK` to the end of ``path`` with the reference."""
+    with open(path) as handle:
+        text = handle.read()
+    start = text.find(REFERENCE_MARK)
+    if start < 0:
+        raise SystemExit(f'{path} has no line {REFERENCE_MARK!r}: add it where the reference goes')
+    with open(path, 'w') as handle:
+        handle.write(text[:start] + reference_rst())

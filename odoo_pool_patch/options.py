@@ -76,7 +76,7 @@ def _seconds(value):
     return number
 
 
-# Group of an option in odoo.conf.example and the README, by name prefix (the longest matching
+# Group of an option in odoo.conf.example and docs/configuration.rst, by name prefix (the longest matching
 # prefix wins), so that a new option lands in its group without being listed here.
 GROUP_PREFIXES = {
     'db_pool_': 'pool',
@@ -111,7 +111,7 @@ class Option:
     parse: callable
     default: object
     allowed: str         # what the error message says is allowed
-    doc: str             # meaning and when to change it (odoo.conf.example, README)
+    doc: str             # meaning and when to change it (odoo.conf.example, docs/configuration.rst)
     shown_default: str = None   # how the docs show the default (else from the value)
 
     @property
@@ -438,5 +438,13 @@ def example_section():
 
 if __name__ == '__main__':       # python -m odoo_pool_patch.options > odoo.conf.example
     import sys
-    from .conf_example import readme_table
-    print(readme_table() if sys.argv[1:] == ['--readme-table'] else example_section(), end='')
+    from .conf_example import reference_rst, write_reference
+    if sys.argv[1:2] == ['--reference-into'] and len(sys.argv) == 3:
+        write_reference(sys.argv[2])      # docs/configuration.rst
+    elif sys.argv[1:] == ['--reference']:
+        print(reference_rst(), end='')
+    elif sys.argv[1:]:
+        sys.exit('usage: python -m odoo_pool_patch.options [--reference | --reference-into '
+                 'docs/configuration.rst]')
+    else:
+        print(example_section(), end='')
