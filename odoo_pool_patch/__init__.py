@@ -1,6 +1,6 @@
 """db_pooling engine: connection pooling for Odoo 16-19 (pure Python, psycopg2 only).
 
-Map of the package (one job per module; README.rst has the longer version):
+Map of the package (one job per module; docs/architecture.rst has the longer version):
 
 - ``pool``          the per-process pool, drop-in for ``odoo.sql_db.ConnectionPool``
 - ``maintenance``   the timer thread: idle eviction, lifetime, dead sockets, leaks, shedding

@@ -1,4 +1,4 @@
-"""The README's commands, odoo.conf.example and the wheel stay true to the code."""
+"""README.rst, docs/, odoo.conf.example and the wheel stay true to the code."""
 import os
 import re
 import subprocess
@@ -61,8 +61,8 @@ def test_odoo_conf_example_lists_exactly_the_options_read():
         'to conf_example.STOCK_OPTIONS or options.OPTIONS)'
 
 
-def test_every_option_has_a_group_and_the_readme_has_the_option_table():
-    from odoo_pool_patch.conf_example import GROUP_KEYS, readme_table
+def test_every_option_has_a_group_and_docs_have_the_generated_reference():
+    from odoo_pool_patch.conf_example import GROUP_KEYS, reference_rst
     from odoo_pool_patch.options import OPTIONS, group_of
     assert all(option.group in GROUP_KEYS for option in OPTIONS)
     assert group_of('db_pool_statement_timeout_cron') == 'pgbouncer'   # longest prefix wins
@@ -70,8 +70,8 @@ def test_every_option_has_a_group_and_the_readme_has_the_option_table():
     assert group_of('db_pool_some_new_knob') == 'pool'
     with pytest.raises(ValueError, match='GROUP_PREFIXES'):
         group_of('unrelated_option')
-    # regenerate: python -m odoo_pool_patch.options --readme-table (paste into Configuration)
-    assert readme_table() in read('README.rst')
+    # regenerate: python -m odoo_pool_patch.options --reference-into docs/configuration.rst
+    assert read('docs/configuration.rst').endswith(reference_rst())
 
 
 def test_stock_options_documented_are_odoo_options():
@@ -89,10 +89,68 @@ def test_stock_options_documented_are_odoo_options():
                 (tree.series, option.name)
 
 
-def test_readme_documents_every_option():
+def test_reference_has_one_section_per_option():
+    """docs/configuration.rst: a section titled ``name`` for each option read, and no other."""
+    text = read('docs/configuration.rst')
+    reference = text[text.index('\nReference\n=========\n'):]
+    sections = re.findall(r'^``(\w+)``\n~+\n', reference, re.M)
+    assert len(sections) == len(set(sections))
+    assert set(sections) == documented_names()
+    assert set(OPTION_NAMES) <= set(sections)
+    for name in sections:
+        body = reference[reference.index(f'``{name}``\n~'):].split('\n~', 2)[1]
+        assert ':Group:' in body and ':Default:' in body, name
+
+
+def test_readme_is_short_and_links_to_pages_that_exist():
     readme = read('README.rst')
-    for name in OPTION_NAMES:
-        assert f'``{name}``' in readme
+    assert len(readme.splitlines()) < 300
+    links = set(re.findall(r'<((?:docs/)?[\w.-]+\.rst)(?:#[\w-]+)?>`__', readme))
+    assert 'docs/configuration.rst' in links and 'docs/troubleshooting.rst' in links
+    for page in os.listdir(os.path.join(ROOT, 'docs')):
+        if page.endswith('.rst'):
+            assert 'docs/' + page in links, f'README.rst does not link to docs/{page}'
+            for target in re.findall(r'<([\w.-]+\.rst)(?:#[\w-]+)?>`__', read('docs/' + page)):
+                assert os.path.exists(os.path.join(ROOT, 'docs', target)), (page, target)
+    for target in links:
+        assert os.path.exists(os.path.join(ROOT, target)), target
+
+
+def test_readme_and_docs_are_valid_restructuredtext():
+    docutils_core = pytest.importorskip('docutils.core')
+    import io
+    pages = ['README.rst'] + ['docs/' + name for name in sorted(os.listdir(os.path.join(ROOT, 'docs')))
+                              if name.endswith('.rst')]
+    pages += ['addons/db_pooling/readme/' + name for name in
+              sorted(os.listdir(os.path.join(ROOT, 'addons/db_pooling/readme')))]
+    for page in pages:
+        warnings = io.StringIO()
+        docutils_core.publish_doctree(read(page), source_path=page, settings_overrides={
+            'report_level': 2, 'halt_level': 5, 'warning_stream': warnings})
+        assert not warnings.getvalue(), warnings.getvalue()
+
+
+def test_readme_minimal_conf_says_the_defaults():
+    """The README's odoo.conf example: commented db_pooling lines give the defaults."""
+    from odoo_pool_patch.odoo_install import default_budget
+    from odoo_pool_patch.options import OPTIONS, load_settings
+    readme = read('README.rst')
+    block = readme[readme.index('\nA minimal odoo.conf\n'):]
+    block = block[block.index('::\n\n') + 4:]
+    lines = [line[4:] for line in block[:block.index('\n\n')].splitlines()]
+    assert lines[0] == '[options]'
+    active = dict(re.fullmatch(r'(\w+) = (.*)', line).groups() for line in lines[1:]
+                  if not line.startswith(';'))
+    commented = dict(re.fullmatch(r'; (\w+) = (.*)', line).groups() for line in lines[1:]
+                     if line.startswith(';'))
+    assert set(active) | set(commented) <= documented_names()
+    assert 'db_pooling' in active['server_wide_modules'].split(',')
+    settings = load_settings(commented.get)
+    defaults = {option.name: option.default for option in OPTIONS}
+    budget = default_budget(int(active['workers']), int(active['max_cron_threads']), 64)
+    for name in commented:
+        value = getattr(settings, next(o.field for o in OPTIONS if o.name == name))
+        assert value == (budget if name == 'db_pool_max_connections' else defaults[name]), name
 
 
 def test_wheel_ships_engine_and_addon(tmp_path):
@@ -134,7 +192,7 @@ def test_simulated_demo_shows_stock_keeping_and_us_releasing(tmp_path):
 
 def test_tls_options_documented():
     from odoo_pool_patch.tls import KEYWORDS
-    example, readme = read('odoo.conf.example'), read('README.rst')
+    example, page = read('odoo.conf.example'), read('docs/tls.rst')
     for suffix in KEYWORDS:
         assert f'; db_{suffix} =' in example and f'; db_replica_{suffix} =' in example
-        assert f'db_{suffix}' in readme
+        assert f'db_{suffix}' in page and f'db_replica_{suffix}' in page
