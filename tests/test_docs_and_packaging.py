@@ -196,3 +196,10 @@ def test_tls_options_documented():
     for suffix in KEYWORDS:
         assert f'; db_{suffix} =' in example and f'; db_replica_{suffix} =' in example
         assert f'db_{suffix}' in page and f'db_replica_{suffix}' in page
+
+
+def test_architecture_page_names_every_engine_module():
+    page = read('docs/architecture.rst')
+    for name in sorted(os.listdir(os.path.join(ROOT, 'odoo_pool_patch'))):
+        if name.endswith('.py') and name != '__init__.py':
+            assert f'``{name}``' in page, f'docs/architecture.rst: add {name} to the module map'
