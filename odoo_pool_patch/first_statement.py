@@ -20,6 +20,13 @@ new connection and that statement is sent again, once. Never anything else:
 
 Installed on ``odoo.sql_db.Cursor`` by :mod:`.odoo_install`; the cost on every
 later statement is one attribute read.
+
+The same install makes Odoo's ``Cursor.rollback`` succeed when the server ended
+the session (``closed == 2``): its transaction is rolled back already, so there
+is nothing to undo. Stock Odoo raises there, and the rollback of a cursor's
+``close()`` is where a backend terminated after the request's commit surfaced:
+the request had committed, yet answered 500, and the connection was never given
+back to the pool.
 """
 import logging
 
@@ -44,6 +51,31 @@ def install(cursor_class):
     execute.__qualname__ = stock.__qualname__
     execute._dbp_stock = stock
     cursor_class.execute = execute
+    _install_rollback(cursor_class)
+
+
+def _install_rollback(cursor_class):
+    stock = cursor_class.rollback
+    if getattr(stock, '_dbp_stock', None) is not None:
+        return
+
+    def rollback(self):
+        try:
+            return stock(self)
+        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            cnx = vars(self).get('_cnx')
+            if cnx is None or cnx.closed != 2 or not getattr(cnx, '_dbp_tracked', False):
+                raise
+        # Ended by the server, which rolled the transaction back: what stock Odoo's
+        # rollback does after the connection's (the hooks before it ran).
+        self._now = None
+        self.postrollback.run()
+        return None
+
+    rollback.__doc__, rollback.__name__ = stock.__doc__, stock.__name__
+    rollback.__qualname__ = stock.__qualname__
+    rollback._dbp_stock = stock
+    cursor_class.rollback = rollback
 
 
 def _first(cr, stock, query, params, log_exceptions):

@@ -96,3 +96,37 @@ class TestFirstStatement(common.BaseCase):
             sql_db.close_db(common.get_db_name())
             with self.assertRaises(psycopg2.InterfaceError):
                 cr.execute('SELECT 1')
+
+
+class TestDeadRollback(common.BaseCase):
+    """A connection the server ended has nothing left to roll back: Odoo's rollback,
+    and so closing the cursor, succeed (stock Odoo raises, the connection is not given
+    back to the pool, and a request that had committed answers 500)."""
+
+    def test_closing_a_cursor_whose_backend_died_after_its_commit(self):
+        registry = Registry(common.get_db_name())
+        cr = registry.cursor()
+        cr.execute('SELECT 1')
+        cr.commit()
+        hooks = []
+        cr.postrollback.add(lambda: hooks.append('postrollback'))
+        cnx = cr._cnx
+        terminate(cr)
+        cr.close()                      # runs rollback()
+        self.assertTrue(cr._closed)
+        self.assertEqual(hooks, ['postrollback'])
+        self.assertNotIn(cnx, sql_db._Pool._used)      # given back (closed)
+
+    def test_control_stock_rollback_raises(self):
+        with doomed_cursor() as cr:
+            cr.execute('SELECT 1')
+            terminate(cr)
+            with self.assertRaises(psycopg2.Error):
+                sql_db.Cursor.rollback._dbp_stock(cr)
+
+    def test_rollback_of_a_connection_closed_by_the_pool_still_raises(self):
+        with doomed_cursor() as cr:
+            cr.execute('SELECT 1')
+            sql_db.close_db(common.get_db_name())
+            with self.assertRaises(psycopg2.InterfaceError):
+                cr.rollback()
