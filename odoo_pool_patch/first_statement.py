@@ -21,17 +21,21 @@ new connection and that statement is sent again, once. Never anything else:
 Installed on ``odoo.sql_db.Cursor`` by :mod:`.odoo_install`; the cost on every
 later statement is one attribute read.
 
-The same install makes Odoo's ``Cursor.rollback`` succeed when the server ended
-the session (``closed == 2``): its transaction is rolled back already, so there
-is nothing to undo. Stock Odoo raises there, and the rollback of a cursor's
-``close()`` is where a backend terminated after the request's commit surfaced:
-the request had committed, yet answered 500, and the connection was never given
-back to the pool.
+The same install lets Odoo close a cursor whose session the server ended in
+the middle of a transaction (a backend terminated, a server restart): the
+rollback of ``Cursor._close`` fails there in stock Odoo, which answers 500 for
+a request that had committed (Odoo 18/19 close the read/write cursor of the
+signaling check after the request's work) and never gives the connection back
+to the pool. Only in ``_close``, only for a connection of the pool that ended
+inside a transaction (``closed == 2``, ``status`` BEGIN: a failed COMMIT leaves
+READY, and may have committed), the failed rollback counts as done: the
+transaction can no longer commit, whatever the server does with it. Every other
+rollback raises as in stock Odoo.
 """
 import logging
 
 import psycopg2
-from psycopg2.extensions import STATUS_READY
+from psycopg2.extensions import STATUS_BEGIN, STATUS_READY
 
 _logger = logging.getLogger('odoo.sql_db')
 
@@ -55,27 +59,37 @@ def install(cursor_class):
 
 
 def _install_rollback(cursor_class):
-    stock = cursor_class.rollback
-    if getattr(stock, '_dbp_stock', None) is not None:
+    stock_rollback, stock_close = cursor_class.rollback, cursor_class._close
+    if getattr(stock_rollback, '_dbp_stock', None) is not None:
         return
+
+    def _close(self, *args, **kwargs):
+        self._dbp_closing = True
+        try:
+            return stock_close(self, *args, **kwargs)
+        finally:
+            self._dbp_closing = False
 
     def rollback(self):
         try:
-            return stock(self)
-        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            return stock_rollback(self)
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
             cnx = vars(self).get('_cnx')
-            if cnx is None or cnx.closed != 2 or not getattr(cnx, '_dbp_tracked', False):
+            if not vars(self).get('_dbp_closing') or cnx is None or cnx.closed != 2 or \
+                    cnx.status != STATUS_BEGIN or not getattr(cnx, '_dbp_tracked', False):
                 raise
-        # Ended by the server, which rolled the transaction back: what stock Odoo's
-        # rollback does after the connection's (the hooks before it ran).
-        self._now = None
+            _logger.info('db_pooling: closing a cursor on database %r whose session the '
+                         'server ended inside a transaction (%s): nothing to roll back',
+                         self.dbname, first_line(exc))
+        self._now = None                # what stock rollback does after the connection's
         self.postrollback.run()
         return None
 
-    rollback.__doc__, rollback.__name__ = stock.__doc__, stock.__name__
-    rollback.__qualname__ = stock.__qualname__
-    rollback._dbp_stock = stock
-    cursor_class.rollback = rollback
+    for wrapper, stock in ((_close, stock_close), (rollback, stock_rollback)):
+        wrapper.__doc__, wrapper.__name__ = stock.__doc__, stock.__name__
+        wrapper.__qualname__ = stock.__qualname__
+        wrapper._dbp_stock = stock
+    cursor_class._close, cursor_class.rollback = _close, rollback
 
 
 def _first(cr, stock, query, params, log_exceptions):

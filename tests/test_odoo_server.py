@@ -359,7 +359,7 @@ def test_addon_tests_pass_in_odoo_with_pytest_odoo(server, odoo_tree, tmp_path):
     failures = proc.stdout.find('= FAILURES =')
     assert proc.returncode == 0, (proc.stdout[failures:failures + 6000] if failures >= 0
                                   else proc.stdout[-3000:] + proc.stderr[-3000:])
-    assert re.search(r'\b36 passed', proc.stdout), proc.stdout[-2000:]
+    assert re.search(r'\b37 passed', proc.stdout), proc.stdout[-2000:]
 
 
 def test_bad_option_stops_startup_with_clear_message(odoo_tree, pg, tmp_path):

@@ -99,34 +99,53 @@ class TestFirstStatement(common.BaseCase):
 
 
 class TestDeadRollback(common.BaseCase):
-    """A connection the server ended has nothing left to roll back: Odoo's rollback,
-    and so closing the cursor, succeed (stock Odoo raises, the connection is not given
-    back to the pool, and a request that had committed answers 500)."""
+    """Closing a cursor whose session the server ended inside a transaction succeeds
+    (stock Odoo raises from its rollback, the connection is not given back to the pool,
+    and a request that had committed answers 500)."""
 
-    def test_closing_a_cursor_whose_backend_died_after_its_commit(self):
-        registry = Registry(common.get_db_name())
-        cr = registry.cursor()
+    def doomed_after_commit(self):
+        cr = Registry(common.get_db_name()).cursor()
         cr.execute('SELECT 1')
         cr.commit()
+        cr.execute('SELECT 1')          # a transaction open at close
+        terminate(cr)
+        return cr
+
+    def test_closing_a_cursor_whose_backend_died_in_a_transaction(self):
+        cr = self.doomed_after_commit()
         hooks = []
         cr.postrollback.add(lambda: hooks.append('postrollback'))
         cnx = cr._cnx
-        terminate(cr)
-        cr.close()                      # runs rollback()
+        cr.close()
         self.assertTrue(cr._closed)
         self.assertEqual(hooks, ['postrollback'])
         self.assertNotIn(cnx, sql_db._Pool._used)      # given back (closed)
 
-    def test_control_stock_rollback_raises(self):
-        with doomed_cursor() as cr:
-            cr.execute('SELECT 1')
-            terminate(cr)
+    def test_control_stock_close_raises(self):
+        cr = self.doomed_after_commit()
+        try:
             with self.assertRaises(psycopg2.Error):
-                sql_db.Cursor.rollback._dbp_stock(cr)
+                sql_db.Cursor._close._dbp_stock(cr)
+        finally:
+            sql_db._Pool.give_back(cr._cnx, keep_in_pool=False)
 
-    def test_rollback_of_a_connection_closed_by_the_pool_still_raises(self):
-        with doomed_cursor() as cr:
-            cr.execute('SELECT 1')
-            sql_db.close_db(common.get_db_name())
-            with self.assertRaises(psycopg2.InterfaceError):
+    def test_rollback_outside_close_still_raises(self):
+        cr = self.doomed_after_commit()
+        try:
+            with self.assertRaises(psycopg2.Error):
                 cr.rollback()
+        finally:
+            cr.close()
+
+    def test_rollback_after_a_failed_commit_still_raises(self):
+        """A COMMIT whose answer was lost may have committed: never 'rolled back'."""
+        cr = Registry(common.get_db_name()).cursor()
+        cr.execute('SELECT 1')
+        terminate(cr)
+        with self.assertRaises(psycopg2.Error):
+            cr.commit()
+        try:
+            with self.assertRaises(psycopg2.Error):
+                cr._close(False)        # (close() itself skips a closed connection)
+        finally:
+            sql_db._Pool.give_back(cr._cnx, keep_in_pool=False)
