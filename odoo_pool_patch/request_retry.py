@@ -19,9 +19,12 @@ of these hold once the attempt failed:
   that the *server* ended: psycopg2's ``closed == 2`` (``close_db`` of ours
   leaves 1) with, in the error or the one it was raised from, SQLSTATE 57P01
   (terminated: ``pg_terminate_backend``, a shutdown), 57P02 (another backend
-  crashed), 57P03 (starting) or libpq's "server closed the connection
-  unexpectedly" (a backend killed). Not a keepalive or TLS failure, after which
-  the backend may still run, nor an idle-in-transaction or transaction timeout;
+  crashed), 57P03 (starting), or libpq's words for a socket the server closed
+  (:data:`CLOSED_BY_SERVER`, what a terminated backend nearly always looks
+  like, plain or over TLS) when the attempt did not last as long as an
+  idle-in-transaction or transaction timeout in force (which end a session the
+  same way). Not a keepalive timeout or a TLS error, after which the backend
+  may still run;
 - nothing may have been committed in this thread (or greenlet) while the
   attempt ran, on any connection: no ``commit()`` sent on a live connection (a
   COMMIT whose answer was lost may have been applied), no connection put in
@@ -205,8 +208,12 @@ def _shorter_than_timeouts(database, elapsed):
 # long (waiting on a remote service?) would only do it again.
 SERVER_ENDED = frozenset(('57P01', '57P02', '57P03'))
 # libpq's words for a socket the server closed without a word (a backend killed, a
-# server crash); not a keepalive or TLS failure, after which the backend may live on.
-CLOSED_BY_SERVER = 'server closed the connection unexpectedly'
+# server crash), in plain text and over TLS (where even a backend terminated while it
+# ran says nothing more); not a keepalive timeout or a TLS error, after which the
+# backend may live on.
+CLOSED_BY_SERVER = ('server closed the connection unexpectedly',
+                    'SSL connection has been closed unexpectedly',
+                    'SSL SYSCALL error: EOF detected')
 
 
 def _may_retry(env, before, exc, outer):
@@ -240,8 +247,10 @@ def _session_end(exc, outer=None):
             code = exc.pgcode
             if code in SERVER_ENDED:
                 return 'code'
-            if code is None and CLOSED_BY_SERVER in str(exc):
-                return 'eof'
+            if code is None:
+                text = str(exc)
+                if any(words in text for words in CLOSED_BY_SERVER):
+                    return 'eof'
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
 
