@@ -87,9 +87,9 @@ def session_kinds(query):
     head = _HEAD.match(query)
     if head is not None and head.group(1).upper() not in _CANDIDATE_HEADS:
         low = query.lower()
+        # ('pg_': pg_settings, pg_background_*; 'dblink': dblink_exec and friends)
         if 'advisory' not in low and 'set_config' not in low and ';' not in low and \
-                'u&' not in low and 'pg_settings' not in low and 'dblink' not in low and \
-                'pg_background' not in low:
+                'u&' not in low and 'pg_' not in low and 'dblink' not in low:
             return 0
     return confirm(query)
 
