@@ -3,6 +3,7 @@ real PostgreSQL, SIGKILL."""
 import os
 import signal
 import threading
+import traceback
 import time
 
 import pytest
@@ -327,6 +328,9 @@ class Peer:
                 for fd in [self._commands, self._answers] + Peer._test_ends:
                     os.close(fd)
                 self._serve(path, info, budget, commands, answers, pool)
+            except BaseException:   # the test sees an empty answer: say why here
+                traceback.print_exc()
+                os._exit(3)
             finally:
                 os._exit(0)
         os.close(commands)
@@ -353,18 +357,27 @@ class Peer:
 
     def do(self, verb, database):
         os.write(self._commands, f'{verb} {database}\n'.encode())
-        return int(os.read(self._answers, 64))
+        answer = os.read(self._answers, 64)
+        if not answer:      # the peer ended: say how (its traceback is in the captured stderr)
+            _, status = os.waitpid(self.pid, 0)
+            self._reaped = True
+            raise AssertionError(
+                f'peer {self.pid} ended without answering {verb!r} {database!r}: '
+                f'exit status {os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}, '
+                f'signal {os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}')
+        return int(answer)
 
     def stop(self, sig=None):
         """End the peer: its commands closed (it exits), or killed with ``sig``."""
         if self._commands not in Peer._test_ends:
             return
-        if sig is not None:
+        if sig is not None and not getattr(self, '_reaped', False):
             os.kill(self.pid, sig)
         Peer._test_ends.remove(self._commands)
         Peer._test_ends.remove(self._answers)
         os.close(self._commands)
-        os.waitpid(self.pid, 0)
+        if not getattr(self, '_reaped', False):
+            os.waitpid(self.pid, 0)
         os.close(self._answers)
 
 
