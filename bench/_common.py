@@ -40,6 +40,78 @@ class ServerCounters:
         self.cnx.close()
 
 
+TICK = os.sysconf('SC_CLK_TCK') if hasattr(os, 'sysconf') else 100
+
+
+def _stat(pid):
+    """(ppid, pgrp, utime + stime in seconds) of a process, None if it is gone."""
+    try:
+        with open(f'/proc/{pid}/stat') as handle:
+            fields = handle.read().rsplit(')', 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), int(fields[2]), (int(fields[11]) + int(fields[12])) / TICK
+
+
+def cpu_seconds(groups=(), parents=(), pids=()):
+    """{pid: CPU seconds} of the processes of the process ``groups`` (an Odoo server
+    started in a session of its own), the children of ``parents`` (a postmaster's
+    backends) and ``pids`` (PgBouncer)."""
+    found = {}
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        stat = _stat(name)
+        if stat and (stat[1] in groups or stat[0] in parents or int(name) in pids):
+            found[int(name)] = stat[2]
+    return found
+
+
+def cpu_used(before, after):
+    """CPU seconds between two :func:`cpu_seconds` readings: what the processes alive at
+    the end used since the first reading (all of it for those started since); a
+    process that ended between the two is left out."""
+    return sum(used - before.get(pid, 0.0) for pid, used in after.items())
+
+
+class CpuMeter:
+    """CPU seconds used by the processes :func:`cpu_seconds` finds, between
+    :meth:`start` and :meth:`stop`, read every ``interval`` s meanwhile so that a
+    process that ends (a backend closed by a pool) counts up to its last reading."""
+
+    def __init__(self, interval=0.2, **which):
+        import threading
+        self.which, self.interval = which, interval
+        self.first, self.last = {}, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self, baseline=False):
+        for pid, used in cpu_seconds(**self.which).items():
+            self.first.setdefault(pid, used if baseline else 0.0)   # new since: from 0
+            self.last[pid] = used
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self._read()
+
+    def start(self):
+        self._read(baseline=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        self._read()
+        return sum(used - self.first[pid] for pid, used in self.last.items())
+
+
+def postmaster_pid(cluster):
+    with open(os.path.join(cluster.datadir, 'postmaster.pid')) as handle:
+        return int(handle.readline())
+
+
 def sessions_opened(before, after, sampler_database='postgres', sampler_sessions=0):
     """{database: new sessions} between two :meth:`ServerCounters.sessions` readings."""
     opened = {db: after[db] - before.get(db, 0) for db in after}
@@ -113,13 +185,15 @@ def stock_pool_class(no_odoo=False):
                   tree.env({'DBPOOL_BENCH_REEXEC': '1'}))
 
 
-def merge_rounds(label, runs, worst=('peak', 'at_rest'), total=('errors', 'requests', 'done'),
+def merge_rounds(label, runs, worst=('peak', 'at_rest'),
+                 total=('errors', 'requests', 'done', 'http_requests'),
                  mean=('mean', 'per_s', 'p50_ms', 'p99_ms', 'wait_p50_ms', 'wait_p99_ms',
-                       'new_per_s', 'postgres_per_s'),
+                       'new_per_s', 'postgres_per_s', 'odoo_cpu_us', 'cpu_us'),
                  also_worst=('wait_max_ms',),
                  counts=('sessions_opened', 'error_kinds', 'pool')):
     """One row per arm over its rounds: the worst of ``worst``, sums of ``total`` and of
-    the per-key ``counts``, means of ``mean``; the runs themselves under ``runs``."""
+    the per-key ``counts``, medians of ``mean`` (the middle round's figure: one slow
+    round of a noisy machine does not move it); the runs themselves under ``runs``."""
     if not runs:
         return {'arm': label}
     row = {'arm': label, 'rounds': len(runs)}
@@ -130,9 +204,11 @@ def merge_rounds(label, runs, worst=('peak', 'at_rest'), total=('errors', 'reque
         if key in runs[0]:
             row[key] = sum(r[key] for r in runs)
     for key in mean:
-        values = [r[key] for r in runs if r.get(key) is not None]
+        values = sorted(r[key] for r in runs if r.get(key) is not None)
         if key in runs[0]:
-            row[key] = sum(values) / len(values) if values else None
+            middle = len(values) // 2
+            row[key] = (None if not values else values[middle] if len(values) % 2
+                        else (values[middle - 1] + values[middle]) / 2)
     for name in counts:
         row[name] = {}
         for run in runs:

@@ -9,9 +9,16 @@ Arms (same PostgreSQL, same databases, same load; one Odoo server each, in turn)
 
 The load is demo._drive_odoo: --clients threads, each a search_read of 20 partners on a
 random database and one time in five a create; --warmup s unmeasured, --seconds s
-measured, --rest s observed after. Figures: server connections of role odoo (peak and
-mean under load, at rest), requests, throughput, p50/p99, errors, sessions opened per
-second during the measured part, per database ("postgres" is the list_dbs / LISTEN one).
+measured, --rest s observed after. --load web (default): as the web client, each client
+logged in once per database, /web/dataset/call_kw with the session cookie (read-only
+cursors on Odoo 18+); --load jsonrpc: sessionless /jsonrpc execute_kw. Figures: server
+connections of role odoo (peak and mean under load, at rest), requests (a search_read and
+its create, if any, count as one), throughput, p50/p99, errors, sessions opened per
+second during the measured part, per database ("postgres" is the list_dbs / LISTEN one),
+and CPU per HTTP request: of the Odoo server's processes, and of all (Odoo, PostgreSQL's
+backends, PgBouncer), read from /proc every 0.2 s during the measured part (a process
+that ended counts up to its last reading). --rounds N interleaves the arms N times and
+reports every round and the medians.
 
 Run: python bench/odoo_http.py   (Odoo from ODOO_PATH, else the newest /opt/odoo tree)
 """
@@ -24,8 +31,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import (ServerCounters, latency_figures, odoo_tree, print_table,  # noqa: E402
-                           merge_rounds, sessions_opened, write_json)
+from bench._common import (CpuMeter, ServerCounters, latency_figures,  # noqa: E402
+                           merge_rounds, odoo_tree, postmaster_pid, print_table,
+                           sessions_opened, write_json)
 from odoo_pool_patch.embedded_pgbouncer import PgBouncer  # noqa: E402
 from odoo_pool_patch.demo import _drive_odoo, odoo_databases  # noqa: E402
 from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
@@ -39,7 +47,8 @@ VARIANTS = {'db_pooling_nocache': {'db_pool_list_dbs_cache': 0},
 COLUMNS = [('arm', 'arm', ''), ('peak', 'peak', 'd'), ('mean', 'mean', '.1f'),
            ('at_rest', 'at rest', 'd'), ('requests', 'requests', 'd'), ('per_s', 'req/s', '.1f'),
            ('p50_ms', 'p50 ms', '.1f'), ('p99_ms', 'p99 ms', '.1f'), ('errors', 'errors', 'd'),
-           ('new_per_s', 'new cnx/s', '.1f'), ('postgres_per_s', 'of which postgres', '.1f')]
+           ('new_per_s', 'new cnx/s', '.1f'), ('postgres_per_s', 'of which postgres', '.1f'),
+           ('odoo_cpu_us', 'Odoo CPU µs/req', '.0f'), ('cpu_us', 'all CPU µs/req', '.0f')]
 
 
 def pool_counters(path):
@@ -78,9 +87,23 @@ def run_arm(tree, cluster, workdir, databases, arm, args, counters, number=0):
                 if attempt == 2:
                     raise
                 print(f'  {arm}: Odoo did not start ({str(exc).splitlines()[0]}), retrying')
-        before = {}
+        before, meters = {}, {}
+        groups, parents = [server.proc.pid], [postmaster_pid(cluster)]
+        pids = [bouncer.pid()] if bouncer else []
+
+        def on_measure():
+            before.update(counters.sessions())
+            meters.update(odoo=CpuMeter(groups=groups).start(),
+                          all=CpuMeter(groups=groups, parents=parents, pids=pids).start())
+
+        used = {}
         row = _drive_odoo(server, cluster, databases, arm, args, count=counters.connections,
-                          interval=0.25, on_measure=lambda: before.update(counters.sessions()))
+                          interval=0.25, on_measure=on_measure,
+                          on_measured=lambda: used.update(
+                              {name: meter.stop() for name, meter in meters.items()}))
+        calls = max(row['http_requests'], 1)
+        row['odoo_cpu_us'] = 1e6 * used['odoo'] / calls
+        row['cpu_us'] = 1e6 * used['all'] / calls
         # Sessions of the measured part and its rest; counted once every backend has
         # reported them (the statistics are flushed at most once a second).
         time.sleep(1.2)
@@ -104,6 +127,9 @@ def main(argv=None):
     parser.add_argument('--workers', type=int, default=8)
     parser.add_argument('--databases', type=int, default=6)
     parser.add_argument('--clients', type=int, default=16)
+    parser.add_argument('--load', choices=('web', 'jsonrpc'), default='web',
+                        help='web: logged-in web client sessions calling /web/dataset/call_kw '
+                             '(default); jsonrpc: sessionless /jsonrpc execute_kw')
     parser.add_argument('--seconds', type=int, default=15, help='measured load per arm')
     parser.add_argument('--warmup', type=int, default=20, help='unmeasured load first')
     parser.add_argument('--idle-timeout', type=float, default=3.0,
@@ -145,6 +171,12 @@ def main(argv=None):
         cluster.destroy()
         shutil.rmtree(workdir, ignore_errors=True)
     rows = [merge_rounds(arm, runs) for arm, runs in results.items()]
+    if args.rounds > 1:
+        print('\nEvery round:')
+        print_table([('round', 'round', 'd')] + COLUMNS,
+                     [dict(run, round=number + 1) for number in range(args.rounds)
+                      for arm in arms for run in results[arm][number:number + 1]])
+        print(f'\nMedians over {args.rounds} rounds (peak and at rest: the highest):')
     print()
     print_table(COLUMNS, rows)
     for row in rows:

@@ -264,15 +264,31 @@ def odoo_databases(tree, cluster, workdir, prefix, count):
 
 
 def _drive_odoo(server, cluster, databases, label, args, count=None, interval=1.0,
-                on_measure=None):
-    """``args.clients`` JSON-RPC clients (search_read, and a create one time in five)
-    on random databases: ``args.warmup`` s unmeasured, then ``args.seconds`` s
-    measured and ``args.rest`` s observed after. Connections are ``count()``
-    (default: Odoo's application_name) every ``interval`` s; ``on_measure()`` is
-    called when the measured part starts."""
+                on_measure=None, on_measured=None):
+    """``args.clients`` clients (search_read of 20 partners, and a create one time in
+    five) on random databases: ``args.warmup`` s unmeasured, then ``args.seconds`` s
+    measured and ``args.rest`` s observed after. ``args.load`` (default ``jsonrpc``)
+    says how they call: ``jsonrpc`` sessionless ``/jsonrpc`` ``execute_kw`` (login and
+    password in every call), ``web`` as the web client does (logged in once per client
+    and database, ``/web/dataset/call_kw`` with the session cookie). Connections are
+    ``count()`` (default: Odoo's application_name) every ``interval`` s;
+    ``on_measure()`` is called when the measured part starts, ``on_measured()`` when
+    it ends."""
     count = count or (lambda: cluster.count_connections('odoo-%'))
+    web = getattr(args, 'load', 'jsonrpc') == 'web'
     uids = {db: server.login(db) for db in databases}
-    stats = {'latency': [], 'errors': {}}
+    sessions = [{db: server.session(db) for db in databases} if web else None
+                for _ in range(args.clients)]
+    stats = {'latency': [], 'errors': {}, 'calls': [0] * args.clients}
+
+    def call(number, db, method, *call_args, **kwargs):
+        stats['calls'][number] += 1         # HTTP requests (a create adds one)
+        if web:
+            return sessions[number][db].call(
+                f'/web/dataset/call_kw/res.partner/{method}', model='res.partner',
+                method=method, args=list(call_args), kwargs=kwargs)
+        return server.execute(db, uids[db], 'admin', 'res.partner', method, *call_args,
+                              **kwargs)
 
     def client(number, stop_at):
         rng = random.Random(number)
@@ -280,11 +296,9 @@ def _drive_odoo(server, cluster, databases, label, args, count=None, interval=1.
             db = rng.choice(databases)
             started = time.perf_counter()
             try:
-                server.execute(db, uids[db], 'admin', 'res.partner', 'search_read',
-                               [], fields=['name'], limit=20)
+                call(number, db, 'search_read', [], fields=['name'], limit=20)
                 if rng.random() < 0.2:
-                    server.execute(db, uids[db], 'admin', 'res.partner', 'create',
-                                   {'name': 'demo'})
+                    call(number, db, 'create', {'name': 'demo'})
                 stats['latency'].append(time.perf_counter() - started)
             except Exception as exc:       # noqa: BLE001 - counted
                 kind = error_kind(exc)
@@ -312,7 +326,7 @@ def _drive_odoo(server, cluster, databases, label, args, count=None, interval=1.
            and time.time() < started + 4 * args.warmup):
         for thread in clients(2):
             thread.join()
-    stats.update(latency=[], errors={})
+    stats.update(latency=[], errors={}, calls=[0] * args.clients)
     if on_measure:
         on_measure()
     threads = clients(args.seconds)
@@ -321,6 +335,11 @@ def _drive_odoo(server, cluster, databases, label, args, count=None, interval=1.
     while time.time() < stop_at + args.rest:
         now = time.time()
         phase = 'load' if now < stop_at else 'rest'
+        if phase == 'rest' and on_measured is not None:
+            for thread in threads:          # the measured requests have all ended
+                thread.join()
+            on_measured()
+            on_measured = None
         samples.append((now - start, phase, count()))
         if now - shown >= 1.0:
             shown = now
@@ -332,6 +351,7 @@ def _drive_odoo(server, cluster, databases, label, args, count=None, interval=1.
     load = [c for _, p, c in samples if p == 'load']
     return {'arm': label, 'peak': max(load or [0]), 'mean': sum(load) / max(len(load), 1),
             'at_rest': samples[-1][2], 'requests': len(stats['latency']),
+            'http_requests': sum(stats['calls']),
             'errors': sum(stats['errors'].values()), 'error_kinds': stats['errors'],
             'latency': stats['latency'], 'samples': samples}
 

@@ -97,6 +97,14 @@ class PgBouncer:
                 self.process.wait(5)
         self.process = None
 
+    def pid(self):
+        """PgBouncer's process id (from its pidfile), None when it is not running."""
+        try:
+            with open(os.path.join(self.base, 'pgbouncer.pid')) as handle:
+                return int(handle.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def destroy(self):
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
