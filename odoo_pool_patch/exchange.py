@@ -384,7 +384,6 @@ class IdleExchange:
         if len(request) < _REQUEST.size:
             return
         khash, taker_pid, row, serial = _REQUEST.unpack_from(request)
-        app = request[_REQUEST.size:].decode('utf-8', 'replace')
         if row != self.budget.row or peer(conn) != (taker_pid, os.geteuid()):
             conn.send(b'N')
             return
@@ -400,13 +399,8 @@ class IdleExchange:
         try:
             if faults.plan:
                 faults.hit('exchange.donor.after_lend')
-            # The session's name: the taker's of a taken connection (a shell's libpq may
-            # still report its first session's), else what libpq reports.
-            if app and (getattr(cnx, '_dbp_app', None) or
-                        cnx.info.parameter_status('application_name')) != app:
-                set_application_name(cnx, app)
-                cnx._dbp_app = app          # the session's name now (kept if not taken)
-            meta = session_meta(cnx, app)
+            # (the taker names the session with its first statement: see session_tracking)
+            meta = session_meta(cnx)
             # Our libpq is pointed at /dev/null while the session is away: it cannot
             # drive it, whatever happens here; it gets it back if the taker does not.
             fd = os.dup(cnx.fileno())
@@ -464,17 +458,16 @@ class IdleExchange:
         if not offers:
             return None
         offers.sort(reverse=True)
-        app = dict(key).get('application_name', '').encode()[:200]
         now = time.monotonic()
         offers = [offer for offer in offers if self._slow.get(offer[2], 0) < now]
         claim = [] if claim is None else claim
         for _count, row, pid in offers[:2]:
-            got = self._take_from(row, pid, khash, key, factory, app, claim)
+            got = self._take_from(row, pid, khash, key, factory, claim)
             if got is not None:
                 return got
         return None
 
-    def _take_from(self, row, pid, khash, key, factory, app, claim):
+    def _take_from(self, row, pid, khash, key, factory, claim):
         serial = random.getrandbits(62) + 1
         fds = ()
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
@@ -484,7 +477,7 @@ class IdleExchange:
                     conn.connect(self._address(row, pid))
                     if peer(conn) != (pid, os.geteuid()):
                         return None     # not the process that published the offer
-                    conn.send(_REQUEST.pack(khash, os.getpid(), row, serial) + app)
+                    conn.send(_REQUEST.pack(khash, os.getpid(), row, serial))
                     message, fds = recv_fds(conn, 65536)
                 except socket.timeout:
                     now = time.monotonic()  # forget donors skipped long enough (gone ones too)
@@ -521,7 +514,6 @@ class IdleExchange:
                     pass            # the donor reads the token
                 if faults.plan:
                     faults.hit('exchange.taker.after_ack')
-                cnx._dbp_app = app.decode('utf-8', 'replace')
                 return cnx, meta
             except BaseException:
                 if claim and not claim[2]:
@@ -623,14 +615,14 @@ class IdleExchange:
         return cnx
 
 
-def session_meta(cnx, app=''):
+def session_meta(cnx):
     """What a process taking ``cnx`` over needs: the session's parameters but its name
-    (``params``, as :func:`session_params`), its name (``app``: ``app`` when given),
-    backend pid and the pool's bookkeeping."""
+    (``params``, as :func:`session_params`), its name now and at start-up (``app``,
+    ``app0``: see session_tracking), backend pid and the pool's bookkeeping."""
     params = cnx._dbp_params
     if params is None:
         params = cnx._dbp_params = session_params(cnx)
-    return {'params': params, 'app': app or cnx.info.parameter_status('application_name') or '',
+    return {'params': params, 'app': cnx._dbp_app or '', 'app0': cnx._dbp_app0 or '',
             'pid': cnx._dbp_pid, 'born': cnx._dbp_born,
             'expires': cnx._dbp_expires, 'reuses': cnx._dbp_reuses,
             'gen': [cnx._dbp_gen_cell, cnx._dbp_gen]}    # (see outage; same shared state)
@@ -677,12 +669,6 @@ def drop_copy(cnx):
     """Close our psycopg2 connection without ending its server session."""
     neutralize(cnx)
     cnx.close()
-
-
-def set_application_name(cnx, app):
-    from .session_tracking import run_reset
-    from psycopg2 import sql
-    run_reset(cnx, sql.SQL('SET application_name = {}').format(sql.Literal(app)).as_string(cnx))
 
 
 # Options of the fake start-up: every one libpq would otherwise read from the

@@ -34,6 +34,7 @@ import weakref
 
 import psycopg2
 import psycopg2.extensions
+import psycopg2.sql
 
 from .budget import LONG_LIVED_DATABASES
 from .dsn import dsn_key, key_database, dsn_equals
@@ -42,7 +43,7 @@ from .options import Settings
 from . import session_state
 from .session_tracking import (SessionTracking, note_privileges, restore_characteristics,
                                run_reset, track)
-from .exchange import gss_in_use, neutralize, offerable, session_meta, set_application_name
+from .exchange import gss_in_use, neutralize, offerable, session_meta
 from .tls import explain_failure, record as record_tls
 from .backend_exit import exited, finished, wait_exited
 from .outage import OutageTimeout, opened_before_restart, outages_for, server_of
@@ -230,6 +231,7 @@ class ConnectionPool:
         self._closing = 0            # slots of connections whose backend is exiting
         self._exiting = []           # [dup fd, give-up deadline, shed] per closing connection
         self._app_names = {}         # dsn key -> its application_name ('' if none)
+        self._name_sqls = {}         # application_name -> 'SET application_name = ...; '
         self._waiters = collections.deque()
         self._budget_waits = {}      # dsn key -> deque of _BudgetWait, oldest first
         self._handed_in_row = 0
@@ -336,7 +338,7 @@ class ConnectionPool:
                 close_and_wait((grant.victim,))
                 grant = _NEW
             elif self._revive(grant):
-                grant._dbp_prefix = self._timeouts_prefix(key, holder)
+                grant._dbp_prefix = self._prefix(grant, key, holder)
                 return grant
             else:
                 with self._lock:    # dead: open a new one in its slot
@@ -465,7 +467,7 @@ class ConnectionPool:
         try:
             try:                    # (a dead one is found out by the taker: fd_readable)
                 if offerable(cnx):
-                    meta = session_meta(cnx, getattr(cnx, '_dbp_app', None) or '')
+                    meta = session_meta(cnx)
                     # Our libpq is pointed at /dev/null before the socket leaves: whatever
                     # happens next (an exception, a close), it cannot drive a parked session.
                     fd = os.dup(cnx.fileno())
@@ -827,7 +829,7 @@ class ConnectionPool:
             cnx._dbp_gen_cells = outages.cells
             cnx._dbp_gen_cell, cnx._dbp_gen = outages.generation(server)
         cnx._dbp_direct = (direct is not None) if self.settings.direct_host else None
-        cnx._dbp_prefix = self._timeouts_prefix(key, holder)
+        cnx._dbp_prefix = self._prefix(cnx, key, holder)
         record_tls(cnx, info)
         with self._lock:
             self._opening -= 1
@@ -854,6 +856,9 @@ class ConnectionPool:
             cnx._dbp_born, cnx._dbp_expires, cnx._dbp_reuses, cnx._dbp_pid = \
                 meta['born'], meta['expires'], meta['reuses'], meta['pid']
             cnx._dbp_params = meta['params']
+            # The session's name, and its start-up name (a shell's libpq knows neither).
+            cnx._dbp_app, cnx._dbp_app0 = meta['app'], meta['app0']
+            cnx._dbp_name_tx = False
             cnx._dbp_gen_cell, cnx._dbp_gen = meta.get('gen') or (None, 0)
             cnx._dbp_gen_cells = (self._outages or self._init_outages()).cells
             if opened_before_restart(cnx):
@@ -863,20 +868,7 @@ class ConnectionPool:
                 return None
             cnx._dbp_cancel_info = connection_info     # for its cancel() (a shell's libpq cannot)
             cnx._dbp_direct = False if self.settings.direct_host else None
-            cnx._dbp_prefix = self._timeouts_prefix(key, holder)
-            if parked:
-                app = self._app_names.get(key)
-                if app is None:
-                    app = self._app_names[key] = dict(key).get('application_name') or ''
-                if app and cnx._dbp_app != app:     # a round trip, as a donor does it
-                    try:
-                        set_application_name(cnx, app)
-                    except psycopg2.Error:      # died since parked: open one instead
-                        with self._lock:
-                            self._closing += 1  # ours with its slot (the caller unbooks
-                        self._retire([cnx])     # the opening)
-                        return None
-                    cnx._dbp_app = app
+            cnx._dbp_prefix = self._prefix(cnx, key, holder)
         except BaseException:       # gevent.Timeout, Odoo's SIGXCPU: nothing may leak
             ours = claim[0] if claim and claim[2] and claim[0] is not None else None
             with self._lock:
@@ -947,7 +939,6 @@ class ConnectionPool:
             os.close(fd)
             if faults.plan:
                 faults.hit('parking.receive.after_wrap')
-            cnx._dbp_app = meta['app']
             return cnx, meta
 
     def lend_idle(self, khash):
@@ -1008,6 +999,8 @@ class ConnectionPool:
         cnx._dbp_expires = now + lifetime * (1 - 0.1 * random.random()) if lifetime else 0
         cnx._dbp_reuses = 0
         cnx._dbp_pid = cnx.info.backend_pid     # a taken one's libpq may say another's
+        # Its name now and at start-up (a taken one's: from the donor, see _take).
+        cnx._dbp_app = cnx._dbp_app0 = cnx.info.parameter_status('application_name') or ''
         cnx._dbp_tracked = track(cnx)
         exchange = self.budget.exchange if self.budget is not None else None
         # Offered to other processes when idle: plain connections of ordinary databases.
@@ -1025,6 +1018,24 @@ class ConnectionPool:
         if settings.direct_port:
             direct['port'] = settings.direct_port
         return direct
+
+    def _prefix(self, cnx, key, holder):
+        """``cnx._dbp_prefix`` of a borrow: the role's timeouts, after ``SET
+        application_name`` when the session does not have this process's name for
+        ``key`` (taken from another process, reset): see session_tracking."""
+        prefix = self._timeouts_prefix(key, holder)
+        app = self._app_names.get(key)
+        if app is None:
+            app = self._app_names[key] = dict(key).get('application_name') or ''
+        if not app or cnx._dbp_app == app:
+            cnx._dbp_name = None
+            return prefix
+        cnx._dbp_name = app
+        name_sql = self._name_sqls.get(app)
+        if name_sql is None:
+            name_sql = self._name_sqls[app] = psycopg2.sql.SQL(
+                'SET application_name = {}; ').format(psycopg2.sql.Literal(app)).as_string(cnx)
+        return name_sql + prefix
 
     def _timeouts_prefix(self, key, holder):
         """The SET LOCAL statements of the borrower's role (http or cron), sent
@@ -1129,16 +1140,15 @@ class ConnectionPool:
             narrow = session_state.narrow_reset(dirty)
             if narrow:
                 run_reset(cnx, narrow)
+                if dirty & session_state.SET:
+                    cnx._dbp_app = cnx._dbp_app0    # RESET ALL: the start-up name
             else:
                 restore_characteristics(cnx)
         else:
             cnx.reset()             # ABORT (in a transaction) + DISCARD ALL
             cnx._dbp_params = None
-            app = getattr(cnx, '_dbp_app', None)
-            if app and cnx.info.parameter_status('application_name') != app:
-                # Taken from another process: DISCARD ALL went back to the name the
-                # session started with, that process's.
-                set_application_name(cnx, app)
+            cnx._dbp_app = cnx._dbp_app0            # (the borrow names it again)
+            cnx._dbp_name_tx = False
         cnx._dbp_dirty = 0
         stats = self.stats
         with self._lock:

@@ -11,6 +11,26 @@ The same hook adds the per-role ``SET LOCAL`` timeouts (``cnx._dbp_prefix``,
 chosen at borrow) in front of the first statement of each transaction, so they
 cost no round trip and end with the transaction, and warns once when a
 statement that needs a real session goes through a transaction pooler.
+
+The session's name (``application_name``, ``odoo-<role>-<pid>``) travels the same
+way. A session taken from another process, or reset by ``RESET ALL``/``DISCARD
+ALL``, has another process's name; the borrow puts ``SET application_name`` in
+front of the prefix (``cnx._dbp_name``: the name wanted), and the transaction
+that carried it, once committed, makes it the session's (``cnx._dbp_app``). A
+rollback undoes the ``SET`` on the server, so the name stays pending and the next
+transaction carries it again. No round trip of its own: until the borrower's
+first transaction, ``pg_stat_activity`` shows the previous holder's name.
+Attributes, all of the thread holding the connection:
+
+- ``_dbp_app``: the name the session has on the server as far as the pool knows
+  (libpq's ``parameter_status`` cannot say for a taken connection: its libpq
+  started against a stand-in, see exchange);
+- ``_dbp_app0``: its start-up name, what ``RESET ALL`` and ``DISCARD ALL`` go back to;
+- ``_dbp_name``: the name the borrow wants, while the session does not have it
+  (None: nothing pending);
+- ``_dbp_name_tx``: the open transaction began with ``SET application_name =
+  _dbp_name`` (set by the cursor, cleared by ``commit``, which confirms it, and
+  ``rollback``).
 """
 import logging
 
@@ -31,6 +51,7 @@ _executemany = ext.cursor.executemany
 _callproc = ext.cursor.callproc
 _autocommit = ext.connection.autocommit
 _commit = ext.connection.commit
+_rollback = ext.connection.rollback
 _tpc_prepare = ext.connection.tpc_prepare
 _tpc_commit = ext.connection.tpc_commit
 _set_session = ext.connection.set_session
@@ -78,9 +99,12 @@ class TrackingCursor(ext.cursor):
         elif cnx._dbp_prefix and cnx.status == STATUS_READY and not _autocommit.__get__(cnx) \
                 and text.lstrip()[:3].upper() != 'SET':
             # First statement of a transaction (psycopg2 sends BEGIN before it):
-            # the role's timeouts go in the same round trip. Not before a SET,
-            # which may be SET TRANSACTION (it must come first).
+            # the role's timeouts, and the session's name if pending, go in the
+            # same round trip. Not before a SET, which may be SET TRANSACTION
+            # (it must come first).
             query = cnx._dbp_prefix + text
+            if cnx._dbp_name is not None:
+                cnx._dbp_name_tx = True
         return _execute(self, query, vars)
 
     def copy_expert(self, sql, file, size=8192):
@@ -129,6 +153,10 @@ class SessionTracking:
     _dbp_gen = 0
     _dbp_asked = None       # connection_info of a borrow whose first statement has not run
     _dbp_info = None        # connection_info of the borrow (request_retry)
+    _dbp_app = None         # the session's name (see the module's docstring)
+    _dbp_app0 = None
+    _dbp_name = None
+    _dbp_name_tx = False
 
     def get_backend_pid(self):
         # A connection taken from another process may sit in a psycopg2 object of an
@@ -170,7 +198,15 @@ class SessionTracking:
     def commit(self):
         if not self.closed:         # (closed: psycopg2 raises without sending anything)
             request_retry.committed()
-        return _commit(self)
+        if not self._dbp_name_tx:
+            return _commit(self)
+        self._dbp_name_tx = False   # (a failed commit: the name stays pending)
+        _commit(self)
+        self._dbp_app, self._dbp_name = self._dbp_name, None
+
+    def rollback(self):
+        self._dbp_name_tx = False   # the SET of the name is undone with the rest
+        return _rollback(self)
 
     def tpc_prepare(self):
         request_retry.committed()   # another session may commit it
@@ -238,17 +274,20 @@ class ShellConnection:
         info = self._dbp_cancel_info
         if info is None:
             return _cancel(self)
-        cancel_session(info, self._dbp_pid, getattr(self, '_dbp_app', None) or None)
+        # Any name the session may have now (a pending one: sent, not committed yet).
+        names = sorted({name for name in (self._dbp_app, self._dbp_name, self._dbp_app0)
+                        if name})
+        cancel_session(info, self._dbp_pid, names or None)
 
 
 _info = ext.connection.info
 _cancel = ext.connection.cancel
 
 
-def cancel_session(connection_info, pid, application_name):
+def cancel_session(connection_info, pid, application_names):
     """Cancel what backend ``pid`` runs, from a short-lived connection with the same
-    credentials; only if that backend still carries our session's name (behind a
-    pooler the pid could be another session's). Raises like libpq's cancel."""
+    credentials; only if that backend still carries one of our session's names
+    (behind a pooler the pid could be another session's). Raises like libpq's cancel."""
     info = dict(connection_info, application_name='odoo-db_pooling-cancel', connect_timeout=5)
     try:
         other = psycopg2.connect(**info)
@@ -258,8 +297,8 @@ def cancel_session(connection_info, pid, application_name):
         other.autocommit = True
         with other.cursor() as cur:
             cur.execute('SELECT pg_cancel_backend(pid) FROM pg_stat_activity '
-                        'WHERE pid = %s AND (%s IS NULL OR application_name = %s)',
-                        (pid, application_name, application_name))
+                        'WHERE pid = %s AND (%s IS NULL OR application_name = ANY(%s))',
+                        (pid, application_names, application_names))
     finally:
         other.close()
 

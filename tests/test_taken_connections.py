@@ -382,3 +382,91 @@ def test_a_squatter_on_the_stand_in_does_not_delay_the_start_up(pg, uid):
             cnx.close()
         os.close(read_end)
         stop(squatter, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------ 6. the session's name
+def server_name(pg, backend):
+    """application_name of backend ``backend`` as the server shows it."""
+    return pg.sql('SELECT application_name FROM pg_stat_activity WHERE pid = %s',
+                  [backend])[0][0]
+
+
+def first_transaction(cnx, end):
+    """One statement, then ``end`` ('commit' or 'rollback'): the name it saw."""
+    with cnx.cursor() as cur:
+        cur.execute("SELECT current_setting('application_name')")
+        seen = cur.fetchone()[0]
+    getattr(cnx, end)()
+    return seen
+
+
+@pytest.mark.parametrize('source', ['exchange', 'parking'])
+def test_a_taken_connection_is_named_by_its_first_committed_transaction(
+        pg, info, tmp_path, source):
+    taker = info()['application_name'] + '-taker'
+    with taken(source, str(tmp_path / 'segment'), info) as (pool, cnx, backend):
+        # No round trip on the way in: the session still has its donor's name...
+        donor_name = server_name(pg, backend)
+        assert donor_name != taker and cnx._dbp_name == taker
+        # ...until the first transaction: its first statement carries the SET. A
+        # rollback undoes it on the server, so the name stays pending.
+        assert first_transaction(cnx, 'rollback') == taker
+        assert server_name(pg, backend) == donor_name
+        assert (cnx._dbp_app, cnx._dbp_name) == (donor_name, taker)
+        assert first_transaction(cnx, 'commit') == taker
+        assert server_name(pg, backend) == taker
+        assert (cnx._dbp_app, cnx._dbp_name) == (taker, None)
+        pool.give_back(cnx)
+        again = pool.borrow(info('db2', application_name=taker))
+        assert again is cnx and 'application_name' not in again._dbp_prefix
+        assert first_transaction(again, 'commit') == taker
+        pool.give_back(again)
+
+
+@pytest.mark.parametrize('statement', ["SET work_mem = '8MB'", 'DO $$BEGIN END$$'],
+                         ids=['reset-all', 'discard-all'])
+def test_a_reset_taken_connection_is_named_again(pg, info, tmp_path, statement):
+    """RESET ALL (after a SET) and DISCARD ALL (after a DO) put back the name the session
+    started with, its first holder's: the next borrow names it again, in its first
+    transaction."""
+    taker = info()['application_name'] + '-taker'
+    with taken('exchange', str(tmp_path / 'segment'), info) as (pool, cnx, backend):
+        start_name = server_name(pg, backend)
+        with cnx.cursor() as cur:
+            cur.execute('SELECT 1')     # (a transaction's first SET carries no prefix:
+            cur.execute(statement)      # it may be SET TRANSACTION)
+        cnx.commit()
+        assert server_name(pg, backend) == taker
+        pool.give_back(cnx)
+        again = pool.borrow(info('db2', application_name=taker))
+        assert again is cnx and server_name(pg, backend) == start_name != taker
+        assert again._dbp_name == taker and again._dbp_prefix.startswith('SET application_name')
+        assert first_transaction(again, 'commit') == taker
+        assert server_name(pg, backend) == taker
+        pool.give_back(again)
+
+
+def test_a_connection_given_on_before_its_name_counted_carries_the_real_one(
+        pg, info, tmp_path):
+    """Taken, never committed, given on: the next taker learns the name the session
+    really has (its first holder's), not the one the middle process wanted."""
+    path = str(tmp_path / 'segment')
+    donor, backend = start_donor(path, info('db2'))
+    peer = Peer(path, info)
+    pool = make_pool(path)
+    try:
+        donor_name = info()['application_name']
+        cnx = pool.borrow(info('db2', application_name=donor_name + '-taker'))
+        assert backend_pid(cnx) == backend      # (a transaction that rolls back)
+        cnx.rollback()
+        assert server_name(pg, backend) == donor_name
+        assert exchange.session_meta(cnx)['app'] == donor_name
+        assert exchange.session_meta(cnx)['app0'] == donor_name
+        pool.give_back(cnx)
+        assert peer.do('borrow', 'db2') == backend
+        assert server_name(pg, backend) == donor_name + '-peer'
+        peer.do('back', 'db2')
+    finally:
+        peer.stop()
+        stop(donor)
+        pool.shutdown()
