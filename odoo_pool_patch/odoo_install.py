@@ -15,7 +15,7 @@ import os
 from . import first_statement, list_dbs_cache, request_retry
 from .errors import ConfigError
 from .options import load_settings
-from .pool import ConnectionPool, Holder
+from .pool import ConnectionPool, Holder, deferred_parking
 from .session_tracking import tracked_class
 
 _logger = logging.getLogger('odoo.sql_db.pool')
@@ -95,6 +95,8 @@ def install(settings):
                            pool_class.budget.state if pool_class.budget else None)
     sql_db.ConnectionPool = pool_class
     first_statement.install(sql_db.Cursor)
+    if pool_class.budget is not None:
+        _defer_parking_in_requests()
     if settings.retry_terminated:
         from odoo.service import model as service_model
         request_retry.install(service_model)
@@ -288,6 +290,25 @@ def _patch_worker_roles():
         return original(self, *args, **kwargs)
     run._db_pooling = True
     server.Worker.run = run
+
+
+def _defer_parking_in_requests():
+    """Serve each HTTP request under :func:`.pool.deferred_parking`: its cursors (the
+    registry and route one, then the call's) share a connection instead of parking
+    and unparking one between them."""
+    from odoo import http
+    for name in ('_serve_db', '_serve_nodb'):
+        original = getattr(http.Request, name, None)
+        if original is None or getattr(original, '_db_pooling', False):
+            continue
+
+        def serve(self, *args, _original=original, **kwargs):
+            with deferred_parking():
+                return _original(self, *args, **kwargs)
+        serve._db_pooling = True
+        serve.__name__ = serve.__qualname__ = name
+        serve.__doc__ = original.__doc__
+        setattr(http.Request, name, serve)
 
 
 def server_limits(cnx):

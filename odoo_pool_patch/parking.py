@@ -217,13 +217,14 @@ class Parking:
             cells[base + ss.K_WANT_PID] = pid
         cells[base + ss.K_WANT_MS] = _ms()
 
-    def wanted(self, khash):
-        """Whether another process needed ``khash`` in the last DEMAND seconds."""
+    def wanted(self, khash, within=None):
+        """Whether another process needed ``khash`` in the last ``within`` seconds
+        (default ``DEMAND``)."""
         base = self._lot(khash)
         if base is None:
             return False
         cells = self.state.cells
-        since = _ms() - DEMAND * 1000
+        since = _ms() - (DEMAND if within is None else within) * 1000
         return (cells[base + ss.K_WANT_MS] > since and cells[base + ss.K_WANT_PID] != self.budget.pid) \
             or cells[base + ss.K_OTHER_MS] > since
 

@@ -17,12 +17,23 @@ a waiter. With the shared budget, a connection given back goes first to a
 thread of this process waiting in the budget's queue for the same database
 (a bounded number of times in a row, see ``_hand_over_locked``).
 
+Parking (see :mod:`.parking`) is deferred inside a request (:func:`deferred_parking`,
+around Odoo's request dispatch): a connection given back there stays IDLE here, so
+the request's next cursor on the same database (Odoo opens one to load the registry
+and match the route, then one for the call) reuses it without a hand-over; at the
+end of the request the pool parks those of its idle connections another process
+wants (:meth:`ConnectionPool.park_wanted`), each by the same locked steps as a
+park at give-back (out of IDLE, counted in ``_closing`` while it travels, parked or
+back to IDLE). A give-back parks at once when another process is waiting for that
+database right now.
+
 Network round trips (connect, reset, health check) are never made while
 holding the lock. Idle eviction, max lifetime, dead-socket detection, leaked
 connection recovery and the leak warning run on a maintenance thread (see
 :mod:`.maintenance`), so they happen even when nobody borrows.
 """
 import collections
+import contextlib
 import logging
 import os
 import random
@@ -74,6 +85,37 @@ HANDOVER_WAIT = 0.005  # seconds the closing thread waits for that when someone 
 AWAIT_BUSY = 0.015
 AWAIT_POLL = 0.0005
 monotonic = time.monotonic
+
+
+class _Deferral(threading.local):
+    active = False          # this thread serves a request (see deferred_parking)
+    pools = ()              # pools that kept a connection idle instead of parking it
+
+
+_DEFERRAL = _Deferral()
+
+
+def parking_deferred():
+    """Whether this thread serves a request under :func:`deferred_parking`."""
+    return _DEFERRAL.active
+
+
+@contextlib.contextmanager
+def deferred_parking():
+    """While this thread serves one request: connections given back stay idle in
+    their pool for the request's next cursor; at the end, those another process
+    wants are parked. Nested uses are one."""
+    if _DEFERRAL.active:
+        yield
+        return
+    _DEFERRAL.active = True
+    try:
+        yield
+    finally:
+        _DEFERRAL.active = False
+        pools, _DEFERRAL.pools = _DEFERRAL.pools, ()
+        for pool in pools:
+            pool.park_wanted()
 
 
 class PooledConnection(SessionTracking, psycopg2.extensions.connection):
@@ -424,6 +466,11 @@ class ConnectionPool:
                 self._handed_in_row = 0
                 park = connection._dbp_khash and not self._waiters and \
                     self._should_park_locked(connection)
+                if park and _DEFERRAL.active and not self.budget.exchange.parking.wanted(
+                        connection._dbp_khash, AWAIT_BUSY):
+                    park = False            # for the request's next cursor (see above)
+                    if self not in _DEFERRAL.pools:
+                        _DEFERRAL.pools += (self,)
                 if park:
                     self._closing += 1      # its slot stays counted here while it travels
                     connection._dbp_lent_at = self._closings
@@ -484,6 +531,31 @@ class ConnectionPool:
                 pass
         finally:                    # whatever was raised: parked, or back in the books
             self._after_park(cnx, sent[0])
+
+    def park_wanted(self):
+        """Park the idle connections another process wants (the end of a request
+        that kept them, see :func:`deferred_parking`); each is tried once (one that
+        could not go is back in IDLE)."""
+        tried = set()
+        while True:
+            with self._lock:
+                if self._closed or self._waiters:
+                    return
+                for key, stack in self._idle.items():
+                    cnx = stack[-1]
+                    if cnx not in tried and cnx._dbp_khash and self._should_park_locked(cnx):
+                        break
+                else:
+                    return
+                tried.add(cnx)
+                stack.pop()
+                if not stack:
+                    del self._idle[key]
+                self._n_idle -= 1
+                self.budget.exchange.changed(cnx._dbp_khash, -1, 1)    # as if in use
+                self._closing += 1          # its slot stays counted here while it travels
+                cnx._dbp_lent_at = self._closings
+            self._park(cnx)
 
     def _after_park(self, cnx, parked):
         exchange = self.budget.exchange

@@ -256,3 +256,9 @@ def test_replica_stopped_mid_request_is_not_seen(server, odoo_tree, pg, replica_
         stopped.start()
     assert stopped.wait_until(lambda: session.call('/dbp_test/server')[0] == stopped.port,
                               timeout=60, interval=0.1), server.log_tail()
+
+
+def test_requests_run_under_deferred_parking(server, odoo_tree):
+    """Every series: a request's cursors share a connection before another worker gets
+    it (the behaviour itself: tests/test_parking.py)."""
+    assert server.session(server.db).call('/dbp_test/parking_deferred') is True

@@ -1,6 +1,7 @@
 """Idle connections parked in kernel queues (see odoo_pool_patch.parking): a master
 process makes the budget and its exchange, workers forked from it share the queues.
 Real forked processes, real PostgreSQL, SIGKILL."""
+import contextlib
 import os
 import signal
 import time
@@ -298,3 +299,62 @@ def test_a_borrower_waiting_for_a_connection_in_use_receives_it_parked(
         assert (pool.stats.unparked, pool.stats.taken) == (0, 1)
     cnx.commit()
     pool.give_back(cnx)
+
+
+@pytest.mark.parametrize('in_request', [True, False])
+def test_inside_a_request_a_connection_given_back_serves_the_next_cursor_then_is_parked(
+        pg, info, tmp_path, family, in_request):
+    """Another worker needed db1 a moment ago (not waiting now). Inside a request
+    (deferred_parking, as around Odoo's dispatch) the connection given back stays here
+    for the request's next cursor, and is parked when the request ends. Control, outside
+    a request: parked at give-back, and the next cursor receives it back from the queue."""
+    start, peers = family
+    shared, make, new_pool = start()
+    other = peer(peers, tmp_path, info, make)
+    other.do('borrow', 'db1')               # its demand for db1, then no more
+    time.sleep(0.1)
+    pool = new_pool()
+    with pool_module.deferred_parking() if in_request else contextlib.nullcontext():
+        cnx = pool.borrow(info('db1'))
+        backend = backend_pid(cnx)
+        cnx.commit()
+        pool.give_back(cnx)
+        assert parked(shared) == (0 if in_request else 1)
+        again = pool.borrow(info('db1'))
+        assert backend_pid(again) == backend
+        if in_request:
+            assert again is cnx and (pool.stats.reused, pool.stats.unparked) == (1, 0)
+        else:
+            assert (pool.stats.reused, pool.stats.unparked) == (0, 1)
+        again.commit()
+        pool.give_back(again)
+        assert pool.stats.parked == (0 if in_request else 2)
+    assert pool.stats.parked == (1 if in_request else 2) and parked(shared) == 1
+    other.do('back', 'db1')
+
+
+def test_inside_a_request_a_connection_is_parked_at_once_for_a_borrower_waiting_now(
+        pg, info, tmp_path, family, monkeypatch):
+    """Budget full, worker b waits for db1 (in use here, inside a request): the give-back
+    parks it at once and b receives it from the queue, without waiting for the request
+    to end."""
+    monkeypatch.setattr(pool_module, 'AWAIT_BUSY', 5.0)
+    start, peers = family
+    shared, make, new_pool = start(budget=2)
+    b = peer(peers, tmp_path, info, make)
+    b.do('borrow', 'db2')
+    b.do('back', 'db2')                     # b: an idle db2, the budget's second slot
+    pool = new_pool()
+    with pool_module.deferred_parking():
+        cnx = pool.borrow(info('db1'))
+        busy = backend_pid(cnx)
+        cnx.commit()
+        os.write(b._commands, b'borrow db1\n')      # b waits for db1 (answered below)
+        time.sleep(0.5)
+        pool.give_back(cnx)
+        assert pool.stats.parked == 1
+        started = time.monotonic()
+        assert int(os.read(b._answers, 64)) == busy
+        assert time.monotonic() - started < 2.0
+        assert b.do('stat', 'unparked') == 1 and b.do('stat', 'awaited') == 1
+    b.do('back', 'db1')

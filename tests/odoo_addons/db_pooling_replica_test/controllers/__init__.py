@@ -48,3 +48,9 @@ class ReplicaTest(http.Controller):
         from odoo_pool_patch.replica_health import servers_status
         from odoo_pool_patch.replica_routes import SESSION_KEY
         return {'servers': servers_status(), 'lsn': request.session.get(SESSION_KEY)}
+
+    @http.route('/dbp_test/parking_deferred', type='json', auth='user')
+    def parking_deferred(self):
+        """Whether the request runs under db_pooling's deferred parking (every series)."""
+        from odoo_pool_patch.pool import parking_deferred
+        return parking_deferred()
