@@ -152,10 +152,12 @@ def peer(conn):
 def offerable(cnx):
     """Whether an idle connection can move to another process (no round trip)."""
     try:
-        return (not cnx.closed and cnx.status == psycopg2.extensions.STATUS_READY
-                and cnx.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
-                and not cnx.info.ssl_in_use and not gss_in_use(cnx)
-                and (cnx.info.parameter_status('DateStyle') or '').startswith('ISO'))
+        if cnx.closed or cnx.status != psycopg2.extensions.STATUS_READY:
+            return False
+        info = cnx.info                     # (a new object at each access)
+        return (info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+                and not info.ssl_in_use and not gss_in_use(cnx)
+                and (info.parameter_status('DateStyle') or '').startswith('ISO'))
     except psycopg2.Error:
         return False
 

@@ -64,7 +64,8 @@ _TERMINATE = b'X\0\0\0\4'
 monotonic = time.monotonic
 
 
-_CLOEXEC = getattr(socket, 'MSG_CMSG_CLOEXEC', 0)
+_CLOEXEC = int(getattr(socket, 'MSG_CMSG_CLOEXEC', 0))     # (an int: no enum | per call)
+_ONE_FD = socket.CMSG_LEN(4)
 
 
 # Descriptors of sessions on their way between processes (a copy being sent, one just
@@ -89,7 +90,7 @@ os.register_at_fork(after_in_child=_close_in_flight_after_fork)
 def recv_fds(sock, size, flags=0):
     """(message, [descriptor]) from a Unix socket, the descriptors close-on-exec (as
     socket.recv_fds, which ignores its flags, cannot give them)."""
-    message, ancdata, _flags, _addr = sock.recvmsg(size, socket.CMSG_LEN(4), flags | _CLOEXEC)
+    message, ancdata, _flags, _addr = sock.recvmsg(size, _ONE_FD, flags | _CLOEXEC)
     fds = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

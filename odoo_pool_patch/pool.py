@@ -83,7 +83,8 @@ HANDOVER_WAIT = 0.005  # seconds the closing thread waits for that when someone 
 # close a connection to another database and open a backend (fork, authentication, cold
 # caches: several ms of server CPU, and that other database may then have none left).
 AWAIT_BUSY = 0.015
-AWAIT_POLL = 0.0005
+AWAIT_POLL = 0.0005    # its checks without parking (a connection back idle elsewhere)
+AWAIT_SLICE = 0.005    # with parking: the wait wakes as one is parked; the other checks
 monotonic = time.monotonic
 
 
@@ -432,7 +433,7 @@ class ConnectionPool:
         deadline = monotonic() + AWAIT_BUSY
         while monotonic() < deadline:
             if parking is not None:
-                parking.wait(khash, AWAIT_POLL)     # wakes as soon as one is parked
+                parking.wait(khash, AWAIT_SLICE)    # wakes as soon as one is parked
             else:
                 time.sleep(AWAIT_POLL)
             idle, in_use = exchange.elsewhere(khash)
@@ -1070,14 +1071,15 @@ class ConnectionPool:
         # recycle together.
         cnx._dbp_expires = now + lifetime * (1 - 0.1 * random.random()) if lifetime else 0
         cnx._dbp_reuses = 0
-        cnx._dbp_pid = cnx.info.backend_pid     # a taken one's libpq may say another's
+        info = cnx.info                         # (a new object at each access)
+        cnx._dbp_pid = info.backend_pid         # a taken one's libpq may say another's
         # Its name now and at start-up (a taken one's: from the donor, see _take).
-        cnx._dbp_app = cnx._dbp_app0 = cnx.info.parameter_status('application_name') or ''
+        cnx._dbp_app = cnx._dbp_app0 = info.parameter_status('application_name') or ''
         cnx._dbp_tracked = track(cnx)
         exchange = self.budget.exchange if self.budget is not None else None
         # Offered to other processes when idle: plain connections of ordinary databases.
         cnx._dbp_khash = exchange.hash_of(key) if exchange is not None and cnx._dbp_tracked \
-            and not cnx.closed and not cnx.info.ssl_in_use and not gss_in_use(cnx) else 0
+            and not cnx.closed and not info.ssl_in_use and not gss_in_use(cnx) else 0
 
     def _direct_info(self, connection_info, key):
         """connection_info for PostgreSQL itself (db_direct_host/port) when this
