@@ -930,7 +930,8 @@ class ConnectionPool:
                 meta['born'], meta['expires'], meta['reuses'], meta['pid']
             cnx._dbp_params = meta['params']
             # The session's name, and its start-up name (a shell's libpq knows neither).
-            cnx._dbp_app, cnx._dbp_app0 = meta['app'], meta['app0']
+            cnx._dbp_app = meta['app']
+            cnx._dbp_app0 = meta.get('app0', meta['app'])
             cnx._dbp_name_tx = False
             cnx._dbp_gen_cell, cnx._dbp_gen = meta.get('gen') or (None, 0)
             cnx._dbp_gen_cells = (self._outages or self._init_outages()).cells

@@ -74,9 +74,10 @@ import time
 import weakref
 
 MAGIC = 0x6462706F6F6C3031      # "dbpool01"
-VERSION = 10         # bump on any layout or protocol change: older files are reinitialised
+VERSION = 11         # bump on any layout or protocol change: older files are reinitialised
                      # once no process of theirs is alive (9: liveness locks, token;
-                     # 10: outage rows)
+                     # 10: outage rows; 11: hand-over metadata carries the session's
+                     # start-up name, a take request no name)
 
 N_PROC = 512
 N_WAIT = 1024
