@@ -299,13 +299,14 @@ def _defer_parking_in_requests():
     from odoo import http
     for name in ('_serve_db', '_serve_nodb'):
         original = getattr(http.Request, name, None)
-        if original is None or getattr(original, '_db_pooling', False):
+        # (its own mark: replica_routes wraps these first and marks its wrapper _db_pooling)
+        if original is None or getattr(original, '_dbp_deferred_parking', False):
             continue
 
         def serve(self, *args, _original=original, **kwargs):
             with deferred_parking():
                 return _original(self, *args, **kwargs)
-        serve._db_pooling = True
+        serve._db_pooling = serve._dbp_deferred_parking = True
         serve.__name__ = serve.__qualname__ = name
         serve.__doc__ = original.__doc__
         setattr(http.Request, name, serve)

@@ -116,7 +116,11 @@ def deferred_parking():
         _DEFERRAL.active = False
         pools, _DEFERRAL.pools = _DEFERRAL.pools, ()
         for pool in pools:
-            pool.park_wanted()
+            try:                # after the request's work: it must not fail the request
+                pool.park_wanted()
+            except Exception:   # noqa: BLE001 - (the connection is back idle, see _park)
+                _logger.warning('db_pooling: parking at the end of a request failed',
+                                exc_info=True)
 
 
 class PooledConnection(SessionTracking, psycopg2.extensions.connection):
@@ -274,7 +278,7 @@ class ConnectionPool:
         self._closing = 0            # slots of connections whose backend is exiting
         self._exiting = []           # [dup fd, give-up deadline, shed] per closing connection
         self._app_names = {}         # dsn key -> its application_name ('' if none)
-        self._name_sqls = {}         # application_name -> 'SET application_name = ...; '
+        self._name_sqls = {}         # (name, standard_conforming_strings) -> 'SET application_name = ...; '
         self._waiters = collections.deque()
         self._budget_waits = {}      # dsn key -> deque of _BudgetWait, oldest first
         self._handed_in_row = 0
@@ -1103,13 +1107,16 @@ class ConnectionPool:
         if app is None:
             app = self._app_names[key] = dict(key).get('application_name') or ''
         if not app or cnx._dbp_app == app:
-            cnx._dbp_name = None
+            cnx._dbp_name = cnx._dbp_name_sql = None
             return prefix
         cnx._dbp_name = app
-        name_sql = self._name_sqls.get(app)
+        # Quoted for this connection's standard_conforming_strings (a database may set it).
+        quoting = (app, cnx.info.parameter_status('standard_conforming_strings'))
+        name_sql = self._name_sqls.get(quoting)
         if name_sql is None:
-            name_sql = self._name_sqls[app] = psycopg2.sql.SQL(
+            name_sql = self._name_sqls[quoting] = psycopg2.sql.SQL(
                 'SET application_name = {}; ').format(psycopg2.sql.Literal(app)).as_string(cnx)
+        cnx._dbp_name_sql = name_sql
         return name_sql + prefix
 
     def _timeouts_prefix(self, key, holder):

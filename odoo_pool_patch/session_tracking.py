@@ -96,15 +96,26 @@ class TrackingCursor(ext.cursor):
         if self.name is not None:
             if self.withhold:
                 cnx._dbp_dirty |= HOLD
-        elif cnx._dbp_prefix and cnx.status == STATUS_READY and not _autocommit.__get__(cnx) \
-                and text.lstrip()[:3].upper() != 'SET':
+        elif cnx._dbp_prefix and cnx.status == STATUS_READY and not _autocommit.__get__(cnx):
             # First statement of a transaction (psycopg2 sends BEGIN before it):
             # the role's timeouts, and the session's name if pending, go in the
             # same round trip. Not before a SET, which may be SET TRANSACTION
             # (it must come first).
-            query = cnx._dbp_prefix + text
+            if text.lstrip()[:3].upper() == 'SET':
+                cnx._dbp_name_tx = False        # (this transaction does not carry it)
+                return _execute(self, query, vars)
+            prefix = cnx._dbp_prefix
+            if vars is not None and '%' in prefix:
+                prefix = prefix.replace('%', '%%')  # psycopg2 formats the whole text
+            query = prefix + text
             if cnx._dbp_name is not None:
-                cnx._dbp_name_tx = True
+                cnx._dbp_name_tx = False
+                try:
+                    return _execute(self, query, vars)
+                finally:
+                    # Carried only if it left: psycopg2 formats the parameters, then
+                    # sends BEGIN (READY still: nothing was sent).
+                    cnx._dbp_name_tx = cnx.status != STATUS_READY
         return _execute(self, query, vars)
 
     def copy_expert(self, sql, file, size=8192):
@@ -156,6 +167,7 @@ class SessionTracking:
     _dbp_app = None         # the session's name (see the module's docstring)
     _dbp_app0 = None
     _dbp_name = None
+    _dbp_name_sql = None    # the SET application_name at the head of _dbp_prefix
     _dbp_name_tx = False
 
     def get_backend_pid(self):
@@ -201,8 +213,14 @@ class SessionTracking:
         if not self._dbp_name_tx:
             return _commit(self)
         self._dbp_name_tx = False   # (a failed commit: the name stays pending)
+        # The COMMIT of a failed transaction is a ROLLBACK (psycopg2 raises nothing).
+        carried = self.info.transaction_status == ext.TRANSACTION_STATUS_INTRANS
         _commit(self)
-        self._dbp_app, self._dbp_name = self._dbp_name, None
+        if carried:
+            name_sql = self._dbp_name_sql
+            if name_sql and self._dbp_prefix.startswith(name_sql):
+                self._dbp_prefix = self._dbp_prefix[len(name_sql):]     # done: not again
+            self._dbp_app, self._dbp_name = self._dbp_name, None
 
     def rollback(self):
         self._dbp_name_tx = False   # the SET of the name is undone with the rest
