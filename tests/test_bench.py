@@ -95,3 +95,24 @@ def test_chaos_bench_on_real_odoo_loses_nothing_and_rides_out_restarts(tmp_path)
     assert (row['lost'], row['dup'], row['misplaced'], row['wrong_reads']) == (0, 0, 0, 0), row
     assert row['after-restart'] == 0 and row['after-primary'] == 0, row['late']
     assert row['restart'] <= 4 and row['primary'] <= 4, row        # the 4 clients in flight
+
+
+def test_instances_bench_holds_one_budget_for_several_odoo_instances(tmp_path):
+    """bench/odoo_instances.py, db_pooling arm only, shortened: two real Odoo instances
+    with one budget of 6 serve the web client's load without an error and never hold
+    more server connections together than that budget."""
+    from odoo_pool_patch.odoo_runner import available_trees
+    trees, why_not = available_trees()
+    if not trees:
+        pytest.skip(f'needs Odoo: {why_not}')
+    out = tmp_path / 'instances.json'
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'bench', 'odoo_instances.py'), '--arms',
+         'db_pooling', '--instances', '2', '--workers', '1', '--databases', '2',
+         '--clients', '3', '--budget', '6', '--warmup', '8', '--seconds', '3',
+         '--idle-timeout', '1', '--odoo', trees[-1].path, '--json', str(out)],
+        cwd=ROOT, timeout=900, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    row, = json.loads(out.read_text())['rows']
+    assert row['errors'] == 0 and row['requests'] > 5, row
+    assert 2 <= row['peak'] <= 6, row
