@@ -15,11 +15,12 @@ Arms (same PostgreSQL, same databases, same load; the instances of an arm run to
               --idle-timeout. Idle connections move between the instances' processes too
               (the exchange: same host, same user); each instance parks in its own queues.
 
-The load: --clients threads, each on a random database of a random instance, logged in
-there once (on first use, in the warm-up) as the web client is, calling
-/web/dataset/call_kw: a search_read of 20 partners, and a create one time in five.
---warmup s unmeasured (every worker loads every registry of its instance), --seconds s
-measured, --rest s observed after. Figures: server connections of role odoo (peak and mean
+The load: --clients threads, client n on instance n mod --instances, each logged in once
+to every database of its instance as the web client is (before the first arm; the
+sessions live in each instance's data directory, which every arm reuses), calling
+/web/dataset/call_kw on a random one: a search_read of 20 partners, and a create one
+time in five. --warmup s unmeasured, longer until every HTTP worker loaded every registry
+of its instance, --seconds s measured, --rest s observed after. Figures: server connections of role odoo (peak and mean
 under load, at rest), requests (a search_read and its create, if any, count as one),
 throughput, p50/p99, errors, and CPU per HTTP request of the Odoo processes and of all
 (PostgreSQL's backends and PgBouncer included). --rounds N interleaves the arms N times and
@@ -53,34 +54,52 @@ COLUMNS = [('arm', 'arm', ''), ('peak', 'peak', 'd'), ('mean', 'mean', '.1f'),
 
 
 class Load:
-    """The clients: each a web session per database it used (made on first use)."""
+    """The clients: client n on instance n mod instances, a web session per database of
+    it. The sessions outlive the servers of an arm (their files are in the instance's
+    data directory): :meth:`serve` points them at the next arm's servers."""
 
-    def __init__(self, servers, databases, clients):
-        self.targets = [(server, db) for server, dbs in zip(servers, databases) for db in dbs]
-        self.sessions = [{} for _ in range(clients)]
+    def __init__(self, databases, clients):
+        self.databases = databases
         self.clients = clients
+        self.sessions = None
         self.reset()
+
+    def serve(self, servers):
+        if self.sessions is None:       # log in once, in parallel (password hashing)
+            self.sessions = [None] * self.clients
+
+            def login(number):
+                index = number % len(servers)
+                self.sessions[number] = {db: servers[index].session(db)
+                                         for db in self.databases[index]}
+            threads = [threading.Thread(target=login, args=(n,)) for n in range(self.clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        for number, sessions in enumerate(self.sessions):
+            for session in sessions.values():
+                session.server = servers[number % len(servers)]
 
     def reset(self):
         self.latency, self.errors, self.calls = [], {}, [0] * self.clients
 
-    def _call(self, number, server, db, method, *args, **kwargs):
+    def _call(self, number, db, method, *args, **kwargs):
         self.calls[number] += 1
-        session = self.sessions[number].get((server.port, db))
-        if session is None:
-            session = self.sessions[number][server.port, db] = server.session(db)
-        return session.call(f'/web/dataset/call_kw/res.partner/{method}', model='res.partner',
-                            method=method, args=list(args), kwargs=kwargs)
+        return self.sessions[number][db].call(
+            f'/web/dataset/call_kw/res.partner/{method}', model='res.partner',
+            method=method, args=list(args), kwargs=kwargs)
 
     def _client(self, number, stop_at):
         rng = random.Random(number)
+        databases = list(self.sessions[number])
         while time.time() < stop_at:
-            server, db = rng.choice(self.targets)
+            db = rng.choice(databases)
             started = time.perf_counter()
             try:
-                self._call(number, server, db, 'search_read', [], fields=['name'], limit=20)
+                self._call(number, db, 'search_read', [], fields=['name'], limit=20)
                 if rng.random() < 0.2:
-                    self._call(number, server, db, 'create', {'name': 'bench'})
+                    self._call(number, db, 'create', {'name': 'bench'})
                 self.latency.append(time.perf_counter() - started)
             except Exception as exc:           # noqa: BLE001 - counted
                 kind = error_kind(exc)
@@ -96,7 +115,7 @@ class Load:
         return threads
 
 
-def run_arm(tree, cluster, workdir, databases, arm, args, counters, number):
+def run_arm(tree, cluster, workdir, databases, arm, args, counters, number, load):
     pooled = arm == 'db_pooling'
     bouncer = None
     options = {'workers': args.workers, 'max_cron_threads': 1}
@@ -111,17 +130,25 @@ def run_arm(tree, cluster, workdir, databases, arm, args, counters, number):
     servers = []
     try:
         for index, dbs in enumerate(databases):
-            # db_name: each instance serves its own databases (its cron worker too)
+            # db_name: each instance serves its own databases (its cron worker too);
+            # data_dir: the instance's, whatever the arm (its web sessions stay valid)
             server = OdooServer(tree, cluster, workdir, name=f'{arm}-{number}-i{index}',
-                                options=dict(options, db_name=','.join(dbs)),
+                                options=dict(options, db_name=','.join(dbs),
+                                             data_dir=os.path.join(workdir, f'inst{index}-data')),
                                 load_pooling=pooled)
             if pooled:      # the one budget's file (OdooServer sets one per server)
                 server.options['db_pool_shared_path'] = options['db_pool_shared_path']
             servers.append(server.start())
-        load = Load(servers, databases, args.clients)
-        print(f'  {arm:<10} warming up for {args.warmup} s (registries, logins)', flush=True)
+        load.serve(servers)
+        print(f'  {arm:<10} warming up for {args.warmup} s (registries)', flush=True)
+        started = time.time()
         for thread in load.run(args.warmup):
             thread.join()
+        wanted = args.workers * args.databases      # every HTTP worker, every registry
+        while (min(server.log().count('Registry loaded in') for server in servers) < wanted
+               and time.time() < started + 4 * args.warmup):
+            for thread in load.run(2):
+                thread.join()
         load.reset()
         groups = [server.proc.pid for server in servers]
         meters = {'odoo': CpuMeter(groups=groups).start(),
@@ -167,7 +194,7 @@ def main(argv=None):
                         help='db_pool_max_connections of the one budget (default: the sum of '
                              'the instances\' defaults, workers + 3 x 1 cron + 1 each)')
     parser.add_argument('--seconds', type=int, default=20, help='measured load per arm')
-    parser.add_argument('--warmup', type=int, default=30, help='unmeasured load first')
+    parser.add_argument('--warmup', type=int, default=15, help='unmeasured load first')
     parser.add_argument('--idle-timeout', type=float, default=3.0)
     parser.add_argument('--rest', type=float, default=None,
                         help='seconds observed after the load (default 2 idle timeouts + 1.5)')
@@ -198,6 +225,7 @@ def main(argv=None):
                 cluster.sql(f'CREATE DATABASE "{name}" TEMPLATE "{first[0]}" OWNER odoo')
             databases.append(names)
         counters = ServerCounters(cluster)
+        load = Load(databases, args.clients)
         print(f'Odoo {tree.series}: {args.instances} instances of {args.workers} workers + 1 cron, '
               f'{args.databases} databases each, {args.clients} clients (web sessions), '
               f'db_pooling budget {args.budget}; {args.seconds} s measured after '
@@ -206,7 +234,7 @@ def main(argv=None):
             order = arms[number % len(arms):] + arms[:number % len(arms)]
             for arm in order:
                 results[arm].append(run_arm(tree, cluster, workdir, databases, arm, args,
-                                            counters, number))
+                                            counters, number, load))
         counters.close()
     finally:
         cluster.destroy()
