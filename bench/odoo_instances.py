@@ -68,9 +68,18 @@ class Load:
         if self.sessions is None:       # log in once, in parallel (password hashing)
             self.sessions = [None] * self.clients
 
+            def logged_in(server, db):
+                for attempt in range(10):   # logins of one user at once: serialization
+                    try:                    # failures on res_users
+                        return server.session(db)
+                    except Exception:       # noqa: BLE001 - again, a bit later
+                        if attempt == 9:
+                            raise
+                        time.sleep(random.random())
+
             def login(number):
                 index = number % len(servers)
-                self.sessions[number] = {db: servers[index].session(db)
+                self.sessions[number] = {db: logged_in(servers[index], db)
                                          for db in self.databases[index]}
             threads = [threading.Thread(target=login, args=(n,)) for n in range(self.clients)]
             for thread in threads:
