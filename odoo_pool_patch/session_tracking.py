@@ -29,8 +29,15 @@ Attributes, all of the thread holding the connection:
 - ``_dbp_name``: the name the borrow wants, while the session does not have it
   (None: nothing pending);
 - ``_dbp_name_tx``: the open transaction began with ``SET application_name =
-  _dbp_name`` (set by the cursor, cleared by ``commit``, which confirms it, and
-  ``rollback``).
+  _dbp_name`` (set by the cursor once that statement left, with BEGIN before it;
+  cleared by ``rollback``, by a transaction whose first statement is a SET, and by
+  ``commit``, which counts the name only if that transaction was still open: a
+  COMMIT of a failed transaction is a ROLLBACK); once counted, the SET is taken
+  out of the borrow's prefix (``_dbp_name_sql``).
+
+A ``%`` in the prefix (an administrator's name) is doubled when psycopg2 formats
+the statement's parameters; the quoted name is cached per
+``standard_conforming_strings``.
 """
 import logging
 
