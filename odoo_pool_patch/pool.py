@@ -477,8 +477,7 @@ class ConnectionPool:
                     if self not in _DEFERRAL.pools:
                         _DEFERRAL.pools += (self,)
                 if park:
-                    self._closing += 1      # its slot stays counted here while it travels
-                    connection._dbp_lent_at = self._closings
+                    self._send_off_locked(connection)
                     doomed = None
                 else:
                     self._push_idle_locked(connection, in_use=-1)
@@ -546,20 +545,15 @@ class ConnectionPool:
             with self._lock:
                 if self._closed or self._waiters:
                     return
-                for key, stack in self._idle.items():
+                for stack in self._idle.values():
                     cnx = stack[-1]
                     if cnx not in tried and cnx._dbp_khash and self._should_park_locked(cnx):
                         break
                 else:
                     return
                 tried.add(cnx)
-                stack.pop()
-                if not stack:
-                    del self._idle[key]
-                self._n_idle -= 1
-                self.budget.exchange.changed(cnx._dbp_khash, -1, 1)    # as if in use
-                self._closing += 1          # its slot stays counted here while it travels
-                cnx._dbp_lent_at = self._closings
+                self._remove_idle_locked(cnx, in_use=1)     # as if given back: see _after_park
+                self._send_off_locked(cnx)
             self._park(cnx)
 
     def _after_park(self, cnx, parked):
@@ -796,14 +790,22 @@ class ConnectionPool:
         if cnx._dbp_khash:
             self.budget.exchange.changed(cnx._dbp_khash, 1, in_use)
 
-    def _remove_idle_locked(self, cnx):
+    def _remove_idle_locked(self, cnx, in_use=0):
+        """``cnx`` is no longer idle (``in_use`` = 1: counted in use for the exchange)."""
         stack = self._idle[cnx._dbp_key]
         stack.remove(cnx)
         if not stack:
             del self._idle[cnx._dbp_key]
         self._n_idle -= 1
         if cnx._dbp_khash:
-            self.budget.exchange.changed(cnx._dbp_khash, -1)
+            self.budget.exchange.changed(cnx._dbp_khash, -1, in_use)
+
+    def _send_off_locked(self, cnx):
+        """``cnx`` (out of the books) leaves for another process (parked, lent): its slot
+        stays counted here, in ``_closing``, while it travels; a ``close_all`` meanwhile
+        (``_closings`` moved on) closes it if it comes back."""
+        self._closing += 1
+        cnx._dbp_lent_at = self._closings
 
     def _retire(self, connections, shed=0):
         """Close connections already counted in ``_closing`` (lock not held).
@@ -1035,8 +1037,7 @@ class ConnectionPool:
                     return None
                 self._remove_idle_locked(cnx)
                 self._lent.add(cnx)     # (a child forked meanwhile neutralizes its copy)
-                self._closing += 1      # its slot stays counted while it travels
-                cnx._dbp_lent_at = self._closings
+                self._send_off_locked(cnx)
                 return cnx
         return None
 
