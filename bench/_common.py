@@ -218,6 +218,32 @@ def merge_rounds(label, runs, worst=('peak', 'at_rest'),
     return row
 
 
+def interleaved(labels, rounds, run):
+    """{label: [run(label, number) for each round]}: every arm ``rounds`` times, each round
+    starting one arm later, so that the arms share the machine's noise."""
+    results = {label: [] for label in labels}
+    for number in range(rounds if labels else 0):
+        shift = number % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            results[label].append(run(label, number))
+    return results
+
+
+def report_rounds(columns, results, rounds):
+    """Print every round (when there are several) and one row per arm (see
+    :func:`merge_rounds`); returns those rows."""
+    rows = [merge_rounds(label, runs) for label, runs in results.items()]
+    if rounds > 1:
+        print('\nEvery round:')
+        print_table([('round', 'round', 'd')] + columns,
+                    [dict(runs[number], round=number + 1) for number in range(rounds)
+                     for runs in results.values() if len(runs) > number])
+        print(f'\nMedians over {rounds} rounds (peak and at rest: the highest):')
+    print()
+    print_table(columns, rows)
+    return rows
+
+
 def odoo_tree(path=None):
     """(tree, why not): the Odoo tree a benchmark runs on: ``path`` (--odoo), else
     ODOO_PATH, else the newest /opt/odoo tree; (None, reason) when there is none."""

@@ -30,8 +30,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import (ServerCounters, latency_figures, print_table,  # noqa: E402
-                           merge_rounds, percentile, sessions_opened, stock_pool_class,
+from bench._common import (ServerCounters, interleaved, latency_figures,  # noqa: E402
+                           merge_rounds, print_table, percentile, sessions_opened, stock_pool_class,
                            write_json)
 from odoo_pool_patch.embedded_pgbouncer import PgBouncer  # noqa: E402
 from odoo_pool_patch import demo  # noqa: E402
@@ -127,15 +127,13 @@ def servers(name, databases, bouncer_settings, connection_limit=None):
             os.unlink(path)
 
 
-def interleaved(arms, rounds, run):
-    """``run(label, make_pool, dsn)`` for every arm ``rounds`` times, each round starting one
-    arm later, so that the arms share the machine's noise; one merged row per arm."""
-    results = {}
-    for number in range(rounds):
-        shift = number % len(arms)
-        for label, make_pool, dsn in arms[shift:] + arms[:shift]:
-            if make_pool is not None:
-                results.setdefault(label, []).append(run(label, make_pool, dsn))
+def interleaved_arms(arms, rounds, run):
+    """``run(label, make_pool, dsn)`` for every arm (n/a: ``make_pool`` None) ``rounds``
+    times, interleaved (see ``_common.interleaved``); one merged row per arm."""
+    present = {label: (make_pool, dsn) for label, make_pool, dsn in arms
+               if make_pool is not None}
+    results = interleaved(list(present), rounds,
+                          lambda label, _number: run(label, *present[label]))
     return [merge_rounds(label, results.get(label)) for label, _, _ in arms]
 
 
@@ -175,7 +173,7 @@ def main(argv=None):
               f'per arm, rest {args.rest:g} s; stock = Odoo {series or "n/a"}; budget {", ".join(map(str, budgets))}')
         wanted = args.arms.split(',')
         arms = [arm for arm in arms if arm[0] in wanted or arm[0].split('-')[0] in wanted]
-        rows = interleaved(arms, args.rounds, lambda label, make_pool, dsn: measure(
+        rows = interleaved_arms(arms, args.rounds, lambda label, make_pool, dsn: measure(
             cluster, counters, databases, label, make_pool, args, dsn))
     print()
     print_table(COLUMNS, rows)

@@ -31,9 +31,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import (CpuMeter, ServerCounters, latency_figures,  # noqa: E402
-                           merge_rounds, odoo_tree, postmaster_pid, print_table,
-                           sessions_opened, write_json)
+from bench._common import (CpuMeter, ServerCounters, interleaved, latency_figures,  # noqa: E402
+                           odoo_tree, postmaster_pid, report_rounds, sessions_opened,
+                           write_json)
 from odoo_pool_patch.embedded_pgbouncer import PgBouncer  # noqa: E402
 from odoo_pool_patch.demo import _drive_odoo, odoo_databases  # noqa: E402
 from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
@@ -154,31 +154,19 @@ def main(argv=None):
     cluster = Cluster('bench-http').init().start()
     workdir = tempfile.mkdtemp(prefix='dbpool-bench-odoo-')
     os.chmod(workdir, 0o755)
-    results = {arm: [] for arm in arms}
     try:
         cluster.create_role('odoo')
         databases = odoo_databases(tree, cluster, workdir, 'bench_', args.databases)
         counters = ServerCounters(cluster)
         print(f'Odoo {tree.series}, {args.workers} workers + 1 cron, {len(databases)} databases, '
               f'{args.clients} clients, {args.seconds} s measured after {args.warmup} s warm-up')
-        for number in range(args.rounds):
-            order = arms[number % len(arms):] + arms[:number % len(arms)]
-            for arm in order:
-                results[arm].append(run_arm(tree, cluster, workdir, databases, arm, args, counters,
-                                            number))
+        results = interleaved(arms, args.rounds, lambda arm, number: run_arm(
+            tree, cluster, workdir, databases, arm, args, counters, number))
         counters.close()
     finally:
         cluster.destroy()
         shutil.rmtree(workdir, ignore_errors=True)
-    rows = [merge_rounds(arm, runs) for arm, runs in results.items()]
-    if args.rounds > 1:
-        print('\nEvery round:')
-        print_table([('round', 'round', 'd')] + COLUMNS,
-                     [dict(run, round=number + 1) for number in range(args.rounds)
-                      for arm in arms for run in results[arm][number:number + 1]])
-        print(f'\nMedians over {args.rounds} rounds (peak and at rest: the highest):')
-    print()
-    print_table(COLUMNS, rows)
+    rows = report_rounds(COLUMNS, results, args.rounds)
     for row in rows:
         print(f'  {row["arm"]}: sessions opened per database {row["sessions_opened"]}'
               + (f'; errors {row["error_kinds"]}' if row['errors'] else ''))

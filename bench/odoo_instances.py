@@ -39,8 +39,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import (CpuMeter, ServerCounters, latency_figures,  # noqa: E402
-                           merge_rounds, odoo_tree, postmaster_pid, print_table, write_json)
+from bench._common import (CpuMeter, ServerCounters, interleaved, latency_figures,  # noqa: E402
+                           odoo_tree, postmaster_pid, report_rounds, write_json)
 from odoo_pool_patch.demo import error_kind, odoo_databases  # noqa: E402
 from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
 from odoo_pool_patch.embedded_pgbouncer import PgBouncer  # noqa: E402
@@ -223,7 +223,6 @@ def main(argv=None):
     cluster = Cluster('bench-instances', settings={'max_connections': 300}).init().start()
     workdir = tempfile.mkdtemp(prefix='dbpool-bench-instances-')
     os.chmod(workdir, 0o755)
-    results = {arm: [] for arm in arms}
     try:
         cluster.create_role('odoo')
         first = odoo_databases(tree, cluster, workdir, 'inst0_', args.databases)
@@ -239,24 +238,13 @@ def main(argv=None):
               f'{args.databases} databases each, {args.clients} clients (web sessions), '
               f'db_pooling budget {args.budget}; {args.seconds} s measured after '
               f'{args.warmup} s warm-up', flush=True)
-        for number in range(args.rounds):
-            order = arms[number % len(arms):] + arms[:number % len(arms)]
-            for arm in order:
-                results[arm].append(run_arm(tree, cluster, workdir, databases, arm, args,
-                                            counters, number, load))
+        results = interleaved(arms, args.rounds, lambda arm, number: run_arm(
+            tree, cluster, workdir, databases, arm, args, counters, number, load))
         counters.close()
     finally:
         cluster.destroy()
         shutil.rmtree(workdir, ignore_errors=True)
-    rows = [merge_rounds(arm, runs) for arm, runs in results.items()]
-    if args.rounds > 1:
-        print('\nEvery round:')
-        print_table([('round', 'round', 'd')] + COLUMNS,
-                    [dict(run, round=number + 1) for number in range(args.rounds)
-                     for arm in arms for run in results[arm][number:number + 1]])
-        print(f'\nMedians over {args.rounds} rounds (peak and at rest: the highest):')
-    print()
-    print_table(COLUMNS, rows)
+    rows = report_rounds(COLUMNS, results, args.rounds)
     write_json('odoo_instances', {'odoo': tree.series, 'args': vars(args), 'rows': rows},
                args.json)
     return 0

@@ -31,7 +31,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import print_table, stock_pool_class, write_json  # noqa: E402
-from bench.footprint import (STOCK_POLICY, interleaved, measure, servers,  # noqa: E402
+from bench.footprint import (STOCK_POLICY, interleaved_arms, measure, servers,  # noqa: E402
                              stock_factory)
 from odoo_pool_patch import demo  # noqa: E402
 from odoo_pool_patch.options import Settings  # noqa: E402
@@ -77,7 +77,7 @@ def main(argv=None):
         print(f'demand {demand} concurrent transactions ({args.workers} workers x {args.threads} '
               f'threads, each holding its connection +{args.hold:g} s) for a budget of '
               f'{args.budget}; {args.seconds:g} s per arm; stock = Odoo {series or "n/a"}')
-        rows = interleaved(arms, args.rounds, lambda label, make_pool, dsn: measure(
+        rows = interleaved_arms(arms, args.rounds, lambda label, make_pool, dsn: measure(
             cluster, counters, databases, label, make_pool, args, dsn,
             threads=args.threads, think=(0.0, 0.002), hold=args.hold))
     for row in rows:

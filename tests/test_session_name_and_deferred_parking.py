@@ -5,7 +5,6 @@ per database, errors and other threads while parking at the end of a request, re
 routing's wrapper, a donor without the start-up name. Each failed on the first version
 of those changes. Real PostgreSQL, real forked processes (the fixtures of
 test_taken_connections / test_parking)."""
-import contextlib
 import os
 import threading
 import time
@@ -109,7 +108,6 @@ def test_a_rollback_by_psycopg2_itself_does_not_leave_the_name_counted_later(
     """set_isolation_level() inside a transaction rolls it back in C (not through our
     rollback()): _dbp_name_tx stays set, and the next transaction, which does not carry
     the SET (its first statement is a SET LOCAL), counts the name at its commit."""
-    taker = info()['application_name'] + '-taker'
     with taken('exchange', str(tmp_path / 'segment'), info) as (pool, cnx, backend):
         donor_name = server_name(pg, backend)
         with cnx.cursor() as cur:
@@ -130,11 +128,7 @@ def test_a_name_with_a_percent_sign_does_not_break_a_statement_with_parameters(
     """An administrator's name (ODOO_PGAPPNAME, db_app_name, PGAPPNAME are kept as they
     are) goes in front of the user's query; psycopg2 then reads its % as placeholders
     when the query has parameters."""
-    path = str(tmp_path / 'segment')
-    donor, backend = start_donor(path, info('db2'))
-    pool = make_pool(path)
-    try:
-        cnx = pool.borrow(info('db2', application_name=name))
+    with taken('exchange', str(tmp_path / 'segment'), info, name) as (pool, cnx, backend):
         assert backend_pid(cnx) == backend and cnx._dbp_name == name
         cnx.rollback()
         with cnx.cursor() as cur:
@@ -143,15 +137,12 @@ def test_a_name_with_a_percent_sign_does_not_break_a_statement_with_parameters(
         cnx.commit()
         assert server_name(pg, backend) == name
         pool.give_back(cnx)
-    finally:
-        stop(donor)
-        pool.shutdown()
 
 
 def test_after_the_name_counts_later_transactions_do_not_send_it_again(pg, info, tmp_path):
-    """Once a commit counted the name, the rest of the borrow still sends SET
-    application_name with the first statement of every transaction (the prefix was
-    computed at borrow)."""
+    """Once a commit counted the name, the rest of the borrow no longer sends SET
+    application_name with the first statement of its transactions (the prefix,
+    computed at borrow, loses it)."""
     with taken('exchange', str(tmp_path / 'segment'), info) as (pool, cnx, backend):
         with cnx.cursor() as cur:
             cur.execute('SELECT 1')
@@ -167,20 +158,12 @@ def test_after_the_name_counts_later_transactions_do_not_send_it_again(pg, info,
 
 @pytest.mark.parametrize('name', ["o'dd\\y", 'a"b'])
 def test_a_name_with_quotes_or_backslashes_is_set_as_is(pg, info, tmp_path, name):
-    """Control: quotes and backslashes in the name are quoted safely (no % here).
-"""
-    path = str(tmp_path / 'segment')
-    donor, backend = start_donor(path, info('db2'))
-    pool = make_pool(path)
-    try:
-        cnx = pool.borrow(info('db2', application_name=name))
+    """Control: quotes and backslashes in the name are quoted safely (no % here)."""
+    with taken('exchange', str(tmp_path / 'segment'), info, name) as (pool, cnx, backend):
         assert backend_pid(cnx) == backend
         cnx.commit()
         assert server_name(pg, backend) == name
         pool.give_back(cnx)
-    finally:
-        stop(donor)
-        pool.shutdown()
 
 
 def test_the_quoted_name_is_not_reused_for_a_database_with_other_quoting(
@@ -223,7 +206,7 @@ def test_the_quoted_name_is_not_reused_for_a_database_with_other_quoting(
 
 # ------------------------------------------------------------------ deferred parking
 from odoo_pool_patch import faults                                         # noqa: E402
-from test_parking import family, parked, peer                              # noqa: E402,F401
+from test_parking import family, peer                                      # noqa: E402,F401
 
 
 def exchange_counts(pool):
@@ -352,7 +335,6 @@ def test_deferred_parking_is_installed_with_replica_routing_on_16_17():
     wraps Request._serve_db, marked _db_pooling) runs before
     _defer_parking_in_requests, which skips a _serve_db marked _db_pooling."""
     import subprocess
-    import sys
     tree, venv = '/opt/odoo/16.0', '/opt/odoo/16.0-venv/bin/python'
     if not os.path.exists(venv):
         pytest.skip('no Odoo 16 tree')

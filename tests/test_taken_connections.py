@@ -74,8 +74,9 @@ def parked_by_a_worker(path, info, peers):
 
 
 @contextlib.contextmanager
-def taken(source, path, info):
-    """(pool, a db2 connection it took from another process, that one's backend pid)."""
+def taken(source, path, info, name=None):
+    """(pool, a db2 connection it took from another process, that one's backend pid);
+    borrowed under ``name`` (default: the test's application_name + '-taker')."""
     peers, pools, donor, shared = [], [], None, None
     try:
         if source == 'exchange':
@@ -86,7 +87,8 @@ def taken(source, path, info):
             assert parked == 1
             pools.append(make())
         pool = pools[0]
-        cnx = pool.borrow(info('db2', application_name=info()['application_name'] + '-taker'))
+        cnx = pool.borrow(info('db2', application_name=name or
+                               info()['application_name'] + '-taker'))
         assert (pool.stats.taken, pool.stats.unparked, pool.stats.opened) == \
             ((1, 0, 0) if source == 'exchange' else (0, 1, 0))
         yield pool, cnx, backend
