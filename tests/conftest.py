@@ -12,21 +12,10 @@ import uuid
 import pytest
 
 from odoo_pool_patch.embedded_pg import Cluster
-from odoo_pool_patch.odoo_runner import available_trees
+from testkit import NO_ODOO, ODOO_TREES
 
-# The Odoo trees the Odoo-dependent modules run against (each sets
-# ``pytestmark = requires_odoo`` and uses the ``odoo_tree`` fixture).
-ODOO_TREES, NO_ODOO = available_trees()
-requires_odoo = pytest.mark.skipif(not ODOO_TREES, reason=NO_ODOO or 'no Odoo')
-
+FOLDER_MARKERS = ('engine', 'processes', 'odoo', 'deploy')   # testkit/__init__.py says which is what
 DATABASES = ('db1', 'db2', 'db3')
-
-
-def backend_pid(cnx):
-    """The server backend's pid behind a connection (one query)."""
-    with cnx.cursor() as cur:
-        cur.execute('SELECT pg_backend_pid()')
-        return cur.fetchone()[0]
 
 
 @pytest.fixture(scope='session')
@@ -104,6 +93,17 @@ def odoo_tree(request):
     return request.param
 
 
+def pytest_collection_modifyitems(config, items):
+    """Each test gets its folder's marker, and ``odoo`` when it runs Odoo (the
+    ``odoo_tree`` fixture, or ``requires_odoo``), wherever it lives."""
+    for item in items:
+        folder = os.path.basename(os.path.dirname(str(item.path)))
+        if folder in FOLDER_MARKERS:
+            item.add_marker(folder)
+        if 'odoo_tree' in item.fixturenames and not item.get_closest_marker('odoo'):
+            item.add_marker('odoo')
+
+
 def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(pytest_report_header(None))
 
@@ -117,19 +117,6 @@ def bouncer(pg):
     server = PgBouncer(pg).start()
     yield server
     server.destroy()
-
-
-def notify_through(bouncer, channel, payload):
-    """pg_notify on the ``postgres`` database (where Odoo's bus and cron notify)
-    through the pooler, on a connection of its own."""
-    import psycopg2
-    cnx = psycopg2.connect(host=bouncer.host, port=bouncer.port, dbname='postgres', user='odoo')
-    try:
-        with cnx.cursor() as cur:
-            cur.execute('SELECT pg_notify(%s, %s)', (channel, payload))
-        cnx.commit()
-    finally:
-        cnx.close()
 
 
 @pytest.fixture(scope='session')

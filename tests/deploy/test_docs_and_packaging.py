@@ -1,0 +1,220 @@
+"""README.rst, docs/, odoo.conf.example and the wheel stay true to the code."""
+import os
+import re
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from odoo_pool_patch.conf_example import documented_names
+from odoo_pool_patch.options import OPTION_NAMES, example_section
+
+from testkit import ROOT
+
+
+
+def read(name):
+    with open(os.path.join(ROOT, name)) as handle:
+        return handle.read()
+
+
+def test_ci_runs_the_readme_test_command():
+    command = re.search(r'^TEST_COMMAND="(.*)"$', read('.ci/run'), re.M).group(1)
+    assert '    ' + command + '\n' in read('README.rst')
+
+
+def test_readme_demo_command_is_the_cli():
+    assert '    python3 -m venv .venv && .venv/bin/pip install -q -e . && .venv/bin/odoo-pool demo\n' \
+        in read('README.rst')
+
+
+def options_read_in_code():
+    """db_* option names (and the worker counts) quoted in the engine and the addon."""
+    names = set()
+    for directory in ('odoo_pool_patch', 'addons/db_pooling'):
+        for base, _, files in os.walk(os.path.join(ROOT, directory)):
+            for name in files:
+                if name.endswith('.py') and name not in CODE_THAT_STARTS_ODOO:
+                    with open(os.path.join(base, name)) as handle:
+                        names.update(re.findall(
+                            r"""['"](db_[a-z0-9_]*[a-z0-9]|workers|max_cron_threads)['"]""",
+                            handle.read()))
+    from odoo_pool_patch.options import GROUP_PREFIXES
+    # db_pooling* are our own names (the module, session keys), not options
+    return {n for n in names if not n.startswith('db_pooling')} - set(GROUP_PREFIXES)
+
+
+# modules that pass options to the Odoo servers they start (tests, demo), not read them
+CODE_THAT_STARTS_ODOO = ('odoo_runner.py', 'demo.py', 'embedded_pg.py')
+
+
+def test_odoo_conf_example_lists_exactly_the_options_read():
+    example = read('odoo.conf.example')
+    assert example == example_section()   # regenerate: python -m odoo_pool_patch.options > odoo.conf.example
+    # an option line is "[; ]name = [one-word value]" (doc text may say "name = value, ...")
+    listed = set(re.findall(r'^;? ?(\w+) =(?: \S*)?$', example, re.M))
+    assert listed == documented_names()
+    assert set(OPTION_NAMES) <= listed
+    read_in_code = options_read_in_code()
+    assert {'db_pool_wait_timeout', 'db_maxconn', 'workers'} <= read_in_code   # the scan works
+    assert read_in_code <= listed, 'read by the code but not in odoo.conf.example (add them ' \
+        'to conf_example.STOCK_OPTIONS or options.OPTIONS)'
+
+
+def test_every_option_has_a_group_and_docs_have_the_generated_reference():
+    from odoo_pool_patch.conf_example import GROUP_KEYS, reference_rst
+    from odoo_pool_patch.options import OPTIONS, group_of
+    assert all(option.group in GROUP_KEYS for option in OPTIONS)
+    assert group_of('db_pool_statement_timeout_cron') == 'pgbouncer'   # longest prefix wins
+    assert group_of('db_replica_sslrootcert') == 'tls'
+    assert group_of('db_pool_some_new_knob') == 'pool'
+    with pytest.raises(ValueError, match='GROUP_PREFIXES'):
+        group_of('unrelated_option')
+    # regenerate: python -m odoo_pool_patch.options --reference-into docs/configuration.rst
+    assert read('docs/configuration.rst').endswith(reference_rst())
+
+
+def test_stock_options_documented_are_odoo_options():
+    from odoo_pool_patch.conf_example import STOCK_OPTIONS
+    from odoo_pool_patch.odoo_runner import available_trees
+    trees = [tree for tree in available_trees()[0] if tree.major >= 18]
+    if not trees:
+        pytest.skip('no Odoo 18+ tree found (ODOO_PATH or /opt/odoo/<series>)')
+    for tree in trees:
+        source = open(os.path.join(tree.path, 'odoo', 'tools', 'config.py')).read()
+        for option in STOCK_OPTIONS:
+            if tree.major < option.since:
+                continue
+            assert re.search(rf"""['"]{option.name}['"]|--{option.name}\b""", source), \
+                (tree.series, option.name)
+
+
+def test_reference_has_one_section_per_option():
+    """docs/configuration.rst: a section titled ``name`` for each option read, and no other."""
+    text = read('docs/configuration.rst')
+    reference = text[text.index('\nReference\n=========\n'):]
+    sections = re.findall(r'^``(\w+)``\n~+\n', reference, re.M)
+    assert len(sections) == len(set(sections))
+    assert set(sections) == documented_names()
+    assert set(OPTION_NAMES) <= set(sections)
+    for name in sections:
+        body = reference[reference.index(f'``{name}``\n~'):].split('\n~', 2)[1]
+        assert ':Group:' in body and ':Default:' in body, name
+
+
+def test_readme_is_short_and_links_to_pages_that_exist():
+    readme = read('README.rst')
+    assert len(readme.splitlines()) < 300
+    links = set(re.findall(r'<((?:docs/)?[\w.-]+\.rst)(?:#[\w-]+)?>`__', readme))
+    assert 'docs/configuration.rst' in links and 'docs/troubleshooting.rst' in links
+    for page in os.listdir(os.path.join(ROOT, 'docs')):
+        if page.endswith('.rst'):
+            assert 'docs/' + page in links, f'README.rst does not link to docs/{page}'
+            for target in re.findall(r'<([\w.-]+\.rst)(?:#[\w-]+)?>`__', read('docs/' + page)):
+                assert os.path.exists(os.path.join(ROOT, 'docs', target)), (page, target)
+    for target in links:
+        assert os.path.exists(os.path.join(ROOT, target)), target
+
+
+def test_readme_and_docs_are_valid_restructuredtext():
+    docutils_core = pytest.importorskip('docutils.core')
+    import io
+    pages = ['README.rst'] + ['docs/' + name for name in sorted(os.listdir(os.path.join(ROOT, 'docs')))
+                              if name.endswith('.rst')]
+    pages += ['addons/db_pooling/readme/' + name for name in
+              sorted(os.listdir(os.path.join(ROOT, 'addons/db_pooling/readme')))]
+    for page in pages:
+        warnings = io.StringIO()
+        docutils_core.publish_doctree(read(page), source_path=page, settings_overrides={
+            'report_level': 2, 'halt_level': 5, 'warning_stream': warnings})
+        assert not warnings.getvalue(), warnings.getvalue()
+
+
+def test_readme_minimal_conf_says_the_defaults():
+    """The README's odoo.conf example: commented db_pooling lines give the defaults."""
+    from odoo_pool_patch.odoo_install import default_budget
+    from odoo_pool_patch.options import OPTIONS, load_settings
+    readme = read('README.rst')
+    block = readme[readme.index('\nA minimal odoo.conf\n'):]
+    block = block[block.index('::\n\n') + 4:]
+    lines = [line[4:] for line in block[:block.index('\n\n')].splitlines()]
+    assert lines[0] == '[options]'
+    active = dict(re.fullmatch(r'(\w+) = (.*)', line).groups() for line in lines[1:]
+                  if not line.startswith(';'))
+    commented = dict(re.fullmatch(r'; (\w+) = (.*)', line).groups() for line in lines[1:]
+                     if line.startswith(';'))
+    assert set(active) | set(commented) <= documented_names()
+    assert 'db_pooling' in active['server_wide_modules'].split(',')
+    settings = load_settings(commented.get)
+    defaults = {option.name: option.default for option in OPTIONS}
+    budget = default_budget(int(active['workers']), int(active['max_cron_threads']), 64)
+    for name in commented:
+        value = getattr(settings, next(o.field for o in OPTIONS if o.name == name))
+        assert value == (budget if name == 'db_pool_max_connections' else defaults[name]), name
+
+
+def test_wheel_ships_engine_and_addon(tmp_path):
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps',
+                    '-w', str(tmp_path), ROOT], check=True, capture_output=True)
+    wheel = next(p for p in os.listdir(tmp_path) if p.endswith('.whl'))
+    names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    assert 'odoo_pool_patch/pool.py' in names
+    assert 'odoo/addons/db_pooling/__manifest__.py' in names
+    assert 'odoo/addons/db_pooling/controllers/status.py' in names
+    assert 'odoo/addons/db_pooling/views/dashboard_views.xml' in names
+    assert 'odoo/addons/db_pooling/static/src/dashboard/dashboard.js' in names
+    assert not any(n in names for n in ('odoo/__init__.py', 'odoo/addons/__init__.py'))
+
+
+def test_cli_help_and_unknown_command():
+    out = subprocess.run([sys.executable, '-m', 'odoo_pool_patch.cli', '--help'],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and 'demo' in out.stdout
+    bad = subprocess.run([sys.executable, '-m', 'odoo_pool_patch.cli', 'nope'],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
+
+
+def test_simulated_demo_shows_stock_keeping_and_us_releasing(tmp_path):
+    env = dict(os.environ, ODOO_PATH='')
+    out = subprocess.run([sys.executable, '-m', 'odoo_pool_patch.cli', 'demo', '--simulated',
+                          '--workers', '3', '--databases', '2', '--seconds', '3', '--rest', '5',
+                          '--idle-timeout', '1'],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {arm: (int(peak), int(rest)) for arm, peak, rest in re.findall(
+        r'^(stock|per-proc|shared)\s+(\d+)\s+[\d.]+\s+(\d+)$', out.stdout, re.M)}
+    assert rows['stock'][1] >= 2            # stock keeps its idle connections
+    assert rows['per-proc'][1] == 0         # ours closed them after the idle timeout
+    assert rows['shared'][0] <= 3 + 4       # the shared budget: workers + 4
+    assert rows['shared'][1] <= 1           # db_pool_min_idle
+
+
+def test_tls_options_documented():
+    from odoo_pool_patch.tls import KEYWORDS
+    example, page = read('odoo.conf.example'), read('docs/tls.rst')
+    for suffix in KEYWORDS:
+        assert f'; db_{suffix} =' in example and f'; db_replica_{suffix} =' in example
+        assert f'db_{suffix}' in page and f'db_replica_{suffix}' in page
+
+
+def test_architecture_page_names_every_engine_module():
+    page = read('docs/architecture.rst')
+    for name in sorted(os.listdir(os.path.join(ROOT, 'odoo_pool_patch'))):
+        if name.endswith('.py') and name != '__init__.py':
+            assert f'``{name}``' in page, f'docs/architecture.rst: add {name} to the module map'
+
+
+def test_every_test_module_is_in_a_folder_that_is_a_registered_marker():
+    """tests/<folder>/test_*.py, the folder one of conftest's FOLDER_MARKERS, each
+    registered in pyproject.toml (``--strict-markers`` fails a run on an unknown one)."""
+    from conftest import FOLDER_MARKERS
+    registered = re.findall(r'^\s*"(\w+):', read('pyproject.toml'), flags=re.M)
+    assert set(FOLDER_MARKERS) | {'browser', 'soak'} == set(registered)
+    tests = os.path.join(ROOT, 'tests')
+    strays = [os.path.relpath(os.path.join(where, name), tests)
+              for where, _, names in os.walk(tests) for name in names
+              if name.startswith('test_') and name.endswith('.py')
+              and os.path.relpath(where, tests).split(os.sep)[0] not in FOLDER_MARKERS]
+    assert not strays, f'test modules outside the marker folders {FOLDER_MARKERS}: {strays}'
