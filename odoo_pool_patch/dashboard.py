@@ -10,6 +10,7 @@ import os
 import re
 import time
 
+from . import instance_view
 from . import shared_state as ss
 from . import tls
 
@@ -34,33 +35,23 @@ def describe_error(exc):
     return ' '.join(str(exc).split()) or type(exc).__name__
 
 
+def figures_of(view, history):
+    """The dashboard's figures of an :class:`.instance_view.InstanceView`: totals,
+    processes (with their longest borrow) and history samples."""
+    return {'totals': view.totals(), 'workers': [dict(row) for row in view.processes],
+            'history': history}
+
+
 def shared_figures(state, now=None):
     """Totals, live processes (with their longest borrow) and the last hour of history."""
     now = time.time() if now is None else now
-    rows = state.live_processes()
-    for row in rows:
-        longest = state.longest_borrow(row['row'], row['pid'])
-        if longest:
-            longest['age'] = max(now - longest.pop('since_ms') / 1000, 0.0)
-        row['longest'] = longest
-    cells = state.cells
-    totals = {name: sum(row[name] for row in rows)
-              for name in ('held', 'in_use', 'idle', 'long_lived')}
-    # Parked connections (see parking) are idle and hold slots, of no process.
-    totals['parked'] = cells[ss.H_PARKED]
-    totals['held'] += totals['parked']
-    totals['idle'] += totals['parked']
-    totals.update(budget=cells[ss.H_BUDGET], waiting=cells[ss.H_WAITING],
-                  cron_reserve=cells[ss.H_CRON_RESERVE], min_idle=cells[ss.H_MIN_IDLE])
     since = (now - HISTORY_SECONDS) * 1000
     history = [list(sample) for sample in state.history() if sample[ss.S_TIME] >= since]
-    return {'totals': totals, 'workers': sorted(rows, key=lambda r: (r['role'], r['pid'])),
-            'history': history}
+    return figures_of(instance_view.read(state, now), history)
 
 
 def local_figures(snapshots, role, now=None):
     """The same shape as :func:`shared_figures` for one process without a shared state."""
-    now = time.time() if now is None else now
     row = {'pid': os.getpid(), 'role': role, 'in_use': 0, 'idle': 0, 'long_lived': 0,
            'borrows': 0, 'waits': 0, 'timeouts': 0, 'longest': None}
     for snap in snapshots:
@@ -74,10 +65,8 @@ def local_figures(snapshots, role, now=None):
                 row['longest'] = {'age': holder['age'], 'database': holder['database'],
                                   'site': holder['site']}
     row['held'] = row['in_use'] + row['idle']
-    totals = {name: row[name] for name in ('held', 'in_use', 'idle', 'long_lived')}
-    totals.update(parked=0, budget=None, waiting=sum(s['waiting'] for s in snapshots),
-                  cron_reserve=None, min_idle=None)
-    return {'totals': totals, 'workers': [row], 'history': []}
+    view = instance_view.of_processes([row], waiting=sum(s['waiting'] for s in snapshots))
+    return figures_of(view, [])
 
 
 def server_activity(cursor, our_pids):

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+from . import instance_view
 from . import shared_state as ss
 
 
@@ -37,34 +38,29 @@ def resolve_path(args):
                      + '\n  '.join(segments))
 
 
-def longest_text(longest, now):
+def longest_text(longest):
     if not longest:
         return ''
-    age = max(now - longest['since_ms'] / 1000, 0)
-    return f"  {age:.1f}s {longest['database']} {longest['site']}"
+    return f"  {longest['age']:.1f}s {longest['database']} {longest['site']}"
 
 
 def render(state):
-    cells = state.cells
-    rows = state.live_processes()
-    parked = cells[ss.H_PARKED]
-    held = sum(r['held'] for r in rows) + parked
+    view = instance_view.read(state)
     lines = [
-        f'budget {cells[ss.H_BUDGET]}  held {held}  in use {sum(r["in_use"] for r in rows)}  '
-        f'idle {sum(r["idle"] for r in rows) + parked} (parked {parked})  long-lived {sum(r["long_lived"] for r in rows)}  '
-        f'waiting {cells[ss.H_WAITING]}  cron reserve {cells[ss.H_CRON_RESERVE]}  '
-        f'min idle {cells[ss.H_MIN_IDLE]}',
+        f'budget {view.budget}  held {view.held}  in use {view.in_use}  '
+        f'idle {view.idle} (parked {view.parked})  long-lived {view.long_lived}  '
+        f'waiting {view.waiting}  cron reserve {view.cron_reserve}  '
+        f'min idle {view.min_idle}',
         '',
         f'{"pid":>8} {"role":<8} {"held":>5} {"in use":>7} {"idle":>5} {"long":>5} '
         f'{"borrows":>9} {"reused":>8} {"opened":>7} {"waits":>6} {"timeouts":>9} {"shed":>6}  '
         f'longest borrow',
     ]
-    now = time.time()
-    for r in sorted(rows, key=lambda r: (r['role'], r['pid'])):
+    for r in view.processes:
         lines.append(f'{r["pid"]:>8} {r["role"]:<8} {r["held"]:>5} {r["in_use"]:>7} '
                      f'{r["idle"]:>5} {r["long_lived"]:>5} {r["borrows"]:>9} {r["reused"]:>8} '
                      f'{r["opened"]:>7} {r["waits"]:>6} {r["timeouts"]:>9} {r["shed"]:>6}'
-                     + longest_text(state.longest_borrow(r['row'], r['pid']), now))
+                     + longest_text(r['longest']))
     return '\n'.join(lines)
 
 

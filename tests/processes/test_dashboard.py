@@ -115,3 +115,20 @@ def test_database_server_down_is_reported_and_the_rest_still_served(state):
     assert len(data['errors']) == 1
     assert f'The database server 127.0.0.1:{port} did not answer' in data['errors'][0]
     assert 'refused' in data['errors'][0] or 'connect' in data['errors'][0]
+
+
+def test_without_a_shared_state_the_figures_are_those_of_the_serving_process(pools, info):
+    """db_pool_shared = off: the process's own pools, no budget, nothing parked."""
+    pool = pools(4)
+    held = [pool.borrow(info('db2')), pool.borrow(info('db1')), pool.borrow(info('db1'))]
+    pool.give_back(held.pop())
+    figures = dashboard.local_figures([pool.snapshot()], 'threaded')
+    assert figures['totals'] == {'held': 3, 'in_use': 2, 'idle': 1, 'long_lived': 0,
+                                 'parked': 0, 'waiting': 0, 'budget': None,
+                                 'cron_reserve': None, 'min_idle': None}
+    [row] = figures['workers']
+    assert (row['pid'], row['role'], row['held'], row['borrows']) == (os.getpid(), 'threaded', 3, 3)
+    assert row['longest']['database'] == 'db2' and figures['history'] == []
+    assert not dashboard.collect(figures, {}, lambda pids: None, {}, True)['shared']
+    for cnx in held:
+        pool.give_back(cnx)
