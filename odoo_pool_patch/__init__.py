@@ -12,7 +12,7 @@ Map of the package (one job per module; docs/architecture.rst has the longer ver
 - ``errors``        PoolTimeout (a psycopg2 PoolError) and ConfigError
 - ``odoo_install``  swaps Odoo's pool in ``post_load`` (imports Odoo lazily)
 - ``instance_view`` one view of the instance (totals, process rows) read from the shared state
-- ``metrics``       Prometheus text of the shared state
+- ``metrics``       Prometheus text of that view
 - ``embedded_pg``   throw-away PostgreSQL clusters (and a test PKI) for demo, tests, benchmarks
 - ``odoo_runner``   finds and runs real Odoo servers for the demo, tests, benchmarks
 - ``demo``, ``top``, ``check``, ``cli``   the ``odoo-pool`` command

@@ -1,13 +1,17 @@
-"""Prometheus text exposition of an instance's pool figures, from its shared state.
+"""Prometheus text exposition of an instance's pool figures: its
+:class:`.instance_view.InstanceView`, as the dashboard and ``odoo-pool top`` show it.
 
-Gauges are the current state of every live process, labelled by role;
+Gauges are the current state of every live process, labelled by role (parked
+connections, held by no process, as role ``parked``);
 counters add the totals of processes that are gone (kept in the shared state
 when their row is reaped), so they never go backwards when Odoo recycles a
 worker.
 """
+from . import instance_view
 from . import shared_state as ss
 
 PREFIX = 'odoo_db_pool'
+PARKED_ROLE = 'parked'     # the role label of parked connections, which no process holds
 COUNTER_HELP = {
     'borrows': 'Connections borrowed (cursors opened).',
     'reused': 'Borrows served by an idle connection of the process.',
@@ -64,34 +68,36 @@ def render_servers(rows):
 
 
 def render(state):
-    cells = state.cells
-    rows = state.processes()
+    view = instance_view.read(state)
+    roles = view.roles()
     out = [
         f'# HELP {PREFIX}_budget Server connections the instance may hold (db_pool_max_connections).',
         f'# TYPE {PREFIX}_budget gauge',
-        _line(f'{PREFIX}_budget', cells[ss.H_BUDGET]),
+        _line(f'{PREFIX}_budget', view.budget),
         f'# HELP {PREFIX}_waiting Borrowers waiting for a slot of the budget.',
         f'# TYPE {PREFIX}_waiting gauge',
-        _line(f'{PREFIX}_waiting', cells[ss.H_WAITING]),
+        _line(f'{PREFIX}_waiting', view.waiting),
         f'# HELP {PREFIX}_parked Idle connections parked for any process to take (their '
         f'slots belong to no process).',
         f'# TYPE {PREFIX}_parked gauge',
-        _line(f'{PREFIX}_parked', cells[ss.H_PARKED]),
+        _line(f'{PREFIX}_parked', view.parked),
         f'# HELP {PREFIX}_processes Live processes attached to the shared state.',
         f'# TYPE {PREFIX}_processes gauge',
     ]
     for role in ss.ROLES:
-        out.append(_line(f'{PREFIX}_processes', sum(1 for r in rows if r['role'] == role),
-                         role=role))
+        out.append(_line(f'{PREFIX}_processes', roles[role]['processes'], role=role))
     out += [f'# HELP {PREFIX}_connections Server connections by process role and state '
-            f'(held counts every slot of the budget a process holds).',
+            f'(held counts every slot of the budget a process holds). Parked connections '
+            f'(idle, their slots held by no process) are role "{PARKED_ROLE}", so that '
+            f'summed over roles held and idle are the instance\'s, as on the dashboard.',
             f'# TYPE {PREFIX}_connections gauge']
-    for role in ss.ROLES:
-        mine = [r for r in rows if r['role'] == role]
-        for state_name in ('held', 'in_use', 'idle', 'long_lived'):
-            out.append(_line(f'{PREFIX}_connections', sum(r[state_name] for r in mine),
+    roles[PARKED_ROLE] = {'held': view.parked, 'in_use': 0, 'idle': view.parked,
+                          'long_lived': 0}
+    for role in ss.ROLES + (PARKED_ROLE,):
+        for state_name in instance_view.CONNECTIONS:
+            out.append(_line(f'{PREFIX}_connections', roles[role][state_name],
                              role=role, state=state_name))
-    totals = state.counter_totals()
+    totals = view.counters
     for counter, help_text in COUNTER_HELP.items():
         name = f'{PREFIX}_{counter}_total'
         out += [f'# HELP {name} {help_text}', f'# TYPE {name} counter']
