@@ -25,6 +25,7 @@ import os
 import time
 import weakref
 
+from . import after_fork
 from . import faults
 from . import shared_state as ss
 
@@ -339,4 +340,4 @@ def _after_fork_in_child():
         budget.after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+after_fork.register('budget', _after_fork_in_child)

@@ -13,6 +13,7 @@ import threading
 import time
 import weakref
 
+from . import after_fork
 from .doorbell import can_sleep
 
 _logger = logging.getLogger('odoo.sql_db.pool')
@@ -201,4 +202,4 @@ def _after_fork_in_child():
     _published.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+after_fork.register('maintenance', _after_fork_in_child)

@@ -50,7 +50,6 @@ next waiter takes over at once. Connections opened before a restart (their
 swept, not discovered one request at a time; a connect refused once by a load
 balancer, with the server never restarted, drops nothing.
 """
-import os
 import random
 import threading
 import time
@@ -58,6 +57,7 @@ import weakref
 
 import psycopg2
 
+from . import after_fork
 from . import shared_state as ss
 
 BACKOFF = 0.05          # first retry of the prober, seconds
@@ -432,4 +432,4 @@ def _after_fork_in_child():
             outages.rows._lock = threading.RLock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+after_fork.register('outage', _after_fork_in_child)

@@ -50,6 +50,7 @@ import struct
 import threading
 import time
 
+from . import after_fork
 from . import faults
 from . import shared_state as ss
 from .backend_exit import finished, readable, wait_exited
@@ -84,7 +85,7 @@ def _close_in_flight_after_fork():
     IN_FLIGHT.clear()
 
 
-os.register_at_fork(after_in_child=_close_in_flight_after_fork)
+after_fork.register('parking', _close_in_flight_after_fork)
 
 
 def recv_fds(sock, size, flags=0):

@@ -47,6 +47,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.sql
 
+from . import after_fork
 from .budget import LONG_LIVED_DATABASES
 from .dsn import dsn_key, key_database, dsn_equals
 from .errors import PoolError, PoolTimeout
@@ -1474,4 +1475,4 @@ def _after_fork_in_child():
         pool._forget_after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+after_fork.register('pool', _after_fork_in_child)

@@ -73,6 +73,8 @@ import threading
 import time
 import weakref
 
+from . import after_fork
+
 MAGIC = 0x6462706F6F6C3031      # "dbpool01"
 VERSION = 11         # bump on any layout or protocol change: older files are reinitialised
                      # once no process of theirs is alive (9: liveness locks, token;
@@ -341,7 +343,7 @@ def _after_fork_in_child():
         state.after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+after_fork.register('shared_state', _after_fork_in_child)
 
 
 def process_start(pid):

@@ -1,0 +1,50 @@
+"""What a forked child does first, in one stated order.
+
+Odoo's prefork server forks its workers from a master that already made the
+shared state, the budget, the parking lots and maybe pools. Each engine module
+that keeps something per process registers a step here; one ``os.register_at_fork``
+hook runs the steps in a forked child in the order of :data:`ORDER`, whatever
+the order the modules were imported in:
+
+1. ``shared_state``  drop the parent's process rows and state locks (the rows stay
+                     the parent's; the child registers its own)
+2. ``budget``        register the child's own row in each budget (needs 1)
+3. ``parking``       close the copies of sessions the parent had on their way
+                     between processes (else they outlive their owner)
+4. ``outage``        forget the parent's probes and their locks
+5. ``maintenance``   a fresh lock, no timer thread, no pools yet (the thread
+                     is started again by the first pool that needs it)
+6. ``pool``          each pool forgets the parent's connections (their sockets
+                     are the parent's: closing them would end its sessions)
+
+A step raising is logged and the next steps still run: a child half reset is
+worse than a child with one step failed and said.
+"""
+import logging
+import os
+
+_logger = logging.getLogger('odoo.sql_db')
+
+ORDER = ('shared_state', 'budget', 'parking', 'outage', 'maintenance', 'pool')
+_steps = {}
+
+
+def register(name, step):
+    """Run ``step()`` in every forked child, at ``name``'s place in :data:`ORDER`."""
+    if name not in ORDER:
+        raise ValueError(f'after_fork: unknown step {name!r} (known: {", ".join(ORDER)})')
+    _steps[name] = step
+
+
+def run_in_child():
+    for name in ORDER:
+        step = _steps.get(name)
+        if step is None:
+            continue
+        try:
+            step()
+        except Exception:                   # noqa: BLE001 - see the module docstring
+            _logger.exception('db_pooling: resetting %s in a forked child failed', name)
+
+
+os.register_at_fork(after_in_child=run_in_child)
