@@ -4,6 +4,7 @@ Map of the package (one job per module; docs/architecture.rst has the longer ver
 
 - ``pool``          the per-process pool, drop-in for ``odoo.sql_db.ConnectionPool``
 - ``maintenance``   the timer thread: idle eviction, lifetime, dead sockets, leaks, shedding
+- ``after_fork``    a forked child's reset steps, in one stated order
 - ``shared_state``  the shared-memory segment of an instance: layout, lock, crash reaping
 - ``budget``        one connection budget for all processes: slots, priority queue, grants
 - ``options``       odoo.conf options, defaults and validation

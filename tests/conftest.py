@@ -12,9 +12,8 @@ import uuid
 import pytest
 
 from odoo_pool_patch.embedded_pg import Cluster
-from testkit import NO_ODOO, ODOO_TREES
+from testkit import FOLDER_MARKERS, NO_ODOO, ODOO_TREES
 
-FOLDER_MARKERS = ('engine', 'processes', 'odoo', 'deploy')   # testkit/__init__.py says which is what
 DATABASES = ('db1', 'db2', 'db3')
 
 

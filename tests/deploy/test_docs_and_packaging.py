@@ -10,7 +10,7 @@ import pytest
 from odoo_pool_patch.conf_example import documented_names
 from odoo_pool_patch.options import OPTION_NAMES, example_section
 
-from testkit import ROOT
+from testkit import FOLDER_MARKERS, ROOT
 
 
 
@@ -207,9 +207,8 @@ def test_architecture_page_names_every_engine_module():
 
 
 def test_every_test_module_is_in_a_folder_that_is_a_registered_marker():
-    """tests/<folder>/test_*.py, the folder one of conftest's FOLDER_MARKERS, each
+    """tests/<folder>/test_*.py, the folder one of testkit.FOLDER_MARKERS, each
     registered in pyproject.toml (``--strict-markers`` fails a run on an unknown one)."""
-    from conftest import FOLDER_MARKERS
     registered = re.findall(r'^\s*"(\w+):', read('pyproject.toml'), flags=re.M)
     assert set(FOLDER_MARKERS) | {'browser', 'soak'} == set(registered)
     tests = os.path.join(ROOT, 'tests')

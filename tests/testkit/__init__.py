@@ -19,6 +19,7 @@ import pytest
 
 from odoo_pool_patch.odoo_runner import available_trees
 
+FOLDER_MARKERS = ('engine', 'processes', 'odoo', 'deploy')   # the folders above
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TESTS = os.path.join(ROOT, 'tests')
 

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from odoo_pool_patch import dashboard, metrics, top
 
-from test_parking import master, parked, peer, pools
+from testkit.peers import master, parked, peer, pool_factory
 
 TOTALS = (  # in the order top shows them
     'budget', 'held', 'in_use', 'idle', 'parked', 'long_lived', 'waiting')
@@ -83,7 +83,7 @@ def shown_alike(pg, state, expected):
 
 def test_dashboard_top_and_metrics_show_the_same_instance(pg, info, tmp_path):
     shared = master(str(tmp_path / 'segment'), budget=6)
-    make = pools(shared, wait_timeout=30)
+    make = pool_factory(shared, wait_timeout=30)
     pool, peers = make(), []
     try:
         in_use_idle_and_parked_then_a_waiter(pg, info, tmp_path, shared, make, pool, peers)

@@ -1,0 +1,53 @@
+"""A forked child resets the engine's per-process state in one stated order
+(``after_fork.ORDER``), whatever the order the modules were imported in, and a
+step that fails does not stop the ones after it. Real fork()."""
+import ast
+import os
+
+from odoo_pool_patch import after_fork
+from odoo_pool_patch import pool
+
+from testkit import ROOT
+from testkit.forks import collect, fork
+
+
+def steps_run_in_a_child(monkeypatch, failing=()):
+    """Fork with every registered step wrapped to note its name: the names noted in
+    the child, in the order they ran (the steps in ``failing`` raise instead)."""
+    ran = []
+
+    def noted(name, step):
+        def run():
+            ran.append(name)
+            if name in failing:
+                raise RuntimeError(f'{name} failed on purpose')
+            step()
+        return run
+    for name, step in list(after_fork._steps.items()):
+        monkeypatch.setitem(after_fork._steps, name, noted(name, step))
+    pid, pipe = fork(lambda: ran)
+    return collect(pid, pipe)
+
+
+def test_a_forked_child_runs_every_step_in_the_stated_order(monkeypatch):
+    assert pool.after_fork is after_fork       # pool imports every module that has a step
+    assert set(after_fork._steps) == set(after_fork.ORDER)
+    assert steps_run_in_a_child(monkeypatch) == list(after_fork.ORDER)
+
+
+def test_a_step_that_fails_does_not_stop_the_next(monkeypatch, caplog):
+    assert steps_run_in_a_child(monkeypatch, failing={'parking'}) == list(after_fork.ORDER)
+
+
+def test_no_engine_module_registers_a_fork_hook_of_its_own():
+    """Only after_fork calls os.register_at_fork (else that hook runs in import order)."""
+    engine = os.path.join(ROOT, 'odoo_pool_patch')
+    found = []
+    for name in sorted(os.listdir(engine)):
+        if not name.endswith('.py') or name == 'after_fork.py':
+            continue
+        with open(os.path.join(engine, name)) as handle:
+            tree = ast.parse(handle.read())
+        found += [f'{name}:{node.lineno}' for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and node.attr == 'register_at_fork']
+    assert not found
