@@ -272,7 +272,7 @@ class Parking:
                 if sent is not None:
                     sent[0] = False
                 cells[held] += 1
-                self._counted_out_locked(cells, base)
+                self._counted_out_shared_locked(cells, base)
                 return False
             if faults.plan:
                 faults.hit('parking.park.after_send')
@@ -304,9 +304,9 @@ class Parking:
             if claim is not None and fds:
                 claim[:] = [None, None, True, fds[0]]
             cells[held] += 1
-            self._counted_out_locked(cells, base)
+            self._counted_out_shared_locked(cells, base)
             if counter:
-                self.budget._count_locked(cells, counter)
+                self.budget._count_shared_locked(cells, counter)
         if faults.plan:
             faults.hit('parking.receive.after_receive')
         try:
@@ -323,7 +323,7 @@ class Parking:
                 self.budget.release()
             return None
 
-    def _counted_out_locked(self, cells, base):
+    def _counted_out_shared_locked(self, cells, base):
         cells[base + ss.K_COUNT] = max(cells[base + ss.K_COUNT] - 1, 0)
         cells[base + ss.K_SEQ] += 1
         cells[ss.H_PARKED] = max(cells[ss.H_PARKED] - 1, 0)
@@ -367,9 +367,9 @@ class Parking:
         if not self._exiting:
             return 0
         with self._exit_lock:       # the maintenance thread and a borrower's: one closes
-            return self._finish_exits_locked(timeout)
+            return self._finish_exits_exit_locked(timeout)
 
-    def _finish_exits_locked(self, timeout):
+    def _finish_exits_exit_locked(self, timeout):
         freed, shed = finished(self._exiting, timeout)
         if freed:
             self.budget.release(freed, shed)
@@ -474,7 +474,7 @@ class Parking:
             cells[base + ss.K_SEQ] += 1
             cells[ss.H_PARKED] = max(cells[ss.H_PARKED] - lost, 0)
             if cells[ss.H_WAITING]:
-                self.budget._grant_locked(cells)
+                self.budget._grant_shared_locked(cells)
         _logger.info('db_pooling: freed %d budget slot(s) of parked connections lost by a '
                      'process that died while parking or taking one', lost)
         self._seen.pop(lot, None)

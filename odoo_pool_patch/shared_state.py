@@ -484,7 +484,7 @@ class SharedState:
             self._rows = rows
         return rows
 
-    def _hold_row_locked(self, row):
+    def _hold_row_shared_locked(self, row):
         """Lock ``row``'s liveness byte through a descriptor of this process's own; False
         if a live process holds it."""
         rows = self._my_rows()
@@ -535,7 +535,7 @@ class SharedState:
         """Claim a process row for this process; returns the row number."""
         pid, start = os.getpid(), process_start(os.getpid()) or 0
         with self.locked() as cells:
-            self._reap_locked(cells, force=True)
+            self._reap_shared_locked(cells, force=True)
             mine = self._my_rows().row
             if mine is not None and cells[PROC_BASE + mine * P_FIELDS + P_PID] == pid:
                 free = mine         # re-registering (same process): reuse the row
@@ -543,7 +543,7 @@ class SharedState:
                 free = None
                 for row in range(N_PROC):
                     if cells[PROC_BASE + row * P_FIELDS + P_PID] == 0 and \
-                            self._hold_row_locked(row):
+                            self._hold_row_shared_locked(row):
                         free = row
                         break
             if free is None:
@@ -617,9 +617,9 @@ class SharedState:
         if not force and int(time.monotonic() * 1000) - self.cells[H_LAST_REAP] < interval_ms:
             return 0                    # someone reaped recently: skip the lock
         with self.locked() as cells:
-            return self._reap_locked(cells, force)
+            return self._reap_shared_locked(cells, force)
 
-    def _reap_locked(self, cells, force=False, interval_ms=500):
+    def _reap_shared_locked(self, cells, force=False, interval_ms=500):
         """Free the rows (slots, waiters) of processes that died. Returns slots freed."""
         now = int(time.monotonic() * 1000)
         if not force and now - cells[H_LAST_REAP] < interval_ms:
@@ -643,10 +643,10 @@ class SharedState:
                 clear(cells, base, W_FIELDS)
         cells[H_WAITING] = sum(1 for row in range(N_WAIT)
                                if cells[WAIT_BASE + row * W_FIELDS + W_STATE] == WAITING)
-        return freed + self._reap_lots_locked(cells)
+        return freed + self._reap_lots_shared_locked(cells)
 
     @staticmethod
-    def _reap_lots_locked(cells):
+    def _reap_lots_shared_locked(cells):
         """Free the parking lots of families no live process belongs to (an instance
         restarted: its queues, and the connections in them, are gone). Slots freed."""
         families = None
