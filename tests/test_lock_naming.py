@@ -1,0 +1,233 @@
+"""The engine's lock convention (the docstring of odoo_pool_patch/pool.py), checked on
+its source with ``ast``: a helper's name says which lock its caller holds.
+
+- ``*_shared_locked`` (budget, parking, shared_state): the shared state's lock, so it is
+  called inside ``with <state>.locked()`` or from another ``*_shared_locked`` function;
+- ``*_exit_locked`` (parking): the object's ``_exit_lock``, so inside ``with
+  <obj>._exit_lock`` or from another ``*_exit_locked`` method of the same object;
+- any other ``*_locked``: the ``_lock`` of the object it is called on (the pool lock in
+  pool.py, the exchange's in exchange.py), so inside ``with <obj>._lock`` on that very
+  object or from another such method of ``self``.
+
+And the order: a method that takes the pool lock is never called with any lock held
+(the pool lock comes first, and it is not re-entrant), and a function that takes the
+shared lock never with the shared lock held (entered twice, the inner exit would
+release the ``lockf`` of the outer).
+
+Static: a call is matched by name, a lock by how the ``with`` spells it; a function
+defined inside a locked block does not count as running under its lock.
+"""
+import ast
+import pathlib
+
+import odoo_pool_patch
+
+ENGINE = pathlib.Path(odoo_pool_patch.__file__).parent
+
+# (module, function, helper): why that call may go without the lock.
+ALLOWED = {
+    ('odoo_install.py', 'adopt', '_book_locked'):
+        'the pool is being built from a stock one: no other thread sees it yet',
+    ('odoo_install.py', 'adopt', '_push_idle_locked'):
+        'the pool is being built from a stock one: no other thread sees it yet',
+}
+
+
+def lock_of(expr):
+    """What ``with expr:`` holds: ('shared', None), ('exit', object), ('own', object),
+    or None for what is no lock of ours."""
+    if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and \
+            expr.func.attr == 'locked' and not expr.args:
+        return 'shared', None
+    if isinstance(expr, ast.Attribute) and expr.attr in ('_lock', '_exit_lock'):
+        return ('own' if expr.attr == '_lock' else 'exit'), ast.unparse(expr.value)
+    if isinstance(expr, ast.Name) and expr.id == '_lock':      # maintenance's module lock
+        return 'own', None
+    return None
+
+
+def kind_of(name):
+    """The lock a helper named ``name`` needs: 'shared', 'exit', 'own' or None."""
+    for suffix, kind in (('_shared_locked', 'shared'), ('_exit_locked', 'exit'),
+                         ('_locked', 'own')):
+        if name.endswith(suffix):
+            return kind
+    return None
+
+
+class Scan(ast.NodeVisitor):
+    """Every call of a module, with the function it is in and the locks held there by
+    the ``with`` blocks of that function; and which functions take which lock."""
+
+    def __init__(self):
+        self.function, self.held = '<module>', ()
+        self.calls = []         # (line, function, called name, receiver, held)
+        self.takes = {}         # function -> {'shared', 'own'} it takes in its own body
+        self.self_calls = {}    # function -> names it calls on self
+
+    def visit_FunctionDef(self, node):
+        outer = self.function, self.held
+        self.function, self.held = node.name, ()
+        self.generic_visit(node)
+        self.function, self.held = outer
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Lambda(self, node):
+        outer = self.function, self.held
+        self.function, self.held = '<lambda>', ()
+        self.generic_visit(node)
+        self.function, self.held = outer
+
+    def visit_With(self, node):
+        for item in node.items:
+            self.visit(item)
+        locks = tuple(lock for item in node.items for lock in [lock_of(item.context_expr)]
+                      if lock is not None)
+        for kind, holder in locks:
+            if kind == 'shared' or holder == 'self':
+                self.takes.setdefault(self.function, set()).add(kind)
+        outer = self.held
+        self.held = outer + locks
+        for statement in node.body:
+            self.visit(statement)
+        self.held = outer
+
+    def visit_Call(self, node):
+        func = node.func
+        if isinstance(func, ast.Attribute):
+            name, receiver = func.attr, ast.unparse(func.value)
+        elif isinstance(func, ast.Name):
+            name, receiver = func.id, None
+        else:
+            name = receiver = None
+        if name is not None:
+            self.calls.append((node.lineno, self.function, name, receiver, self.held))
+            if receiver == 'self':
+                self.self_calls.setdefault(self.function, set()).add(name)
+        self.generic_visit(node)
+
+
+def scan(source):
+    found = Scan()
+    found.visit(ast.parse(source))
+    return found
+
+
+def naming_violations(module, found):
+    """Calls of a ``*_locked`` helper without the lock its name says."""
+    wrong = []
+    for line, function, name, receiver, held in found.calls:
+        kind = kind_of(name)
+        if kind is None or (module, function, name) in ALLOWED:
+            continue
+        if kind == 'shared':
+            ok = ('shared', None) in held or kind_of(function) == 'shared'
+        else:
+            ok = (kind, receiver) in held or (kind_of(function) == kind and receiver == 'self')
+        if not ok:
+            lock = {'shared': 'the shared lock (with <state>.locked())',
+                    'exit': f'{receiver}._exit_lock', 'own': f'{receiver}._lock'}[kind]
+            wrong.append(f'{module}:{line}: {function}() calls {name}() without {lock}')
+    return wrong
+
+
+def pool_lock_takers(found):
+    """Methods of pool.py that take the pool lock, themselves or through a method of self."""
+    takers = {function for function, kinds in found.takes.items() if 'own' in kinds}
+    while True:
+        more = {function for function, names in found.self_calls.items()
+                if function not in takers and names & takers}
+        if not more:
+            return takers
+        takers |= more
+
+
+def order_violations(module, found, pool_takers, shared_takers):
+    """Calls that take the pool lock with a lock held, or the shared lock under itself."""
+    wrong = []
+    for line, function, name, _receiver, held in found.calls:
+        locked = held or kind_of(function)
+        shared = any(kind == 'shared' for kind, _ in held) or kind_of(function) == 'shared'
+        if name in pool_takers and locked:
+            wrong.append(f'{module}:{line}: {function}() calls {name}(), which takes the pool '
+                         f'lock, with a lock held')
+        elif name in shared_takers and shared:
+            wrong.append(f'{module}:{line}: {function}() calls {name}(), which takes the '
+                         f'shared lock, under the shared lock')
+    return wrong
+
+
+def engine():
+    return {path.name: scan(path.read_text()) for path in sorted(ENGINE.glob('*.py'))}
+
+
+def test_locked_helpers_are_called_with_the_lock_their_name_says():
+    scans = engine()
+    checked = sum(1 for found in scans.values() for call in found.calls if kind_of(call[2]))
+    assert checked > 80, f'only {checked} calls of *_locked helpers found: is this the engine?'
+    wrong = [line for module, found in scans.items() for line in naming_violations(module, found)]
+    assert not wrong, 'a *_locked helper called without its lock:\n' + '\n'.join(wrong)
+
+
+def test_allowed_exceptions_still_exist():
+    scans = engine()
+    present = {(module, call[1], call[2]) for module, found in scans.items()
+               for call in found.calls}
+    assert set(ALLOWED) <= present, f'stale ALLOWED entries: {set(ALLOWED) - present}'
+
+
+def test_locks_are_taken_in_order():
+    scans = engine()
+    pool_takers = pool_lock_takers(scans['pool.py'])
+    shared_takers = {function for found in scans.values()
+                     for function, kinds in found.takes.items()
+                     if 'shared' in kinds and not function.startswith('__')}
+    assert {'give_back', 'lend_idle', 'lent', '_retire', 'borrow'} <= pool_takers
+    assert {'release', 'try_acquire', 'park', '_receive', 'register'} <= shared_takers
+    wrong = [line for module, found in scans.items()
+             for line in order_violations(module, found, pool_takers, shared_takers)]
+    assert not wrong, 'locks taken out of order:\n' + '\n'.join(wrong)
+
+
+SAMPLE = '''
+class Pool:
+    def fine(self, other):
+        with self._lock:
+            self._push_idle_locked(1)
+            self._hand_off_locked()
+            self.give_back()                    # wrong: re-enters the pool lock
+        with other._lock:
+            self._push_idle_locked(2)           # wrong: other's lock, not self's
+        self._push_idle_locked(3)               # wrong: no lock
+        self.helper = lambda: self._push_idle_locked(4)     # wrong: runs later
+    def _hand_off_locked(self):
+        self._push_idle_locked(5)
+        self.budget._grant_shared_locked(6)     # wrong: the pool lock is not the shared one
+    def give_back(self):
+        with self._lock:
+            pass
+
+class Budget:
+    def fine(self):
+        with self.state.locked() as cells:
+            self._grant_shared_locked(cells)
+            self.release()                      # wrong: re-enters the shared lock
+    def _grant_shared_locked(self, cells):
+        self._count_shared_locked(cells)
+    def release(self):
+        with self.state.locked() as cells:
+            self._count_shared_locked(cells)
+        self._count_shared_locked(cells)        # wrong: after the lock
+        with self._exit_lock:
+            self._finish_exits_exit_locked()
+        self._finish_exits_exit_locked()        # wrong: no lock
+'''
+
+
+def test_the_checks_catch_calls_without_the_lock():
+    found = scan(SAMPLE)
+    wrong = naming_violations('sample.py', found) + order_violations(
+        'sample.py', found, pool_lock_takers(found), {'release'})
+    expected = [n for n, line in enumerate(SAMPLE.splitlines(), 1) if '# wrong' in line]
+    assert sorted(int(line.split(':')[1]) for line in wrong) == expected, '\n'.join(wrong)
