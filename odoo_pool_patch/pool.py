@@ -1,5 +1,46 @@
 """The per-process connection pool: a drop-in replacement for Odoo's ``ConnectionPool``.
 
+Locks, in the order they may be taken: each entry says what may be taken while holding
+that lock, and none is taken while holding one listed after it (test_lock_naming.py
+checks this order and the names below on the source)::
+
+    pool lock       ConnectionPool._lock, one per pool (its waiters' Conditions share it):
+                    the books (_idle, _used, _opening, _closing, _exiting, _waiters,
+                    _budget_waits, stats). Taken with no lock held, never twice
+                    (not re-entrant, never two pools' at once). Under it: the maintenance
+                    lock (maintenance.start, a process's first borrow), the exchange lock
+                    (IdleExchange.changed, add_pool), the shared lock (budget.try_acquire,
+                    release, claim_shed, claim_idle_eviction). Never a network round trip
+                    (connect, reset, Terminate); the only waits under it are for the shared
+                    lock and on a waiter's Condition (which releases it).
+    exit lock       Parking._exit_lock: the parked connections this process closed and
+                    waits for. Taken with no lock held; under it: the shared lock
+                    (budget.release).
+    probe lock      Outages._probing[server]: try-acquired by the one thread of a process
+                    that probes a server that is down, held across its connect attempt;
+                    taken with no lock held; under it: the shared lock (its outage row).
+    maintenance     maintenance._lock: the timer thread's pools and its start. Nothing
+                    under it.
+    exchange lock   IdleExchange._lock: this process's idle and in-use counts per database
+                    and its offer entries (its own cells: no shared lock), its shells, its
+                    pools. Nothing under it (the first offer starts the listener thread).
+    shared lock     SharedState.locked(): the state's thread lock, then lockf on byte 0 of
+                    the file (the processes of the instance; the kernel drops it when its
+                    holder dies): every shared cell more than one process writes (slots,
+                    queue, hand-over tokens, lots, outage and server rows). Last: nothing
+                    is taken under it, and one thread never enters it twice (the inner exit
+                    would release the outer's lockf). Only short local steps under it:
+                    cells, a parked socket's non-blocking send or receive, liveness checks
+                    (fcntl, /proc).
+
+Locks apart, held with no other and taking none: IdleExchange._wrap_lock (one stand-in
+start-up at a time, a local connect of up to 2 s), Outages._count_lock, Router._counts_lock
+and Monitor._lock (replicas); outage rows without a shared state use a process-local lock
+in the shared lock's place. A helper's name says which lock its caller holds:
+``_x_locked`` the ``_lock`` of the object it is called on (the pool lock here, the
+exchange lock in exchange.py), ``_x_shared_locked`` the shared lock (budget, parking,
+shared_state: they take the mapped ``cells``), ``_x_exit_locked`` the exit lock.
+
 State machine of one connection (every transition happens under ``_lock``)::
 
     (opening) --connect ok--> IN USE --give_back--> IDLE --borrow--> IN USE
