@@ -11,10 +11,13 @@ the order the modules were imported in:
 2. ``budget``        register the child's own row in each budget (needs 1)
 3. ``parking``       close the copies of sessions the parent had on their way
                      between processes (else they outlive their owner)
-4. ``outage``        forget the parent's probes and their locks
-5. ``maintenance``   a fresh lock, no timer thread, no pools yet (the thread
+4. ``outage``        forget the parent's probes, waiting borrowers and their locks
+5. ``replica_health`` fresh locks for the replica monitor and the router's counts
+                     (the parent's health thread takes them every tick), its
+                     counts not yet flushed left to the parent
+6. ``maintenance``   a fresh lock, no timer thread, no pools yet (the thread
                      is started again by the first pool that needs it)
-6. ``pool``          each pool forgets the parent's connections (their sockets
+7. ``pool``          each pool forgets the parent's connections (their sockets
                      are the parent's: closing them would end its sessions)
 
 A step raising is logged and the next steps still run: a child half reset is
@@ -25,7 +28,7 @@ import os
 
 _logger = logging.getLogger('odoo.sql_db')
 
-ORDER = ('shared_state', 'budget', 'parking', 'outage', 'maintenance', 'pool')
+ORDER = ('shared_state', 'budget', 'parking', 'outage', 'replica_health', 'maintenance', 'pool')
 _steps = {}
 
 

@@ -428,6 +428,8 @@ def _after_fork_in_child():
     for outages in list(_all):
         outages._probing = {}
         outages._last_error = {}
+        outages._count_lock = threading.Lock()
+        outages._waiting = {}           # the parent's borrowers: none of them is here
         if isinstance(outages.rows, _LocalState):
             outages.rows._lock = threading.RLock()
 

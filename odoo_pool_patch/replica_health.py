@@ -20,9 +20,11 @@ import os
 import random
 import threading
 import time
+import weakref
 
 import psycopg2
 
+from . import after_fork
 from . import shared_state as ss
 from .replicas import REASONS, BANNED, LAGGING, PINNED
 
@@ -289,6 +291,12 @@ class Monitor:
         self.pid = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        _monitors.add(self)
+
+    def after_fork_in_child(self):
+        # A borrower of the parent starting the thread may have held the lock at fork.
+        self._lock = threading.Lock()
+        self.router.after_fork_in_child()
 
     def ensure_started(self):
         if self.pid == os.getpid():
@@ -327,6 +335,15 @@ class Monitor:
 
 
 ACTIVE = {}     # {'router': Router, 'monitor': Monitor} once routing is set up in this process
+_monitors = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    for monitor in list(_monitors):
+        monitor.after_fork_in_child()
+
+
+after_fork.register('replica_health', _after_fork_in_child)
 
 
 def start_routing(state, targets, settings, base_info, required_lsn=None, interval=None):

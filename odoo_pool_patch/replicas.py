@@ -129,6 +129,12 @@ class Router:
         self._counts_lock = threading.Lock()
         self._reset_counts()
 
+    def after_fork_in_child(self):
+        """The parent's health thread may have held the counts' lock at fork (it takes
+        them every tick); the counts not yet flushed are the parent's to add."""
+        self._counts_lock = threading.Lock()
+        self._reset_counts()
+
     def _reset_counts(self):
         n = len(self.targets)
         self.reads, self.writes = [0] * n, [0] * n

@@ -3,9 +3,12 @@
 step that fails does not stop the ones after it. Real fork()."""
 import ast
 import os
+import threading
+
+import pytest
 
 from odoo_pool_patch import after_fork
-from odoo_pool_patch import pool
+from odoo_pool_patch import pool, replica_health
 
 from testkit import ROOT
 from testkit.forks import collect, fork
@@ -30,7 +33,8 @@ def steps_run_in_a_child(monkeypatch, failing=()):
 
 
 def test_a_forked_child_runs_every_step_in_the_stated_order(monkeypatch):
-    assert pool.after_fork is after_fork       # pool imports every module that has a step
+    # pool imports every module that has a step but replica_health (replicas configured)
+    assert pool.after_fork is replica_health.after_fork is after_fork
     assert set(after_fork._steps) == set(after_fork.ORDER)
     assert steps_run_in_a_child(monkeypatch) == list(after_fork.ORDER)
 
@@ -51,3 +55,51 @@ def test_no_engine_module_registers_a_fork_hook_of_its_own():
         found += [f'{name}:{node.lineno}' for node in ast.walk(tree)
                   if isinstance(node, ast.Attribute) and node.attr == 'register_at_fork']
     assert not found
+
+
+def lock_is_free_in_a_child(lock_of):
+    """Fork while a thread of the parent holds ``lock_of()`` (as the replica health
+    thread or a waiting borrower may at any moment): whether the child can take it."""
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with lock_of():
+            held.set()
+            release.wait(30)
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    held.wait(10)
+    try:
+        def take():
+            lock = lock_of()
+            free = lock.acquire(timeout=2)
+            if free:
+                lock.release()
+            return free
+        pid, pipe = fork(take)
+        return collect(pid, pipe)
+    finally:
+        release.set()
+        thread.join()
+
+
+@pytest.mark.parametrize('lock', ['router counts', 'monitor', 'outage counts'])
+def test_a_child_forked_while_a_thread_holds_a_lock_of_the_parent_can_take_it(
+        pg, tmp_path, lock):
+    from odoo_pool_patch.outage import Outages
+    from odoo_pool_patch.replica_health import ACTIVE, start_routing
+    from odoo_pool_patch.replicas import Target
+    from odoo_pool_patch.shared_state import SharedState
+    from odoo_pool_patch.options import Settings
+    targets = [Target(0, pg.host, pg.port, 0, 'primary'), Target(1, pg.host, pg.port, 1)]
+    router = start_routing(SharedState(str(tmp_path / 'state')), targets, Settings(),
+                           {'user': 'odoo', 'sslmode': 'disable'})
+    outages = Outages()
+    try:
+        lock_of = {'router counts': lambda: router._counts_lock,
+                   'monitor': lambda: router.monitor._lock,
+                   'outage counts': lambda: outages._count_lock}[lock]
+        assert lock_is_free_in_a_child(lock_of)
+    finally:
+        router.stop()
+        ACTIVE.clear()
