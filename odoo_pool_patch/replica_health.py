@@ -209,16 +209,27 @@ class Prober:
 
     def _query(self, target, sql):
         cnx = self.connections.get(target.index)
-        if cnx is None or cnx.closed:
-            info = dict(self.base_info, dbname='postgres', port=target.port,
-                        application_name='odoo-db_pooling-probe', connect_timeout=3,
-                        options='-c statement_timeout=3000')
-            info.pop('database', None)
-            info.pop('host', None)
-            if target.host:
-                info['host'] = target.host
-            cnx = self.connections[target.index] = psycopg2.connect(**info)
-            cnx.autocommit = True
+        if cnx is not None and not cnx.closed:
+            try:
+                return self._run(target, cnx, sql)
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                # A session the server ended since the last probe (it restarted while
+                # banned: banned servers are not probed): judge the server on a new one.
+                # A statement timeout is the server's answer: no second wait.
+                if isinstance(exc, psycopg2.extensions.QueryCanceledError):
+                    raise
+        info = dict(self.base_info, dbname='postgres', port=target.port,
+                    application_name='odoo-db_pooling-probe', connect_timeout=3,
+                    options='-c statement_timeout=3000')
+        info.pop('database', None)
+        info.pop('host', None)
+        if target.host:
+            info['host'] = target.host
+        cnx = self.connections[target.index] = psycopg2.connect(**info)
+        cnx.autocommit = True
+        return self._run(target, cnx, sql)
+
+    def _run(self, target, cnx, sql):
         try:
             with cnx.cursor() as cur:
                 cur.execute(sql)

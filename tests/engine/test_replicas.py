@@ -349,3 +349,24 @@ def test_dashboard_shows_every_server_and_a_stopped_replica(routing, replica_set
         assert any(f':{replica_set[0].port}) is {first["health"]}' in e for e in data['errors'])
     finally:
         replica_set[0].start()
+
+
+def test_a_replica_restarted_while_banned_is_healthy_at_the_first_probe_after(
+        pg, replica_set, tmp_path):
+    """Banned servers are not probed, so the probe's session to a replica that restarted
+    meanwhile is one the server ended: the probe judges the server on a new session
+    instead of banning it again (for a longer time) when its ban runs out."""
+    from odoo_pool_patch.replica_health import Prober, ServerTable
+    first = replica_set[0]
+    targets = [Target(0, pg.host, pg.port, 0, 'primary'), Target(1, first.host, first.port, 1)]
+    table = ServerTable(SharedState(str(tmp_path / 'state')), targets)
+    prober = Prober(table, {'user': 'odoo', 'sslmode': 'disable'})
+    try:
+        prober.probe()
+        assert table.status()[1]['health'] == 'healthy' and 1 in prober.connections
+        first.stop()
+        first.start()
+        prober.probe()
+        assert table.status()[1]['health'] == 'healthy', table.status()[1]
+    finally:
+        prober.close()
