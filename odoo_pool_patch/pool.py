@@ -1402,11 +1402,15 @@ class ConnectionPool:
             return holder.wall_since, key_database(cnx._dbp_key), format_site(holder.site)
 
     def figures(self):
-        """Cheap counts for the shared state: in use (long-lived ones apart), idle."""
+        """Cheap counts for the shared state: in use (long-lived ones apart, being opened
+        included), idle. A borrower waiting for the budget is not in use: its local slot
+        (in ``_opening``) has no slot of the budget yet, so it would show more in use than
+        the process holds."""
         with self._lock:
             long_lived = sum(1 for cnx in self._used
                              if key_database(cnx._dbp_key) in LONG_LIVED_DATABASES)
-            return {'in_use': len(self._used) - long_lived + self._opening,
+            waiting = sum(map(len, self._budget_waits.values())) if self._budget_waits else 0
+            return {'in_use': len(self._used) - long_lived + self._opening - waiting,
                     'idle': self._n_idle, 'long_lived': long_lived}
 
     def shutdown(self):
