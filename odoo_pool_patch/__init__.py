@@ -12,8 +12,8 @@ Map of the package (one job per module; docs/architecture.rst has the longer ver
 - ``dsn``           DSN keys and comparison (Odoo's ``_dsn_equals`` semantics)
 - ``errors``        PoolTimeout (a psycopg2 PoolError) and ConfigError
 - ``odoo_install``  swaps Odoo's pool in ``post_load`` (imports Odoo lazily)
-- ``instance_view`` one view of the instance (totals, process rows) read from the shared state
-- ``metrics``       Prometheus text of that view
+- ``observability/`` one view of the instance read from the shared state (``instance_view``),
+  as Prometheus text (``metrics``) and the dashboard's figures (``dashboard``)
 - ``embedded_pg``   throw-away PostgreSQL clusters (and a test PKI) for demo, tests, benchmarks
 - ``odoo_runner``   finds and runs real Odoo servers for the demo, tests, benchmarks
 - ``demo``, ``top``, ``check``, ``cli``   the ``odoo-pool`` command

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from . import instance_view
+from .observability import instance_view
 from . import shared_state as ss
 
 

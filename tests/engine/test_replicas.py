@@ -7,7 +7,7 @@ import pytest
 
 from odoo_pool_patch.embedded_pg import Cluster
 from odoo_pool_patch.errors import ConfigError
-from odoo_pool_patch.metrics import render_servers
+from odoo_pool_patch.observability.metrics import render_servers
 from odoo_pool_patch.options import Settings, load_settings
 from odoo_pool_patch.replica_health import ACTIVE, MAX_BAN_FACTOR, servers_status, start_routing
 from odoo_pool_patch import replicas
@@ -329,7 +329,7 @@ def test_pinned_reads_ask_the_replica_then_use_the_writing_connection(pg, replic
 
 def test_dashboard_shows_every_server_and_a_stopped_replica(routing, replica_set, pg, info):
     """The dashboard's server table comes from the routing's shared rows."""
-    from odoo_pool_patch import dashboard
+    from odoo_pool_patch.observability import dashboard
     ro, _rw, router = routing()
     state = router.table.state
     data = dashboard.collect(dashboard.shared_figures(state), {'host': pg.host, 'port': pg.port},

@@ -1,11 +1,11 @@
-"""The dashboard's data (odoo_pool_patch.dashboard) from real processes and a real server."""
+"""The dashboard's data (odoo_pool_patch.observability.dashboard) from real processes and a real server."""
 import os
 import time
 
 import psycopg2
 import pytest
 
-from odoo_pool_patch import dashboard
+from odoo_pool_patch.observability import dashboard
 from odoo_pool_patch import shared_state as ss
 from odoo_pool_patch.budget import SharedBudget
 from odoo_pool_patch.pool import ConnectionPool

@@ -5,7 +5,7 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from odoo_pool_patch import metrics
+from odoo_pool_patch.observability import metrics
 from odoo_pool_patch import shared_state as ss
 from odoo_pool_patch.budget import SharedBudget
 from odoo_pool_patch.options import Settings, load_settings

@@ -31,7 +31,7 @@ def effective_settings():
 def dashboard_payload(cr):
     """Everything the dashboard shows; each failing source is reported, not fatal."""
     from odoo import sql_db
-    from odoo_pool_patch import dashboard
+    from odoo_pool_patch.observability import dashboard
     from odoo_pool_patch.odoo_install import (STATE, current_role, is_active,
                                               server_wide_modules)
     budget = STATE.get('budget')

@@ -10,7 +10,7 @@ class DbPoolingMetrics(http.Controller):
                 csrf=False, save_session=False)
     def metrics(self):
         """Prometheus metrics of the whole instance (Authorization: Bearer <token>)."""
-        from odoo_pool_patch import metrics
+        from odoo_pool_patch.observability import metrics
         from odoo_pool_patch.odoo_install import STATE
         settings, budget = STATE.get('settings'), STATE.get('budget')
         token = settings.metrics_token if settings else None
