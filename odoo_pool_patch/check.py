@@ -6,29 +6,26 @@ Odoo 18+ replica when ``db_replica_host`` is set), and the budget against
 the server's ``max_connections`` minus ``superuser_reserved_connections``.
 """
 import argparse
-import configparser
 import sys
 
 import psycopg2
 
-from . import tls
+from . import conf_file, tls
 from .errors import ConfigError
 from .odoo_install import default_budget, process_count, server_limits
 from .options import load_settings
 
 
 def read_config(path):
-    parser = configparser.RawConfigParser()
-    if not parser.read(path):
-        raise SystemExit(f'odoo-pool check: cannot read {path}')
-    if not parser.has_section('options'):
+    """The options of the odoo.conf at ``path`` (conf_file.PoolingOptions): [db_pooling] first,
+    then [options]."""
+    try:
+        source = conf_file.from_file(path)
+    except ConfigError as exc:
+        raise SystemExit(f'odoo-pool check: {exc}') from None
+    if not source.has_options:
         raise SystemExit(f'odoo-pool check: {path} has no [options] section')
-    values = dict(parser.items('options'))
-
-    def get(name, default=None):
-        value = values.get(name, default)
-        return None if value in (None, '', 'False', 'None') else value
-    return get
+    return source
 
 
 def server_info(get, replica=False):
@@ -91,7 +88,8 @@ def check_replication(info, replica, primary_lsn, where, ok, bad):
 
 
 def run(path, out=sys.stdout):
-    get = read_config(path)
+    source = read_config(path)
+    get = source.get
     problems = []
 
     def ok(text):
@@ -101,13 +99,17 @@ def run(path, out=sys.stdout):
         problems.append(text)
         print(f'PROBLEM {text}', file=out)
 
+    for text in source.problems:
+        bad(text)
+    for text in source.notes():
+        print(f'note    {text}', file=out)
     try:
-        settings = load_settings(get, source=f'{path} [options]')
+        settings = load_settings(get, source=source.where)
         ok('db_pool_* option values')
     except ConfigError as exc:
         settings = None
         bad(str(exc))
-    tls_problems = tls.validate(get)
+    tls_problems = tls.validate(get, where=source.where)
     for problem in tls_problems:
         bad(problem)
     if not tls_problems:

@@ -59,10 +59,13 @@ def post_load_hook():
             MODULE, MODULE, MODULE, MODULE)
         return
     from odoo.tools import config
-    from . import tls
+    from . import conf_file, tls
     try:
-        settings = load_settings(config.get)
-        problems = tls.validate(config.get)
+        source = conf_file.from_odoo(config)
+        problems = source.problems
+        if not problems:
+            settings = load_settings(source.get, source=source.where)
+            problems = tls.validate(source.get, where=source.where)
         if problems:
             raise ConfigError('db_pooling cannot start: ' + ' '.join(problems))
     except ConfigError as exc:
@@ -70,11 +73,15 @@ def post_load_hook():
         # SystemExit passes through Odoo's "except Exception" around post_load:
         # a server must not start with options it silently ignores.
         raise SystemExit(str(exc)) from None
-    install(settings)
+    if process_role() != 'gevent':      # said once, by the master (or threaded server)
+        for note in source.notes():
+            _logger.warning('%s', note)
+    install(settings, source.get)
 
 
-def install(settings):
-    """Swap Odoo's pool class and convert its live pools. Idempotent."""
+def install(settings, get=None):
+    """Swap Odoo's pool class and convert its live pools. Idempotent. ``get`` reads the
+    TLS options (default: Odoo's config; see conf_file)."""
     from odoo import release, sql_db
     if issubclass(sql_db.ConnectionPool, ConnectionPool) and STATE.get('pid') == os.getpid():
         return sql_db.ConnectionPool
@@ -88,7 +95,7 @@ def install(settings):
     _patch_worker_roles()
     if settings.shared:
         pool_class.budget = attach_budget(settings)
-    install_tls()
+    install_tls(get)
     os.environ.update(job_runner_environ(settings, os.environ, _queue_job_config()))
     install_replicas(settings, pool_class)
     list_dbs_cache.install(settings.list_dbs_cache,
@@ -114,23 +121,24 @@ def install(settings):
     return pool_class
 
 
-def install_tls():
+def install_tls(get=None):
     """Add odoo.conf's TLS settings to every connection and to pg_dump/psql's environment."""
     from odoo import sql_db
     from odoo.tools import config, misc
     from . import tls
     if getattr(sql_db.connection_info_for, '_db_pooling', False):
         return
+    get = get or config.get
     original_info = sql_db.connection_info_for
 
     def connection_info_for(db_or_uri, *args, **kwargs):
         db, info = original_info(db_or_uri, *args, **kwargs)
         info['application_name'] = app_name(info.get('application_name'))
         readonly = kwargs.get('readonly', args[0] if args else False)
-        for keyword, value in tls.tls_keywords(config.get, replica=bool(readonly)).items():
+        for keyword, value in tls.tls_keywords(get, replica=bool(readonly)).items():
             info.setdefault(keyword, value)
-        if readonly and tls._value(config.get, 'db_replica_sslmode'):
-            info['sslmode'] = tls.sslmode(config.get, replica=True)
+        if readonly and tls._value(get, 'db_replica_sslmode'):
+            info['sslmode'] = tls.sslmode(get, replica=True)
         return db, info
     connection_info_for._db_pooling = True
     sql_db.connection_info_for = connection_info_for
@@ -138,7 +146,7 @@ def install_tls():
     original_environ = misc.exec_pg_environ
 
     def exec_pg_environ(*args, **kwargs):
-        return tls.pg_environ(config.get, original_environ(*args, **kwargs))
+        return tls.pg_environ(get, original_environ(*args, **kwargs))
     misc.exec_pg_environ = exec_pg_environ
     import odoo.service.db as service_db
     import odoo.tools

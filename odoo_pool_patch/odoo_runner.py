@@ -16,6 +16,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from .conf_file import NAMES, SECTION
 from .embedded_pg import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,13 +122,30 @@ def available_trees():
     return [find_odoo(path, use_env_python=len(paths) == 1) for path in paths], ''
 
 
+def conf_text(options, pooling_section=SECTION, sections=None):
+    """An odoo.conf: db_pooling's options of ``options`` in ``pooling_section``, the others
+    in ``[options]``, then ``sections`` (``{name: {key: value}}``) as they are."""
+    parts = {'options': {}, pooling_section: {}}
+    for key, value in options.items():
+        parts[pooling_section if key in NAMES else 'options'][key] = value
+    for name, values in (sections or {}).items():
+        parts.setdefault(name, {}).update(values)
+    return ''.join(f'[{name}]\n' + ''.join(f'{key} = {value}\n' for key, value in values.items())
+                   for name, values in parts.items() if values or name == 'options')
+
+
 class OdooServer:
     """A real Odoo server process on a free port, with our addon on its addons path.
 
-    :param options: extra odoo.conf ``[options]`` entries.
+    :param options: extra odoo.conf entries: db_pooling's own go in ``[db_pooling]``,
+        Odoo's in ``[options]``.
+    :param pooling_section: ``'options'`` writes db_pooling's options in ``[options]``
+        too, their old place.
+    :param sections: more sections, ``{name: {key: value}}``, written as they are.
     """
 
-    def __init__(self, tree, cluster, workdir, options=None, load_pooling=True, name='odoo'):
+    def __init__(self, tree, cluster, workdir, options=None, load_pooling=True, name='odoo',
+                 pooling_section=SECTION, sections=None):
         self.tree = tree
         self.cluster = cluster
         self.workdir = workdir
@@ -153,13 +171,13 @@ class OdooServer:
         if load_pooling:       # in the work directory: nothing left behind in /dev/shm
             self.options['db_pool_shared_path'] = os.path.join(workdir, f'{name}-shared-state')
         self.options.update(options or {})
+        self.pooling_section = pooling_section
+        self.sections = sections or {}
         self.proc = None
 
     def write_config(self):
         with open(self.conffile, 'w') as handle:
-            handle.write('[options]\n')
-            for key, value in self.options.items():
-                handle.write(f'{key} = {value}\n')
+            handle.write(conf_text(self.options, self.pooling_section, self.sections))
         return self.conffile
 
     def run(self, *args, timeout=600, check=True):
@@ -228,6 +246,17 @@ class OdooServer:
         data = urllib.parse.urlencode(fields).encode()
         with urllib.request.urlopen(self.url(path), data=data, timeout=timeout) as response:
             return response.status, response.read().decode(errors='replace')
+
+    def metrics(self, token=None):
+        """(HTTP status, text) of /db_pooling/metrics, with ``token`` as the bearer token."""
+        request = urllib.request.Request(self.url('/db_pooling/metrics'))
+        if token:
+            request.add_header('Authorization', f'Bearer {token}')
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
 
     def jsonrpc(self, service, method, *args, timeout=120):
         return call_json(urllib.request.urlopen, self.url('/jsonrpc'),

@@ -1,8 +1,9 @@
 """The odoo.conf options db_pooling reads, their defaults and their validation.
 
-Every option lives in the ``[options]`` section of odoo.conf, next to Odoo's
-own ``db_*`` options. Odoo stores unknown options as raw strings (16-18 turn
-'True'/'False' into booleans), so everything here accepts strings, numbers and
+The options live in the ``[db_pooling]`` section of odoo.conf (or, as before,
+in ``[options]`` next to Odoo's own ``db_*`` options: see :mod:`.conf_file`).
+Values come as raw strings, or as booleans where Odoo 16-18 turned
+'True'/'False' into them, so everything here accepts strings, numbers and
 booleans alike and turns them into one frozen :class:`Settings` object.
 
 A bad value never silently falls back to a default: :func:`load_settings`
@@ -106,7 +107,7 @@ def group_of(name):
 
 @dataclass(frozen=True)
 class Option:
-    name: str            # key in odoo.conf [options]
+    name: str            # key in odoo.conf [db_pooling]
     field: str           # attribute of Settings
     parse: callable
     default: object
@@ -393,16 +394,23 @@ def _timeouts_prefix(settings, role):
 assert {f.name for f in fields(Settings)} == {o.field for o in OPTIONS}
 
 
-def load_settings(get, source='odoo.conf [options]'):
+def load_settings(get, source='odoo.conf'):
     """Build :class:`Settings` from ``get(name) -> raw value or None``.
 
-    ``get`` is typically ``odoo.tools.config.get``. Missing, ``None`` and
-    ``False`` (Odoo's "not set") mean the default. All bad values are
-    reported together.
+    ``get`` is typically :meth:`.conf_file.PoolingOptions.get`; ``source``
+    names where the values come from in messages: a text, or a function of
+    the option's name (:meth:`.conf_file.PoolingOptions.where`). Missing,
+    ``None``, empty and ``False`` (Odoo's "not set") mean the default, except
+    that ``False`` is "off" for an on/off option (Odoo 16-18 read ``off``
+    written as ``False`` so). All bad values are reported together.
     """
+    where = source if callable(source) else (lambda name: source)
     values, problems = {}, []
     for option in OPTIONS:
         raw = get(option.name)
+        if raw is False and option.parse is _bool:
+            values[option.field] = False
+            continue
         if raw is None or raw is False or (isinstance(raw, str) and not raw.strip()):
             values[option.field] = option.default
             continue
@@ -410,8 +418,9 @@ def load_settings(get, source='odoo.conf [options]'):
             values[option.field] = option.parse(raw)
         except (TypeError, ValueError):
             problems.append(
-                f'{option.name} = {raw!r} in {source} is not valid: expected {option.allowed} '
-                f'(default {"computed at start-up" if option.default is None else option.default}).')
+                f'{option.name} = {raw!r} in {where(option.name)} is not valid: expected '
+                f'{option.allowed} (default '
+                f'{"computed at start-up" if option.default is None else option.default}).')
     if problems:
         raise ConfigError('db_pooling cannot start: ' + ' '.join(problems)
                           + ' Fix the value or remove the line to use the default.')

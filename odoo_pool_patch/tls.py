@@ -24,6 +24,12 @@ SSLMODES = ('disable', 'allow', 'prefer', 'require', 'verify-ca', 'verify-full')
 PROTOCOLS = ('TLSv1', 'TLSv1.1', 'TLSv1.2', 'TLSv1.3')
 
 
+def option_names():
+    """Every TLS option read (primary, then replicas), stock Odoo's db_sslmode included."""
+    return tuple(prefix + name for prefix in ('db_', 'db_replica_')
+                 for name in ('sslmode', *KEYWORDS))
+
+
 def _value(get, name):
     value = get(name)
     if value is None or value is False or (isinstance(value, str) and not value.strip()):
@@ -50,14 +56,19 @@ def sslmode(get, replica=False):
     return mode
 
 
-def validate(get):
-    """Problems with the TLS options, each naming the option and what to do (empty: fine)."""
+def validate(get, where=None):
+    """Problems with the TLS options, each naming the option and what to do (empty: fine).
+
+    ``where(name)``, when given, names the file and section of an option's value."""
+    def at(option):
+        return f' in {where(option)}' if where else ''
     problems = []
     for prefix, replica in (('db_', False), ('db_replica_', True)):
         mode = sslmode(get, replica)
+        named = prefix + 'sslmode' if _value(get, prefix + 'sslmode') else 'db_sslmode'
         if mode not in SSLMODES:
-            problems.append(f'{prefix}sslmode = {mode!r} is not a libpq sslmode: use one of '
-                            f'{", ".join(SSLMODES)}.')
+            problems.append(f'{prefix}sslmode = {mode!r}{at(named)} is not a libpq sslmode: use '
+                            f'one of {", ".join(SSLMODES)}.')
         keywords = tls_keywords(get, replica)
         for suffix in FILES:
             path = keywords.get(suffix)
@@ -65,12 +76,12 @@ def validate(get):
             if path is None:
                 continue
             if not os.path.isabs(path):
-                problems.append(f'{option} = {path!r} must be an absolute path.')
+                problems.append(f'{option} = {path!r}{at(option)} must be an absolute path.')
             elif not os.path.exists(path):
-                problems.append(f'{option} = {path} does not exist: fix the path or remove the '
-                                f'option.')
+                problems.append(f'{option} = {path}{at(option)} does not exist: fix the path or '
+                                f'remove the option.')
             elif not os.access(path, os.R_OK):
-                problems.append(f'{option} = {path} is not readable by this user '
+                problems.append(f'{option} = {path}{at(option)} is not readable by this user '
                                 f'(uid {os.getuid()}): fix its owner or permissions.')
             elif suffix == 'sslkey':
                 info = os.stat(path)
@@ -78,23 +89,27 @@ def validate(get):
                 root_0640 = info.st_uid == 0 and not info.st_mode & (stat.S_IWGRP | stat.S_IRWXO)
                 if loose and not root_0640:
                     problems.append(
-                        f'{option} = {path} is readable by group or others (mode '
+                        f'{option} = {path}{at(option)} is readable by group or others (mode '
                         f'{stat.S_IMODE(info.st_mode):04o}) and libpq refuses such a key: run '
                         f'chmod 600 {path}.')
         if ('sslcert' in keywords) != ('sslkey' in keywords):
-            missing = 'sslkey' if 'sslcert' in keywords else 'sslcert'
+            present, missing = ('sslcert', 'sslkey') if 'sslcert' in keywords else ('sslkey',
+                                                                                     'sslcert')
+            given = prefix + present if _value(get, prefix + present) else 'db_' + present
             problems.append(f'{prefix}{missing} is missing: a client certificate needs both '
-                            f'{prefix}sslcert and {prefix}sslkey.')
+                            f'{prefix}sslcert and {prefix}sslkey ({given} is set{at(given)}).')
         if mode in ('verify-ca', 'verify-full') and 'sslrootcert' not in keywords \
                 and not os.path.exists(os.path.expanduser('~/.postgresql/root.crt')):
-            problems.append(f'{prefix}sslmode = {mode} needs the CA that signed the server '
-                            f'certificate: set {prefix}sslrootcert to its file (for managed '
-                            f'databases, the provider\'s CA bundle).')
+            problems.append(f'{prefix}sslmode = {mode}{at(named)} needs the CA that signed the '
+                            f'server certificate: set {prefix}sslrootcert to its file (for '
+                            f'managed databases, the provider\'s CA bundle).')
         version = keywords.get('ssl_min_protocol_version')
         if version and version not in PROTOCOLS:
-            problems.append(f'{prefix}ssl_min_protocol_version = {version!r} is not one of '
-                            f'{", ".join(PROTOCOLS)}.')
-    return problems
+            option = prefix + 'ssl_min_protocol_version'
+            option = option if _value(get, option) else 'db_ssl_min_protocol_version'
+            problems.append(f'{prefix}ssl_min_protocol_version = {version!r}{at(option)} is not '
+                            f'one of {", ".join(PROTOCOLS)}.')
+    return list(dict.fromkeys(problems))      # a primary's file the replicas inherit: once
 
 
 def pg_environ(get, environ):

@@ -21,13 +21,14 @@ def resolve_path(args):
     if args.path:
         return args.path
     if args.config:
-        import configparser
-        parser = configparser.RawConfigParser()
-        if not parser.read(args.config):
-            raise SystemExit(f'odoo-pool top: cannot read {args.config}')
-        path = parser.get('options', 'db_pool_shared_path', fallback='').strip()
+        from .conf_file import from_file
+        from .errors import ConfigError
+        try:
+            path = from_file(args.config).get('db_pool_shared_path')
+        except ConfigError as exc:
+            raise SystemExit(f'odoo-pool top: {exc}') from None
         if path:
-            return path
+            return str(path).strip()
     segments = find_segments()
     if len(segments) == 1:
         return segments[0]

@@ -134,24 +134,11 @@ def test_every_worker_uses_our_pool_under_jsonrpc_load(server, pg):
     assert pg.count_connections('odoo-%') >= 1
 
 
-def get_metrics(srv, token=None):
-    import urllib.error
-    import urllib.request
-    request = urllib.request.Request(srv.url('/db_pooling/metrics'))
-    if token:
-        request.add_header('Authorization', f'Bearer {token}')
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def test_prometheus_metrics_need_the_token_and_parse(server):
     prometheus = pytest.importorskip('prometheus_client.parser')
-    assert get_metrics(server)[0] == 401
-    assert get_metrics(server, 'wrong-token-wrong-token')[0] == 403
-    status, text = get_metrics(server, METRICS_TOKEN)
+    assert server.metrics()[0] == 401
+    assert server.metrics('wrong-token-wrong-token')[0] == 403
+    status, text = server.metrics(METRICS_TOKEN)
     assert status == 200, text
     values = {}
     for family in prometheus.text_string_to_metric_families(text):
@@ -162,7 +149,7 @@ def test_prometheus_metrics_need_the_token_and_parse(server):
     assert values[('odoo_db_pool_processes', (('role', 'cron'),))] == 1
     assert values[('odoo_db_pool_borrows_total', (('role', 'http'),))] > 0
     # Instance-wide: the same figures whichever worker answers; counters only grow.
-    _, again = get_metrics(server, METRICS_TOKEN)
+    _, again = server.metrics(METRICS_TOKEN)
     later = {(s.name, tuple(sorted(s.labels.items()))): s.value
              for f in prometheus.text_string_to_metric_families(again) for s in f.samples}
     for key, value in values.items():
@@ -370,8 +357,8 @@ def test_bad_option_stops_startup_with_clear_message(odoo_tree, pg, tmp_path):
     proc = srv.run('--stop-after-init', check=False, timeout=120)
     assert proc.returncode != 0
     for text in (proc.stdout, srv.log()):
-        assert "db_pool_wait_timeout = '-5'" in text
-        assert "db_pool_idle_timeout = 'soon'" in text
+        assert f"db_pool_wait_timeout = '-5' in {srv.conffile} [db_pooling]" in text
+        assert f"db_pool_idle_timeout = 'soon' in {srv.conffile} [db_pooling]" in text
         assert 'a number of seconds >= 0' in text
 
 
@@ -476,7 +463,7 @@ def test_shared_budget_with_8_workers_on_6_databases(odoo_tree, pg, tmp_path):
         taken = sum(counters['taken'] for counters in state.counter_totals().values())
         state.close()
         assert taken > 0
-        assert get_metrics(srv, METRICS_TOKEN)[0] == 404     # no token configured: off
+        assert srv.metrics(METRICS_TOKEN)[0] == 404     # no token configured: off
         # At rest: min_idle (1) plus the long-lived LISTEN connections (postgres database).
         def at_rest():
             ordinary = [c for c in instance_connections(srv, pg) if c[1] != 'postgres']
