@@ -16,6 +16,7 @@ import textwrap
 from dataclasses import dataclass
 
 from . import options, tls
+from .conf_file import NAMES, SECTION
 
 # (key, title, what the group is about); groups without options are left out
 GROUPS = (
@@ -124,27 +125,18 @@ TLS_DOCS = {
 assert set(TLS_DOCS) == set(tls.KEYWORDS)
 
 HEADER = """\
-; odoo.conf example for db_pooling. Everything goes in [options], next to Odoo's own options.
+; odoo.conf example for db_pooling. Odoo's own options go in [options]; db_pooling's in a
+; [db_pooling] section of the same file, which Odoo leaves alone and db_pooling reads itself
+; (in [options] they still work, but Odoo 19 logs "unknown option" for each and db_pooling
+; logs a note to move them).
 ; Lines starting with ";" are comments; uncomment an option to change it from its default.
 ; Generated from the code: python -m odoo_pool_patch.options > odoo.conf.example
-; Odoo 19 logs "unknown option ... stored as-is" once for each db_pool_* line: expected,
-; Odoo does not know the options of a server-wide module before it loads it.
-
-[options]
 """
-
-
-def tls_names():
-    """The TLS options the code reads (primary and replica), db_sslmode included."""
-    names = []
-    for prefix in ('db_', 'db_replica_'):
-        names += [prefix + 'sslmode'] + [prefix + suffix for suffix in tls.KEYWORDS]
-    return names
 
 
 def documented_names():
     """Every option odoo.conf.example lists."""
-    return set(options.OPTION_NAMES) | set(tls_names()) | {o.name for o in STOCK_OPTIONS}
+    return set(options.OPTION_NAMES) | set(tls.option_names()) | {o.name for o in STOCK_OPTIONS}
 
 
 def _comment(text):
@@ -184,20 +176,31 @@ def _tls():
     return lines
 
 
+def _stock_lines(key):
+    return [line for stock in STOCK_OPTIONS if stock.group == key for line in ['', *_stock(stock)]]
+
+
+def _our_lines(key):
+    lines = _tls() if key == 'tls' else []
+    return lines + [line for option in options.OPTIONS if option.group == key
+                    for line in ['', *_ours(option)]]
+
+
 def example_file():
-    lines = [HEADER.rstrip('\n')]
-    for key, title, intro in GROUPS:
-        if not any(o.group == key for o in (*STOCK_OPTIONS, *options.OPTIONS)) and key != 'tls':
-            continue
-        lines += ['', '; ' + ('-' * 64) + ' ' + title] + (_comment(intro) if intro else [])
-        for stock in STOCK_OPTIONS:
-            if stock.group == key:
-                lines += [''] + _stock(stock)
-        if key == 'tls':
-            lines += _tls()
-        for option in options.OPTIONS:
-            if option.group == key:
-                lines += [''] + _ours(option)
+    """Odoo's options in [options], then ours in [db_pooling], each by group; a group's
+    introduction where it first appears."""
+    lines, introduced = [HEADER.rstrip('\n')], set()
+    for section, group_lines in (('options', _stock_lines), (SECTION, _our_lines)):
+        lines += ['', f'[{section}]']
+        for key, title, intro in GROUPS:
+            body = group_lines(key)
+            if not body:
+                continue
+            lines += ['', '; ' + ('-' * 64) + ' ' + title]
+            if intro and key not in introduced:
+                lines += _comment(intro)
+                introduced.add(key)
+            lines += body
     return '\n'.join(lines) + '\n'
 
 
@@ -222,6 +225,7 @@ def _rst_text(text):
 
 
 def _section(name, doc, fields):
+    fields = [('Section', f'[{SECTION if name in NAMES else "options"}]'), *fields]
     lines = ['', f'``{name}``', '~' * (len(name) + 4), '']
     lines += textwrap.wrap(_rst_text(doc), 92, break_on_hyphens=False, break_long_words=False)
     lines += ['']

@@ -334,9 +334,14 @@ def odoo_confs(compose, tls_override):
 
 
 def read_conf(path):
+    """Odoo's options ([options]) and db_pooling's ([db_pooling], where they belong) of an
+    odoo.conf, as one dict."""
+    from odoo_pool_patch.conf_file import NAMES, SECTION
     parser = configparser.ConfigParser(inline_comment_prefixes=None)
     parser.read(path)
-    return dict(parser['options'])
+    ours, odoo = dict(parser[SECTION]), dict(parser['options'])
+    assert set(ours) <= set(NAMES) and not set(odoo) & set(NAMES), path
+    return {**odoo, **ours}
 
 
 def test_compose_services_volumes_and_files_exist():

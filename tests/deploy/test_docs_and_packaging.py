@@ -132,19 +132,26 @@ def test_readme_and_docs_are_valid_restructuredtext():
 
 
 def test_readme_minimal_conf_says_the_defaults():
-    """The README's odoo.conf example: commented db_pooling lines give the defaults."""
+    """The README's odoo.conf example: Odoo's options in [options], db_pooling's in
+    [db_pooling], where the commented lines give the defaults."""
+    from odoo_pool_patch.conf_file import NAMES
     from odoo_pool_patch.odoo_install import default_budget
     from odoo_pool_patch.options import OPTIONS, load_settings
     readme = read('README.rst')
     block = readme[readme.index('\nA minimal odoo.conf\n'):]
     block = block[block.index('::\n\n') + 4:]
-    lines = [line[4:] for line in block[:block.index('\n\n')].splitlines()]
-    assert lines[0] == '[options]'
-    active = dict(re.fullmatch(r'(\w+) = (.*)', line).groups() for line in lines[1:]
-                  if not line.startswith(';'))
-    commented = dict(re.fullmatch(r'; (\w+) = (.*)', line).groups() for line in lines[1:]
-                     if line.startswith(';'))
-    assert set(active) | set(commented) <= documented_names()
+    block = block[:re.search(r'^\S', block, re.M).start()].rstrip('\n')
+    sections = {}
+    for line in block.splitlines():
+        if line.startswith('    ['):
+            section = sections.setdefault(line.strip()[1:-1], {'active': {}, 'commented': {}})
+        elif line:
+            key = 'commented' if line[4:].startswith(';') else 'active'
+            section[key].update([re.fullmatch(r';? ?(\w+) = (.*)', line[4:]).groups()])
+    assert list(sections) == ['options', 'db_pooling']
+    active, commented = sections['options']['active'], sections['db_pooling']['commented']
+    assert not sections['options']['commented'] and not sections['db_pooling']['active']
+    assert set(active) <= documented_names() - set(NAMES) and set(commented) <= set(NAMES)
     assert 'db_pooling' in active['server_wide_modules'].split(',')
     settings = load_settings(commented.get)
     defaults = {option.name: option.default for option in OPTIONS}
