@@ -19,4 +19,6 @@ Map of the package (one job per module; docs/architecture.rst has the longer ver
 - ``demo``, ``top``, ``check``, ``cli``   the ``odoo-pool`` command
 - ``pytest_plugin`` restores Odoo's server-wide load order under pytest-odoo
 """
-__version__ = '0.1.0'
+# The one version of the distribution (pyproject.toml reads it) and of the addon (its
+# manifest says the same x.y.z; Odoo shows <series>.x.y.z): docs/development.rst.
+__version__ = '1.1.0'

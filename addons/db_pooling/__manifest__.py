@@ -2,6 +2,7 @@
     'name': 'Database Connection Pooling',
     'summary': 'One connection budget for all Odoo workers, fair waiting, idle eviction, '
                'replica routing and TLS: in-process, no PgBouncer needed',
+    # odoo_pool_patch.__version__ (x.y.z; Odoo shows <series>.x.y.z), one manifest for 16-19
     'version': '1.1.0',
     'category': 'Hidden/Tools',
     'author': 'db_pooling developers',

@@ -161,6 +161,24 @@ def test_readme_minimal_conf_says_the_defaults():
         assert value == (budget if name == 'db_pool_max_connections' else defaults[name]), name
 
 
+def manifest():
+    import ast
+    return ast.literal_eval(read('addons/db_pooling/__manifest__.py'))
+
+
+def test_one_version_for_the_distribution_and_the_addon():
+    """odoo_pool_patch.__version__ (x.y.z) is the version: pyproject.toml reads it and the
+    manifest says the same (Odoo prefixes the series)."""
+    from odoo_pool_patch import __version__
+    pyproject = read('pyproject.toml')
+    assert re.fullmatch(r'\d+\.\d+\.\d+', __version__)
+    project = pyproject[pyproject.index('\n[project]\n'):]
+    assert not re.search(r'^version\s*=', project[:project.index('\n[', 1)], re.M)
+    assert re.search(r'^dynamic = \["version"\]$', pyproject, re.M)
+    assert re.search(r'^version = \{attr = "odoo_pool_patch.__version__"\}$', pyproject, re.M)
+    assert manifest()['version'] == __version__
+
+
 def test_wheel_ships_engine_and_addon(tmp_path):
     subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps',
                     '-w', str(tmp_path), ROOT], check=True, capture_output=True)
