@@ -8,6 +8,7 @@ Nothing here imports Odoo: the server runs in its own interpreter.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,12 +53,42 @@ class OdooTree:
     def env(self, extra=None):
         env = dict(os.environ)
         env['PYTHONPATH'] = os.pathsep.join(
-            p for p in (REPO, self.path, env.get('PYTHONPATH')) if p)
+            p for p in (distribution_metadata(), REPO, self.path, env.get('PYTHONPATH')) if p)
         env.update(extra or {})
         return env
 
     def __repr__(self):
         return f'<Odoo {self.series} at {self.path}>'
+
+
+DISTRIBUTION = 'odoo-pool-patch'      # pyproject.toml's name; the manifest's external dependency
+
+
+def distribution_metadata():
+    """A directory holding only this checkout's distribution metadata
+    (``odoo_pool_patch-<version>.dist-info``), first on the ``PYTHONPATH`` of the Odoo servers
+    run from here (before any stale ``*.egg-info`` a build left in the checkout): Odoo then
+    finds the distribution the manifest's ``external_dependencies`` names, as after ``pip
+    install``, while the code still comes from this checkout. It lives in the checkout
+    (``build/``, ignored by git), so that no clone sees another's, and nothing is installed
+    into Odoo's environment. None if it cannot be written: Odoo then imports
+    ``odoo_pool_patch`` instead and logs that it is no distribution."""
+    from . import __version__
+    root = os.path.join(REPO, 'build', 'odoo-path')
+    dist = os.path.join(root, f'{DISTRIBUTION.replace("-", "_")}-{__version__}.dist-info')
+    text = f'Metadata-Version: 2.1\nName: {DISTRIBUTION}\nVersion: {__version__}\n'
+    path = os.path.join(dist, 'METADATA')
+    try:
+        for entry in os.listdir(root) if os.path.isdir(root) else ():
+            if entry.endswith('.dist-info') and os.path.join(root, entry) != dist:
+                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)   # another version
+        os.makedirs(dist, exist_ok=True)
+        with open(f'{path}.{os.getpid()}', 'w') as handle:
+            handle.write(text)
+        os.replace(f'{path}.{os.getpid()}', path)       # whole, for a concurrent run
+    except OSError:
+        return None
+    return root
 
 
 def read_series(path):

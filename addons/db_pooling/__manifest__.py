@@ -12,6 +12,8 @@
     'assets': {
         'web.assets_backend': ['db_pooling/static/src/dashboard/*'],
     },
+    # The distribution (pyproject.toml: odoo-pool-patch) and the package Odoo imports: found
+    # after pip install, and imported from a source checkout on PYTHONPATH.
     'external_dependencies': {'python': ['odoo_pool_patch']},
     # Must be loaded server-wide: --load=base,web,db_pooling
     'post_load': 'post_load',

@@ -179,11 +179,59 @@ def test_one_version_for_the_distribution_and_the_addon():
     assert manifest()['version'] == __version__
 
 
+def test_the_manifest_names_the_distribution():
+    """external_dependencies names the distribution (what Odoo 16-19 look up first, by its
+    normalized name), which is also the package Odoo imports (its fallback)."""
+    from odoo_pool_patch.odoo_runner import DISTRIBUTION
+    name = re.search(r'^name = "([^"]+)"$', read('pyproject.toml'), re.M).group(1)
+    assert name == DISTRIBUTION
+
+    def normalized(text):
+        return re.sub(r'[-_.]+', '-', text).lower()
+    assert [normalized(dep) for dep in manifest()['external_dependencies']['python']] \
+        == [normalized(name)] == [normalized('odoo_pool_patch')]
+
+
+def test_odoo_finds_the_distribution_and_reads_the_version(odoo_tree):
+    """Each Odoo's own check of the manifest's external dependency and version, run by its
+    interpreter with the PYTHONPATH odoo_runner gives the servers of the demo and tests: the
+    distribution is found (no "does not appear to be a valid PyPI package" fallback) and the
+    version reads <series>.x.y.z."""
+    from odoo_pool_patch import __version__
+    from odoo_pool_patch.odoo_runner import distribution_metadata
+    if odoo_tree is None:
+        pytest.skip('no Odoo source tree (ODOO_PATH or /opt/odoo/<series>)')
+    script = (
+        'import ast, logging, sys\n'
+        'logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format="%(levelname)s '
+        '%(message)s")\n'
+        'from odoo.modules import module\n'
+        'manifest = ast.literal_eval(open(sys.argv[1]).read())\n'
+        'for dependency in manifest["external_dependencies"]["python"]:\n'
+        '    module.check_python_external_dependency(dependency)\n'
+        'print("VERSION", module.adapt_version(manifest["version"]))\n'
+        'import importlib.metadata\n'
+        'print("FROM", importlib.metadata.distribution("odoo_pool_patch").locate_file(""))\n')
+    proc = subprocess.run([odoo_tree.python, '-c', script,
+                           os.path.join(ROOT, 'addons/db_pooling/__manifest__.py')],
+                          env=odoo_tree.env(), cwd=odoo_tree.path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f'VERSION {odoo_tree.series}.{__version__}\n' in proc.stdout
+    assert f'FROM {distribution_metadata()}\n' in proc.stdout
+    assert 'does not appear' not in proc.stdout + proc.stderr, proc.stdout
+
+
 def test_wheel_ships_engine_and_addon(tmp_path):
+    from odoo_pool_patch import __version__
     subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps',
                     '-w', str(tmp_path), ROOT], check=True, capture_output=True)
     wheel = next(p for p in os.listdir(tmp_path) if p.endswith('.whl'))
+    assert wheel.startswith(f'odoo_pool_patch-{__version__}-')
     names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    metadata = zipfile.ZipFile(tmp_path / wheel).read(
+        f'odoo_pool_patch-{__version__}.dist-info/METADATA').decode()
+    assert 'Name: odoo-pool-patch\n' in metadata and f'Version: {__version__}\n' in metadata
     assert 'odoo_pool_patch/pool.py' in names
     assert 'odoo/addons/db_pooling/__manifest__.py' in names
     assert 'odoo/addons/db_pooling/controllers/status.py' in names

@@ -51,6 +51,15 @@ def server(odoo_tree, pg, tmp_path_factory):
         srv.stop()
 
 
+def test_installing_the_module_finds_its_python_distribution(server):
+    """The fixture installed db_pooling in a database: Odoo found the distribution the manifest
+    names (odoo_runner puts its metadata on the path), no "not a valid PyPI package" fallback."""
+    uid = server.login(server.db)
+    assert server.execute(server.db, uid, 'admin', 'ir.module.module', 'search_count',
+                          [['name', '=', 'db_pooling'], ['state', '=', 'installed']]) == 1
+    assert 'does not appear' not in server.log()
+
+
 def list_dbs(srv):
     return srv.jsonrpc('db', 'list')
 
