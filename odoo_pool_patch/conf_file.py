@@ -29,6 +29,7 @@ import os
 from . import tls
 from .errors import ConfigError
 from .options import OPTION_NAMES
+from .stock_options import STOCK_OPTIONS
 
 SECTION = 'db_pooling'
 # What the section takes: our options and the TLS settings stock Odoo does not know
@@ -61,7 +62,6 @@ def read_file(path):
 
 
 def _unknown(name, path):
-    from .conf_example import STOCK_OPTIONS
     if name in {option.name for option in STOCK_OPTIONS}:
         return (f'{name} in [{SECTION}] of {path} is an Odoo option, which Odoo reads from '
                 f'[options] only: move it there.')

@@ -437,23 +437,3 @@ def format_value(value):
     if isinstance(value, tuple):
         return ','.join(':'.join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value)
     return str(value)
-
-
-def example_section():
-    """The whole odoo.conf.example, from the code (so docs cannot drift): see conf_example."""
-    from .conf_example import example_file
-    return example_file()
-
-
-if __name__ == '__main__':       # python -m odoo_pool_patch.options > odoo.conf.example
-    import sys
-    from .conf_example import reference_rst, write_reference
-    if sys.argv[1:2] == ['--reference-into'] and len(sys.argv) == 3:
-        write_reference(sys.argv[2])      # docs/configuration.rst
-    elif sys.argv[1:] == ['--reference']:
-        print(reference_rst(), end='')
-    elif sys.argv[1:]:
-        sys.exit('usage: python -m odoo_pool_patch.options [--reference | --reference-into '
-                 'docs/configuration.rst]')
-    else:
-        print(example_section(), end='')

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from odoo_pool_patch import tls
-from odoo_pool_patch.conf_example import STOCK_OPTIONS
+from odoo_pool_patch.stock_options import STOCK_OPTIONS
 from odoo_pool_patch.embedded_pg import Cluster, free_port
 from odoo_pool_patch.options import OPTION_NAMES
 

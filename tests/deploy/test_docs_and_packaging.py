@@ -8,7 +8,8 @@ import zipfile
 import pytest
 
 from odoo_pool_patch.conf_example import documented_names
-from odoo_pool_patch.options import OPTION_NAMES, example_section
+from odoo_pool_patch.conf_example import example_file
+from odoo_pool_patch.options import OPTION_NAMES
 
 from testkit import FOLDER_MARKERS, ROOT
 
@@ -51,7 +52,7 @@ CODE_THAT_STARTS_ODOO = ('odoo_runner.py', 'demo.py', 'embedded_pg.py')
 
 def test_odoo_conf_example_lists_exactly_the_options_read():
     example = read('odoo.conf.example')
-    assert example == example_section()   # regenerate: python -m odoo_pool_patch.options > odoo.conf.example
+    assert example == example_file()   # regenerate: python -m odoo_pool_patch.conf_example > odoo.conf.example
     # an option line is "[; ]name = [one-word value]" (doc text may say "name = value, ...")
     listed = set(re.findall(r'^;? ?(\w+) =(?: \S*)?$', example, re.M))
     assert listed == documented_names()
@@ -59,7 +60,7 @@ def test_odoo_conf_example_lists_exactly_the_options_read():
     read_in_code = options_read_in_code()
     assert {'db_pool_wait_timeout', 'db_maxconn', 'workers'} <= read_in_code   # the scan works
     assert read_in_code <= listed, 'read by the code but not in odoo.conf.example (add them ' \
-        'to conf_example.STOCK_OPTIONS or options.OPTIONS)'
+        'to stock_options.STOCK_OPTIONS or options.OPTIONS)'
 
 
 def test_every_option_has_a_group_and_docs_have_the_generated_reference():
@@ -71,12 +72,12 @@ def test_every_option_has_a_group_and_docs_have_the_generated_reference():
     assert group_of('db_pool_some_new_knob') == 'pool'
     with pytest.raises(ValueError, match='GROUP_PREFIXES'):
         group_of('unrelated_option')
-    # regenerate: python -m odoo_pool_patch.options --reference-into docs/configuration.rst
+    # regenerate: python -m odoo_pool_patch.conf_example --reference-into docs/configuration.rst
     assert read('docs/configuration.rst').endswith(reference_rst())
 
 
 def test_stock_options_documented_are_odoo_options():
-    from odoo_pool_patch.conf_example import STOCK_OPTIONS
+    from odoo_pool_patch.stock_options import STOCK_OPTIONS
     from odoo_pool_patch.odoo_runner import available_trees
     trees = [tree for tree in available_trees()[0] if tree.major >= 18]
     if not trees:
