@@ -176,7 +176,7 @@ def stock_pool_class(no_odoo=False):
         from odoo import release, sql_db
         return sql_db.ConnectionPool, release.serie
     except ImportError:
-        from odoo_pool_patch.odoo_runner import available_trees
+        from odoo_pool_patch.devtools.odoo_runner import available_trees
         trees, _ = available_trees()
         if not trees or os.environ.get('DBPOOL_BENCH_REEXEC'):
             return None, None
@@ -247,7 +247,7 @@ def report_rounds(columns, results, rounds):
 def odoo_tree(path=None):
     """(tree, why not): the Odoo tree a benchmark runs on: ``path`` (--odoo), else
     ODOO_PATH, else the newest /opt/odoo tree; (None, reason) when there is none."""
-    from odoo_pool_patch.odoo_runner import available_trees, find_odoo
+    from odoo_pool_patch.devtools.odoo_runner import available_trees, find_odoo
     if path:
         return find_odoo(path), ''
     trees, why_not = available_trees()

@@ -47,10 +47,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import odoo_tree, print_table, write_json  # noqa: E402
-from odoo_pool_patch.demo import error_kind, odoo_databases  # noqa: E402
-from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
-from odoo_pool_patch.embedded_pgbouncer import PgBouncer  # noqa: E402
-from odoo_pool_patch.odoo_runner import OdooServer  # noqa: E402
+from odoo_pool_patch.devtools.demo import error_kind, odoo_databases  # noqa: E402
+from odoo_pool_patch.devtools.embedded_pg import Cluster  # noqa: E402
+from odoo_pool_patch.devtools.embedded_pgbouncer import PgBouncer  # noqa: E402
+from odoo_pool_patch.devtools.odoo_runner import OdooServer  # noqa: E402
 
 import psycopg2  # noqa: E402
 

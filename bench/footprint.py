@@ -33,9 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._common import (ServerCounters, interleaved, latency_figures,  # noqa: E402
                            merge_rounds, print_table, percentile, sessions_opened, stock_pool_class,
                            write_json)
-from odoo_pool_patch.embedded_pgbouncer import PgBouncer  # noqa: E402
-from odoo_pool_patch import demo  # noqa: E402
-from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
+from odoo_pool_patch.devtools.embedded_pgbouncer import PgBouncer  # noqa: E402
+from odoo_pool_patch.devtools import demo  # noqa: E402
+from odoo_pool_patch.devtools.embedded_pg import Cluster  # noqa: E402
 from odoo_pool_patch.options import Settings  # noqa: E402
 
 COLUMNS = [('arm', 'arm', ''), ('peak', 'peak', 'd'), ('mean', 'mean', '.1f'),

@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 from odoo_pool_patch import shared_state as ss  # noqa: E402
 from odoo_pool_patch.budget import SharedBudget  # noqa: E402
 from odoo_pool_patch.exchange import attach as attach_exchange  # noqa: E402
-from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
+from odoo_pool_patch.devtools.embedded_pg import Cluster  # noqa: E402
 from odoo_pool_patch.options import Settings  # noqa: E402
 from odoo_pool_patch.pool import ConnectionPool  # noqa: E402
 
@@ -77,7 +77,7 @@ def main(argv=None):
             from odoo import release, sql_db
             stock_class, series = sql_db.ConnectionPool, release.serie
         except ImportError:
-            from odoo_pool_patch.odoo_runner import available_trees
+            from odoo_pool_patch.devtools.odoo_runner import available_trees
             trees, _ = available_trees()
             if trees:       # re-run under the newest Odoo's interpreter, same arguments
                 tree = trees[-1]

@@ -34,10 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._common import (CpuMeter, ServerCounters, interleaved, latency_figures,  # noqa: E402
                            odoo_tree, postmaster_pid, report_rounds, sessions_opened,
                            write_json)
-from odoo_pool_patch.embedded_pgbouncer import PgBouncer  # noqa: E402
-from odoo_pool_patch.demo import _drive_odoo, odoo_databases  # noqa: E402
-from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
-from odoo_pool_patch.odoo_runner import OdooServer  # noqa: E402
+from odoo_pool_patch.devtools.embedded_pgbouncer import PgBouncer  # noqa: E402
+from odoo_pool_patch.devtools.demo import _drive_odoo, odoo_databases  # noqa: E402
+from odoo_pool_patch.devtools.embedded_pg import Cluster  # noqa: E402
+from odoo_pool_patch.devtools.odoo_runner import OdooServer  # noqa: E402
 
 ARMS = ('stock', 'db_pooling', 'pgbouncer')
 # More db_pooling arms, on demand (--arms): odoo.conf options on top of the defaults;

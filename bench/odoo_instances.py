@@ -41,10 +41,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import (CpuMeter, ServerCounters, interleaved, latency_figures,  # noqa: E402
                            odoo_tree, postmaster_pid, report_rounds, write_json)
-from odoo_pool_patch.demo import error_kind, odoo_databases  # noqa: E402
-from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
-from odoo_pool_patch.embedded_pgbouncer import PgBouncer  # noqa: E402
-from odoo_pool_patch.odoo_runner import OdooServer  # noqa: E402
+from odoo_pool_patch.devtools.demo import error_kind, odoo_databases  # noqa: E402
+from odoo_pool_patch.devtools.embedded_pg import Cluster  # noqa: E402
+from odoo_pool_patch.devtools.embedded_pgbouncer import PgBouncer  # noqa: E402
+from odoo_pool_patch.devtools.odoo_runner import OdooServer  # noqa: E402
 
 ARMS = ('stock', 'db_pooling', 'pgbouncer')
 COLUMNS = [('arm', 'arm', ''), ('peak', 'peak', 'd'), ('mean', 'mean', '.1f'),

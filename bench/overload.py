@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._common import print_table, stock_pool_class, write_json  # noqa: E402
 from bench.footprint import (STOCK_POLICY, interleaved_arms, measure, servers,  # noqa: E402
                              stock_factory)
-from odoo_pool_patch import demo  # noqa: E402
+from odoo_pool_patch.devtools import demo  # noqa: E402
 from odoo_pool_patch.options import Settings  # noqa: E402
 
 COLUMNS = [('arm', 'arm', ''), ('per_s', 'tx/s', '.1f'), ('errors', 'errors', 'd'),

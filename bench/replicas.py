@@ -42,8 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import footprint  # noqa: E402
 from bench._common import (ServerCounters, latency_figures, merge_rounds,  # noqa: E402
                            print_table, stock_pool_class, write_json)
-from odoo_pool_patch.demo import APP, error_kind  # noqa: E402
-from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
+from odoo_pool_patch.devtools.demo import APP, error_kind  # noqa: E402
+from odoo_pool_patch.devtools.embedded_pg import Cluster  # noqa: E402
 from odoo_pool_patch.options import Settings  # noqa: E402
 from odoo_pool_patch.pool import ConnectionPool  # noqa: E402
 

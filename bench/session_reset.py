@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 import psycopg2.extensions  # noqa: E402
 
 from odoo_pool_patch import session_state  # noqa: E402
-from odoo_pool_patch.embedded_pg import Cluster  # noqa: E402
+from odoo_pool_patch.devtools.embedded_pg import Cluster  # noqa: E402
 from odoo_pool_patch.options import Settings  # noqa: E402
 from odoo_pool_patch.pool import ConnectionPool  # noqa: E402
 

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from odoo_pool_patch.embedded_pg import Cluster
+from odoo_pool_patch.devtools.embedded_pg import Cluster
 from testkit import FOLDER_MARKERS, NO_ODOO, ODOO_TREES
 
 DATABASES = ('db1', 'db2', 'db3')
@@ -33,7 +33,7 @@ def pg():
 def pki(tmp_path_factory):
     """A throw-away CA, a server certificate for localhost and a client one for odoo."""
     import shutil
-    from odoo_pool_patch.embedded_pg import ThrowawayPKI
+    from odoo_pool_patch.devtools.embedded_pg import ThrowawayPKI
     if not shutil.which('openssl'):
         pytest.skip('openssl not installed')
     directory = tmp_path_factory.mktemp('pki')
@@ -110,7 +110,7 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope='session')
 def bouncer(pg):
     """A PgBouncer in transaction mode in front of ``pg`` (skips when not installed)."""
-    from odoo_pool_patch.embedded_pgbouncer import PgBouncer, find_pgbouncer
+    from odoo_pool_patch.devtools.embedded_pgbouncer import PgBouncer, find_pgbouncer
     if find_pgbouncer() is None:
         pytest.skip('pgbouncer is not installed (apt-get install pgbouncer; .ci/run does it as root)')
     server = PgBouncer(pg).start()

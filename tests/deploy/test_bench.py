@@ -12,7 +12,7 @@ from testkit import ROOT
 
 sys.path.insert(0, ROOT)
 
-from odoo_pool_patch.embedded_pgbouncer import PgBouncer  # noqa: E402
+from odoo_pool_patch.devtools.embedded_pgbouncer import PgBouncer  # noqa: E402
 
 
 def test_pgbouncer_helper_pools_transactions(pg, app):
@@ -79,7 +79,7 @@ def test_chaos_bench_on_real_odoo_loses_nothing_and_rides_out_restarts(tmp_path)
     """bench/chaos.py, db_pooling arm only, shortened: every acknowledged record is found
     once in its own database, and no request that began after PostgreSQL came back
     (from a fast restart, from a 2 s stop) fails."""
-    from odoo_pool_patch.odoo_runner import available_trees
+    from odoo_pool_patch.devtools.odoo_runner import available_trees
     trees, why_not = available_trees()
     if not trees:
         pytest.skip(f'needs Odoo: {why_not}')
@@ -102,7 +102,7 @@ def test_instances_bench_holds_one_budget_for_several_odoo_instances(tmp_path):
     """bench/odoo_instances.py, db_pooling arm only, shortened: two real Odoo instances
     with one budget of 6 serve the web client's load without an error and never hold
     more server connections together than that budget."""
-    from odoo_pool_patch.odoo_runner import available_trees
+    from odoo_pool_patch.devtools.odoo_runner import available_trees
     trees, why_not = available_trees()
     if not trees:
         pytest.skip(f'needs Odoo: {why_not}')

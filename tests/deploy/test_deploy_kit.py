@@ -21,7 +21,7 @@ import yaml
 
 from odoo_pool_patch import tls
 from odoo_pool_patch.stock_options import STOCK_OPTIONS
-from odoo_pool_patch.embedded_pg import Cluster, free_port
+from odoo_pool_patch.devtools.embedded_pg import Cluster, free_port
 from odoo_pool_patch.options import OPTION_NAMES
 
 from testkit import ROOT
@@ -35,7 +35,7 @@ def as_server_user(cmd):
 
 def run_script(path, cwd, user=SERVER_USER, timeout=180, **env):
     """Run one of docker/'s scripts with only ``env`` (plus PATH with the server binaries)."""
-    from odoo_pool_patch.embedded_pg import find_bindir
+    from odoo_pool_patch.devtools.embedded_pg import find_bindir
     environment = {'PATH': find_bindir() + ':/usr/sbin:/usr/bin:/sbin:/bin', 'LC_ALL': 'C'}
     environment.update(env)
     cmd = [os.path.join(DOCKER, path)]
@@ -246,7 +246,7 @@ def test_pip_installed_package_loads_in_odoo_without_addons_path(pg, tmp_path):
     """What docker/Dockerfile does: pip install the repository (--no-deps) next to Odoo; Odoo
     then loads db_pooling server-wide from site-packages (odoo.addons namespace), with no
     addons_path entry and without the repository on the path."""
-    from odoo_pool_patch.odoo_runner import OdooServer, available_trees
+    from odoo_pool_patch.devtools.odoo_runner import OdooServer, available_trees
     trees = [tree for tree in available_trees()[0] if tree.major == 18]   # the image's series
     if not trees:
         pytest.skip('no Odoo 18 tree found (ODOO_PATH or /opt/odoo/18.0)')

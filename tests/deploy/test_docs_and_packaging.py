@@ -78,7 +78,7 @@ def test_every_option_has_a_group_and_docs_have_the_generated_reference():
 
 def test_stock_options_documented_are_odoo_options():
     from odoo_pool_patch.stock_options import STOCK_OPTIONS
-    from odoo_pool_patch.odoo_runner import available_trees
+    from odoo_pool_patch.devtools.odoo_runner import available_trees
     trees = [tree for tree in available_trees()[0] if tree.major >= 18]
     if not trees:
         pytest.skip('no Odoo 18+ tree found (ODOO_PATH or /opt/odoo/<series>)')
@@ -183,7 +183,7 @@ def test_one_version_for_the_distribution_and_the_addon():
 def test_the_manifest_names_the_distribution():
     """external_dependencies names the distribution (what Odoo 16-19 look up first, by its
     normalized name), which is also the package Odoo imports (its fallback)."""
-    from odoo_pool_patch.odoo_runner import DISTRIBUTION
+    from odoo_pool_patch.devtools.odoo_runner import DISTRIBUTION
     name = re.search(r'^name = "([^"]+)"$', read('pyproject.toml'), re.M).group(1)
     assert name == DISTRIBUTION
 
@@ -199,7 +199,7 @@ def test_odoo_finds_the_distribution_and_reads_the_version(odoo_tree):
     distribution is found (no "does not appear to be a valid PyPI package" fallback) and the
     version reads <series>.x.y.z."""
     from odoo_pool_patch import __version__
-    from odoo_pool_patch.odoo_runner import distribution_metadata
+    from odoo_pool_patch.devtools.odoo_runner import distribution_metadata
     if odoo_tree is None:
         pytest.skip('no Odoo source tree (ODOO_PATH or /opt/odoo/<series>)')
     script = (
@@ -233,7 +233,10 @@ def test_wheel_ships_engine_and_addon(tmp_path):
     metadata = zipfile.ZipFile(tmp_path / wheel).read(
         f'odoo_pool_patch-{__version__}.dist-info/METADATA').decode()
     assert 'Name: odoo-pool-patch\n' in metadata and f'Version: {__version__}\n' in metadata
-    assert 'odoo_pool_patch/pool.py' in names
+    engine = os.path.join(ROOT, 'odoo_pool_patch')
+    modules = {os.path.relpath(os.path.join(where, name), ROOT)
+               for where, _, files in os.walk(engine) for name in files if name.endswith('.py')}
+    assert modules and modules <= set(names), modules - set(names)   # subpackages included
     assert 'odoo/addons/db_pooling/__manifest__.py' in names
     assert 'odoo/addons/db_pooling/controllers/status.py' in names
     assert 'odoo/addons/db_pooling/views/dashboard_views.xml' in names
@@ -279,7 +282,7 @@ def test_architecture_page_names_every_engine_module():
     engine = os.path.join(ROOT, 'odoo_pool_patch')
     for where, _, names in os.walk(engine):
         for name in sorted(names):
-            if name.endswith('.py') and name != '__init__.py':
+            if name.endswith('.py') and name not in ('__init__.py', '__main__.py'):
                 path = os.path.relpath(os.path.join(where, name), engine)
                 assert f'``{path}``' in page, f'docs/architecture.rst: add {path} to the module map'
 
@@ -295,3 +298,15 @@ def test_every_test_module_is_in_a_folder_that_is_a_registered_marker():
               if name.startswith('test_') and name.endswith('.py')
               and os.path.relpath(where, tests).split(os.sep)[0] not in FOLDER_MARKERS]
     assert not strays, f'test modules outside the marker folders {FOLDER_MARKERS}: {strays}'
+
+
+def test_package_map_names_every_module():
+    """odoo_pool_patch/__init__.py's map names every module (docs/architecture.rst has
+    the longer map, see test_architecture_page_names_every_engine_module)."""
+    import odoo_pool_patch
+    engine = os.path.join(ROOT, 'odoo_pool_patch')
+    for where, _, names in os.walk(engine):
+        for name in names:
+            if name.endswith('.py') and name not in ('__init__.py', '__main__.py'):
+                assert f'``{name[:-3]}``' in odoo_pool_patch.__doc__, \
+                    f'odoo_pool_patch/__init__.py: add {name[:-3]} to the map'

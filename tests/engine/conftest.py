@@ -1,7 +1,7 @@
 """Fixtures of the single-process tests."""
 import pytest
 
-from odoo_pool_patch.embedded_pg import Cluster
+from odoo_pool_patch.devtools.embedded_pg import Cluster
 
 
 @pytest.fixture(scope='module')

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from odoo_pool_patch.embedded_pg import Cluster, free_port
-from odoo_pool_patch.odoo_runner import conf_text
+from odoo_pool_patch.devtools.embedded_pg import Cluster, free_port
+from odoo_pool_patch.devtools.odoo_runner import conf_text
 
 
 def check(tmp_path, pooling_section='db_pooling', sections=None, **options):

@@ -5,7 +5,7 @@ import time
 import psycopg2
 import pytest
 
-from odoo_pool_patch.embedded_pg import Cluster
+from odoo_pool_patch.devtools.embedded_pg import Cluster
 from odoo_pool_patch.errors import ConfigError
 from odoo_pool_patch.observability.metrics import render_servers
 from odoo_pool_patch.options import Settings, load_settings

@@ -6,7 +6,7 @@ import psycopg2
 import pytest
 
 from odoo_pool_patch import tls
-from odoo_pool_patch.embedded_pg import Cluster, ThrowawayPKI
+from odoo_pool_patch.devtools.embedded_pg import Cluster, ThrowawayPKI
 from odoo_pool_patch.pool import ConnectionPool
 
 from testkit import client_info

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from odoo_pool_patch import shared_state as ss
-from odoo_pool_patch.odoo_runner import OdooServer
+from odoo_pool_patch.devtools.odoo_runner import OdooServer
 
 from testkit import requires_odoo
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from odoo_pool_patch.odoo_runner import OdooServer
+from odoo_pool_patch.devtools.odoo_runner import OdooServer
 
 from testkit import notify_through, ODOO_TREES, requires_odoo
 

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from odoo_pool_patch.odoo_runner import OdooServer
+from odoo_pool_patch.devtools.odoo_runner import OdooServer
 
 from testkit import requires_odoo
 

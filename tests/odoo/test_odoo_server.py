@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from odoo_pool_patch.odoo_runner import OdooServer
+from odoo_pool_patch.devtools.odoo_runner import OdooServer
 
 from testkit import ROOT, requires_odoo
 
@@ -350,7 +350,7 @@ def test_addon_tests_pass_in_odoo_with_pytest_odoo(server, odoo_tree, tmp_path):
     conf = server.write_config()
     proc = subprocess.run(
         [odoo_tree.python, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-         '-p', 'odoo_pool_patch.pytest_plugin',
+         '-p', 'odoo_pool_patch.devtools.pytest_plugin',
          f'--odoo-config={conf}', f'--odoo-database={server.db}', '--odoo-http', ADDON_TESTS],
         env=odoo_tree.env(), cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
     failures = proc.stdout.find('= FAILURES =')
@@ -485,7 +485,7 @@ def test_shared_budget_with_8_workers_on_6_databases(odoo_tree, pg, tmp_path):
 def test_backup_and_restore_against_a_tls_only_server(odoo_tree, tmp_path, pki):
     """verify-full with a private CA and a client certificate, all from odoo.conf: Odoo's
     cursors and its pg_dump/psql for backup and restore all get through."""
-    from odoo_pool_patch.embedded_pg import Cluster, find_bindir
+    from odoo_pool_patch.devtools.embedded_pg import Cluster, find_bindir
     os.chmod(tmp_path, 0o755)
     cluster = Cluster('tls-odoo').init().start()
     try:

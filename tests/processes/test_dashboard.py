@@ -100,7 +100,7 @@ def test_activity_marks_our_connections_by_application_name(pg, state):
 
 
 def test_database_server_down_is_reported_and_the_rest_still_served(state):
-    from odoo_pool_patch.embedded_pg import free_port
+    from odoo_pool_patch.devtools.embedded_pg import free_port
     port = free_port()
 
     def activity(our_pids):

@@ -7,7 +7,7 @@ import threading
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from odoo_pool_patch import top
+from odoo_pool_patch.cli import top
 from odoo_pool_patch.observability import dashboard, metrics
 
 from testkit.peers import master, parked, peer, pool_factory

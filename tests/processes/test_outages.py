@@ -9,7 +9,7 @@ import pytest
 
 from odoo_pool_patch import shared_state as ss
 from odoo_pool_patch.budget import SharedBudget
-from odoo_pool_patch.embedded_pg import Cluster
+from odoo_pool_patch.devtools.embedded_pg import Cluster
 from odoo_pool_patch.options import Settings
 from odoo_pool_patch.outage import OutageTimeout
 from odoo_pool_patch.pool import ConnectionPool, is_dead

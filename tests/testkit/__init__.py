@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from odoo_pool_patch.odoo_runner import available_trees
+from odoo_pool_patch.devtools.odoo_runner import available_trees
 
 FOLDER_MARKERS = ('engine', 'processes', 'odoo', 'deploy')   # the folders above
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -7,9 +7,9 @@
 import sys
 
 COMMANDS = {
-    'demo': ('odoo_pool_patch.demo', 'run the demo: stock policy against db_pooling, side by side'),
-    'top': ('odoo_pool_patch.top', 'live connection figures of a running instance'),
-    'check': ('odoo_pool_patch.check', 'validate an odoo.conf without starting Odoo'),
+    'demo': ('odoo_pool_patch.devtools.demo', 'run the demo: stock policy against db_pooling, side by side'),
+    'top': ('odoo_pool_patch.cli.top', 'live connection figures of a running instance'),
+    'check': ('odoo_pool_patch.cli.check', 'validate an odoo.conf without starting Odoo'),
 }
 
 
@@ -31,6 +31,3 @@ def main(argv=None):
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv[1:])
 
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -17,10 +17,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from .conf_file import NAMES, SECTION
+from ..conf_file import NAMES, SECTION
 from .embedded_pg import free_port
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the checkout
 ADDONS = os.path.join(REPO, 'addons')
 
 
@@ -73,7 +73,7 @@ def distribution_metadata():
     (``build/``, ignored by git), so that no clone sees another's, and nothing is installed
     into Odoo's environment. None if it cannot be written: Odoo then imports
     ``odoo_pool_patch`` instead and logs that it is no distribution."""
-    from . import __version__
+    from .. import __version__
     root = os.path.join(REPO, 'build', 'odoo-path')
     dist = os.path.join(root, f'{DISTRIBUTION.replace("-", "_")}-{__version__}.dist-info')
     text = f'Metadata-Version: 2.1\nName: {DISTRIBUTION}\nVersion: {__version__}\n'

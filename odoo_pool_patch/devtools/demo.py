@@ -25,8 +25,8 @@ import threading
 import time
 
 from .embedded_pg import Cluster
-from .options import Settings
-from .pool import ConnectionPool
+from ..options import Settings
+from ..pool import ConnectionPool
 
 APP = 'odoo-demo'
 
@@ -104,9 +104,9 @@ def ours(settings, budget_spec=None, maxconn=64):
         """In the parent, before the workers fork (as Odoo's master in post_load): the
         shared budget and its exchange, whose parking queues the workers inherit.
         Returns what ends them after the arm."""
-        from .budget import SharedBudget
-        from .shared_state import SharedState
-        from .exchange import attach
+        from ..budget import SharedBudget
+        from ..shared_state import SharedState
+        from ..exchange import attach
         budget = SharedBudget(SharedState(budget_spec[0]), budget_spec[1], min_idle=1,
                               role='master')
         attach(budget, settings)
