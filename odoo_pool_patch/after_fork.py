@@ -32,6 +32,25 @@ ORDER = ('shared_state', 'budget', 'parking', 'outage', 'replica_health', 'maint
 _steps = {}
 
 
+def identity(fd):
+    """What ``fd`` is open on (device, inode), to be told apart from whatever the number
+    is given to once it is closed."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def close_inherited(fd, was):
+    """In a forked child: close our copy of ``fd`` if it is still what it was when noted
+    (``was``, from :func:`identity`). A thread of the parent may have closed that number
+    and another file taken it just before the fork (a pipe the forking thread made), and
+    that one is not ours to close."""
+    try:
+        if identity(fd) == was:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 def register(name, step):
     """Run ``step()`` in every forked child, at ``name``'s place in :data:`ORDER`."""
     if name not in ORDER:

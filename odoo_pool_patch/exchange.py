@@ -92,7 +92,7 @@ import psycopg2.extensions
 
 from . import faults
 from . import shared_state as ss
-from .parking import IN_FLIGHT, Parking, recv_fds
+from .parking import IN_FLIGHT, Parking, mark_in_flight, recv_fds
 from .session_tracking import restore_characteristics, shell_class
 
 _logger = logging.getLogger('odoo.sql_db.pool')
@@ -406,7 +406,7 @@ class IdleExchange:
             # Our libpq is pointed at /dev/null while the session is away: it cannot
             # drive it, whatever happens here; it gets it back if the taker does not.
             fd = os.dup(cnx.fileno())
-            IN_FLIGHT[fd] = None
+            mark_in_flight(fd)
             neutralize(cnx)
             self.budget.promise(serial)         # token +s, before the descriptor leaves
             promised = True

@@ -70,18 +70,20 @@ _ONE_FD = socket.CMSG_LEN(4)
 
 
 # Descriptors of sessions on their way between processes (a copy being sent, one just
-# received), by this process: a child forked meanwhile closes its copies, which would
-# otherwise keep such a session open after its owner is gone. Marked before use,
-# unmarked before being closed (never a closed number in here).
+# received), by this process, with what each is open on (after_fork.identity): a child
+# forked meanwhile closes its copies, which would otherwise keep such a session open
+# after its owner is gone, and only those (see after_fork.close_inherited). Marked
+# before use, unmarked before being closed.
 IN_FLIGHT = {}
 
 
+def mark_in_flight(fd):
+    IN_FLIGHT[fd] = after_fork.identity(fd)
+
+
 def _close_in_flight_after_fork():
-    for fd in list(IN_FLIGHT):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    for fd, was in list(IN_FLIGHT.items()):
+        after_fork.close_inherited(fd, was)
     IN_FLIGHT.clear()
 
 
@@ -97,7 +99,7 @@ def recv_fds(sock, size, flags=0):
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.extend(struct.unpack(f'{len(data) // 4}i', data[:len(data) - len(data) % 4]))
     for fd in fds:
-        IN_FLIGHT[fd] = None
+        mark_in_flight(fd)
     return message, fds
 
 

@@ -100,7 +100,7 @@ from .exchange import gss_in_use, neutralize, offerable, session_meta
 from .tls import explain_failure, record as record_tls
 from .backend_exit import exited, finished, wait_exited
 from .outage import OutageTimeout, opened_before_restart, outages_for, server_of
-from .parking import IN_FLIGHT
+from .parking import IN_FLIGHT, mark_in_flight
 from . import faults
 from . import maintenance
 
@@ -318,7 +318,7 @@ class ConnectionPool:
         self._lent = set()           # lent to another process, in flight (see lend_idle)
         self._opening = 0            # slots reserved by borrowers that are connecting
         self._closing = 0            # slots of connections whose backend is exiting
-        self._exiting = []           # [dup fd, give-up deadline, shed] per closing connection
+        self._exiting = []           # [dup fd, give-up deadline, shed, what the fd is open on]
         self._app_names = {}         # dsn key -> its application_name ('' if none)
         self._name_sqls = {}         # (name, standard_conforming_strings) -> 'SET application_name = ...; '
         self._waiters = collections.deque()
@@ -564,7 +564,7 @@ class ConnectionPool:
                     # Our libpq is pointed at /dev/null before the socket leaves: whatever
                     # happens next (an exception, a close), it cannot drive a parked session.
                     fd = os.dup(cnx.fileno())
-                    IN_FLIGHT[fd] = None
+                    mark_in_flight(fd)
                     try:
                         neutralize(cnx)
                         exchange.parking.park(cnx._dbp_khash, fd, meta, sent)
@@ -866,7 +866,7 @@ class ConnectionPool:
                     fds.remove(fd)     # exited: its slot is freed below with the others
         with self._lock:
             # Slots without a socket to watch (closed already) are free now.
-            self._exiting.extend([fd, deadline, 0] for fd in fds)
+            self._exiting.extend([fd, deadline, 0, after_fork.identity(fd)] for fd in fds)
             for entry in self._exiting[len(self._exiting) - len(fds):][:shed]:
                 entry[2] = 1            # a slot claimed for another process's waiter
             self._free_slots_locked(len(connections) - len(fds), max(shed - len(fds), 0))
@@ -1435,7 +1435,7 @@ class ConnectionPool:
         self._idle, self._n_idle, self._used = {}, 0, {}
         self._opening = self._closing = 0
         for entry in self._exiting:
-            os.close(entry[0])
+            after_fork.close_inherited(entry[0], entry[3])
         self._exiting = []
         self._waiters = collections.deque()
         self._budget_waits = {}

@@ -103,3 +103,46 @@ def test_a_child_forked_while_a_thread_holds_a_lock_of_the_parent_can_take_it(
     finally:
         router.stop()
         ACTIVE.clear()
+
+
+def is_open(fd):
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize('registry', ['in flight', 'exiting'])
+def test_a_child_closes_the_parent_s_session_copies_and_nothing_that_took_their_number(
+        pools, info, registry):
+    """The parent's thread may close a noted descriptor (a session on its way to another
+    process, a closed connection's watch on its backend) just before another thread makes
+    a pipe and forks: the pipe gets the number, and the child must not close it. A
+    noted descriptor still open is closed in the child (else the session outlives its
+    owner)."""
+    from time import monotonic
+    from odoo_pool_patch.parking import IN_FLIGHT, mark_in_flight
+    pool = pools(2)
+    cnx = pool.borrow(info())
+    live, gone = os.dup(cnx.fileno()), os.dup(cnx.fileno())
+    notes = {'in flight': lambda fd: mark_in_flight(fd),
+             'exiting': lambda fd: pool._exiting.append(
+                 [fd, monotonic() + 60, 0, after_fork.identity(fd)])}[registry]
+    notes(live)
+    notes(gone)
+    os.close(gone)                      # closed by the parent, still noted
+    read_end, write_end = os.pipe()     # ... and its number given to a pipe
+    try:
+        assert gone in (read_end, write_end)
+        session = after_fork.identity(live)
+        pid, pipe = fork(lambda: [is_open(live) and after_fork.identity(live) == session,
+                                  is_open(read_end), is_open(write_end)])
+        assert collect(pid, pipe) == [False, True, True]   # (the number may be reused)
+    finally:
+        for fd in (read_end, write_end, live):
+            os.close(fd)
+        IN_FLIGHT.pop(live, None)
+        IN_FLIGHT.pop(gone, None)
+        pool._exiting[:] = [e for e in pool._exiting if e[0] not in (live, gone)]
+        pool.give_back(cnx)

@@ -8,17 +8,19 @@ def fork(function, *args):
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:                                 # pragma: no cover - child
-        os.close(read_end)
         code = 0
-        try:
+        try:                                     # (never out of here: it would run pytest on)
+            os.close(read_end)
             result = function(*args)
             os.write(write_end, json.dumps(result).encode())
         except BaseException as exc:             # noqa: BLE001 - reported to the parent
             os.write(write_end, json.dumps({'error': repr(exc)}).encode())
             code = 1
         finally:
-            os.close(write_end)
-            os._exit(code)
+            try:
+                os.close(write_end)
+            finally:
+                os._exit(code)
     os.close(write_end)
     return pid, read_end
 
