@@ -25,6 +25,7 @@ worse than a child with one step failed and said.
 """
 import logging
 import os
+import traceback
 
 _logger = logging.getLogger('odoo.sql_db')
 
@@ -34,8 +35,11 @@ _steps = {}
 
 def identity(fd):
     """What ``fd`` is open on (device, inode), to be told apart from whatever the number
-    is given to once it is closed."""
-    st = os.fstat(fd)
+    is given to once it is closed; None if it is not open."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
     return st.st_dev, st.st_ino
 
 
@@ -44,11 +48,24 @@ def close_inherited(fd, was):
     (``was``, from :func:`identity`). A thread of the parent may have closed that number
     and another file taken it just before the fork (a pipe the forking thread made), and
     that one is not ours to close."""
-    try:
-        if identity(fd) == was:
+    if was is not None and identity(fd) == was:
+        try:
             os.close(fd)
-    except OSError:
-        pass
+        except OSError:
+            pass
+
+
+def each(items, reset):
+    """``reset(item)`` for every item, all of them even if one raises (the first error is
+    raised at the end, for :func:`run_in_child` to say)."""
+    error = None
+    for item in list(items):
+        try:
+            reset(item)
+        except Exception as exc:            # noqa: BLE001 - raised below
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 def register(name, step):
@@ -59,6 +76,7 @@ def register(name, step):
 
 
 def run_in_child():
+    failed = []
     for name in ORDER:
         step = _steps.get(name)
         if step is None:
@@ -66,7 +84,15 @@ def run_in_child():
         try:
             step()
         except Exception:                   # noqa: BLE001 - see the module docstring
-            _logger.exception('db_pooling: resetting %s in a forked child failed', name)
+            failed.append((name, traceback.format_exc()))
+    # Said once every step ran: a handler may borrow a connection (Odoo's --log-db), which
+    # must not happen from pools not reset yet; with the pools' step failed, not at all.
+    for name, text in failed:
+        message = f'db_pooling: resetting {name} in a forked child failed\n{text}'
+        if any(step == 'pool' for step, _ in failed):
+            os.write(2, message.encode(errors='replace'))
+        else:
+            _logger.error(message)
 
 
 os.register_at_fork(after_in_child=run_in_child)

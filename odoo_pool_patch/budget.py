@@ -336,8 +336,7 @@ _budgets = weakref.WeakSet()
 
 
 def _after_fork_in_child():
-    for budget in list(_budgets):
-        budget.after_fork_in_child()
+    after_fork.each(_budgets, SharedBudget.after_fork_in_child)
 
 
 after_fork.register('budget', _after_fork_in_child)

@@ -83,8 +83,9 @@ class PoolingOptions:
     warnings to log once.
     """
 
-    def __init__(self, path, sections, options_get):
+    def __init__(self, path, sections, options_get, unread=None):
         self.path = path
+        self.unread = unread        # why the file could not be read (Odoo 19), if so
         self.has_options = 'options' in (sections or {})
         self.section = {name: odoo_value(value)
                         for name, value in (sections or {}).get(SECTION, {}).items()}
@@ -104,6 +105,10 @@ class PoolingOptions:
 
     def notes(self):
         notes = []
+        if self.unread:
+            notes.append(f'db_pooling: cannot read a [{SECTION}] section from {self.path} '
+                         f'({self.unread}): only db_pooling options in [options] are used; '
+                         f'give Odoo a readable config file.')
         if self.in_both:
             notes.append(f'db_pooling: {", ".join(self.in_both)} set both in [{SECTION}] and in '
                          f'[options] of {self.path}: the [{SECTION}] value is used; remove the '
@@ -124,9 +129,29 @@ def config_path(config):
 
 def from_odoo(config):
     """The options of the running Odoo (``odoo.tools.config``): its file's section, else
-    ``[options]`` as Odoo parsed it. With no file, Odoo's own values."""
+    ``[options]`` as Odoo parsed it. With no file, Odoo's own values.
+
+    Odoo 16-18 keep the file's other sections (``config.misc``, parsed when Odoo read the
+    file): read there, not from the file again (a pipe given as ``-c`` is empty the second
+    time). Odoo 19 keeps none: the file is read again; one Odoo could not read either
+    (Odoo then runs on its defaults: a missing ~/.odoorc, a file of another user) or that
+    is not a regular file gives a warning, not a stop."""
     path = config_path(config)
-    return PoolingOptions(path, read_file(path) if path else None, config.get)
+    misc = vars(config).get('misc')
+    if isinstance(misc, dict):
+        sections = {name: dict(values) for name, values in misc.items()}
+        options = vars(config).get('options') or {}
+        sections['options'] = {name: options[name] for name in NAMES if name in options}
+        return PoolingOptions(path, sections, config.get)
+    if not path:
+        return PoolingOptions(path, None, config.get)
+    unread = None
+    if os.path.exists(path) and not os.path.isfile(path):
+        unread = 'not a regular file'
+    elif os.path.exists(path) and not os.access(path, os.R_OK):
+        unread = f'not readable by uid {os.getuid()}'
+    sections = None if unread else read_file(path)
+    return PoolingOptions(path, sections, config.get, unread)
 
 
 def from_file(path):

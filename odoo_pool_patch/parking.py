@@ -138,7 +138,7 @@ class Parking:
     def _reset_process(self):
         self._lots = {}         # key hash -> lot (a cache: the lot's row says)
         self._absent = {}       # key hash -> ms until which it is not looked for again
-        self._exiting = []      # [fd, give-up deadline, shed] of closed parked connections
+        self._exiting = []      # [fd, give-up deadline, shed, identity] of closed parked ones
         self._exit_lock = threading.Lock()
         self._seen = {}         # lot -> change counter when last seen counted but empty
 
@@ -153,10 +153,13 @@ class Parking:
             self.state.cells[family] = 0    # its lots are freed at the next reaping
 
     def after_fork_in_child(self):
-        for fd, _deadline, _shed in self._exiting:
-            os.close(fd)        # the parent watches these
-        self._reset_process()
-        self.join()             # the budget took a row of its own first
+        exiting = self._exiting
+        try:
+            for entry in exiting:   # the parent watches these (see after_fork.close_inherited)
+                after_fork.close_inherited(entry[0], entry[3])
+        finally:
+            self._reset_process()
+            self.join()             # the budget took a row of its own first
 
     # ------------------------------------------------------------------ lots
     def _lot(self, khash):
@@ -341,8 +344,9 @@ class Parking:
             os.write(fd, _TERMINATE)
         except OSError:
             pass
+        was = after_fork.identity(fd)
         with self._exit_lock:
-            self._exiting.append([fd, monotonic() + EXIT_WAIT, shed])
+            self._exiting.append([fd, monotonic() + EXIT_WAIT, shed, was])
 
     @staticmethod
     def close_and_wait(fd, timeout=EXIT_WAIT):

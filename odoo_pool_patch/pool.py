@@ -864,9 +864,10 @@ class ConnectionPool:
             while fds and monotonic() < stop:
                 for fd in exited(fds, stop - monotonic()):
                     fds.remove(fd)     # exited: its slot is freed below with the others
+        watched = [[fd, deadline, 0, after_fork.identity(fd)] for fd in fds]
         with self._lock:
             # Slots without a socket to watch (closed already) are free now.
-            self._exiting.extend([fd, deadline, 0, after_fork.identity(fd)] for fd in fds)
+            self._exiting.extend(watched)
             for entry in self._exiting[len(self._exiting) - len(fds):][:shed]:
                 entry[2] = 1            # a slot claimed for another process's waiter
             self._free_slots_locked(len(connections) - len(fds), max(shed - len(fds), 0))
@@ -1426,21 +1427,27 @@ class ConnectionPool:
         sessions. Pointing the child's copy of each socket at /dev/null first
         makes that close harmless."""
         inherited = list(self._used) + list(self._lent)
-        self._lent = set()
         for stack in self._idle.values():
             inherited.extend(stack)
-        for cnx in inherited:
-            neutralize(cnx)
+        exiting = self._exiting
+        # A fresh state first: whatever fails below leaves no book of the parent's here.
         self._lock = threading.Lock()
+        self._lent = set()
         self._idle, self._n_idle, self._used = {}, 0, {}
         self._opening = self._closing = 0
-        for entry in self._exiting:
-            after_fork.close_inherited(entry[0], entry[3])
         self._exiting = []
         self._waiters = collections.deque()
         self._budget_waits = {}
         self._handed_in_row = 0
         self._timer = None
+        for cnx in inherited:
+            try:
+                neutralize(cnx)
+            except Exception:       # noqa: BLE001 - one that cannot be pointed away stays
+                _logger.debug('db_pooling: an inherited connection could not be '
+                              'neutralized in a forked child', exc_info=True)
+        for entry in exiting:
+            after_fork.close_inherited(entry[0], entry[3])
 
 
 def fd_readable(fd):
@@ -1516,8 +1523,7 @@ _live_pools = weakref.WeakSet()
 
 
 def _after_fork_in_child():
-    for pool in list(_live_pools):
-        pool._forget_after_fork()
+    after_fork.each(_live_pools, ConnectionPool._forget_after_fork)
 
 
 after_fork.register('pool', _after_fork_in_child)

@@ -26,6 +26,7 @@ import psycopg2
 
 from . import after_fork
 from . import shared_state as ss
+from .exchange import neutralize
 from .replicas import REASONS, BANNED, LAGGING, PINNED
 
 _logger = logging.getLogger('odoo.sql_db.replicas')
@@ -308,6 +309,11 @@ class Monitor:
         # A borrower of the parent starting the thread may have held the lock at fork.
         self._lock = threading.Lock()
         self.router.after_fork_in_child()
+        # The parent's probe sessions: pointed away, so that freeing them here (ensure_started
+        # drops them) cannot end them under the parent's prober.
+        connections, self.prober.connections = self.prober.connections, {}
+        for cnx in connections.values():
+            neutralize(cnx)
 
     def ensure_started(self):
         if self.pid == os.getpid():
@@ -350,8 +356,7 @@ _monitors = weakref.WeakSet()
 
 
 def _after_fork_in_child():
-    for monitor in list(_monitors):
-        monitor.after_fork_in_child()
+    after_fork.each(_monitors, Monitor.after_fork_in_child)
 
 
 after_fork.register('replica_health', _after_fork_in_child)

@@ -10,8 +10,10 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -79,13 +81,20 @@ def distribution_metadata():
     text = f'Metadata-Version: 2.1\nName: {DISTRIBUTION}\nVersion: {__version__}\n'
     path = os.path.join(dist, 'METADATA')
     try:
-        for entry in os.listdir(root) if os.path.isdir(root) else ():
+        for directory in (os.path.dirname(root), root, dist):
+            os.makedirs(directory, exist_ok=True)
+            # Ours, and no symlink to elsewhere: what is removed or written below is in it.
+            st = os.lstat(directory)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                return None
+        for entry in os.listdir(root):
             if entry.endswith('.dist-info') and os.path.join(root, entry) != dist:
                 shutil.rmtree(os.path.join(root, entry), ignore_errors=True)   # another version
-        os.makedirs(dist, exist_ok=True)
-        with open(f'{path}.{os.getpid()}', 'w') as handle:
+        fd, temporary = tempfile.mkstemp(dir=dist, prefix='.METADATA')
+        with os.fdopen(fd, 'w') as handle:
             handle.write(text)
-        os.replace(f'{path}.{os.getpid()}', path)       # whole, for a concurrent run
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)                     # whole, for a concurrent run
     except OSError:
         return None
     return root

@@ -113,9 +113,9 @@ def is_open(fd):
         return False
 
 
-@pytest.mark.parametrize('registry', ['in flight', 'exiting'])
+@pytest.mark.parametrize('registry', ['in flight', 'exiting', 'parking exiting'])
 def test_a_child_closes_the_parent_s_session_copies_and_nothing_that_took_their_number(
-        pools, info, registry):
+        pools, info, tmp_path, registry):
     """The parent's thread may close a noted descriptor (a session on its way to another
     process, a closed connection's watch on its backend) just before another thread makes
     a pipe and forks: the pipe gets the number, and the child must not close it. A
@@ -123,11 +123,16 @@ def test_a_child_closes_the_parent_s_session_copies_and_nothing_that_took_their_
     owner)."""
     from time import monotonic
     from odoo_pool_patch.parking import IN_FLIGHT, mark_in_flight
+    from testkit.peers import master
     pool = pools(2)
     cnx = pool.borrow(info())
     live, gone = os.dup(cnx.fileno()), os.dup(cnx.fileno())
+    shared = master(str(tmp_path / 'segment'))
+    parking = shared.exchange.parking
     notes = {'in flight': lambda fd: mark_in_flight(fd),
              'exiting': lambda fd: pool._exiting.append(
+                 [fd, monotonic() + 60, 0, after_fork.identity(fd)]),
+             'parking exiting': lambda fd: parking._exiting.append(
                  [fd, monotonic() + 60, 0, after_fork.identity(fd)])}[registry]
     notes(live)
     notes(gone)
@@ -145,4 +150,6 @@ def test_a_child_closes_the_parent_s_session_copies_and_nothing_that_took_their_
         IN_FLIGHT.pop(live, None)
         IN_FLIGHT.pop(gone, None)
         pool._exiting[:] = [e for e in pool._exiting if e[0] not in (live, gone)]
+        parking._exiting[:] = []
+        shared.exchange.close()
         pool.give_back(cnx)
