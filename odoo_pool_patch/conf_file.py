@@ -96,9 +96,10 @@ class PoolingOptions:
         self._options_get = options_get
 
     def get(self, name, default=None):
-        if name in self.section:
-            return self.section[name]
-        return self._options_get(name, default)
+        """The value of ``name``; empty or ``None`` (as Odoo writes unset options) is not
+        set, in either section, for Odoo and ``odoo-pool check`` alike."""
+        value = self.section[name] if name in self.section else self._options_get(name, default)
+        return default if value in ('', 'None') else value
 
     def where(self, name):
         return f'{self.path} [{SECTION if name in self.section else "options"}]'
@@ -163,6 +164,5 @@ def from_file(path):
     options = sections.get('options', {})
 
     def get(name, default=None):
-        value = options.get(name, default)
-        return None if value in (None, '', 'None') else odoo_value(value)
+        return odoo_value(options.get(name, default))
     return PoolingOptions(path, sections, get)

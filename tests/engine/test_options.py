@@ -118,3 +118,17 @@ def test_a_file_that_cannot_be_read_is_named(tmp_path, text, expected):
         read_file(path)
     assert expected.format(path=path) in str(excinfo.value)
     assert read_file(str(tmp_path / 'missing.conf')) is None     # Odoo starts on its defaults
+
+
+def test_none_and_empty_mean_unset_for_odoo_and_check_alike(tmp_path):
+    """``x = None`` or ``x =`` is how Odoo writes an unset option: default, in the section
+    and in [options], through Odoo's getter (raw strings, as Odoo 19 keeps unknown
+    options) as through ``odoo-pool check``'s reading of the file."""
+    from odoo_pool_patch.conf_file import PoolingOptions, from_file
+    text = ('[options]\ndb_pool_idle_timeout = None\ndb_pool_wait_timeout =\n\n'
+            '[db_pooling]\ndb_pool_max_lifetime = None\n')
+    path = write(tmp_path, text)
+    odoo = {'db_pool_idle_timeout': 'None', 'db_pool_wait_timeout': ''}
+    running = PoolingOptions(path, {'db_pooling': {'db_pool_max_lifetime': 'None'}}, odoo.get)
+    for source in (from_file(path), running):
+        assert load_settings(source.get, source=source.where) == Settings()
