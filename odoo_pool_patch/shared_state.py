@@ -315,18 +315,28 @@ class _Rows:
     """The process row this process holds in one state file, shared by the
     :class:`SharedState` objects of that file in this process, with the descriptor
     whose open-file-description lock keeps the row alive."""
-    __slots__ = ('pid', 'row', 'fd', 'users')
+    __slots__ = ('pid', 'row', 'fd', 'was', 'users')
 
     def __init__(self):
-        self.pid, self.row, self.fd, self.users = os.getpid(), None, None, 0
+        self.pid, self.row, self.fd, self.was, self.users = os.getpid(), None, None, None, 0
 
-    def drop(self):
-        if self.fd is not None:
-            try:
-                os.close(self.fd)       # in a forked child: the parent's lock stays
-            except OSError:
-                pass
-        self.fd = self.row = None
+    def opened(self, fd):
+        self.fd, self.was = fd, after_fork.identity(fd)
+
+    def drop(self, inherited=False):
+        """Close the descriptor (out of the books first: a fork meanwhile must not find a
+        closed number here). ``inherited``: in a forked child, our copy of the parent's,
+        closed only if it still is that file (the parent's lock stays)."""
+        fd, self.fd, self.row = self.fd, None, None
+        if fd is None:
+            return
+        if inherited:
+            after_fork.close_inherited(fd, self.was)
+            return
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 _rows = {}          # (st_dev, st_ino) -> _Rows of this process
@@ -337,7 +347,7 @@ def _after_fork_in_child():
     # The inherited descriptors share the parent's locks: closing our copies leaves
     # them to the parent; the child takes a row of its own when it registers.
     for rows in _rows.values():
-        rows.drop()
+        rows.drop(inherited=True)
     _rows.clear()
     for state in list(_states):
         state.after_fork_in_child()
@@ -493,9 +503,9 @@ class SharedState:
             return True
         if rows.fd is None:
             try:    # a new open file description of the same file, not shared with the parent
-                rows.fd = os.open(f'/proc/self/fd/{self.fd}', os.O_RDWR | os.O_CLOEXEC)
+                rows.opened(os.open(f'/proc/self/fd/{self.fd}', os.O_RDWR | os.O_CLOEXEC))
             except OSError:
-                rows.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+                rows.opened(os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW))
             if (os.fstat(rows.fd).st_dev, os.fstat(rows.fd).st_ino) != self._inode:
                 rows.drop()
                 raise SharedStateError(f'db_pooling: the shared state file {self.path} was '
