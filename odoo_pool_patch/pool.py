@@ -315,7 +315,7 @@ class ConnectionPool:
         self._idle = {}              # dsn key -> [cnx, ...], last freed last (LIFO)
         self._n_idle = 0
         self._used = {}              # cnx -> Holder
-        self._lent = set()           # lent to another process, in flight (see lend_idle)
+        self._lent = set()           # out of the books while it travels (parked, lent): see _send_off_locked
         self._opening = 0            # slots reserved by borrowers that are connecting
         self._closing = 0            # slots of connections whose backend is exiting
         self._exiting = []           # [dup fd, give-up deadline, shed, what the fd is open on]
@@ -614,10 +614,15 @@ class ConnectionPool:
             else:
                 self._closing -= 1
                 self._push_idle_locked(cnx, in_use=-1)
+            if not doomed:
+                self._lent.discard(cnx)     # parked (our copy neutralized), or in IDLE again
             if self._waiters:
                 self._hand_off_locked()
         if doomed:
-            self._retire(doomed)
+            try:
+                self._retire(doomed)
+            finally:
+                self._lent.discard(cnx)     # closed
 
     def _hand_over_locked(self, cnx):
         """Give ``cnx`` to the oldest borrower of this process waiting in the shared
@@ -848,6 +853,7 @@ class ConnectionPool:
         (``_closings`` moved on) closes it if it comes back."""
         self._closing += 1
         cnx._dbp_lent_at = self._closings
+        self._lent.add(cnx)     # in no book meanwhile: a child forked now neutralizes its copy
 
     def _retire(self, connections, shed=0):
         """Close connections already counted in ``_closing`` (lock not held).
@@ -1079,7 +1085,6 @@ class ConnectionPool:
                         or not offerable(cnx) or socket_readable(cnx):
                     return None
                 self._remove_idle_locked(cnx)
-                self._lent.add(cnx)     # (a child forked meanwhile neutralizes its copy)
                 self._send_off_locked(cnx)
                 return cnx
         return None
@@ -1090,7 +1095,6 @@ class ConnectionPool:
         ``close_all`` ran meanwhile)."""
         if given:
             self.budget.exchange.keep_shell(cnx)
-        self._lent.discard(cnx)
         with self._lock:
             if not given and (self._closed or self._closings != cnx._dbp_lent_at):
                 doomed = [cnx]          # still counted in _closing
@@ -1103,10 +1107,14 @@ class ConnectionPool:
                     last_used = cnx._dbp_last_used
                     self._push_idle_locked(cnx)
                     cnx._dbp_last_used = last_used
+                self._lent.discard(cnx)     # in a book again, or given
                 if self._waiters:
                     self._hand_off_locked()
         if doomed:
-            self._retire(doomed)
+            try:
+                self._retire(doomed)
+            finally:
+                self._lent.discard(cnx)     # closed
 
     def prepare_connection(self, cnx, key):
         """Set the bookkeeping attributes of a new connection for ``key``."""

@@ -153,3 +153,27 @@ def test_a_child_closes_the_parent_s_session_copies_and_nothing_that_took_their_
         parking._exiting[:] = []
         shared.exchange.close()
         pool.give_back(cnx)
+
+
+def test_a_connection_on_its_way_to_the_parking_is_neutralized_in_a_child(family, info):
+    """Between leaving IDLE and being parked (or back in IDLE) a connection is in no book
+    of its pool: a child forked then must still point its copy away (else the session
+    outlives its owner, held open by the child)."""
+    start, _peers = family
+    _shared, _make, make_pool = start(budget=4)
+    pool = make_pool()
+    cnx = pool.borrow(info('db2'))
+    pool.give_back(cnx)
+    with pool._lock:                    # the locked step of a park (park_wanted's)
+        pool._remove_idle_locked(cnx, in_use=1)
+        pool._send_off_locked(cnx)
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        session, devnull = after_fork.identity(cnx.fileno()), after_fork.identity(null)
+        os.close(null)
+        pid, pipe = fork(lambda: after_fork.identity(cnx.fileno()))
+        assert tuple(collect(pid, pipe)) == devnull != session
+        assert after_fork.identity(cnx.fileno()) == session     # the parent's is untouched
+    finally:
+        pool._after_park(cnx, False)    # back in IDLE
+    assert cnx not in pool._lent and pool.borrow(info('db2')) is cnx
