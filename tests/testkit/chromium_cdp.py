@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import threading
 import time
+import warnings
 
 CHROMIUM_NAMES = ('chromium', 'chromium-browser', 'google-chrome')
 
@@ -30,19 +31,24 @@ class Chromium:
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
 
-        def wire_fds():         # in the child: its fd 3 reads our commands, fd 4 answers
-            os.dup2(to_browser_r, 100)          # out of the way first: the pipes may be 3 or 4
-            os.dup2(from_browser_w, 101)
-            os.dup2(100, 3)
-            os.dup2(101, 4)
         args = [binary, '--headless', '--remote-debugging-pipe', '--no-first-run',
                 '--no-default-browser-check', '--disable-gpu', '--disable-extensions',
                 '--disable-background-networking', f'--user-data-dir={profile_dir}',
                 f'--window-size={width},{height}', 'about:blank']
         if os.geteuid() == 0:
             args.insert(1, '--no-sandbox')      # Chromium refuses root with its sandbox
-        self.proc = subprocess.Popen(args, preexec_fn=wire_fds, pass_fds=(3, 4),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Chromium reads fd 3 and writes fd 4. The shell puts the pipes there, not a
+        # preexec_fn: that would run this process's os.register_at_fork hooks (ours, with
+        # the engine loaded by earlier tests) in the child before the exec.
+        wire = (f'exec 100<&{to_browser_r} 101>&{from_browser_w}; '
+                f'exec {to_browser_r}<&- {from_browser_w}>&-; '
+                'exec 3<&100 4>&101 100<&- 101>&-; exec "$@"')
+        self._log_path = os.path.join(profile_dir, 'chromium-stderr.log')
+        os.makedirs(profile_dir, exist_ok=True)
+        with open(self._log_path, 'wb') as log:
+            self.proc = subprocess.Popen(['bash', '-c', wire, 'bash'] + args,
+                                         pass_fds=(to_browser_r, from_browser_w),
+                                         stdout=subprocess.DEVNULL, stderr=log)
         os.close(to_browser_r)
         os.close(from_browser_w)
         self._next_id = 0
@@ -52,12 +58,34 @@ class Chromium:
         self.errors = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        targets = self.send('Target.getTargets')['targetInfos']
-        page = next(t for t in targets if t['type'] == 'page')
-        self.session = self.send('Target.attachToTarget', targetId=page['targetId'],
-                                 flatten=True)['sessionId']
-        for domain in ('Runtime', 'Log', 'Page'):
-            self.call(f'{domain}.enable')
+        try:
+            targets = self.send('Target.getTargets')['targetInfos']
+            page = next(t for t in targets if t['type'] == 'page')
+            self.session = self.send('Target.attachToTarget', targetId=page['targetId'],
+                                     flatten=True)['sessionId']
+            for domain in ('Runtime', 'Log', 'Page'):
+                self.call(f'{domain}.enable')
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait(10)
+            os.close(self._to_browser)
+            os.close(self._from_browser)
+            raise
+
+    @classmethod
+    def launch(cls, binary, profile_dir, attempts=2, **kwargs):
+        """A started browser. A browser that does not come up (seen twice in hundreds of
+        CI runs, not reproduced) is started once more in a fresh profile, with a warning
+        that carries its error and stderr: the test is about the page, not the launch."""
+        for attempt in range(1, attempts + 1):
+            profile = profile_dir if attempt == 1 else f'{profile_dir}-{attempt}'
+            try:
+                return cls(binary, profile, **kwargs)
+            except (RuntimeError, StopIteration) as exc:
+                if attempt == attempts:
+                    raise
+                warnings.warn(f'Chromium did not start (attempt {attempt}), starting it '
+                              f'again: {exc}')
 
     def _read(self):
         buffer = b''
@@ -107,12 +135,24 @@ class Chromium:
         deadline = time.monotonic() + timeout
         with self._cond:
             while number not in self._answers:
-                if None in self._answers or not self._cond.wait(deadline - time.monotonic()):
-                    raise RuntimeError(f'Chromium did not answer {method}')
+                if None in self._answers:
+                    raise RuntimeError(f'Chromium closed its pipe before answering {method} '
+                                       f'(exit status {self.proc.poll()}){self._stderr_tail()}')
+                if not self._cond.wait(deadline - time.monotonic()):
+                    raise RuntimeError(f'Chromium did not answer {method} in {timeout} s '
+                                       f'(exit status {self.proc.poll()}){self._stderr_tail()}')
             answer = self._answers.pop(number)
         if 'error' in answer:
             raise RuntimeError(f'{method}: {answer["error"]}')
         return answer.get('result', {})
+
+    def _stderr_tail(self):
+        try:
+            with open(self._log_path, 'rb') as log:
+                tail = log.read()[-2000:].decode(errors='replace').strip()
+        except OSError:
+            return ''
+        return f'; its stderr ends with:\n{tail}' if tail else ''
 
     def call(self, method, **params):
         """A command to the page."""
