@@ -183,7 +183,7 @@ OPTIONS += (
            'over a Unix socket, its session and caches kept) instead of opening a new one: '
            'a fraction of a millisecond instead of a new backend, and no connection opened or '
            'closed. When the budget is full and every connection to that database is in use, '
-           'it waits up to 15 ms for one to come back before opening one. When connections of '
+           'it waits up to 50 ms for one to come back before opening one. When connections of '
            'a database keep moving, a process giving one back parks it in a kernel queue any '
            'worker takes it from with no process to ask. Only clean, non-TLS '
            'connections move. off: each process opens its own, '
