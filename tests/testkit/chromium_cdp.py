@@ -40,9 +40,14 @@ class Chromium:
         # Chromium reads fd 3 and writes fd 4. The shell puts the pipes there, not a
         # preexec_fn: that would run this process's os.register_at_fork hooks (ours, with
         # the engine loaded by earlier tests) in the child before the exec.
-        wire = (f'exec 100<&{to_browser_r} 101>&{from_browser_w}; '
+        # Through two numbers the child has free (it has only 0-2 and the two pipes): the
+        # pipes may be 3 or 4, and in a long test run they may be any number (fixed 100 and
+        # 101 collided with them late in CI runs: "101: Bad file descriptor").
+        spare_r = max(to_browser_r, from_browser_w, 4) + 1
+        spare_w = spare_r + 1
+        wire = (f'exec {spare_r}<&{to_browser_r} {spare_w}>&{from_browser_w}; '
                 f'exec {to_browser_r}<&- {from_browser_w}>&-; '
-                'exec 3<&100 4>&101 100<&- 101>&-; exec "$@"')
+                f'exec 3<&{spare_r} 4>&{spare_w} {spare_r}<&- {spare_w}>&-; exec "$@"')
         self._log_path = os.path.join(profile_dir, 'chromium-stderr.log')
         os.makedirs(profile_dir, exist_ok=True)
         with open(self._log_path, 'wb') as log:
@@ -74,9 +79,9 @@ class Chromium:
 
     @classmethod
     def launch(cls, binary, profile_dir, attempts=2, **kwargs):
-        """A started browser. A browser that does not come up (seen twice in hundreds of
-        CI runs, not reproduced) is started once more in a fresh profile, with a warning
-        that carries its error and stderr: the test is about the page, not the launch."""
+        """A started browser. One that does not come up is started once more in a fresh
+        profile, with a warning that carries its error and stderr: the test is about the
+        page, not the launch."""
         for attempt in range(1, attempts + 1):
             profile = profile_dir if attempt == 1 else f'{profile_dir}-{attempt}'
             try:
