@@ -1537,4 +1537,3 @@ def _after_fork_in_child():
 
 
 after_fork.register('pool', _after_fork_in_child)
-

@@ -244,7 +244,7 @@ def dashboard_page(srv, profile):
                     'page is not checked in a browser')
     session = srv.session(srv.db)
     cookie = next(c.value for c in session.cookies if c.name == 'session_id')
-    browser = Chromium.launch(binary, str(profile), height=1250)
+    browser = Chromium(binary, str(profile), height=1250)
     try:
         browser.set_cookie(srv.url('/'), 'session_id', cookie)
         browser.navigate(srv.url('/odoo/action-db_pooling.action_dashboard'

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import threading
 import time
-import warnings
 
 CHROMIUM_NAMES = ('chromium', 'chromium-browser', 'google-chrome')
 
@@ -37,12 +36,10 @@ class Chromium:
                 f'--window-size={width},{height}', 'about:blank']
         if os.geteuid() == 0:
             args.insert(1, '--no-sandbox')      # Chromium refuses root with its sandbox
-        # Chromium reads fd 3 and writes fd 4. The shell puts the pipes there, not a
-        # preexec_fn: that would run this process's os.register_at_fork hooks (ours, with
-        # the engine loaded by earlier tests) in the child before the exec.
-        # Through two numbers the child has free (it has only 0-2 and the two pipes): the
-        # pipes may be 3 or 4, and in a long test run they may be any number (fixed 100 and
-        # 101 collided with them late in CI runs: "101: Bad file descriptor").
+        # Chromium reads fd 3 and writes fd 4. The shell puts the pipes there (a preexec_fn
+        # would run this process's os.register_at_fork hooks, the engine's, in the child),
+        # through two spare numbers above both pipes: the pipes may be 3 or 4, and late in a
+        # test run any number (fixed spares 100 and 101 once were the pipes themselves).
         spare_r = max(to_browser_r, from_browser_w, 4) + 1
         spare_w = spare_r + 1
         wire = (f'exec {spare_r}<&{to_browser_r} {spare_w}>&{from_browser_w}; '
@@ -76,21 +73,6 @@ class Chromium:
             os.close(self._to_browser)
             os.close(self._from_browser)
             raise
-
-    @classmethod
-    def launch(cls, binary, profile_dir, attempts=2, **kwargs):
-        """A started browser. One that does not come up is started once more in a fresh
-        profile, with a warning that carries its error and stderr: the test is about the
-        page, not the launch."""
-        for attempt in range(1, attempts + 1):
-            profile = profile_dir if attempt == 1 else f'{profile_dir}-{attempt}'
-            try:
-                return cls(binary, profile, **kwargs)
-            except (RuntimeError, StopIteration) as exc:
-                if attempt == attempts:
-                    raise
-                warnings.warn(f'Chromium did not start (attempt {attempt}), starting it '
-                              f'again: {exc}')
 
     def _read(self):
         buffer = b''
