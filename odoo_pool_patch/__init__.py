@@ -5,6 +5,7 @@ Odoo loads the top level through the addon; the subpackages import it, never the
 
 The pool and what moves connections between processes:
   ``pool``             the per-process pool, drop-in for ``odoo.sql_db.ConnectionPool``
+  ``conn_record``      ``ConnRecord``: what the pool knows about one connection (``cnx.pooled``)
   ``maintenance``      the timer thread: idle eviction, lifetime, dead sockets, leaks, shedding
   ``after_fork``       a forked child's reset steps, in one stated order
   ``shared_state``     the shared-memory segment of an instance: layout, lock, crash reaping

@@ -100,7 +100,7 @@ class SharedBudget:
     def try_acquire(self, priority):
         """Take a slot if one is free and nobody waits; never blocks on the queue."""
         with self.state.locked() as cells:
-            self.state._reap_shared_locked(cells)
+            self.state.reap_shared_locked(cells)
             if cells[ss.H_WAITING] or not self._room_shared_locked(cells, priority):
                 return False
             cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD] += 1
@@ -114,13 +114,13 @@ class SharedBudget:
         without a slot (False), without counting a timeout."""
         deadline = time.monotonic() + timeout
         with self.state.locked() as cells:
-            self.state._reap_shared_locked(cells)
+            self.state.reap_shared_locked(cells)
             if not cells[ss.H_WAITING] and self._room_shared_locked(cells, priority):
                 cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD] += 1
                 return True
             slot = self._enqueue_shared_locked(cells, priority)
-            self._count_shared_locked(cells, 'waits')
-            self._grant_shared_locked(cells)
+            self.count_shared_locked(cells, 'waits')
+            self.grant_shared_locked(cells)
             bell = self.state.doorbell()
             if bell is not None:
                 bell.bump()
@@ -138,8 +138,8 @@ class SharedBudget:
                 if now >= next_check:       # a dead holder's slots come back through reaping
                     next_check = now + 0.25
                     with self.state.locked() as locked_cells:
-                        self.state._reap_shared_locked(locked_cells)
-                        self._grant_shared_locked(locked_cells)
+                        self.state.reap_shared_locked(locked_cells)
+                        self.grant_shared_locked(locked_cells)
                 pause = min(self.poll_interval, max(deadline - now, 0))
                 if wake is None:
                     time.sleep(pause)
@@ -160,7 +160,7 @@ class SharedBudget:
                 base = ss.WAIT_BASE + slot * ss.W_FIELDS
                 ss.clear(locked_cells, base, ss.W_FIELDS)
                 if not granted and not woken:
-                    self._count_shared_locked(locked_cells, 'timeouts')
+                    self.count_shared_locked(locked_cells, 'timeouts')
         return granted
 
     def reap(self):
@@ -169,9 +169,9 @@ class SharedBudget:
         if int(time.monotonic() * 1000) - cells[ss.H_LAST_REAP] < 500:
             return 0                    # someone reaped recently: skip the lock
         with self.state.locked() as cells:
-            freed = self.state._reap_shared_locked(cells)
+            freed = self.state.reap_shared_locked(cells)
             if cells[ss.H_WAITING]:
-                self._grant_shared_locked(cells)
+                self.grant_shared_locked(cells)
             return freed
 
     def release(self, count=1, shed=0):
@@ -181,7 +181,7 @@ class SharedBudget:
             if shed:
                 base = ss.PROC_BASE + self.row * ss.P_FIELDS
                 cells[base + ss.P_SHEDDING] = max(cells[base + ss.P_SHEDDING] - shed, 0)
-            self._count_shared_locked(cells, 'closed', count)
+            self.count_shared_locked(cells, 'closed', count)
             self._give_back_shared_locked(cells, count)
 
     # The hand-over token (the donor row's P_GIVEN; see the exchange module's protocol):
@@ -209,7 +209,7 @@ class SharedBudget:
             cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD] += 1
             if claim is not None:
                 claim[2] = True
-            self._count_shared_locked(cells, 'taken')
+            self.count_shared_locked(cells, 'taken')
             return True
 
     def settle(self, serial):
@@ -237,7 +237,7 @@ class SharedBudget:
             count = max(min(cells[ss.H_WAITING] - shedding, idle), 0)
             if count:
                 cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_SHEDDING] += count
-                self._count_shared_locked(cells, 'shed', count)
+                self.count_shared_locked(cells, 'shed', count)
             return count
 
     # ------------------------------------------------------------------ under the lock
@@ -246,7 +246,7 @@ class SharedBudget:
         held = ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD
         cells[held] = max(cells[held] - count, 0)
         if cells[ss.H_WAITING]:
-            self._grant_shared_locked(cells)
+            self.grant_shared_locked(cells)
 
     def _room_shared_locked(self, cells, priority):
         return self._has_room(self._usage_shared_locked(cells), priority)
@@ -284,7 +284,7 @@ class SharedBudget:
         raise RuntimeError(f'db_pooling shared state {self.state.path}: more than '
                            f'{ss.N_WAIT} borrowers waiting at once')
 
-    def _grant_shared_locked(self, cells):
+    def grant_shared_locked(self, cells):
         """Hand free slots to waiters: best priority first, then oldest ticket."""
         while cells[ss.H_WAITING] > 0:
             usage = self._usage_shared_locked(cells)
@@ -301,7 +301,7 @@ class SharedBudget:
             cells[ss.H_WAITING] -= 1
             cells[ss.PROC_BASE + cells[best + ss.W_PROC] * ss.P_FIELDS + ss.P_HELD] += 1
 
-    def _count_shared_locked(self, cells, name, count=1):
+    def count_shared_locked(self, cells, name, count=1):
         cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_COUNTERS + ss.COUNTERS.index(name)] += count
 
     # ------------------------------------------------------------------ published figures

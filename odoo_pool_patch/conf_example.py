@@ -87,7 +87,7 @@ def shown_default(option):
         return option.shown_default
     if option.default is None:
         return '(computed)'
-    unit = ' s' if option.parse is options._seconds else ''
+    unit = ' s' if option.parse is options.seconds else ''
     return options.format_value(option.default) + unit
 
 

@@ -17,7 +17,7 @@ that process only, read lock-free by takers. A stale offer costs the taker one
 refusal. The in-use count tells a borrower that finds nothing idle whether a
 connection to its database will come back soon (see ``pool.AWAIT_BUSY``).
 
-Only clean connections move: no transaction, no session state (``_dbp_dirty``),
+Only clean connections move: no transaction, no session state (``cnx.pooled.dirty``),
 plain TCP or Unix socket (never TLS: its state lives in the donor's libpq),
 not to the long-lived databases (LISTEN), not close to their max lifetime.
 
@@ -549,8 +549,8 @@ class IdleExchange:
         a take's cost. Only objects a take made: their cancel key is 0 and their address
         the stand-in's, so nothing in them reaches the session they held."""
         neutralize(cnx)
-        khash = cnx._dbp_khash
-        if getattr(cnx, '_dbp_shell', False) and khash and not cnx.closed:
+        khash = cnx.pooled.khash
+        if cnx.pooled.shell and khash and not cnx.closed:
             with self._lock:
                 shells = self._shells.setdefault(khash, [])
                 if len(shells) < MAX_SHELLS and self._n_shells < MAX_SHELLS_TOTAL:
@@ -571,8 +571,10 @@ class IdleExchange:
             return None
         try:
             # What its libpq holds: the parameters of the sessions it held (all equal,
-            # and a clean session's stay as they started), its name set apart (``_dbp_app``).
-            view = cnx._dbp_params if cnx._dbp_params is not None else session_params(cnx)
+            # and a clean session's stay as they started), its name set apart (``pooled.app``).
+            view = cnx.pooled.params
+            if view is None:
+                view = session_params(cnx)
             if view != params:
                 raise ValueError('other session parameters')
             cnx.autocommit = False              # no round trip outside a transaction
@@ -613,7 +615,7 @@ class IdleExchange:
             finally:
                 listener.close()
         cnx.__class__ = shell_class(type(cnx))      # its cancel() and info are the pool's
-        cnx._dbp_shell = True
+        cnx.pooled.shell = True
         return cnx
 
 
@@ -621,13 +623,10 @@ def session_meta(cnx):
     """What a process taking ``cnx`` over needs: the session's parameters but its name
     (``params``, as :func:`session_params`), its name now and at start-up (``app``,
     ``app0``: see session_tracking), backend pid and the pool's bookkeeping."""
-    params = cnx._dbp_params
-    if params is None:
-        params = cnx._dbp_params = session_params(cnx)
-    return {'params': params, 'app': cnx._dbp_app or '', 'app0': cnx._dbp_app0 or '',
-            'pid': cnx._dbp_pid, 'born': cnx._dbp_born,
-            'expires': cnx._dbp_expires, 'reuses': cnx._dbp_reuses,
-            'gen': [cnx._dbp_gen_cell, cnx._dbp_gen]}    # (see outage; same shared state)
+    record = cnx.pooled
+    if record.params is None:
+        record.params = session_params(cnx)
+    return record.meta()
 
 
 def session_params(cnx):

@@ -7,9 +7,9 @@ request's transaction has reached the server, so Odoo's cursor is moved to a
 new connection and that statement is sent again, once. Never anything else:
 
 - only the first statement through Odoo's ``Cursor.execute`` after a borrow
-  (``cnx._dbp_asked``, set by the pool's ``borrow``, cleared here once it ran);
+  (``cnx.pooled.asked``, set by the pool's ``borrow``, cleared here once it ran);
 - only when no transaction was open before it (``status`` READY: nothing
-  uncommitted can be lost), the session is clean (``_dbp_dirty``: no SET that
+  uncommitted can be lost), the session is clean (``cnx.pooled.dirty``: no SET that
   the new connection would lack), and not in autocommit (a statement the dead
   server may have committed is never sent twice);
 - only when the ``BEGIN`` psycopg2 sends before it, in a round trip of its
@@ -37,30 +37,33 @@ import logging
 import psycopg2
 from psycopg2.extensions import STATUS_BEGIN, STATUS_READY
 
+from .conn_record import record_of
+
 _logger = logging.getLogger('odoo.sql_db')
 
 
 def install(cursor_class):
     """Wrap ``cursor_class.execute`` (Odoo's ``Cursor``). Idempotent."""
     stock = cursor_class.execute
-    if getattr(stock, '_dbp_stock', None) is not None:
+    if getattr(stock, 'db_pooling_stock', None) is not None:
         return
 
     def execute(self, query, params=None, log_exceptions=True):
-        if getattr(self._cnx, '_dbp_asked', None) is None:
+        record = getattr(self._cnx, 'pooled', None)
+        if record is None or record.asked is None:
             return stock(self, query, params, log_exceptions)
         return _first(self, stock, query, params, log_exceptions)
 
     execute.__doc__, execute.__name__ = stock.__doc__, stock.__name__
     execute.__qualname__ = stock.__qualname__
-    execute._dbp_stock = stock
+    execute.db_pooling_stock = stock
     cursor_class.execute = execute
     _install_rollback(cursor_class)
 
 
 def _install_rollback(cursor_class):
     stock_rollback, stock_close = cursor_class.rollback, cursor_class._close
-    if getattr(stock_rollback, '_dbp_stock', None) is not None:
+    if getattr(stock_rollback, 'db_pooling_stock', None) is not None:
         return
 
     def _close(self, *args, **kwargs):
@@ -76,7 +79,7 @@ def _install_rollback(cursor_class):
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
             cnx = vars(self).get('_cnx')
             if not vars(self).get('_dbp_closing') or cnx is None or cnx.closed != 2 or \
-                    cnx.status != STATUS_BEGIN or not getattr(cnx, '_dbp_tracked', False):
+                    cnx.status != STATUS_BEGIN or not _tracked(cnx):
                 raise
             _logger.info('db_pooling: closing a cursor on database %r whose session the '
                          'server ended inside a transaction (%s): nothing to roll back',
@@ -88,14 +91,15 @@ def _install_rollback(cursor_class):
     for wrapper, stock in ((_close, stock_close), (rollback, stock_rollback)):
         wrapper.__doc__, wrapper.__name__ = stock.__doc__, stock.__name__
         wrapper.__qualname__ = stock.__qualname__
-        wrapper._dbp_stock = stock
+        wrapper.db_pooling_stock = stock
     cursor_class._close, cursor_class.rollback = _close, rollback
 
 
 def _first(cr, stock, query, params, log_exceptions):
     cnx = cr._cnx
-    asked, cnx._dbp_asked = cnx._dbp_asked, None
-    retry = cnx.status == STATUS_READY and not cnx._dbp_dirty and not cnx.autocommit and \
+    record = cnx.pooled
+    asked, record.asked = record.asked, None
+    retry = cnx.status == STATUS_READY and not record.dirty and not cnx.autocommit and \
         not cnx.closed
     if not retry:
         return stock(cr, query, params, log_exceptions)
@@ -123,13 +127,13 @@ def _log(cr, query, exc, log_exceptions):
 def _replace(cr, dead, asked, exc):
     """Move Odoo's cursor ``cr`` from the ``dead`` connection to a new one."""
     move_cursor(cr, dead, asked)
-    stats = getattr(getattr(cr._cnx, '_dbp_pool', None), 'stats', None)
+    stats = pool_stats(cr._cnx)
     if stats is not None:
         stats.first_statement_retries += 1
     _logger.info('db_pooling: the connection lent for database %r was closed by the server '
                  'before its first statement reached it (%s); sent that statement on a new '
                  'connection', cr.dbname, first_line(exc))
-    cr._cnx._dbp_asked = None
+    cr._cnx.pooled.asked = None
 
 
 def move_cursor(cr, dead, connection_info):
@@ -153,6 +157,17 @@ def move_cursor(cr, dead, connection_info):
         pool.give_back(cnx, keep_in_pool=False)
         raise
     cr._cnx, cr._obj = cnx, obj
+
+
+def _tracked(cnx):
+    record = record_of(cnx)
+    return record is not None and record.tracked
+
+
+def pool_stats(cnx):
+    """The counters of the pool ``cnx`` belongs to; None if it is not a pool's."""
+    record = record_of(cnx)
+    return None if record is None or record.pool is None else record.pool.stats
 
 
 def first_line(exc):

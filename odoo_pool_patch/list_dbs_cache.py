@@ -58,7 +58,7 @@ def install(ttl, state=None):
     Idempotent; ``ttl`` 0 leaves stock behaviour."""
     from odoo.service import db as service_db
     from odoo.tools import config
-    if not ttl or getattr(service_db.list_dbs, '_db_pooling', False):
+    if not ttl or getattr(service_db.list_dbs, 'db_pooling', False):
         return None
     original = service_db.list_dbs
     generation = bump = None
@@ -73,7 +73,7 @@ def install(ttl, state=None):
         if config['db_name'] and not config['dbfilter']:
             return original(force)      # from the configuration: no query to save
         return cache()
-    list_dbs._db_pooling = True
+    list_dbs.db_pooling = True
     list_dbs.cache = cache
     service_db.list_dbs = list_dbs
 

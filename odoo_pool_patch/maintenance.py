@@ -65,14 +65,14 @@ def _urgent(pools):
     to ask. A connection closed while the thread sleeps is seen at the next pass
     (its slot is freed at most IDLE_TICK later; anyone short of one rings)."""
     for pool in pools:
-        if pool._exiting:
+        if pool.exits_pending():
             return True
         budget = pool.budget
         if budget is not None:
             if budget.waiting():
                 return True
             parking = budget.exchange.parking if budget.exchange is not None else None
-            if parking is not None and parking._exiting:
+            if parking is not None and parking.exits_pending():
                 return True
     return False
 
@@ -91,7 +91,7 @@ def _run(wake):
     last_full = last_pass = float('-inf')
     while _state['pid'] == my_pid:
         every = list(_pools)
-        pools = [pool for pool in every if not pool._closed]
+        pools = [pool for pool in every if not pool.closed]
         period = min((pool.timer_period for pool in pools), default=1.0)
         shared = [pool for pool in pools if pool.budget is not None]
         now = time.monotonic()
@@ -108,7 +108,7 @@ def _run(wake):
                     wake.clear()
                 continue
         for pool in every:
-            if pool._closed and pool._exiting:
+            if pool.closed and pool.exits_pending():
                 # shut down: its closed connections' slots are freed once their backends exit
                 try:
                     pool.finish_exits()

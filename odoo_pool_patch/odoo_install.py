@@ -15,7 +15,7 @@ import os
 from . import first_statement, list_dbs_cache, request_retry
 from .errors import ConfigError
 from .options import load_settings
-from .pool import ConnectionPool, Holder, deferred_parking
+from .pool import ConnectionPool, deferred_parking
 from .session_tracking import tracked_class
 
 _logger = logging.getLogger('odoo.sql_db.pool')
@@ -126,7 +126,7 @@ def install_tls(get=None):
     from odoo import sql_db
     from odoo.tools import config, misc
     from . import tls
-    if getattr(sql_db.connection_info_for, '_db_pooling', False):
+    if getattr(sql_db.connection_info_for, 'db_pooling', False):
         return
     get = get or config.get
     original_info = sql_db.connection_info_for
@@ -137,10 +137,10 @@ def install_tls(get=None):
         readonly = kwargs.get('readonly', args[0] if args else False)
         for keyword, value in tls.tls_keywords(get, replica=bool(readonly)).items():
             info.setdefault(keyword, value)
-        if readonly and tls._value(get, 'db_replica_sslmode'):
+        if readonly and tls.conf_value(get, 'db_replica_sslmode'):
             info['sslmode'] = tls.sslmode(get, replica=True)
         return db, info
-    connection_info_for._db_pooling = True
+    connection_info_for.db_pooling = True
     sql_db.connection_info_for = connection_info_for
 
     original_environ = misc.exec_pg_environ
@@ -285,7 +285,7 @@ def _patch_worker_roles():
     """Tell application_name and the shared state which forked worker is HTTP and which cron."""
     from odoo import sql_db
     from odoo.service import server
-    if getattr(server.Worker.run, '_db_pooling', False):
+    if getattr(server.Worker.run, 'db_pooling', False):
         return
     original = server.Worker.run
 
@@ -296,7 +296,7 @@ def _patch_worker_roles():
         if budget is not None:
             budget.set_role(role)
         return original(self, *args, **kwargs)
-    run._db_pooling = True
+    run.db_pooling = True
     server.Worker.run = run
 
 
@@ -307,14 +307,14 @@ def _defer_parking_in_requests():
     from odoo import http
     for name in ('_serve_db', '_serve_nodb'):
         original = getattr(http.Request, name, None)
-        # (its own mark: replica_routes wraps these first and marks its wrapper _db_pooling)
-        if original is None or getattr(original, '_dbp_deferred_parking', False):
+        # (its own mark: replica_routes wraps these first and marks its wrapper db_pooling)
+        if original is None or getattr(original, 'db_pooling_deferred_parking', False):
             continue
 
         def serve(self, *args, _original=original, **kwargs):
             with deferred_parking():
                 return _original(self, *args, **kwargs)
-        serve._db_pooling = serve._dbp_deferred_parking = True
+        serve.db_pooling = serve.db_pooling_deferred_parking = True
         serve.__name__ = serve.__qualname__ = name
         serve.__doc__ = original.__doc__
         setattr(http.Request, name, serve)
@@ -393,9 +393,5 @@ def adopt(pool, pool_class):
     for cnx, in_use in connections:
         if cnx.closed:
             continue
-        pool.prepare_connection(cnx, dsn_key(cnx.dsn))
-        if in_use:
-            pool._book_locked(cnx, Holder(None))
-        else:
-            pool._push_idle_locked(cnx)
+        pool.adopt(cnx, dsn_key(cnx.dsn), in_use)
     _logger.info('db_pooling took over %r', pool)

@@ -70,7 +70,7 @@ def _replicas(value):
     return parse_replicas(value)
 
 
-def _seconds(value):
+def seconds(value):
     number = float(value)
     if number != number or number < 0 or number == float('inf'):
         raise ValueError
@@ -121,7 +121,7 @@ class Option:
 
 
 OPTIONS = (
-    Option('db_pool_wait_timeout', 'wait_timeout', _seconds, 20.0,
+    Option('db_pool_wait_timeout', 'wait_timeout', seconds, 20.0,
            'a number of seconds >= 0',
            'How long a borrower waits for a free connection when the pool is at its limit '
            'before PoolError is raised, and for the database server to come back when it is '
@@ -129,17 +129,17 @@ OPTIONS = (
            '(one process probes it meanwhile). 0 restores stock behaviour (fail at once). '
            'Raise it if legitimate bursts time out or to ride out longer failovers; lower it '
            'to fail fast behind a load balancer.'),
-    Option('db_pool_idle_timeout', 'idle_timeout', _seconds, 60.0,
+    Option('db_pool_idle_timeout', 'idle_timeout', seconds, 60.0,
            'a number of seconds >= 0 (0 keeps idle connections forever)',
            'An idle connection unused for this long is closed by the maintenance timer. '
            'Stock Odoo keeps them 600 s. Lower it to give slots back to PostgreSQL sooner; '
            'raise it if connecting is expensive (TLS over a slow link).'),
-    Option('db_pool_max_lifetime', 'max_lifetime', _seconds, 3600.0,
+    Option('db_pool_max_lifetime', 'max_lifetime', seconds, 3600.0,
            'a number of seconds >= 0 (0 means no limit)',
            'A connection older than this (minus up to 10% random jitter, so they do not all '
            'recycle at once) is closed when idle. Bounds server-side memory growth of long '
            'sessions and lets DNS or failover changes take effect.'),
-    Option('db_pool_check_after', 'check_after', _seconds, 30.0,
+    Option('db_pool_check_after', 'check_after', seconds, 30.0,
            'a number of seconds >= 0 (0: never)',
            'With db_pool_reset = smart, a clean connection idle for longer than this gets the '
            'full reset before it is handed out, which is also a liveness round trip: a dead one '
@@ -148,7 +148,7 @@ OPTIONS = (
            'connections, so a connection reused sooner goes out without any round trip. With '
            'db_pool_reset = always every reuse is checked by its reset. Lower it on links where '
            'firewalls or NAT silently drop idle connections.'),
-    Option('db_pool_leak_warn_after', 'leak_warn_after', _seconds, 300.0,
+    Option('db_pool_leak_warn_after', 'leak_warn_after', seconds, 300.0,
            'a number of seconds >= 0 (0 disables the warning)',
            'A connection borrowed for longer than this is logged once as a possible leak, '
            'with the line of code that borrowed it. Raise it if long reports or imports '
@@ -246,22 +246,22 @@ OPTIONS += (
            'With db_pool_reset = smart, every this many reuses a connection gets a full DISCARD '
            'ALL anyway: a safety net for session state no parser can see (a SQL function that '
            'calls set_config, SELECT ... INTO TEMP). Lower it if such code exists.'),
-    Option('db_pool_statement_timeout_http', 'statement_timeout_http', _seconds, 0.0,
+    Option('db_pool_statement_timeout_http', 'statement_timeout_http', seconds, 0.0,
            'a number of seconds >= 0 (0: no limit)',
            'statement_timeout for the transactions of HTTP workers, set with SET LOCAL in the '
            'same round trip as the first statement of each transaction, so it never outlives '
            'the transaction. Stops runaway queries a killed worker would leave running.'),
-    Option('db_pool_statement_timeout_cron', 'statement_timeout_cron', _seconds, 0.0,
+    Option('db_pool_statement_timeout_cron', 'statement_timeout_cron', seconds, 0.0,
            'a number of seconds >= 0 (0: no limit)',
            'statement_timeout for the transactions of cron workers and cron threads (set like '
            'db_pool_statement_timeout_http). Keep it above the longest legitimate job query.'),
     Option('db_pool_idle_in_transaction_timeout_http', 'idle_in_transaction_timeout_http',
-           _seconds, 0.0, 'a number of seconds >= 0 (0: no limit)',
+           seconds, 0.0, 'a number of seconds >= 0 (0: no limit)',
            'idle_in_transaction_session_timeout for HTTP transactions (SET LOCAL, per '
            'transaction): the server ends a session whose transaction waits longer than this '
            'between two statements, releasing its locks.'),
     Option('db_pool_idle_in_transaction_timeout_cron', 'idle_in_transaction_timeout_cron',
-           _seconds, 0.0, 'a number of seconds >= 0 (0: no limit)',
+           seconds, 0.0, 'a number of seconds >= 0 (0: no limit)',
            'idle_in_transaction_session_timeout for cron transactions (SET LOCAL, per '
            'transaction). Jobs that wait on external services inside a transaction need more.'),
     Option('db_direct_host', 'direct_host', _host, None,
@@ -289,12 +289,12 @@ OPTIONS += (
            'everything when no replica is usable go to the primary. The stock '
            'db_replica_host / db_replica_port (Odoo 18+) keep working as a one-replica list.',
            shown_default='(none)'),
-    Option('db_replica_ban_time', 'replica_ban_time', _seconds, 30.0,
+    Option('db_replica_ban_time', 'replica_ban_time', seconds, 30.0,
            'a number of seconds >= 0',
            'A replica that refuses connections or fails is given no reads for this long '
            '(doubling on repeated failures up to 4 times this, with 20% jitter), then probed '
            'again in the background. Lower it to get a restarted replica back sooner.'),
-    Option('db_replica_max_lag', 'replica_max_lag', _seconds, 10.0,
+    Option('db_replica_max_lag', 'replica_max_lag', seconds, 10.0,
            'a number of seconds >= 0 (0: only replicas that have replayed everything)',
            'A replica whose replay lags the primary by more than this gets no reads until it '
            'catches up. The lag is measured in the background by WAL position, so an idle '
@@ -315,7 +315,7 @@ OPTIONS += (
 )
 
 OPTIONS += (
-    Option('db_pool_list_dbs_cache', 'list_dbs_cache', _seconds, 2.0,
+    Option('db_pool_list_dbs_cache', 'list_dbs_cache', seconds, 2.0,
            'a number of seconds >= 0 (0 lists them on every request, as stock Odoo)',
            'Each process keeps the list of databases this long. Stock Odoo lists them (a new '
            'connection to the postgres database, closed at once) on every request without a '

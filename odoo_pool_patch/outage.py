@@ -46,7 +46,7 @@ hints that the locked step re-checks.
 
 A crash at any step leaves at worst a row DOWN with a dead prober, which the
 next waiter takes over at once. Connections opened before a restart (their
-``_dbp_gen`` differs from ``U_GEN``) are dropped when next reused, taken or
+``cnx.pooled.gen`` differs from ``U_GEN``) are dropped when next reused, taken or
 swept, not discovered one request at a time; a connect refused once by a load
 balancer, with the server never restarted, drops nothing.
 """
@@ -386,8 +386,9 @@ class Outages:
 def opened_before_restart(cnx):
     """Whether ``cnx`` was opened before its server's last restart (its generation is
     not its row's any more); False for one without a generation (a replica's)."""
-    cell = cnx._dbp_gen_cell
-    return cell is not None and cnx._dbp_gen_cells[cell] != cnx._dbp_gen
+    record = cnx.pooled
+    cell = record.gen_cell
+    return cell is not None and record.gen_cells[cell] != record.gen
 
 
 def postmaster_started(cnx):

@@ -311,7 +311,7 @@ class Parking:
             cells[held] += 1
             self._counted_out_shared_locked(cells, base)
             if counter:
-                self.budget._count_shared_locked(cells, counter)
+                self.budget.count_shared_locked(cells, counter)
         if faults.plan:
             faults.hit('parking.receive.after_receive')
         try:
@@ -367,6 +367,10 @@ class Parking:
                     best is None or cells[base + ss.K_COUNT] > cells[best + ss.K_COUNT]):
                 best = base
         return self._receive(best) if best is not None else None
+
+    def exits_pending(self):
+        """Whether slots of retired connections wait for their backend to exit (lock-free)."""
+        return bool(self._exiting)
 
     def finish_exits(self, timeout=0.0):
         """Free the slots of retired connections whose backend has exited."""
@@ -480,7 +484,7 @@ class Parking:
             cells[base + ss.K_SEQ] += 1
             cells[ss.H_PARKED] = max(cells[ss.H_PARKED] - lost, 0)
             if cells[ss.H_WAITING]:
-                self.budget._grant_shared_locked(cells)
+                self.budget.grant_shared_locked(cells)
         _logger.info('db_pooling: freed %d budget slot(s) of parked connections lost by a '
                      'process that died while parking or taking one', lost)
         self._seen.pop(lot, None)

@@ -99,6 +99,7 @@ from .session_tracking import (SessionTracking, note_privileges, restore_charact
 from .exchange import gss_in_use, neutralize, offerable, session_meta
 from .tls import explain_failure, record as record_tls
 from .backend_exit import exited, finished, wait_exited
+from .conn_record import ensure_record, record_of
 from .outage import OutageTimeout, opened_before_restart, outages_for, server_of
 from .parking import IN_FLIGHT, mark_in_flight
 from . import faults
@@ -188,7 +189,7 @@ class Holder:
 
     def describe(self, cnx, now):
         who = f"thread {self.thread!r}" + (f" ({self.url})" if self.url else '')
-        return (f"database {key_database(cnx._dbp_key)!r} for {now - self.since:.1f} s "
+        return (f"database {key_database(cnx.pooled.key)!r} for {now - self.since:.1f} s "
                 f"by {who} at {format_site(self.site)}")
 
 
@@ -343,6 +344,19 @@ class ConnectionPool:
         return (f"ConnectionPool({mode};used={len(self._used)}/"
                 f"count={self._count()}/max={self._maxconn})")
 
+    @property
+    def closed(self):
+        """Whether :meth:`shutdown` ran."""
+        return self._closed
+
+    def exits_pending(self):
+        """Whether slots of closed connections wait for their backend to exit (lock-free)."""
+        return bool(self._exiting)
+
+    def holds_idle(self, key):
+        """Whether an idle connection for DSN key ``key`` is here (a lock-free estimate)."""
+        return key in self._idle
+
     def has_room(self):
         """Whether a new connection could be opened now without closing another
         (a lock-free estimate, for the replica choice)."""
@@ -361,13 +375,14 @@ class ConnectionPool:
         """Return a connection for ``connection_info``, waiting for a free slot if needed
         (on the server the router picks, when replica routing is on)."""
         cnx = (self.router.borrow(self, connection_info) if self.router is not None
-               else self._borrow(connection_info))
+               else self.borrow_exact(connection_info))
         # connection_info until its first statement (first_statement), and for good
         # (request_retry moves the cursor to a new connection with it).
-        cnx._dbp_asked = cnx._dbp_info = connection_info
+        record = cnx.pooled
+        record.asked = record.info = connection_info
         return cnx
 
-    def _borrow(self, connection_info):
+    def borrow_exact(self, connection_info):
         """Return a connection for exactly ``connection_info``.
 
         Reuses the connection of that DSN freed last; a reused connection is
@@ -429,7 +444,7 @@ class ConnectionPool:
                 close_and_wait((grant.victim,))
                 grant = _NEW
             elif self._revive(grant):
-                grant._dbp_prefix = self._prefix(grant, key, holder)
+                grant.pooled.prefix = self._prefix(grant, key, holder)
                 return grant
             else:
                 with self._lock:    # dead: open a new one in its slot
@@ -491,32 +506,33 @@ class ConnectionPool:
 
     def give_back(self, connection, keep_in_pool=True):
         """Return a borrowed connection; ``keep_in_pool=False`` closes it."""
-        owner = getattr(connection, '_dbp_pool', self)
+        record = record_of(connection)
+        owner = self if record is None or record.pool is None else record.pool
         if owner is not self:       # lent by the read/write pool (replica routing)
             return owner.give_back(connection, keep_in_pool)
         with self._lock:
             # Still counted in use for the exchange until it is idle or closed (below).
             holder = self._used.pop(connection, _MISSING)
             if holder is _MISSING:
-                if connection.closed or connection in self._idle.get(
-                        getattr(connection, '_dbp_key', None), ()):
+                if connection.closed or (record is not None and connection in self._idle.get(
+                        record.key, ())):
                     # Closed by close_all() while in use, or given back twice.
                     _logger.debug('%r: ignored give_back of a connection it no longer holds', self)
                     return
                 raise PoolError('This connection does not belong to the pool')
             note_privileges(connection)         # (cheap: no round trip)
-            if connection._dbp_dirty & session_state.LOAD and keep_in_pool:
+            if record.dirty & session_state.LOAD and keep_in_pool:
                 keep_in_pool = False    # a loaded library cannot be unloaded
                 self.stats.reset_closed += 1
             if keep_in_pool and not connection.closed and not (
-                    connection._dbp_expires and connection._dbp_expires <= monotonic()):
+                    record.expires and record.expires <= monotonic()):
                 if self._budget_waits and self._hand_over_locked(connection):
                     return
                 self._handed_in_row = 0
-                park = connection._dbp_khash and not self._waiters and \
+                park = record.khash and not self._waiters and \
                     self._should_park_locked(connection)
                 if park and _DEFERRAL.active and not self.budget.exchange.parking.wanted(
-                        connection._dbp_khash, AWAIT_BUSY):
+                        record.khash, AWAIT_BUSY):
                     park = False            # for the request's next cursor (see above)
                     if self not in _DEFERRAL.pools:
                         _DEFERRAL.pools += (self,)
@@ -536,8 +552,8 @@ class ConnectionPool:
                         return
             else:
                 doomed, shed = [connection], 0
-                if connection._dbp_khash:
-                    self.budget.exchange.changed(connection._dbp_khash, 0, -1)
+                if record.khash:
+                    self.budget.exchange.changed(record.khash, 0, -1)
             if doomed:
                 self._closing += len(doomed)
         if doomed is None:
@@ -549,10 +565,11 @@ class ConnectionPool:
         """Whether to park ``cnx`` rather than keep it idle here: another process
         needed its database lately, nobody waits for the budget, it is clean."""
         exchange = self.budget.exchange
+        record = cnx.pooled
         return exchange.parking is not None and self.settings.reset == 'smart' and \
-            not cnx._dbp_dirty and not self.budget.waiting() and \
-            not (cnx._dbp_expires and cnx._dbp_expires < monotonic() + 5) and \
-            exchange.parking.wanted(cnx._dbp_khash)
+            not record.dirty and not self.budget.waiting() and \
+            not (record.expires and record.expires < monotonic() + 5) and \
+            exchange.parking.wanted(record.khash)
 
     def _park(self, cnx):
         """Send ``cnx`` to the parking (counted in ``_closing`` meanwhile); kept idle
@@ -569,7 +586,7 @@ class ConnectionPool:
                     mark_in_flight(fd)
                     try:
                         neutralize(cnx)
-                        exchange.parking.park(cnx._dbp_khash, fd, meta, sent)
+                        exchange.parking.park(cnx.pooled.khash, fd, meta, sent)
                     finally:
                         if not sent[0]:
                             os.dup2(fd, cnx.fileno(), inheritable=False)   # still ours
@@ -591,7 +608,7 @@ class ConnectionPool:
                     return
                 for stack in self._idle.values():
                     cnx = stack[-1]
-                    if cnx not in tried and cnx._dbp_khash and self._should_park_locked(cnx):
+                    if cnx not in tried and cnx.pooled.khash and self._should_park_locked(cnx):
                         break
                 else:
                     return
@@ -602,6 +619,7 @@ class ConnectionPool:
 
     def _after_park(self, cnx, parked):
         exchange = self.budget.exchange
+        record = cnx.pooled
         if parked:
             exchange.keep_shell(cnx)
         doomed = None
@@ -609,10 +627,10 @@ class ConnectionPool:
             if parked:
                 self._closing -= 1
                 self.stats.parked += 1
-                exchange.changed(cnx._dbp_khash, 0, -1)
-            elif self._closed or self._closings != cnx._dbp_lent_at:
+                exchange.changed(record.khash, 0, -1)
+            elif self._closed or self._closings != record.lent_at:
                 doomed = [cnx]          # close_all() ran meanwhile: closed too (in _closing)
-                exchange.changed(cnx._dbp_khash, 0, -1)
+                exchange.changed(record.khash, 0, -1)
             else:
                 self._closing -= 1
                 self._push_idle_locked(cnx, in_use=-1)
@@ -632,14 +650,15 @@ class ConnectionPool:
         a connection at once instead of a new one after some other connection closed.
         At most HANDOFF_BURST in a row, so that the slots this process frees still
         reach the other borrowers of the queue (other processes, other databases)."""
-        waits = self._budget_waits.get(cnx._dbp_key)
+        record = cnx.pooled
+        waits = self._budget_waits.get(record.key)
         if not waits or self._handed_in_row >= HANDOFF_BURST:
             return False
         wait = waits.popleft()
         if not waits:
-            del self._budget_waits[cnx._dbp_key]
+            del self._budget_waits[record.key]
         self._handed_in_row += 1
-        cnx._dbp_last_used = monotonic()
+        record.last_used = monotonic()
         self._used[cnx] = wait.holder       # in use still (give_back did not unbook it)
         self._opening -= 1          # the local slot it reserved: the connection has one
         self.stats.handed_over += 1
@@ -653,15 +672,15 @@ class ConnectionPool:
         """Close every connection (in use ones too, as stock Odoo) or those of ``dsn``."""
         key = None if dsn is None else dsn_key(dsn)
         with self._lock:
-            doomed = [cnx for cnx in self._used if key is None or cnx._dbp_key == key]
+            doomed = [cnx for cnx in self._used if key is None or cnx.pooled.key == key]
             for cnx in doomed:
                 self._unbook_locked(cnx)
             for stack_key in [k for k in self._idle if key is None or k == key]:
                 stack = self._idle.pop(stack_key)
                 self._n_idle -= len(stack)
                 for cnx in stack:
-                    if cnx._dbp_khash:
-                        self.budget.exchange.changed(cnx._dbp_khash, -1)
+                    if cnx.pooled.khash:
+                        self.budget.exchange.changed(cnx.pooled.khash, -1)
                 doomed.extend(stack)
             self._closings += 1
             self._closing += len(doomed)
@@ -704,8 +723,9 @@ class ConnectionPool:
             cnx = stack.pop()
             if not stack:
                 del self._idle[key]     # no empty stacks: the maintenance relies on it
-            if cnx._dbp_khash:
-                self.budget.exchange.changed(cnx._dbp_khash, -1, 1)
+            khash = cnx.pooled.khash
+            if khash:
+                self.budget.exchange.changed(khash, -1, 1)
             self._used[cnx] = holder
             return cnx
         if take and self.budget is not None and self.budget.exchange is not None and \
@@ -799,8 +819,8 @@ class ConnectionPool:
             return self._least_recently_used_idle_locked()
         spare = exchange.idle_totals()
         stack = max(self._idle.values(), key=lambda st: (
-            spare.get(st[0]._dbp_khash, 0) if st[0]._dbp_khash else 1 << 30,
-            -st[0]._dbp_last_used))
+            spare.get(st[0].pooled.khash, 0) if st[0].pooled.khash else 1 << 30,
+            -st[0].pooled.last_used))
         victim = stack[0]
         self._remove_idle_locked(victim)
         return victim
@@ -808,7 +828,8 @@ class ConnectionPool:
     def _least_recently_used_idle_locked(self):
         oldest = None
         for stack in self._idle.values():
-            if stack and (oldest is None or stack[0]._dbp_last_used < oldest._dbp_last_used):
+            if stack and (oldest is None or
+                          stack[0].pooled.last_used < oldest.pooled.last_used):
                 oldest = stack[0]
         if oldest is not None:
             self._remove_idle_locked(oldest)
@@ -817,44 +838,48 @@ class ConnectionPool:
     def _book_locked(self, cnx, holder):
         """``cnx`` is now in use by ``holder`` (published for the exchange's waits)."""
         self._used[cnx] = holder
-        if cnx._dbp_khash:
-            self.budget.exchange.changed(cnx._dbp_khash, 0, 1)
+        khash = cnx.pooled.khash
+        if khash:
+            self.budget.exchange.changed(khash, 0, 1)
 
     def _unbook_locked(self, cnx):
         """``cnx`` is no longer in use: its holder, or ``_MISSING`` if it was not."""
         holder = self._used.pop(cnx, _MISSING)
-        if holder is not _MISSING and getattr(cnx, '_dbp_khash', 0):
-            self.budget.exchange.changed(cnx._dbp_khash, 0, -1)
+        khash = cnx.pooled.khash
+        if holder is not _MISSING and khash:
+            self.budget.exchange.changed(khash, 0, -1)
         return holder
 
     def _push_idle_locked(self, cnx, in_use=0):
         """``cnx`` is idle now (``in_use`` = -1: it was in use)."""
-        cnx._dbp_last_used = monotonic()
-        stack = self._idle.get(cnx._dbp_key)
+        record = cnx.pooled
+        record.last_used = monotonic()
+        stack = self._idle.get(record.key)
         if stack is None:
-            self._idle[cnx._dbp_key] = [cnx]
+            self._idle[record.key] = [cnx]
         else:
             stack.append(cnx)
         self._n_idle += 1
-        if cnx._dbp_khash:
-            self.budget.exchange.changed(cnx._dbp_khash, 1, in_use)
+        if record.khash:
+            self.budget.exchange.changed(record.khash, 1, in_use)
 
     def _remove_idle_locked(self, cnx, in_use=0):
         """``cnx`` is no longer idle (``in_use`` = 1: counted in use for the exchange)."""
-        stack = self._idle[cnx._dbp_key]
+        record = cnx.pooled
+        stack = self._idle[record.key]
         stack.remove(cnx)
         if not stack:
-            del self._idle[cnx._dbp_key]
+            del self._idle[record.key]
         self._n_idle -= 1
-        if cnx._dbp_khash:
-            self.budget.exchange.changed(cnx._dbp_khash, -1, in_use)
+        if record.khash:
+            self.budget.exchange.changed(record.khash, -1, in_use)
 
     def _send_off_locked(self, cnx):
         """``cnx`` (out of the books) leaves for another process (parked, lent): its slot
         stays counted here, in ``_closing``, while it travels; a ``close_all`` meanwhile
         (``_closings`` moved on) closes it if it comes back."""
         self._closing += 1
-        cnx._dbp_lent_at = self._closings
+        cnx.pooled.lent_at = self._closings
         self._lent.add(cnx)     # in no book meanwhile: a child forked now neutralizes its copy
 
     def _retire(self, connections, shed=0):
@@ -917,7 +942,8 @@ class ConnectionPool:
                 note_privileges(cnx)            # as give_back does
                 self._push_idle_locked(cnx)
                 self.stats.reclaimed_leaked += 1
-                _logger.info('%r: Free leaked connection to %r', self, key_database(cnx._dbp_key))
+                _logger.info('%r: Free leaked connection to %r', self,
+                             key_database(cnx.pooled.key))
             freed += 1
         return freed
 
@@ -955,11 +981,12 @@ class ConnectionPool:
             _logger.info('Connection to the database failed')
             raise
         self.prepare_connection(cnx, key)
+        record = cnx.pooled
         if not replica:             # (a replica has no outage row: the router bans it)
-            cnx._dbp_gen_cells = outages.cells
-            cnx._dbp_gen_cell, cnx._dbp_gen = outages.generation(server)
-        cnx._dbp_direct = (direct is not None) if self.settings.direct_host else None
-        cnx._dbp_prefix = self._prefix(cnx, key, holder)
+            record.gen_cells = outages.cells
+            record.gen_cell, record.gen = outages.generation(server)
+        record.direct = (direct is not None) if self.settings.direct_host else None
+        record.prefix = self._prefix(cnx, key, holder)
         record_tls(cnx, info)
         with self._lock:
             self._opening -= 1
@@ -983,23 +1010,24 @@ class ConnectionPool:
                 return None
             cnx, meta = got
             self.prepare_connection(cnx, key)
-            cnx._dbp_born, cnx._dbp_expires, cnx._dbp_reuses, cnx._dbp_pid = \
+            record = cnx.pooled
+            record.born, record.expires, record.reuses, record.pid = \
                 meta['born'], meta['expires'], meta['reuses'], meta['pid']
-            cnx._dbp_params = meta['params']
+            record.params = meta['params']
             # The session's name, and its start-up name (a shell's libpq knows neither).
-            cnx._dbp_app = meta['app']
-            cnx._dbp_app0 = meta.get('app0', meta['app'])
-            cnx._dbp_name_tx = False
-            cnx._dbp_gen_cell, cnx._dbp_gen = meta.get('gen') or (None, 0)
-            cnx._dbp_gen_cells = (self._outages or self._init_outages()).cells
+            record.app = meta['app']
+            record.app0 = meta.get('app0', meta['app'])
+            record.name_tx = False
+            record.gen_cell, record.gen = meta.get('gen') or (None, 0)
+            record.gen_cells = (self._outages or self._init_outages()).cells
             if opened_before_restart(cnx):
                 with self._lock:                # closed with its slot, the caller opens one
                     self._closing += 1
                 self._retire([cnx])
                 return None
-            cnx._dbp_cancel_info = connection_info     # for its cancel() (a shell's libpq cannot)
-            cnx._dbp_direct = False if self.settings.direct_host else None
-            cnx._dbp_prefix = self._prefix(cnx, key, holder)
+            record.cancel_info = connection_info   # for its cancel() (a shell's libpq cannot)
+            record.direct = False if self.settings.direct_host else None
+            record.prefix = self._prefix(cnx, key, holder)
         except BaseException:       # gevent.Timeout, Odoo's SIGXCPU: nothing may leak
             ours = claim[0] if claim and claim[2] and claim[0] is not None else None
             with self._lock:
@@ -1080,10 +1108,11 @@ class ConnectionPool:
             return None
         with self._lock:
             for stack in self._idle.values():
-                if stack[0]._dbp_khash != khash:
+                if stack[0].pooled.khash != khash:
                     continue
                 cnx = stack[-1]
-                if cnx._dbp_dirty or (cnx._dbp_expires and cnx._dbp_expires < monotonic() + 5) \
+                record = cnx.pooled
+                if record.dirty or (record.expires and record.expires < monotonic() + 5) \
                         or not offerable(cnx) or socket_readable(cnx):
                     return None
                 self._remove_idle_locked(cnx)
@@ -1098,7 +1127,8 @@ class ConnectionPool:
         if given:
             self.budget.exchange.keep_shell(cnx)
         with self._lock:
-            if not given and (self._closed or self._closings != cnx._dbp_lent_at):
+            record = cnx.pooled
+            if not given and (self._closed or self._closings != record.lent_at):
                 doomed = [cnx]          # still counted in _closing
             else:
                 doomed = []
@@ -1106,9 +1136,9 @@ class ConnectionPool:
                 if given:
                     self.stats.given += 1
                 else:
-                    last_used = cnx._dbp_last_used
+                    last_used = record.last_used
                     self._push_idle_locked(cnx)
-                    cnx._dbp_last_used = last_used
+                    record.last_used = last_used
                 self._lent.discard(cnx)     # in a book again, or given
                 if self._waiters:
                     self._hand_off_locked()
@@ -1119,26 +1149,36 @@ class ConnectionPool:
                 self._lent.discard(cnx)     # closed
 
     def prepare_connection(self, cnx, key):
-        """Set the bookkeeping attributes of a new connection for ``key``."""
+        """Fill in the record (``cnx.pooled``) of a new connection for ``key``."""
         now = monotonic()
         lifetime = self.settings.max_lifetime
-        cnx._dbp_key = key
-        cnx._dbp_pool = self
-        cnx._dbp_born = now
-        cnx._dbp_last_used = now
+        record = ensure_record(cnx)             # (adopted from Odoo's stock pool: none yet)
+        record.key = key
+        record.pool = self
+        record.born = record.last_used = now
         # Up to 10% jitter so that connections opened together do not all
         # recycle together.
-        cnx._dbp_expires = now + lifetime * (1 - 0.1 * random.random()) if lifetime else 0
-        cnx._dbp_reuses = 0
+        record.expires = now + lifetime * (1 - 0.1 * random.random()) if lifetime else 0
+        record.reuses = 0
         info = cnx.info                         # (a new object at each access)
-        cnx._dbp_pid = info.backend_pid         # a taken one's libpq may say another's
+        record.pid = info.backend_pid           # a taken one's libpq may say another's
         # Its name now and at start-up (a taken one's: from the donor, see _take).
-        cnx._dbp_app = cnx._dbp_app0 = info.parameter_status('application_name') or ''
-        cnx._dbp_tracked = track(cnx)
+        record.app = record.app0 = info.parameter_status('application_name') or ''
+        record.tracked = track(cnx)
         exchange = self.budget.exchange if self.budget is not None else None
         # Offered to other processes when idle: plain connections of ordinary databases.
-        cnx._dbp_khash = exchange.hash_of(key) if exchange is not None and cnx._dbp_tracked \
+        record.khash = exchange.hash_of(key) if exchange is not None and record.tracked \
             and not cnx.closed and not info.ssl_in_use and not gss_in_use(cnx) else 0
+
+    def adopt(self, cnx, key, in_use):
+        """Take over a connection of Odoo's stock pool this one replaces (no other
+        thread sees this pool yet): in use by an unknown holder, or idle."""
+        self.prepare_connection(cnx, key)
+        with self._lock:
+            if in_use:
+                self._book_locked(cnx, Holder(None))
+            else:
+                self._push_idle_locked(cnx)
 
     def _direct_info(self, connection_info, key):
         """connection_info for PostgreSQL itself (db_direct_host/port) when this
@@ -1153,24 +1193,25 @@ class ConnectionPool:
         return direct
 
     def _prefix(self, cnx, key, holder):
-        """``cnx._dbp_prefix`` of a borrow: the role's timeouts, after ``SET
+        """``cnx.pooled.prefix`` of a borrow: the role's timeouts, after ``SET
         application_name`` when the session does not have this process's name for
         ``key`` (taken from another process, reset): see session_tracking."""
+        record = cnx.pooled
         prefix = self._timeouts_prefix(key, holder)
         app = self._app_names.get(key)
         if app is None:
             app = self._app_names[key] = dict(key).get('application_name') or ''
-        if not app or cnx._dbp_app == app:
-            cnx._dbp_name = cnx._dbp_name_sql = None
+        if not app or record.app == app:
+            record.name = record.name_sql = None
             return prefix
-        cnx._dbp_name = app
+        record.name = app
         # Quoted for this connection's standard_conforming_strings (a database may set it).
         quoting = (app, cnx.info.parameter_status('standard_conforming_strings'))
         name_sql = self._name_sqls.get(quoting)
         if name_sql is None:
             name_sql = self._name_sqls[quoting] = psycopg2.sql.SQL(
                 'SET application_name = {}; ').format(psycopg2.sql.Literal(app)).as_string(cnx)
-        cnx._dbp_name_sql = name_sql
+        record.name_sql = name_sql
         return name_sql + prefix
 
     def _timeouts_prefix(self, key, holder):
@@ -1241,7 +1282,7 @@ class ConnectionPool:
             self._reset(cnx)
         except psycopg2.Error as exc:
             _logger.info('%r: replacing a dead idle connection to %r (%s)', self,
-                         key_database(cnx._dbp_key), str(exc).strip().splitlines()[0])
+                         key_database(cnx.pooled.key), str(exc).strip().splitlines()[0])
             return False
         return True
 
@@ -1256,14 +1297,15 @@ class ConnectionPool:
         liveness check). A transaction left open is rolled back in all cases.
         """
         settings = self.settings
-        dirty = cnx._dbp_dirty
-        cnx._dbp_reuses += 1
-        if settings.reset != 'smart' or dirty & session_state.FULL or not cnx._dbp_tracked:
+        record = cnx.pooled
+        dirty = record.dirty
+        record.reuses += 1
+        if settings.reset != 'smart' or dirty & session_state.FULL or not record.tracked:
             outcome = 'reset_full'
-        elif settings.reset_every and cnx._dbp_reuses % settings.reset_every == 0:
+        elif settings.reset_every and record.reuses % settings.reset_every == 0:
             outcome = 'reset_every'
         elif not dirty and settings.check_after and \
-                monotonic() - cnx._dbp_last_used > settings.check_after:
+                monotonic() - record.last_used > settings.check_after:
             outcome = 'reset_checked'
         else:
             outcome = 'reset_narrow' if dirty else 'reset_skipped'
@@ -1277,15 +1319,15 @@ class ConnectionPool:
             if narrow:
                 run_reset(cnx, narrow)
                 if dirty & session_state.SET:
-                    cnx._dbp_app = cnx._dbp_app0    # RESET ALL: the start-up name
+                    record.app = record.app0    # RESET ALL: the start-up name
             else:
                 restore_characteristics(cnx)
         else:
             cnx.reset()             # ABORT (in a transaction) + DISCARD ALL
-            cnx._dbp_params = None
-            cnx._dbp_app = cnx._dbp_app0            # (the borrow names it again)
-            cnx._dbp_name_tx = False
-        cnx._dbp_dirty = 0
+            record.params = None
+            record.app = record.app0            # (the borrow names it again)
+            record.name_tx = False
+        record.dirty = 0
         stats = self.stats
         with self._lock:
             setattr(stats, outcome, getattr(stats, outcome) + 1)
@@ -1337,13 +1379,13 @@ class ConnectionPool:
         """Take out of the books the idle connections that must go; returns them."""
         idle_deadline = now - settings.idle_timeout if settings.idle_timeout else None
         doomed, timed_out = [], []
-        for stack in sorted(self._idle.values(), key=lambda st: st[0]._dbp_last_used):
+        for stack in sorted(self._idle.values(), key=lambda st: st[0].pooled.last_used):
             for cnx in list(stack):
                 if is_dead(cnx) or opened_before_restart(cnx):
                     reason = 'closed_dead'
-                elif cnx._dbp_expires and cnx._dbp_expires <= now:
+                elif cnx.pooled.expires and cnx.pooled.expires <= now:
                     reason = 'closed_lifetime'
-                elif idle_deadline is not None and cnx._dbp_last_used <= idle_deadline:
+                elif idle_deadline is not None and cnx.pooled.last_used <= idle_deadline:
                     timed_out.append(cnx)     # least recently used first
                     continue
                 else:
@@ -1398,7 +1440,7 @@ class ConnectionPool:
                 'closing': self._closing,
                 'waiting': len(self._waiters),
                 'holders': [
-                    {'database': key_database(c._dbp_key), 'age': now - h.since,
+                    {'database': key_database(c.pooled.key), 'age': now - h.since,
                      'site': format_site(h.site), 'thread': h.thread, 'url': h.url}
                     for c, h in sorted(self._used.items(), key=lambda item: item[1].since)],
                 'stats': self.stats.as_dict(),
@@ -1410,7 +1452,7 @@ class ConnectionPool:
             if not self._used:
                 return None
             cnx, holder = min(self._used.items(), key=lambda item: item[1].since)
-            return holder.wall_since, key_database(cnx._dbp_key), format_site(holder.site)
+            return holder.wall_since, key_database(cnx.pooled.key), format_site(holder.site)
 
     def figures(self):
         """Cheap counts for the shared state: in use (long-lived ones apart, being opened
@@ -1419,7 +1461,7 @@ class ConnectionPool:
         the process holds."""
         with self._lock:
             long_lived = sum(1 for cnx in self._used
-                             if key_database(cnx._dbp_key) in LONG_LIVED_DATABASES)
+                             if key_database(cnx.pooled.key) in LONG_LIVED_DATABASES)
             waiting = sum(map(len, self._budget_waits.values())) if self._budget_waits else 0
             return {'in_use': len(self._used) - long_lived + self._opening - waiting,
                     'idle': self._n_idle, 'long_lived': long_lived}

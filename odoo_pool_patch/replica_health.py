@@ -325,7 +325,7 @@ class Monitor:
             self._stop = threading.Event()
             self.prober.connections = {}      # a forked child must not use the parent's
             self.prober.primary_positions.clear()
-            self.router._reset_counts()
+            self.router.reset_counts()
             threading.Thread(target=self._run, args=(self._stop,), daemon=True,
                              name='db_pooling-replicas').start()
 

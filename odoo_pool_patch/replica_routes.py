@@ -119,7 +119,7 @@ def ryw_connection_class(base):
 def patch_close_db(sql_db, router):
     """Stock close_db passes the primary's DSN to the read-only pool, so its replica
     connections stay open (18/19): close those of every server too."""
-    if getattr(sql_db.close_db, '_db_pooling', False):
+    if getattr(sql_db.close_db, 'db_pooling', False):
         return
     original = sql_db.close_db
 
@@ -130,7 +130,7 @@ def patch_close_db(sql_db, router):
             info = sql_db.connection_info_for(db_name, readonly=True)[1]
             for target in router.targets:
                 pool.close_all(router.rewrite(info, target))
-    close_db._db_pooling = True
+    close_db.db_pooling = True
     sql_db.close_db = close_db
 
 
@@ -140,7 +140,7 @@ def patch_registry_retry(ban_time):
     is unreachable; once that is over, use replicas again after the ban time, not later."""
     import time
     from odoo.modules.registry import Registry
-    if getattr(Registry.cursor, '_db_pooling', False):
+    if getattr(Registry.cursor, 'db_pooling', False):
         return
     original = Registry.cursor
 
@@ -149,7 +149,7 @@ def patch_registry_retry(ban_time):
         if readonly and failed is not None and time.monotonic() > failed + ban_time:
             self._db_readonly_failed_time = None
         return original(self, readonly=readonly)
-    cursor._db_pooling = True
+    cursor.db_pooling = True
     Registry.cursor = cursor
 
 
@@ -200,7 +200,7 @@ def patch_readonly_methods(methods, router):
     from odoo import http
     from odoo.modules.registry import Registry
     methods = frozenset(methods)
-    if getattr(Registry.cursor, '_db_pooling', False):
+    if getattr(Registry.cursor, 'db_pooling', False):
         return
     original_cursor = Registry.cursor
 
@@ -209,7 +209,7 @@ def patch_readonly_methods(methods, router):
                 sys._getframe(1).f_code.co_name != 'check_signaling':
             return replica_cursor(self.db_name)
         return original_cursor(self, *args, **kwargs)
-    cursor._db_pooling = True
+    cursor.db_pooling = True
     Registry.cursor = cursor
 
     def serve_readonly(original):
@@ -228,7 +228,7 @@ def patch_readonly_methods(methods, router):
                 return original(self, *args, **kwargs)
             finally:
                 thread.cursor_mode = 'rw'
-        serve._db_pooling = True
+        serve.db_pooling = True
         return serve
     for name in ('_serve_db', '_serve_nodb'):
         setattr(http.Request, name, serve_readonly(getattr(http.Request, name)))

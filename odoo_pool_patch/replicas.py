@@ -127,15 +127,15 @@ class Router:
         self.primary_infos = {}     # database -> connection_info of its last write borrow
         self._local = threading.local()
         self._counts_lock = threading.Lock()
-        self._reset_counts()
+        self.reset_counts()
 
     def after_fork_in_child(self):
         """The parent's health thread may have held the counts' lock at fork (it takes
         them every tick); the counts not yet flushed are the parent's to add."""
         self._counts_lock = threading.Lock()
-        self._reset_counts()
+        self.reset_counts()
 
-    def _reset_counts(self):
+    def reset_counts(self):
         n = len(self.targets)
         self.reads, self.writes = [0] * n, [0] * n
         self.fallbacks = [[0] * len(REASONS) for _ in range(n)]
@@ -167,15 +167,15 @@ class Router:
         if not eligible:
             return self.primary, reason, pinned, need
         picked = random.choices(eligible, weights)[0]
-        idle = pool._idle if pool is not None and len(eligible) > 1 else None
-        if idle and random.random() < STICK and dsn_key(self.rewrite(connection_info, picked)) \
-                not in idle and not pool.has_room():
+        if pool is not None and len(eligible) > 1 and random.random() < STICK and \
+                not pool.holds_idle(dsn_key(self.rewrite(connection_info, picked))) and \
+                not pool.has_room():
             # No room for a connection on the weighted pick without closing another: keep
             # to a replica this pool already holds an idle connection to for this
             # database. Switching at the rate 1 - STICK keeps the long-run share of each
             # replica equal to its weight.
             for target in eligible:
-                if dsn_key(self.rewrite(connection_info, target)) in idle:
+                if pool.holds_idle(dsn_key(self.rewrite(connection_info, target))):
                     return target, None, (), need
         return picked, None, (), need
 
@@ -185,13 +185,12 @@ class Router:
         while a replica usually replays a commit within milliseconds: asking it costs
         one round trip and keeps the session's next reads off the primary. Only asked
         on a connection the pool holds idle anyway, never at the cost of a new one."""
-        idle = pool._idle
         for target in pinned:
             info = self.rewrite(connection_info, target)
-            if dsn_key(info) not in idle:
+            if not pool.holds_idle(dsn_key(info)):
                 continue
             try:
-                cnx = pool._borrow(info)
+                cnx = pool.borrow_exact(info)
             except psycopg2.Error:
                 continue            # its idle connection was dead and it refuses a new one
             try:
@@ -228,7 +227,7 @@ class Router:
         monitor = self.monitor
         if monitor is not None and monitor.pid != os.getpid():
             monitor.ensure_started()
-        if not pool._readonly:
+        if not pool.readonly:
             thread = self._local
             if getattr(thread, 'last_read', None) is not None and getattr(
                     threading.current_thread(), 'cursor_mode', None) == 'ro->rw':
@@ -241,7 +240,7 @@ class Router:
             database = database_of(connection_info)
             if database is not None:
                 self.primary_infos[database] = connection_info
-            return pool._borrow(connection_info)
+            return pool.borrow_exact(connection_info)
         tried = set()
         while True:
             target, reason, pinned, need = self.choose(connection_info, tried, pool)
@@ -266,7 +265,7 @@ class Router:
             if info is None:
                 info = self.rewrite(connection_info, target)
             try:
-                cnx = owner._borrow(info)
+                cnx = owner.borrow_exact(info)
             except psycopg2.OperationalError as exc:
                 if target is self.primary:
                     raise
@@ -299,7 +298,7 @@ class Router:
         """Counters since the last call (the health thread adds them to the shared rows)."""
         with self._counts_lock:
             counts = self.reads, self.writes, self.fallbacks
-            self._reset_counts()
+            self.reset_counts()
         return counts
 
 

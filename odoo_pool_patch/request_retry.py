@@ -57,6 +57,7 @@ import time
 
 import psycopg2
 
+from .conn_record import record_of
 from .errors import PoolError
 
 _logger = logging.getLogger('odoo.sql_db')
@@ -74,7 +75,7 @@ def committed():
 def install(model_module):
     """Wrap ``model_module.retrying`` (``odoo.service.model``). Idempotent."""
     stock = model_module.retrying
-    if getattr(stock, '_dbp_stock', None) is not None:
+    if getattr(stock, 'db_pooling_stock', None) is not None:
         return
 
     def retrying(func, env):
@@ -105,7 +106,7 @@ def install(model_module):
 
     retrying.__doc__, retrying.__name__ = stock.__doc__, stock.__name__
     retrying.__qualname__ = stock.__qualname__
-    retrying._dbp_stock = stock
+    retrying.db_pooling_stock = stock
     model_module.retrying = retrying
 
 
@@ -125,16 +126,16 @@ def install_reruns():
     from odoo import http
     from odoo.modules.registry import Registry
     new = Registry.__dict__['new'].__func__
-    if getattr(new, '_dbp_stock', None) is None:
+    if getattr(new, 'db_pooling_stock', None) is None:
         Registry.new = classmethod(rerun(new, 'loading the registry of database',
                                          commits_matter=_updates_modules))
     check = Registry.check_signaling
-    if getattr(check, '_dbp_stock', None) is None:
+    if getattr(check, 'db_pooling_stock', None) is None:
         Registry.check_signaling = rerun(
             check, 'checking the registry signaling of database',
             lambda args, kwargs: len(args) < 2 and kwargs.get('cr') is None)
     login = http.Session.authenticate
-    if getattr(login, '_dbp_stock', None) is None:
+    if getattr(login, 'db_pooling_stock', None) is None:
         http.Session.authenticate = rerun(
             login, 'logging in to database',
             lambda args, kwargs: len(args) > 1 and isinstance(args[1], str))
@@ -180,7 +181,7 @@ def rerun(func, what, applies=None, commits_matter=None):
         raise AssertionError('unreachable')
 
     functools.update_wrapper(wrapper, func)
-    wrapper._dbp_stock = func
+    wrapper.db_pooling_stock = func
     return wrapper
 
 
@@ -223,8 +224,9 @@ def _may_retry(env, before, exc, outer):
         return None
     cr = env.cr
     cnx = vars(cr).get('_cnx')      # (not through Odoo's TestCursor, which forwards it)
-    if cnx is None or cr._closed or cnx.closed != 2 or \
-            getattr(cnx, '_dbp_info', None) is None or not getattr(cnx, '_dbp_tracked', False):
+    record = record_of(cnx)
+    if cnx is None or cr._closed or cnx.closed != 2 or record is None or \
+            record.info is None or not record.tracked:
         return None
     return _session_end(exc, outer)
 
@@ -283,17 +285,17 @@ def _prepare(env, exc, end, attempt, elapsed):
     ``elapsed`` seconds; ``end`` as :func:`_may_retry` says), on a new connection."""
     from odoo.http import request
 
-    from .first_statement import first_line, move_cursor
+    from .first_statement import first_line, move_cursor, pool_stats
     if request:
         for name, upload in request.httprequest.files.items():
             if not (hasattr(upload, 'seekable') and upload.seekable()):
                 raise RuntimeError(f'the uploaded file {name!r} cannot be read again')
     cr = env.cr
     dead = cr._cnx
-    owner = getattr(dead, '_dbp_pool', None)
+    owner = dead.pooled.pool
     held = owner.borrowed_for(dead) if owner is not None else None
     elapsed = max(elapsed, held or 0.0)   # its transaction may have begun before the attempt
-    move_cursor(cr, dead, dead._dbp_info)
+    move_cursor(cr, dead, dead.pooled.info)
     if end == 'eof':
         # A terminated backend, or a timeout that would end the next attempt as well
         # (a request that waits on a remote service with its transaction open).
@@ -311,7 +313,7 @@ def _prepare(env, exc, end, attempt, elapsed):
         request.session = request._get_session_and_dbname()[0]
         for upload in request.httprequest.files.values():
             upload.seek(0)
-    stats = getattr(getattr(cr._cnx, '_dbp_pool', None), 'stats', None)
+    stats = pool_stats(cr._cnx)
     if stats is not None:
         stats.request_retries += 1
     _logger.info('db_pooling: the server closed the connection of a transaction on database '

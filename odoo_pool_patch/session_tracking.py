@@ -4,10 +4,10 @@ The pool sets :class:`TrackingCursor` as the ``cursor_factory`` of every
 connection it opens (Odoo creates its cursors with ``cnx.cursor()``), and the
 connection class mixes in :class:`SessionTracking` to see autocommit toggles.
 Each ``execute`` ORs the kinds of :func:`.session_state.session_kinds` into
-``cnx._dbp_dirty``; the pool reads that mask when the connection is reused
-and clears exactly that (see ``ConnectionPool._revive``).
+``cnx.pooled.dirty`` (its :mod:`.conn_record`); the pool reads that mask when the
+connection is reused and clears exactly that (see ``ConnectionPool._revive``).
 
-The same hook adds the per-role ``SET LOCAL`` timeouts (``cnx._dbp_prefix``,
+The same hook adds the per-role ``SET LOCAL`` timeouts (``cnx.pooled.prefix``,
 chosen at borrow) in front of the first statement of each transaction, so they
 cost no round trip and end with the transaction, and warns once when a
 statement that needs a real session goes through a transaction pooler.
@@ -15,25 +15,25 @@ statement that needs a real session goes through a transaction pooler.
 The session's name (``application_name``, ``odoo-<role>-<pid>``) travels the same
 way. A session taken from another process, or reset by ``RESET ALL``/``DISCARD
 ALL``, has another process's name; the borrow puts ``SET application_name`` in
-front of the prefix (``cnx._dbp_name``: the name wanted), and the transaction
-that carried it, once committed, makes it the session's (``cnx._dbp_app``). A
+front of the prefix (``cnx.pooled.name``: the name wanted), and the transaction
+that carried it, once committed, makes it the session's (``cnx.pooled.app``). A
 rollback undoes the ``SET`` on the server, so the name stays pending and the next
 transaction carries it again. No round trip of its own: until the borrower's
 first transaction, ``pg_stat_activity`` shows the previous holder's name.
-Attributes, all of the thread holding the connection:
+Fields of ``cnx.pooled``, all of the thread holding the connection:
 
-- ``_dbp_app``: the name the session has on the server as far as the pool knows
+- ``app``: the name the session has on the server as far as the pool knows
   (libpq's ``parameter_status`` cannot say for a taken connection: its libpq
   started against a stand-in, see exchange);
-- ``_dbp_app0``: its start-up name, what ``RESET ALL`` and ``DISCARD ALL`` go back to;
-- ``_dbp_name``: the name the borrow wants, while the session does not have it
+- ``app0``: its start-up name, what ``RESET ALL`` and ``DISCARD ALL`` go back to;
+- ``name``: the name the borrow wants, while the session does not have it
   (None: nothing pending);
-- ``_dbp_name_tx``: the open transaction began with ``SET application_name =
-  _dbp_name`` (set by the cursor once that statement left, with BEGIN before it;
+- ``name_tx``: the open transaction began with ``SET application_name =
+  name`` (set by the cursor once that statement left, with BEGIN before it;
   cleared by ``rollback``, by a transaction whose first statement is a SET, and by
   ``commit``, which counts the name only if that transaction was still open: a
   COMMIT of a failed transaction is a ROLLBACK); once counted, the SET is taken
-  out of the borrow's prefix (``_dbp_name_sql``).
+  out of the borrow's prefix (``name_sql``).
 
 A ``%`` in the prefix (an administrator's name) is doubled when psycopg2 formats
 the statement's parameters; the quoted name is cached per
@@ -46,6 +46,7 @@ import psycopg2.extensions as ext
 import psycopg2.sql
 
 from . import request_retry
+from .conn_record import ConnRecord, ensure_record, record_of
 from .session_state import (AUTOCOMMIT, COMMITTED, HOLD, ROLE, SESSION_ONLY, UNKNOWN, names,
                             session_kinds)
 
@@ -100,29 +101,30 @@ class TrackingCursor(ext.cursor):
             kinds = session_kinds(_text(self.mogrify(query, vars), self))
         if kinds:
             _note(cnx, kinds, text)
+        record = cnx.pooled
         if self.name is not None:
             if self.withhold:
-                cnx._dbp_dirty |= HOLD
-        elif cnx._dbp_prefix and cnx.status == STATUS_READY and not _autocommit.__get__(cnx):
+                record.dirty |= HOLD
+        elif record.prefix and cnx.status == STATUS_READY and not _autocommit.__get__(cnx):
             # First statement of a transaction (psycopg2 sends BEGIN before it):
             # the role's timeouts, and the session's name if pending, go in the
             # same round trip. Not before a SET, which may be SET TRANSACTION
             # (it must come first).
             if text.lstrip()[:3].upper() == 'SET':
-                cnx._dbp_name_tx = False        # (this transaction does not carry it)
+                record.name_tx = False        # (this transaction does not carry it)
                 return _execute(self, query, vars)
-            prefix = cnx._dbp_prefix
+            prefix = record.prefix
             if vars is not None and '%' in prefix:
                 prefix = prefix.replace('%', '%%')  # psycopg2 formats the whole text
             query = prefix + text
-            if cnx._dbp_name is not None:
-                cnx._dbp_name_tx = False
+            if record.name is not None:
+                record.name_tx = False
                 try:
                     return _execute(self, query, vars)
                 finally:
                     # Carried only if it left: psycopg2 formats the parameters, then
                     # sends BEGIN (READY still: nothing was sent).
-                    cnx._dbp_name_tx = cnx.status != STATUS_READY
+                    record.name_tx = cnx.status != STATUS_READY
         return _execute(self, query, vars)
 
     def copy_expert(self, sql, file, size=8192):
@@ -147,10 +149,10 @@ class TrackingCursor(ext.cursor):
 
 
 def _note(cnx, kinds, text):
-    cnx._dbp_dirty |= kinds
+    cnx.pooled.dirty |= kinds
     if kinds & (COMMITTED | UNKNOWN):       # UNKNOWN: code we cannot see into may commit
         request_retry.committed()
-    if kinds & SESSION_ONLY and not cnx._dbp_direct:
+    if kinds & SESSION_ONLY and not cnx.pooled.direct:
         warn_if_pooled(cnx, kinds, text)
 
 
@@ -160,34 +162,21 @@ class SessionTracking:
     in autocommit mode set_session also changes server-side defaults). A commit
     sent and an autocommit toggle are told to :mod:`.request_retry`: the thread's
     request must not run again."""
-    _dbp_dirty = 0
-    _dbp_auth = None        # privileges() when the pool got it (see privileges_changed)
-    _dbp_prefix = ''
-    _dbp_params = None      # the session parameters, cached (see exchange.session_meta)
-    _dbp_direct = None      # True: sent to db_direct_host; False: it is set but not for this
-                            # connection; None: db_direct_host is not set
-    _dbp_gen_cells = None   # outage generation of its server when opened (see outage):
-    _dbp_gen_cell = None    # cells[cell] != gen once that server came back from an outage
-    _dbp_gen = 0
-    _dbp_asked = None       # connection_info of a borrow whose first statement has not run
-    _dbp_info = None        # connection_info of the borrow (request_retry)
-    _dbp_app = None         # the session's name (see the module's docstring)
-    _dbp_app0 = None
-    _dbp_name = None
-    _dbp_name_sql = None    # the SET application_name at the head of _dbp_prefix
-    _dbp_name_tx = False
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pooled = ConnRecord()
 
     def get_backend_pid(self):
         # A connection taken from another process may sit in a psycopg2 object of an
         # earlier session (exchange shells), whose libpq still reports that one's pid.
-        pid = getattr(self, '_dbp_pid', None)
+        pid = self.pooled.pid
         return pid if pid is not None else super().get_backend_pid()
 
     def cursor(self, *args, **kwargs):
         # A cursor of another class does not report what it runs: the full reset.
         factory = kwargs.get('cursor_factory', args[1] if len(args) > 1 else None)
         if factory is not None and not issubclass(factory, TrackingCursor):
-            self._dbp_dirty |= UNKNOWN
+            self.pooled.dirty |= UNKNOWN
             request_retry.committed()   # what it runs (a COMMIT?) is not seen
         return _cursor(self, *args, **kwargs)
 
@@ -198,39 +187,40 @@ class SessionTracking:
     @autocommit.setter
     def autocommit(self, value):
         if value:
-            self._dbp_dirty |= AUTOCOMMIT
+            self.pooled.dirty |= AUTOCOMMIT
             request_retry.committed()
         _autocommit.__set__(self, value)
 
     def set_session(self, isolation_level=None, readonly=None, deferrable=None, autocommit=None):
         if autocommit:
-            self._dbp_dirty |= AUTOCOMMIT
+            self.pooled.dirty |= AUTOCOMMIT
             request_retry.committed()
         return _set_session(self, isolation_level, readonly, deferrable, autocommit)
 
     def set_isolation_level(self, level):
         if level == ext.ISOLATION_LEVEL_AUTOCOMMIT:
-            self._dbp_dirty |= AUTOCOMMIT
+            self.pooled.dirty |= AUTOCOMMIT
             request_retry.committed()
         return _set_isolation_level(self, level)
 
     def commit(self):
         if not self.closed:         # (closed: psycopg2 raises without sending anything)
             request_retry.committed()
-        if not self._dbp_name_tx:
+        record = self.pooled
+        if not record.name_tx:
             return _commit(self)
-        self._dbp_name_tx = False   # (a failed commit: the name stays pending)
+        record.name_tx = False   # (a failed commit: the name stays pending)
         # The COMMIT of a failed transaction is a ROLLBACK (psycopg2 raises nothing).
         carried = self.info.transaction_status == ext.TRANSACTION_STATUS_INTRANS
         _commit(self)
         if carried:
-            name_sql = self._dbp_name_sql
-            if name_sql and self._dbp_prefix.startswith(name_sql):
-                self._dbp_prefix = self._dbp_prefix[len(name_sql):]     # done: not again
-            self._dbp_app, self._dbp_name = self._dbp_name, None
+            name_sql = record.name_sql
+            if name_sql and record.prefix.startswith(name_sql):
+                record.prefix = record.prefix[len(name_sql):]     # done: not again
+            record.app, record.name = record.name, None
 
     def rollback(self):
-        self._dbp_name_tx = False   # the SET of the name is undone with the rest
+        self.pooled.name_tx = False   # the SET of the name is undone with the rest
         return _rollback(self)
 
     def tpc_prepare(self):
@@ -268,16 +258,16 @@ class _ShellInfo:
 
     @property
     def backend_pid(self):
-        pid = self._cnx._dbp_pid
+        pid = self._cnx.pooled.pid
         return pid if pid is not None else self._info.backend_pid
 
     @property
     def host(self):
-        return (self._cnx._dbp_cancel_info or {}).get('host') or self._info.host
+        return (self._cnx.pooled.cancel_info or {}).get('host') or self._info.host
 
     @property
     def port(self):
-        port = (self._cnx._dbp_cancel_info or {}).get('port')
+        port = (self._cnx.pooled.cancel_info or {}).get('port')
         return int(port) if port else self._info.port
 
     def __getattr__(self, name):
@@ -288,21 +278,18 @@ class ShellConnection:
     """Mixin of connections whose libpq started against a stand-in and holds a session
     taken from another process: libpq's cancel request would go to the stand-in's
     address with its key (0), so :meth:`cancel` asks the server itself."""
-    _dbp_cancel_info = None     # the connection_info it was borrowed with (set by the pool)
-    _dbp_pid = None
-
     @property
     def info(self):
         return _ShellInfo(_info.__get__(self), self)
 
     def cancel(self):
-        info = self._dbp_cancel_info
+        info = self.pooled.cancel_info
         if info is None:
             return _cancel(self)
         # Any name the session may have now (a pending one: sent, not committed yet).
-        names = sorted({name for name in (self._dbp_app, self._dbp_name, self._dbp_app0)
-                        if name})
-        cancel_session(info, self._dbp_pid, names or None)
+        record = self.pooled
+        names = sorted({name for name in (record.app, record.name, record.app0) if name})
+        cancel_session(info, record.pid, names or None)
 
 
 _info = ext.connection.info
@@ -350,7 +337,7 @@ def privileges(cnx):
         return None
     status = cnx.get_parameter_status
     superuser = status('is_superuser')
-    auth = cnx._dbp_auth            # (None while it is being taken)
+    auth = cnx.pooled.auth            # (None while it is being taken)
     if (superuser if auth is None else auth[0]) != 'on':
         return superuser, None      # an ordinary login cannot change its session user
     return superuser, status('session_authorization')
@@ -363,22 +350,23 @@ def privileges_changed(cnx):
     ``session_authorization`` whenever they change. Not seen: ``SET ROLE`` between
     two roles on the same side of the superuser line (it needs membership), left to
     the periodic full reset. About a microsecond (two for a superuser login)."""
-    return privileges(cnx) != cnx._dbp_auth
+    return privileges(cnx) != cnx.pooled.auth
 
 
 def note_privileges(cnx):
     """Mark ``cnx`` for the role's reset if :func:`privileges_changed` (before it can be
     reused, offered or parked)."""
     if privileges_changed(cnx):
-        cnx._dbp_dirty |= ROLE
+        cnx.pooled.dirty |= ROLE
 
 
 def track(cnx):
     """Make a connection (ours, or one adopted from Odoo's stock pool) track its
     session state. False when that is impossible (the pool then always resets it)."""
-    cnx._dbp_dirty = 0
-    cnx._dbp_auth = None
-    cnx._dbp_auth = privileges(cnx)
+    record = ensure_record(cnx)         # (adopted from Odoo's stock pool: none yet)
+    record.dirty = 0
+    record.auth = None
+    record.auth = privileges(cnx)
     if not isinstance(cnx, SessionTracking):
         try:
             cnx.__class__ = tracked_class(type(cnx))
@@ -417,7 +405,8 @@ def behind_pooler(cnx):
     """Whether ``cnx`` reaches PostgreSQL through a pooler: the backend pid the
     server reports differs from the one the pooler gave us at connection time
     (PgBouncer, Odyssey and PgCat make up their own). One query, once per DSN."""
-    key = getattr(cnx, '_dbp_key', None)
+    record = record_of(cnx)
+    key = None if record is None else record.key
     verdict = _verdicts.get(key)
     if verdict is None:
         try:
@@ -437,7 +426,7 @@ def warn_if_pooled(cnx, kinds, text):
         return
     _warned.add(warned)
     statement = ' '.join(text.split())[:120]
-    if cnx._dbp_direct is None:
+    if cnx.pooled.direct is None:
         advice = (f'Set {DIRECT_OPTIONS} in odoo.conf to the PostgreSQL server itself: '
                   'connections to the "postgres" database (bus, cron wake-ups) then go there '
                   'directly. ')

@@ -545,7 +545,7 @@ class SharedState:
         """Claim a process row for this process; returns the row number."""
         pid, start = os.getpid(), process_start(os.getpid()) or 0
         with self.locked() as cells:
-            self._reap_shared_locked(cells, force=True)
+            self.reap_shared_locked(cells, force=True)
             mine = self._my_rows().row
             if mine is not None and cells[PROC_BASE + mine * P_FIELDS + P_PID] == pid:
                 free = mine         # re-registering (same process): reuse the row
@@ -627,9 +627,9 @@ class SharedState:
         if not force and int(time.monotonic() * 1000) - self.cells[H_LAST_REAP] < interval_ms:
             return 0                    # someone reaped recently: skip the lock
         with self.locked() as cells:
-            return self._reap_shared_locked(cells, force)
+            return self.reap_shared_locked(cells, force)
 
-    def _reap_shared_locked(self, cells, force=False, interval_ms=500):
+    def reap_shared_locked(self, cells, force=False, interval_ms=500):
         """Free the rows (slots, waiters) of processes that died. Returns slots freed."""
         now = int(time.monotonic() * 1000)
         if not force and now - cells[H_LAST_REAP] < interval_ms:

@@ -30,7 +30,8 @@ def option_names():
                  for name in ('sslmode', *KEYWORDS))
 
 
-def _value(get, name):
+def conf_value(get, name):
+    """Option ``name`` as ``get`` (odoo.conf) gives it, stripped; None when unset or empty."""
     value = get(name)
     if value is None or value is False or (isinstance(value, str) and not value.strip()):
         return None
@@ -41,18 +42,18 @@ def tls_keywords(get, replica=False):
     """{libpq keyword: value} for the primary, or for replicas (falling back to the primary's)."""
     keywords = {}
     for suffix, (keyword, _) in KEYWORDS.items():
-        value = _value(get, 'db_' + suffix)
+        value = conf_value(get, 'db_' + suffix)
         if replica:
-            value = _value(get, 'db_replica_' + suffix) or value
+            value = conf_value(get, 'db_replica_' + suffix) or value
         if value:
             keywords[keyword] = value
     return keywords
 
 
 def sslmode(get, replica=False):
-    mode = _value(get, 'db_sslmode') or 'prefer'
+    mode = conf_value(get, 'db_sslmode') or 'prefer'
     if replica:
-        mode = _value(get, 'db_replica_sslmode') or mode
+        mode = conf_value(get, 'db_replica_sslmode') or mode
     return mode
 
 
@@ -65,14 +66,14 @@ def validate(get, where=None):
     problems = []
     for prefix, replica in (('db_', False), ('db_replica_', True)):
         mode = sslmode(get, replica)
-        named = prefix + 'sslmode' if _value(get, prefix + 'sslmode') else 'db_sslmode'
+        named = prefix + 'sslmode' if conf_value(get, prefix + 'sslmode') else 'db_sslmode'
         if mode not in SSLMODES:
             problems.append(f'{prefix}sslmode = {mode!r}{at(named)} is not a libpq sslmode: use '
                             f'one of {", ".join(SSLMODES)}.')
         keywords = tls_keywords(get, replica)
         for suffix in FILES:
             path = keywords.get(suffix)
-            option = prefix + suffix if _value(get, prefix + suffix) else 'db_' + suffix
+            option = prefix + suffix if conf_value(get, prefix + suffix) else 'db_' + suffix
             if path is None:
                 continue
             if not os.path.isabs(path):
@@ -95,7 +96,7 @@ def validate(get, where=None):
         if ('sslcert' in keywords) != ('sslkey' in keywords):
             present, missing = ('sslcert', 'sslkey') if 'sslcert' in keywords else ('sslkey',
                                                                                      'sslcert')
-            given = prefix + present if _value(get, prefix + present) else 'db_' + present
+            given = prefix + present if conf_value(get, prefix + present) else 'db_' + present
             problems.append(f'{prefix}{missing} is missing: a client certificate needs both '
                             f'{prefix}sslcert and {prefix}sslkey ({given} is set{at(given)}).')
         if mode in ('verify-ca', 'verify-full') and 'sslrootcert' not in keywords \
@@ -106,7 +107,7 @@ def validate(get, where=None):
         version = keywords.get('ssl_min_protocol_version')
         if version and version not in PROTOCOLS:
             option = prefix + 'ssl_min_protocol_version'
-            option = option if _value(get, option) else 'db_ssl_min_protocol_version'
+            option = option if conf_value(get, option) else 'db_ssl_min_protocol_version'
             problems.append(f'{prefix}ssl_min_protocol_version = {version!r}{at(option)} is not '
                             f'one of {", ".join(PROTOCOLS)}.')
     return list(dict.fromkeys(problems))      # a primary's file the replicas inherit: once
@@ -115,10 +116,10 @@ def validate(get, where=None):
 def pg_environ(get, environ):
     """``environ`` with the primary's TLS settings as libpq variables (pg_dump, psql)."""
     environ = dict(environ)
-    if _value(get, 'db_sslmode'):
-        environ['PGSSLMODE'] = _value(get, 'db_sslmode')
+    if conf_value(get, 'db_sslmode'):
+        environ['PGSSLMODE'] = conf_value(get, 'db_sslmode')
     for suffix, (_, variable) in KEYWORDS.items():
-        value = _value(get, 'db_' + suffix)
+        value = conf_value(get, 'db_' + suffix)
         if value:
             environ[variable] = value
     return environ

@@ -24,13 +24,10 @@ import odoo_pool_patch
 
 ENGINE = pathlib.Path(odoo_pool_patch.__file__).parent
 
-# (module, function, helper): why that call may go without the lock.
-ALLOWED = {
-    ('odoo_install.py', 'adopt', '_book_locked'):
-        'the pool is being built from a stock one: no other thread sees it yet',
-    ('odoo_install.py', 'adopt', '_push_idle_locked'):
-        'the pool is being built from a stock one: no other thread sees it yet',
-}
+# (module, function, helper): why that call may go without the lock. (Empty: the one
+# exception there was, odoo_install.adopt booking connections of a pool no other thread
+# saw yet, now calls ConnectionPool.adopt, which takes the lock.)
+ALLOWED = {}
 
 
 def lock_of(expr):
@@ -203,7 +200,7 @@ class Pool:
         self.helper = lambda: self._push_idle_locked(4)     # wrong: runs later
     def _hand_off_locked(self):
         self._push_idle_locked(5)
-        self.budget._grant_shared_locked(6)     # wrong: the pool lock is not the shared one
+        self.budget.grant_shared_locked(6)     # wrong: the pool lock is not the shared one
     def give_back(self):
         with self._lock:
             pass
@@ -211,14 +208,14 @@ class Pool:
 class Budget:
     def fine(self):
         with self.state.locked() as cells:
-            self._grant_shared_locked(cells)
+            self.grant_shared_locked(cells)
             self.release()                      # wrong: re-enters the shared lock
-    def _grant_shared_locked(self, cells):
-        self._count_shared_locked(cells)
+    def grant_shared_locked(self, cells):
+        self.count_shared_locked(cells)
     def release(self):
         with self.state.locked() as cells:
-            self._count_shared_locked(cells)
-        self._count_shared_locked(cells)        # wrong: after the lock
+            self.count_shared_locked(cells)
+        self.count_shared_locked(cells)        # wrong: after the lock
         with self._exit_lock:
             self._finish_exits_exit_locked()
         self._finish_exits_exit_locked()        # wrong: no lock

@@ -54,13 +54,13 @@ def test_control_listen_through_transaction_pooler_hears_nothing(pools, bouncer,
 def test_notify_through_pooler_reaches_direct_listen(pg, pools, bouncer, via_bouncer):
     pool = pools(2, settings=Settings(direct_host=pg.host, direct_port=pg.port))
     cnx = listen(pool, via_bouncer('postgres'), 'dbp_direct')
-    assert cnx.info.port == pg.port and cnx._dbp_direct
+    assert cnx.info.port == pg.port and cnx.pooled.direct
     assert 'keepalives=1' in cnx.dsn
     notify_through(bouncer, 'dbp_direct', 'hello')
     assert received(cnx, 10) == ['hello']
     # Other databases still go through the pooler.
     other = pool.borrow(via_bouncer('db1'))
-    assert other.info.port != pg.port and not other._dbp_direct
+    assert other.info.port != pg.port and not other.pooled.direct
     pool.give_back(other)
     pool.give_back(cnx, keep_in_pool=False)
 

@@ -260,7 +260,7 @@ def test_expired_connection_in_use_is_closed_on_give_back(pools, info):
 def test_lifetime_has_jitter(pools, info):
     pool = pools(10, settings=Settings(max_lifetime=1000))
     held = [pool.borrow(info()) for _ in range(8)]
-    spans = {round(c._dbp_expires - c._dbp_born, 3) for c in held}
+    spans = {round(c.pooled.expires - c.pooled.born, 3) for c in held}
     assert len(spans) > 1 and all(900 <= s <= 1000 for s in spans)
     for cnx in held:
         pool.give_back(cnx)

@@ -195,7 +195,7 @@ def test_a_count_left_by_a_process_killed_while_parking_is_corrected(
     cnx = pool.borrow(info('db2'))
     pool.give_back(cnx)                     # really parked, in db2's lot
     parking = shared.exchange.parking
-    khash = shared.exchange.hash_of(cnx._dbp_key)
+    khash = shared.exchange.hash_of(cnx.pooled.key)
     ghost = next(k for k in range(2, 100) if k != khash)
     base = parking._claim(ghost)
     with shared.state.locked() as cells:    # what a parker killed before sendmsg leaves

@@ -35,8 +35,8 @@ def test_a_commit_of_a_failed_transaction_does_not_count_the_name(pg, info, tmp_
                 cur.execute('SELECT 1/0')
         cnx.commit()                        # no exception: the server rolled back
         assert server_name(pg, backend) == donor_name
-        assert cnx._dbp_app == donor_name and cnx._dbp_name == taker, \
-            (cnx._dbp_app, cnx._dbp_name)
+        assert cnx.pooled.app == donor_name and cnx.pooled.name == taker, \
+            (cnx.pooled.app, cnx.pooled.name)
 
 
 def test_after_a_commit_of_a_failed_transaction_the_name_is_never_set_and_cancel_misses(
@@ -89,7 +89,7 @@ def test_after_a_commit_of_a_failed_transaction_the_name_is_never_set_and_cancel
 def test_a_statement_that_fails_before_it_is_sent_does_not_count_the_name(
         pg, info, tmp_path):
     """psycopg2 formats the parameters before it sends BEGIN: an execute() that raises
-    there sent nothing, yet _dbp_name_tx is set; a commit() then (nothing to commit: no
+    there sent nothing, yet pooled.name_tx is set; a commit() then (nothing to commit: no
     round trip) counts a name the server never saw."""
     taker = info()['application_name'] + '-taker'
     with taken('exchange', str(tmp_path / 'segment'), info) as (pool, cnx, backend):
@@ -99,14 +99,14 @@ def test_a_statement_that_fails_before_it_is_sent_does_not_count_the_name(
                 cur.execute('SELECT %s, %s', (1,))      # not enough parameters
         cnx.commit()
         assert server_name(pg, backend) == donor_name
-        assert cnx._dbp_app == donor_name and cnx._dbp_name == taker, \
-            (cnx._dbp_app, cnx._dbp_name)
+        assert cnx.pooled.app == donor_name and cnx.pooled.name == taker, \
+            (cnx.pooled.app, cnx.pooled.name)
 
 
 def test_a_rollback_by_psycopg2_itself_does_not_leave_the_name_counted_later(
         pg, info, tmp_path):
     """set_isolation_level() inside a transaction rolls it back in C (not through our
-    rollback()): _dbp_name_tx stays set, and the next transaction, which does not carry
+    rollback()): pooled.name_tx stays set, and the next transaction, which does not carry
     the SET (its first statement is a SET LOCAL), counts the name at its commit."""
     with taken('exchange', str(tmp_path / 'segment'), info) as (pool, cnx, backend):
         donor_name = server_name(pg, backend)
@@ -119,7 +119,7 @@ def test_a_rollback_by_psycopg2_itself_does_not_leave_the_name_counted_later(
             cur.execute('SELECT 1')
         cnx.commit()
         assert server_name(pg, backend) == donor_name
-        assert cnx._dbp_app == donor_name, (cnx._dbp_app, cnx._dbp_name)
+        assert cnx.pooled.app == donor_name, (cnx.pooled.app, cnx.pooled.name)
 
 
 @pytest.mark.parametrize('name', ['odoo%', "50%-o'dd\\y", 'x%s'])
@@ -129,7 +129,7 @@ def test_a_name_with_a_percent_sign_does_not_break_a_statement_with_parameters(
     are) goes in front of the user's query; psycopg2 then reads its % as placeholders
     when the query has parameters."""
     with taken('exchange', str(tmp_path / 'segment'), info, name) as (pool, cnx, backend):
-        assert backend_pid(cnx) == backend and cnx._dbp_name == name
+        assert backend_pid(cnx) == backend and cnx.pooled.name == name
         cnx.rollback()
         with cnx.cursor() as cur:
             cur.execute('SELECT %s::int + 1', (41,))
@@ -147,7 +147,7 @@ def test_after_the_name_counts_later_transactions_do_not_send_it_again(pg, info,
         with cnx.cursor() as cur:
             cur.execute('SELECT 1')
         cnx.commit()
-        assert cnx._dbp_name is None
+        assert cnx.pooled.name is None
         with cnx.cursor() as cur:
             cur.execute('SELECT 2')
             sent = cur.query.decode()
@@ -189,7 +189,7 @@ def test_the_quoted_name_is_not_reused_for_a_database_with_other_quoting(
         cnx.commit()
         pool.give_back(cnx)
         cnx = pool.borrow(info('dbscs', application_name=name))
-        assert cnx._dbp_dirty == 0 and cnx._dbp_name == name
+        assert cnx.pooled.dirty == 0 and cnx.pooled.name == name
         with cnx.cursor() as cur:
             cur.execute('SELECT 1')
             sent = cur.query.decode()
@@ -332,8 +332,8 @@ def test_park_wanted_with_another_thread_meanwhile(pg, info, tmp_path, family, w
 @pytest.mark.odoo
 def test_deferred_parking_is_installed_with_replica_routing_on_16_17():
     """odoo_install: install_replicas (16/17 with replicas: patch_readonly_methods
-    wraps Request._serve_db, marked _db_pooling) runs before
-    _defer_parking_in_requests, which skips a _serve_db marked _db_pooling."""
+    wraps Request._serve_db, marked db_pooling) runs before
+    _defer_parking_in_requests, which skips a _serve_db marked db_pooling."""
     import subprocess
     trees = [tree for tree in ODOO_TREES if tree.major in (16, 17)]
     if not trees:

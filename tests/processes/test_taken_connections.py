@@ -340,18 +340,18 @@ def test_a_taken_connection_is_named_by_its_first_committed_transaction(
     with taken(source, str(tmp_path / 'segment'), info) as (pool, cnx, backend):
         # No round trip on the way in: the session still has its donor's name...
         donor_name = server_name(pg, backend)
-        assert donor_name != taker and cnx._dbp_name == taker
+        assert donor_name != taker and cnx.pooled.name == taker
         # ...until the first transaction: its first statement carries the SET. A
         # rollback undoes it on the server, so the name stays pending.
         assert first_transaction(cnx, 'rollback') == taker
         assert server_name(pg, backend) == donor_name
-        assert (cnx._dbp_app, cnx._dbp_name) == (donor_name, taker)
+        assert (cnx.pooled.app, cnx.pooled.name) == (donor_name, taker)
         assert first_transaction(cnx, 'commit') == taker
         assert server_name(pg, backend) == taker
-        assert (cnx._dbp_app, cnx._dbp_name) == (taker, None)
+        assert (cnx.pooled.app, cnx.pooled.name) == (taker, None)
         pool.give_back(cnx)
         again = pool.borrow(info('db2', application_name=taker))
-        assert again is cnx and 'application_name' not in again._dbp_prefix
+        assert again is cnx and 'application_name' not in again.pooled.prefix
         assert first_transaction(again, 'commit') == taker
         pool.give_back(again)
 
@@ -373,7 +373,7 @@ def test_a_reset_taken_connection_is_named_again(pg, info, tmp_path, statement):
         pool.give_back(cnx)
         again = pool.borrow(info('db2', application_name=taker))
         assert again is cnx and server_name(pg, backend) == start_name != taker
-        assert again._dbp_name == taker and again._dbp_prefix.startswith('SET application_name')
+        assert again.pooled.name == taker and again.pooled.prefix.startswith('SET application_name')
         assert first_transaction(again, 'commit') == taker
         assert server_name(pg, backend) == taker
         pool.give_back(again)

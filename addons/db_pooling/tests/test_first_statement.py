@@ -125,7 +125,7 @@ class TestDeadRollback(common.BaseCase):
         cr = self.doomed_after_commit()
         try:
             with self.assertRaises(psycopg2.Error):
-                sql_db.Cursor._close._dbp_stock(cr)
+                sql_db.Cursor._close.db_pooling_stock(cr)
         finally:
             sql_db._Pool.give_back(cr._cnx, keep_in_pool=False)
 

@@ -118,7 +118,7 @@ class TestRequestRetry(common.BaseCase):
             self.kill_later(env, 0.3)
             env.cr.execute('SELECT pg_sleep(3)')
         with self.assertRaises(psycopg2.Error):
-            self.run_request(body, retrying=service_model.retrying._dbp_stock)
+            self.run_request(body, retrying=service_model.retrying.db_pooling_stock)
         self.assertEqual(len(self.attempts), 1)
         self.assertEqual(count(self.tag), 0)
 
@@ -312,6 +312,6 @@ class TestRerun(common.BaseCase):
 
     def test_registry_signaling_and_login_are_run_again(self):
         from odoo import http
-        self.assertTrue(Registry.new._dbp_stock)
-        self.assertTrue(Registry.check_signaling._dbp_stock)
-        self.assertTrue(http.Session.authenticate._dbp_stock)
+        self.assertTrue(Registry.new.db_pooling_stock)
+        self.assertTrue(Registry.check_signaling.db_pooling_stock)
+        self.assertTrue(http.Session.authenticate.db_pooling_stock)
