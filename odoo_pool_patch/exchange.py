@@ -92,6 +92,7 @@ import psycopg2.extensions
 
 from . import faults
 from . import shared_state as ss
+from .conn_record import ensure_record
 from .parking import IN_FLIGHT, Parking, mark_in_flight, recv_fds
 from .session_tracking import restore_characteristics, shell_class
 
@@ -615,7 +616,7 @@ class IdleExchange:
             finally:
                 listener.close()
         cnx.__class__ = shell_class(type(cnx))      # its cancel() and info are the pool's
-        cnx.pooled.shell = True
+        ensure_record(cnx).shell = True     # (a factory without SessionTracking: none yet)
         return cnx
 
 

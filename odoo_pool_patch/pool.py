@@ -37,9 +37,9 @@ Locks apart, held with no other and taking none: IdleExchange._wrap_lock (one st
 start-up at a time, a local connect of up to 2 s), Outages._count_lock, Router._counts_lock
 and Monitor._lock (replicas); outage rows without a shared state use a process-local lock
 in the shared lock's place. A helper's name says which lock its caller holds:
-``_x_locked`` the ``_lock`` of the object it is called on (the pool lock here, the
-exchange lock in exchange.py), ``_x_shared_locked`` the shared lock (budget, parking,
-shared_state: they take the mapped ``cells``), ``_x_exit_locked`` the exit lock.
+a name ending in ``_locked`` the ``_lock`` of the object it is called on (the pool lock
+here, the exchange lock in exchange.py), in ``_shared_locked`` the shared lock (budget,
+parking, shared_state: they take the mapped ``cells``), in ``_exit_locked`` the exit lock.
 
 State machine of one connection (every transition happens under ``_lock``)::
 
@@ -99,7 +99,7 @@ from .session_tracking import (SessionTracking, note_privileges, restore_charact
 from .exchange import gss_in_use, neutralize, offerable, session_meta
 from .tls import explain_failure, record as record_tls
 from .backend_exit import exited, finished, wait_exited
-from .conn_record import ensure_record, record_of
+from .conn_record import ensure_record
 from .outage import OutageTimeout, opened_before_restart, outages_for, server_of
 from .parking import IN_FLIGHT, mark_in_flight
 from . import faults
@@ -171,7 +171,7 @@ def deferred_parking():
 class PooledConnection(SessionTracking, psycopg2.extensions.connection):
     """Default connection class outside Odoo (the installer uses Odoo's
     ``PsycoConnection`` with the same mixin). A Python subclass is needed: the
-    pool keeps its bookkeeping in attributes of the connection object."""
+    pool keeps its record of the connection in it (``cnx.pooled``, see conn_record)."""
 
 
 class Holder:
@@ -353,9 +353,10 @@ class ConnectionPool:
         """Whether slots of closed connections wait for their backend to exit (lock-free)."""
         return bool(self._exiting)
 
-    def holds_idle(self, key):
-        """Whether an idle connection for DSN key ``key`` is here (a lock-free estimate)."""
-        return key in self._idle
+    def holds_idle(self, key=None):
+        """Whether an idle connection for DSN key ``key`` (any, if None) is here (a
+        lock-free estimate)."""
+        return bool(self._idle) if key is None else key in self._idle
 
     def has_room(self):
         """Whether a new connection could be opened now without closing another
@@ -506,7 +507,7 @@ class ConnectionPool:
 
     def give_back(self, connection, keep_in_pool=True):
         """Return a borrowed connection; ``keep_in_pool=False`` closes it."""
-        record = record_of(connection)
+        record = getattr(connection, 'pooled', None)      # (record_of, inlined: hot path)
         owner = self if record is None or record.pool is None else record.pool
         if owner is not self:       # lent by the read/write pool (replica routing)
             return owner.give_back(connection, keep_in_pool)

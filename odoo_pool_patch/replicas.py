@@ -167,7 +167,8 @@ class Router:
         if not eligible:
             return self.primary, reason, pinned, need
         picked = random.choices(eligible, weights)[0]
-        if pool is not None and len(eligible) > 1 and random.random() < STICK and \
+        if pool is not None and len(eligible) > 1 and pool.holds_idle() and \
+                random.random() < STICK and \
                 not pool.holds_idle(dsn_key(self.rewrite(connection_info, picked))) and \
                 not pool.has_room():
             # No room for a connection on the weighted pick without closing another: keep

@@ -149,10 +149,11 @@ class TrackingCursor(ext.cursor):
 
 
 def _note(cnx, kinds, text):
-    cnx.pooled.dirty |= kinds
+    record = cnx.pooled
+    record.dirty |= kinds
     if kinds & (COMMITTED | UNKNOWN):       # UNKNOWN: code we cannot see into may commit
         request_retry.committed()
-    if kinds & SESSION_ONLY and not cnx.pooled.direct:
+    if kinds & SESSION_ONLY and not record.direct:
         warn_if_pooled(cnx, kinds, text)
 
 

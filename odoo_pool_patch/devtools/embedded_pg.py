@@ -55,7 +55,7 @@ def file_tail(path, lines=20):
         return ''
 
 
-def _as_server_user():
+def as_server_user():
     return os.geteuid() == 0
 
 
@@ -83,13 +83,13 @@ class Cluster:
 
     # ---------------------------------------------------------------- processes
     def _chown(self, path):
-        if _as_server_user():
+        if as_server_user():
             pw = pwd.getpwnam(SERVER_USER)
             os.chown(path, pw.pw_uid, pw.pw_gid)
 
     def _run(self, *args, check=True, timeout=120):
         cmd = [os.path.join(self.bindir, args[0]), *args[1:]]
-        if _as_server_user():
+        if as_server_user():
             cmd = ['runuser', '-u', SERVER_USER, '--', *cmd]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, timeout=timeout, cwd=self.base)

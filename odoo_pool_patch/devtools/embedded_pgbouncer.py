@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import time
 
-from .embedded_pg import SERVER_USER, ClusterError, _as_server_user, file_tail, free_port
+from .embedded_pg import SERVER_USER, ClusterError, as_server_user, file_tail, free_port
 
 PGBOUNCER = '/usr/sbin/pgbouncer'
 
@@ -61,7 +61,7 @@ class PgBouncer:
         with open(self.config, 'w') as handle:
             handle.write(f'[databases]\n* = host={cluster.host} port={cluster.port}\n\n'
                          '[pgbouncer]\n' + ''.join(f'{k} = {v}\n' for k, v in options.items()))
-        if _as_server_user():
+        if as_server_user():
             import pwd
             pw = pwd.getpwnam(SERVER_USER)
             for path in (self.base, *(os.path.join(self.base, n) for n in os.listdir(self.base))):
@@ -70,7 +70,7 @@ class PgBouncer:
 
     def start(self, timeout=20):
         cmd = [self.binary, self.config]
-        if _as_server_user():
+        if as_server_user():
             cmd = ['runuser', '-u', SERVER_USER, '--', *cmd]
         self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         cwd=self.base)

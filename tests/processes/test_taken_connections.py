@@ -403,3 +403,26 @@ def test_a_connection_given_on_before_its_name_counted_carries_the_real_one(
         peer.stop()
         stop(donor)
         pool.shutdown()
+
+
+class ForeignConnection(ext.connection):
+    """A connection class that knows nothing of us (as Odoo's PsycoConnection)."""
+
+
+def test_a_connection_class_without_our_mixin_can_take_a_session(pg, info, tmp_path):
+    """The stand-in a take starts is of the pool's connection class; with one that does not
+    mix SessionTracking in, it has no record until it is marked a shell (failed: every take
+    was abandoned and the donor's session closed)."""
+    path = str(tmp_path / 'segment')
+    peer, pool = Peer(path, info), make_pool(path)
+    pool.connection_factory = ForeignConnection
+    try:
+        donor = peer.do('borrow', 'db2')
+        peer.do('back', 'db2')
+        cnx = pool.borrow(info('db2'))
+        assert (pool.stats.taken, backend_pid(cnx)) == (1, donor)
+        assert isinstance(cnx, ForeignConnection) and cnx.pooled.shell
+        pool.give_back(cnx)
+    finally:
+        peer.stop()
+        pool.shutdown()
