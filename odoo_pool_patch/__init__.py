@@ -4,7 +4,12 @@ Map of the package, one job per module (docs/architecture.rst has the longer ver
 Odoo loads the top level through the addon; the subpackages import it, never the reverse.
 
 The pool and what moves connections between processes:
-  ``pool``             the per-process pool, drop-in for ``odoo.sql_db.ConnectionPool``
+  ``pool``             the per-process pool, drop-in for ``odoo.sql_db.ConnectionPool``;
+                       one concern per module mixed into it: ``pool_slots`` (books, grants,
+                       waiters), ``pool_sessions`` (open, prepare, reset), ``pool_sharing``
+                       (parking, taking, lending, budget waits), ``pool_upkeep``
+                       (maintenance pass, figures)
+  ``borrowers``        who holds a borrowed connection and where it was borrowed
   ``conn_record``      ``ConnRecord``: what the pool knows about one connection (``cnx.pooled``)
   ``maintenance``      the timer thread: idle eviction, lifetime, dead sockets, leaks, shedding
   ``after_fork``       a forked child's reset steps, in one stated order

@@ -1,15 +1,21 @@
-"""When a closed connection's backend has exited.
+"""When a closed connection's backend has exited, and whether an idle one's server
+said goodbye (no round trip).
 
 The server closes its end of the socket only after the backend has left
 ``pg_stat_activity``, so EOF on a descriptor of that socket means "gone from
 the server": a budget slot freed then is reused without the server ever
 seeing one connection too many. The pool watches duplicates of the sockets it
-closes (``pool.begin_close``); the parking watches the parked sockets it
+closes (:func:`begin_close`); the parking watches the parked sockets it
 received and said goodbye on.
 """
+import logging
 import os
 import select
 import time
+
+import psycopg2
+
+_logger = logging.getLogger('odoo.sql_db.pool')
 
 _POLLIN = select.POLLIN
 _DONE = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -91,3 +97,71 @@ def wait_exited(fds, timeout):
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def fd_readable(fd):
+    """True when the server sent something to an idle socket: usually its goodbye
+    (shutdown, pg_terminate_backend) or a dropped socket. No round trip."""
+    try:
+        poller = select.poll()          # (see backend_exit.readable: not select())
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
+def socket_readable(cnx):
+    """:func:`fd_readable` of an idle connection (True if it has no socket)."""
+    try:
+        fd = cnx.fileno()
+    except psycopg2.Error:
+        return True
+    return fd_readable(fd)
+
+
+def is_dead(cnx):
+    """Whether an idle connection is known dead, without a round trip.
+
+    The server's goodbye arrives as an error message and then EOF: the first
+    ``poll()`` consumes the message (libpq files a FATAL one among the notices,
+    which is enough: the EOF may not be there yet), the next one hits EOF and
+    raises."""
+    try:
+        for _ in range(4):
+            if cnx.closed:
+                return True
+            if not socket_readable(cnx):
+                return False
+            cnx.poll()
+            if cnx.notices and cnx.notices[-1].startswith('FATAL'):
+                return True
+    except psycopg2.Error:
+        return True
+    return bool(cnx.closed)
+
+
+def begin_close(connections):
+    """Close connections; return duplicates of their sockets to watch for the exit.
+
+    ``close()`` only sends Terminate; the backend leaves pg_stat_activity a
+    moment later. The server closes its socket only after that, so EOF on a
+    duplicate of our socket means "gone from the server": a slot freed then
+    can be reused without the server ever seeing one connection too many.
+    """
+    fds = []
+    for cnx in connections:
+        if not cnx.closed:
+            try:
+                fds.append(os.dup(cnx.fileno()))
+            except (OSError, psycopg2.Error):
+                pass
+            try:
+                cnx.close()
+            except Exception:       # pragma: no cover - close is best effort
+                _logger.debug('error while closing a connection', exc_info=True)
+    return fds
+
+
+def close_and_wait(connections, timeout=2.0):
+    """Close connections and wait (up to ``timeout``) until their backends have exited."""
+    wait_exited(begin_close(connections), timeout)

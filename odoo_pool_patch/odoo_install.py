@@ -15,7 +15,8 @@ import os
 from . import first_statement, list_dbs_cache, request_retry
 from .errors import ConfigError
 from .options import load_settings
-from .pool import ConnectionPool, deferred_parking
+from .pool import ConnectionPool
+from .pool_sharing import deferred_parking
 from .session_tracking import tracked_class
 
 _logger = logging.getLogger('odoo.sql_db.pool')

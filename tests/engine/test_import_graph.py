@@ -111,7 +111,7 @@ def test_the_checker_sees_an_upward_import():
     """The checks above cannot pass by reading nothing: the engine's own graph is read,
     and an engine module importing cli/ would be reported."""
     edges = graph()
-    assert 'budget' in edges['pool'] and 'pool' in edges['devtools.demo']
+    assert 'pool_slots' in edges['pool'] and 'pool' in edges['devtools.demo']
     assert 'observability.instance_view' in edges['cli.top']
     edges['pool'] = edges['pool'] | {'cli.top'}
     assert upward(edges) == ['pool imports cli.top']

@@ -52,7 +52,7 @@ FOREIGN = {
         "Odoo 18+'s Registry: when its replica failed (the ban ends after ban_time)",
     ('exchange.py', '_psycopg'): "psycopg2's C extension: the libpq it is linked to (GSSAPI "
                                  "encryption is asked of it)",
-    ('pool.py', '_getframe'): 'sys._getframe: the borrow site, cheaper than inspect',
+    ('borrowers.py', '_getframe'): 'sys._getframe: the borrow site, cheaper than inspect',
     ('replica_routes.py', '_getframe'): 'sys._getframe: who calls Registry.cursor',
     ('shared_state.py', '_is_owned'): "threading.RLock: whether this thread holds it after "
                                       "a signal interrupted its acquire",

@@ -266,8 +266,8 @@ def test_a_full_budget_waits_for_a_connection_in_use_elsewhere_rather_than_open_
     """Budget full, nothing idle to db1 anywhere but one in use in another process: the
     borrower waits for it to come back and takes it, instead of closing its db2
     connection and opening a backend. Nothing of db3 in use anywhere: no wait."""
-    from odoo_pool_patch import pool as pool_module
-    monkeypatch.setattr(pool_module, 'AWAIT_BUSY', await_busy)
+    from odoo_pool_patch import pool_sharing
+    monkeypatch.setattr(pool_sharing, 'AWAIT_BUSY', await_busy)
     path = str(tmp_path / 'segment')
     peer = Peer(path, info, budget=2)
     pool = make_pool(path, budget=2)
@@ -395,8 +395,8 @@ def test_no_wait_for_connections_in_use_while_borrowers_queue(
 def test_no_wait_for_a_connection_this_process_holds(pg, info, tmp_path, monkeypatch):
     """A nested cursor (Odoo's cron opens one per job on its database): the connection in
     use is this process's own, it cannot come back while the borrower waits."""
-    from odoo_pool_patch import pool as pool_module
-    monkeypatch.setattr(pool_module, 'AWAIT_BUSY', 5.0)
+    from odoo_pool_patch import pool_sharing
+    monkeypatch.setattr(pool_sharing, 'AWAIT_BUSY', 5.0)
     pool = make_pool(str(tmp_path / 'segment'), budget=2)
     try:
         outer = pool.borrow(info('db1'))

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from odoo_pool_patch import parking as parking_module
-from odoo_pool_patch import pool as pool_module
+from odoo_pool_patch import backend_exit, pool_sharing
 
 from testkit import backend_pid
 from testkit.peers import borrow_while_peer_gives_back, count, held, make_pool, parked, peer, start_donor, stop
@@ -71,7 +71,7 @@ def test_borrow_give_back_and_reuse(high_fds, pools, info, pg, app):
     backend = backend_pid(cnx)
     cnx.commit()
     pool.give_back(cnx)
-    assert pool_module.socket_readable(cnx) is False and not pool_module.is_dead(cnx)
+    assert backend_exit.socket_readable(cnx) is False and not backend_exit.is_dead(cnx)
     again = pool.borrow(info())
     assert again is cnx and backend_pid(again) == backend
     assert (pool.stats.reused, pool.stats.opened, pool.stats.dead_replaced) == (1, 1, 0)
@@ -89,7 +89,7 @@ def test_a_dead_idle_connection_is_replaced(high_fds, pools, info, pg, app):
     pool.give_back(cnx)
     pg.sql('SELECT pg_terminate_backend(%s)', [backend])
     assert pg.wait_until(lambda: pg.count_connections(app) == 0)
-    assert pg.wait_until(lambda: pool_module.socket_readable(cnx))     # the goodbye, seen
+    assert pg.wait_until(lambda: backend_exit.socket_readable(cnx))     # the goodbye, seen
     fresh = pool.borrow(info())
     assert fresh is not cnx and beyond_select(fresh.fileno())
     assert backend_pid(fresh) != backend
@@ -185,7 +185,7 @@ def test_a_borrower_waiting_on_the_parking_queue_receives_the_connection(
         high_fds, pg, info, tmp_path, family, monkeypatch):  # noqa: F811
     """Budget full, db1 in use in worker a: the borrower waits on the lot's queue (a high
     descriptor) and receives the connection a parks on give-back."""
-    monkeypatch.setattr(pool_module, 'AWAIT_BUSY', 5.0)
+    monkeypatch.setattr(pool_sharing, 'AWAIT_BUSY', 5.0)
     monkeypatch.setattr(parking_module, 'DEMAND', 1.0)
     start, peers = family
     shared, make, new_pool = start(budget=2)

@@ -12,7 +12,8 @@ from odoo_pool_patch.budget import SharedBudget
 from odoo_pool_patch.devtools.embedded_pg import Cluster
 from odoo_pool_patch.options import Settings
 from odoo_pool_patch.outage import OutageTimeout
-from odoo_pool_patch.pool import ConnectionPool, is_dead
+from odoo_pool_patch.backend_exit import is_dead
+from odoo_pool_patch.pool import ConnectionPool
 
 from testkit.forks import collect, fork
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from odoo_pool_patch import parking as parking_module
-from odoo_pool_patch import pool as pool_module
+from odoo_pool_patch import pool_sharing
 from odoo_pool_patch import shared_state as ss
 from odoo_pool_patch.budget import SharedBudget
 from odoo_pool_patch.errors import PoolTimeout
@@ -236,7 +236,7 @@ def test_a_borrower_waiting_for_a_connection_in_use_receives_it_parked(
     """Budget full, db1's only connection in use in worker a: the borrower waits for it
     and says it needs it, so a parks it on give-back and the borrower receives it from
     the queue. Control (no demand ever seen): a keeps it, the borrower asks a for it."""
-    monkeypatch.setattr(pool_module, 'AWAIT_BUSY', 5.0)
+    monkeypatch.setattr(pool_sharing, 'AWAIT_BUSY', 5.0)
     monkeypatch.setattr(parking_module, 'DEMAND', demand)
     start, peers = family
     shared, make, new_pool = start(budget=2)
@@ -265,7 +265,7 @@ def test_inside_a_request_a_connection_given_back_serves_the_next_cursor_then_is
     other.do('borrow', 'db1')               # its demand for db1, then no more
     time.sleep(0.1)
     pool = new_pool()
-    with pool_module.deferred_parking() if in_request else contextlib.nullcontext():
+    with pool_sharing.deferred_parking() if in_request else contextlib.nullcontext():
         cnx = pool.borrow(info('db1'))
         backend = backend_pid(cnx)
         cnx.commit()
@@ -289,14 +289,14 @@ def test_inside_a_request_a_connection_is_parked_at_once_for_a_borrower_waiting_
     """Budget full, worker b waits for db1 (in use here, inside a request): the give-back
     parks it at once and b receives it from the queue, without waiting for the request
     to end."""
-    monkeypatch.setattr(pool_module, 'AWAIT_BUSY', 5.0)
+    monkeypatch.setattr(pool_sharing, 'AWAIT_BUSY', 5.0)
     start, peers = family
     shared, make, new_pool = start(budget=2)
     b = peer(peers, tmp_path, info, make)
     b.do('borrow', 'db2')
     b.do('back', 'db2')                     # b: an idle db2, the budget's second slot
     pool = new_pool()
-    with pool_module.deferred_parking():
+    with pool_sharing.deferred_parking():
         cnx = pool.borrow(info('db1'))
         busy = backend_pid(cnx)
         cnx.commit()

@@ -13,7 +13,7 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from odoo_pool_patch import pool as pool_module
+from odoo_pool_patch import pool_sharing
 from odoo_pool_patch import exchange
 
 from testkit import NO_ODOO, ODOO_TREES, ROOT, backend_pid
@@ -235,7 +235,7 @@ def wanted_elsewhere(peers, tmp_path, info, make, database='db1'):
 def request(pool, info, databases=('db1',), body=None):
     """What the wrapper around Odoo's _serve_db does: the request's cursors, then
     its response (a string), all under deferred_parking."""
-    with pool_module.deferred_parking():
+    with pool_sharing.deferred_parking():
         for database in databases:
             cnx = pool.borrow(info(database))
             cnx.commit()
@@ -342,7 +342,7 @@ def test_deferred_parking_is_installed_with_replica_routing_on_16_17():
     script = '''
 from odoo import http
 from odoo_pool_patch import replica_routes, odoo_install
-from odoo_pool_patch.pool import parking_deferred
+from odoo_pool_patch.pool_sharing import parking_deferred
 http.Request._serve_db = lambda self: parking_deferred()
 replica_routes.patch_readonly_methods(['read'], None)   # install_replicas, 16/17
 odoo_install._defer_parking_in_requests()               # then install()

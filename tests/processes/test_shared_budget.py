@@ -12,7 +12,7 @@ import pytest
 from odoo_pool_patch import shared_state as ss
 from odoo_pool_patch.budget import SharedBudget
 from odoo_pool_patch.options import Settings
-from odoo_pool_patch import pool as pool_module
+from odoo_pool_patch import pool_sharing
 from odoo_pool_patch.pool import ConnectionPool
 
 from testkit.forks import collect, fork
@@ -159,13 +159,13 @@ def test_idle_connections_of_one_process_move_to_a_waiter_in_another(pg, shm_pat
     pool.shutdown()
 
 
-@pytest.mark.parametrize('burst', [pool_module.HANDOFF_BURST, 0])
+@pytest.mark.parametrize('burst', [pool_sharing.HANDOFF_BURST, 0])
 def test_a_connection_given_back_goes_to_a_thread_waiting_for_its_database(
         pg, shm_path, info, monkeypatch, burst):
     """A thread waiting in the budget's queue for db1 gets the db1 connection another
     thread of its process gives back: no close, no new backend. Control
     (HANDOFF_BURST = 0): the connection is closed for the queue and a new one opened."""
-    monkeypatch.setattr(pool_module, 'HANDOFF_BURST', burst)
+    monkeypatch.setattr(pool_sharing, 'HANDOFF_BURST', burst)
     budget = make_budget(shm_path, 1)
     pool = ConnectionPool(4, budget=budget, settings=Settings(wait_timeout=10))
     first = pool.borrow(info('db1'))
@@ -189,13 +189,13 @@ def test_a_connection_given_back_goes_to_a_thread_waiting_for_its_database(
     pool.shutdown()
 
 
-@pytest.mark.parametrize('burst', [pool_module.HANDOFF_BURST, 10 ** 9])
+@pytest.mark.parametrize('burst', [pool_sharing.HANDOFF_BURST, 10 ** 9])
 def test_hand_offs_leave_slots_for_other_processes(pg, shm_path, info, burst, monkeypatch):
     """Three threads of one process pass one db1 connection among themselves while
     another process waits for db2 on a budget of 1: after HANDOFF_BURST hand-offs in a
     row a slot goes to the queue, so the other process is served while they go on.
     Control (no limit): it waits until the threads stop."""
-    monkeypatch.setattr(pool_module, 'HANDOFF_BURST', burst)
+    monkeypatch.setattr(pool_sharing, 'HANDOFF_BURST', burst)
     go = shm_path + '.go'
 
     def other_process():

@@ -21,7 +21,7 @@ import psycopg2.extensions as ext
 import pytest
 
 from odoo_pool_patch import exchange
-from odoo_pool_patch import pool as pool_module
+from odoo_pool_patch import pool_sessions
 from odoo_pool_patch import shared_state as ss
 
 from testkit import backend_pid
@@ -221,8 +221,8 @@ def test_gss_in_use_asks_libpq(pg):
 def fake_gss(monkeypatch, where):
     """No GSSAPI server can run here (no KDC, no keytab): gss_in_use is made to say
     True, where the pool imported it (prepare_connection) and/or in exchange (offerable)."""
-    for module in {'pool': [pool_module], 'exchange': [exchange],
-                   'both': [pool_module, exchange], 'none': []}[where]:
+    for module in {'pool': [pool_sessions], 'exchange': [exchange],
+                   'both': [pool_sessions, exchange], 'none': []}[where]:
         monkeypatch.setattr(module, 'gss_in_use', lambda cnx: True)
 
 

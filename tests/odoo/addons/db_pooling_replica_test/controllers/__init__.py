@@ -52,5 +52,5 @@ class ReplicaTest(http.Controller):
     @http.route('/dbp_test/parking_deferred', type='json', auth='user')
     def parking_deferred(self):
         """Whether the request runs under db_pooling's deferred parking (every series)."""
-        from odoo_pool_patch.pool import parking_deferred
+        from odoo_pool_patch.pool_sharing import parking_deferred
         return parking_deferred()

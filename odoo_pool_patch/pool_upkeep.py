@@ -1,0 +1,175 @@
+"""Upkeep and introspection of the per-process pool (mixed into
+:class:`.pool.ConnectionPool`): the maintenance pass (idle timeout, max lifetime, dead
+sockets, leaked connections, leak warnings), shedding idle connections for the shared
+budget's waiters, and the figures the dashboard, ``odoo-pool top`` and the metrics read.
+"""
+import logging
+import time
+
+from . import session_state
+from .backend_exit import is_dead
+from .borrowers import format_site
+from .budget import LONG_LIVED_DATABASES
+from .dsn import key_database
+from .outage import opened_before_restart
+
+_logger = logging.getLogger('odoo.sql_db.pool')
+monotonic = time.monotonic
+
+
+class PoolStats:
+    """Monotonic counters of one pool (the dashboard sums them across pools)."""
+    __slots__ = ('borrows', 'reused', 'opened', 'waits', 'timeouts', 'closed_idle',
+                 'closed_lifetime', 'closed_dead', 'closed_room', 'reclaimed_leaked',
+                 'dead_replaced', 'leak_warnings', 'shed', 'budget_waits', 'budget_timeouts',
+                 # Odoo cursors moved to a new connection when theirs died before its first
+                 # statement (see first_statement)
+                 'first_statement_retries',
+                 # requests run again on a new connection after the server closed theirs
+                 # with nothing committed (see request_retry)
+                 'request_retries',
+                 # budget waiters served with a connection to their database given back by
+                 # another thread of this process, instead of a new one
+                 'handed_over',
+                 # idle connections taken from / given to other processes (db_pool_shared_idle)
+                 'taken', 'given',
+                 # idle connections parked for any process / taken from the parking (see
+                 # parking)
+                 'parked', 'unparked',
+                 # borrows that waited (up to AWAIT_BUSY) for another process's connection
+                 # in use to their database rather than open one
+                 'awaited',
+                 # How reused connections were reset (db_pool_reset): skipped (clean), narrow
+                 # (dirty), full (always mode, or what only DISCARD ALL clears), every
+                 # (db_pool_reset_every), checked (idle past db_pool_check_after), rollback
+                 # (given back inside a transaction), closed (LOAD), and the kinds of
+                 # session state found dirty.
+                 'reset_skipped', 'reset_narrow', 'reset_full', 'reset_every', 'reset_checked',
+                 'reset_rollback', 'reset_closed',
+                 *('dirty_' + name for name in session_state.KINDS))
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Upkeep:
+    """Maintenance passes and figures of :class:`.pool.ConnectionPool` (see the module)."""
+
+    def maintain(self):
+        """One maintenance pass (the timer calls this every ``timer_period``)."""
+        settings = self.settings
+        now = monotonic()
+        with self._lock:
+            doomed = self._evict_idle_locked(now, settings)
+            self._closing += len(doomed)
+            self._reclaim_used_locked()
+            if settings.leak_warn_after:
+                self._warn_leaks_locked(now, settings.leak_warn_after)
+            if self._waiters:
+                self._hand_off_locked()
+        if doomed:
+            self._retire(doomed)
+
+    def shed_idle(self):
+        """While borrowers wait for the shared budget, close idle connections,
+        least recently used first (the maintenance thread calls this often)."""
+        if self.budget is None or not self.budget.waiting() or not self._n_idle:
+            return 0
+        with self._lock:
+            if self._waiters:
+                return 0
+            doomed, shed = self._claim_shed_locked(self._n_idle)
+            self._closing += len(doomed)
+        if doomed:
+            self._retire(doomed, shed)
+        return len(doomed)
+
+    def _claim_shed_locked(self, most):
+        """Take out of the books up to ``most`` LRU idle connections that the
+        budget's waiters need (never more than other processes leave to close)."""
+        shed = self.budget.claim_shed(min(most, self._n_idle))
+        doomed = [self._least_recently_used_idle_locked() for _ in range(shed)]
+        self.stats.shed += shed
+        return doomed, shed
+
+    def _evict_idle_locked(self, now, settings):
+        """Take out of the books the idle connections that must go; returns them."""
+        idle_deadline = now - settings.idle_timeout if settings.idle_timeout else None
+        doomed, timed_out = [], []
+        for stack in sorted(self._idle.values(), key=lambda st: st[0].pooled.last_used):
+            for cnx in list(stack):
+                if is_dead(cnx) or opened_before_restart(cnx):
+                    reason = 'closed_dead'
+                elif cnx.pooled.expires and cnx.pooled.expires <= now:
+                    reason = 'closed_lifetime'
+                elif idle_deadline is not None and cnx.pooled.last_used <= idle_deadline:
+                    timed_out.append(cnx)     # least recently used first
+                    continue
+                else:
+                    continue
+                self._remove_idle_locked(cnx)
+                doomed.append(cnx)
+                setattr(self.stats, reason, getattr(self.stats, reason) + 1)
+        if timed_out and self.budget is not None:
+            # min_idle connections stay open instance-wide: ask the shared state
+            # how many of ours may go, so that two processes never both close
+            # the last ones.
+            timed_out = timed_out[:self.budget.claim_idle_eviction(len(timed_out))]
+        for cnx in timed_out:
+            self._remove_idle_locked(cnx)
+            doomed.append(cnx)
+            self.stats.closed_idle += 1
+        return doomed
+
+    def _warn_leaks_locked(self, now, limit):
+        for cnx, holder in self._used.items():
+            if not holder.warned and now - holder.since >= limit:
+                holder.warned = True
+                self.stats.leak_warnings += 1
+                _logger.warning(
+                    '%r: a connection has been borrowed for more than %d s '
+                    '(db_pool_leak_warn_after): %s. A cursor held this long is usually '
+                    'a cursor that was never closed.', self, limit, holder.describe(cnx, now))
+
+    def snapshot(self):
+        """Plain data about this pool, for the dashboard, the CLI and tests."""
+        now = monotonic()
+        with self._lock:
+            return {
+                'readonly': self._readonly,
+                'maxconn': self._maxconn,
+                'in_use': len(self._used),
+                'idle': self._n_idle,
+                'opening': self._opening,
+                'closing': self._closing,
+                'waiting': len(self._waiters),
+                'holders': [
+                    {'database': key_database(c.pooled.key), 'age': now - h.since,
+                     'site': format_site(h.site), 'thread': h.thread, 'url': h.url}
+                    for c, h in sorted(self._used.items(), key=lambda item: item[1].since)],
+                'stats': self.stats.as_dict(),
+            }
+
+    def longest_borrow(self):
+        """(wall-clock start, database, site) of the oldest current borrow, or None."""
+        with self._lock:
+            if not self._used:
+                return None
+            cnx, holder = min(self._used.items(), key=lambda item: item[1].since)
+            return holder.wall_since, key_database(cnx.pooled.key), format_site(holder.site)
+
+    def figures(self):
+        """Cheap counts for the shared state: in use (long-lived ones apart, being opened
+        included), idle. A borrower waiting for the budget is not in use: its local slot
+        (in ``_opening``) has no slot of the budget yet, so it would show more in use than
+        the process holds."""
+        with self._lock:
+            long_lived = sum(1 for cnx in self._used
+                             if key_database(cnx.pooled.key) in LONG_LIVED_DATABASES)
+            waiting = sum(map(len, self._budget_waits.values())) if self._budget_waits else 0
+            return {'in_use': len(self._used) - long_lived + self._opening - waiting,
+                    'idle': self._n_idle, 'long_lived': long_lived}
