@@ -18,7 +18,8 @@ The pool and what moves connections between processes:
   ``exchange``         idle connections handed from one process to another (donor round trip)
   ``parking``          idle connections parked in the master's socket pairs for any worker
   ``doorbell``         a futex word the waiting processes sleep on
-  ``backend_exit``     when a closed connection's backend has exited (its slot reusable)
+  ``backend_exit``     when a closed connection's backend has exited (its slot reusable);
+                       closing with a watch on that exit; an idle one's server gone
   ``outage``           waiting through a server outage, one prober per server
   ``faults``           named fault points of the hand-over protocols (tests only)
 Sessions:

@@ -15,7 +15,7 @@ Who offers what is in the shared state: per process, up to ``N_OFFER`` entries
 (hash of the database key, idle connections, connections in use), written by
 that process only, read lock-free by takers. A stale offer costs the taker one
 refusal. The in-use count tells a borrower that finds nothing idle whether a
-connection to its database will come back soon (see ``pool.AWAIT_BUSY``).
+connection to its database will come back soon (see ``pool_sharing.AWAIT_BUSY``).
 
 Only clean connections move: no transaction, no session state (``cnx.pooled.dirty``),
 plain TCP or Unix socket (never TLS: its state lives in the donor's libpq),

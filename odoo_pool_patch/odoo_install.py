@@ -302,7 +302,7 @@ def _patch_worker_roles():
 
 
 def _defer_parking_in_requests():
-    """Serve each HTTP request under :func:`.pool.deferred_parking`: its cursors (the
+    """Serve each HTTP request under :func:`.pool_sharing.deferred_parking`: its cursors (the
     registry and route one, then the call's) share a connection instead of parking
     and unparking one between them."""
     from odoo import http

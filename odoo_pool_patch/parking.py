@@ -338,7 +338,7 @@ class Parking:
     # ------------------------------------------------------------------ closing
     def retire(self, fd, shed=False):
         """Close a parked connection this process received (its slot is ours): tell the
-        backend goodbye, free the slot once it has exited (see pool.begin_close)."""
+        backend goodbye, free the slot once it has exited (see backend_exit.begin_close)."""
         IN_FLIGHT.pop(fd, None)     # (the goodbye is said: a forked child's copy is harmless)
         try:
             os.write(fd, _TERMINATE)

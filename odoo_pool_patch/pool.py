@@ -377,10 +377,7 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
             if khash and exchange.parking.drain(khash):
                 _logger.info('%r: Closed the parked connections to %r', self, key_database(key))
 
-    # ------------------------------------------------------------------ slots
-    # ------------------------------------------------------------------ network
-    # ------------------------------------------------------------------ maintenance
-    # ------------------------------------------------------------------ introspection
+    # ------------------------------------------------------------------ end of life
     def shutdown(self):
         """Close every connection and stop maintaining this pool."""
         self._closed = True

@@ -1,6 +1,7 @@
 """Upkeep and introspection of the per-process pool (mixed into
 :class:`.pool.ConnectionPool`): the maintenance pass (idle timeout, max lifetime, dead
-sockets, leaked connections, leak warnings), shedding idle connections for the shared
+sockets, leak warnings; leaked connections are reclaimed by
+``SlotBooks._reclaim_used_locked``, which borrowers short of a slot also call), shedding idle connections for the shared
 budget's waiters, and the figures the dashboard, ``odoo-pool top`` and the metrics read.
 """
 import logging

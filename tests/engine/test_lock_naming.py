@@ -6,7 +6,7 @@ its source with ``ast``: a helper's name says which lock its caller holds.
 - ``*_exit_locked`` (parking): the object's ``_exit_lock``, so inside ``with
   <obj>._exit_lock`` or from another ``*_exit_locked`` method of the same object;
 - any other ``*_locked``: the ``_lock`` of the object it is called on (the pool lock in
-  pool.py, the exchange's in exchange.py), so inside ``with <obj>._lock`` on that very
+  pool.py and the pool_*.py modules it mixes in, the exchange's in exchange.py), so inside ``with <obj>._lock`` on that very
   object or from another such method of ``self``.
 
 And the order: a method that takes the pool lock is never called with any lock held
@@ -130,7 +130,8 @@ def naming_violations(module, found):
 
 
 def pool_lock_takers(found):
-    """Methods of pool.py that take the pool lock, themselves or through a method of self."""
+    """Methods of the pool (pool.py and its pool_*.py mixins, scanned as one) that take the
+    pool lock, themselves or through a method of self."""
     takers = {function for function, kinds in found.takes.items() if 'own' in kinds}
     while True:
         more = {function for function, names in found.self_calls.items()

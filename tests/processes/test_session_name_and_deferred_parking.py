@@ -1,5 +1,5 @@
 """Attacks on the session's name sent with the first statement (session_tracking) and on
-deferred parking inside a request (pool.deferred_parking): a name with % or quotes, a
+deferred parking inside a request (pool_sharing.deferred_parking): a name with % or quotes, a
 commit that commits nothing, a statement never sent, psycopg2's own rollbacks, quoting
 per database, errors and other threads while parking at the end of a request, replica
 routing's wrapper, a donor without the start-up name. Each failed on the first version
