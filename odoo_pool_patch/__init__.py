@@ -41,6 +41,8 @@ Configuration:
 Odoo:
   ``odoo_install``     swaps Odoo's pool in ``post_load`` (imports Odoo lazily)
   ``list_dbs_cache``   Odoo's database list kept a moment in each process
+  ``runtime``          what was installed in this process (``RUNTIME``: settings, budget,
+                       router), for the addon's routes
 ``observability/``     one view of the instance (``instance_view``) as Prometheus text
                        (``metrics``) and the dashboard's figures (``dashboard``)
 ``cli/``               the ``odoo-pool`` command (``main``): ``top``, ``check``

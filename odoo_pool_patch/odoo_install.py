@@ -17,13 +17,12 @@ from .errors import ConfigError
 from .options import load_settings
 from .pool import ConnectionPool
 from .pool_sharing import deferred_parking
+from .runtime import RUNTIME
 from .session_tracking import tracked_class
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 
 MODULE = 'db_pooling'
-# Set once installed in this process: {'pid', 'settings', 'series', 'budget'}.
-STATE = {}
 
 
 def server_wide_modules():
@@ -41,7 +40,7 @@ def server_wide_modules():
 def is_active():
     """Whether our pool serves this process's cursors."""
     from odoo import sql_db
-    return bool(STATE) and issubclass(sql_db.ConnectionPool, ConnectionPool)
+    return RUNTIME.installed and issubclass(sql_db.ConnectionPool, ConnectionPool)
 
 
 def post_load_hook():
@@ -84,7 +83,7 @@ def install(settings, get=None):
     """Swap Odoo's pool class and convert its live pools. Idempotent. ``get`` reads the
     TLS options (default: Odoo's config; see conf_file)."""
     from odoo import release, sql_db
-    if issubclass(sql_db.ConnectionPool, ConnectionPool) and STATE.get('pid') == os.getpid():
+    if issubclass(sql_db.ConnectionPool, ConnectionPool) and RUNTIME.pid == os.getpid():
         return sql_db.ConnectionPool
     pool_class = type('ConnectionPool', (ConnectionPool,), {
         '__module__': ConnectionPool.__module__,
@@ -113,8 +112,8 @@ def install(settings, get=None):
         live = getattr(sql_db, name, None)
         if live is not None and not isinstance(live, ConnectionPool):
             adopt(live, pool_class)
-    STATE.update(pid=os.getpid(), settings=settings, series=release.serie,
-                 budget=pool_class.budget)
+    RUNTIME.settings, RUNTIME.series, RUNTIME.budget = settings, release.serie, pool_class.budget
+    RUNTIME.pid = os.getpid()          # last: installed
     _logger.info('db_pooling active in process %d (Odoo %s): %s', os.getpid(), release.serie,
                  settings.describe())
     if process_role() in ('master', 'threaded'):

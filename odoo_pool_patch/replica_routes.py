@@ -25,11 +25,11 @@ import psycopg2
 import psycopg2.errors
 
 from .replicas import WRITTEN_LSN_SQL, targets_from_config
+from .runtime import RUNTIME
 
 _logger = logging.getLogger('odoo.sql_db.replicas')
 
 SESSION_KEY = 'db_pooling_lsn'
-STATE = {}          # {'router', 'pool', 'series'} once installed
 
 
 def current_session():
@@ -53,7 +53,7 @@ def install(settings, pool_class, shared_state, base_info):
     from odoo.tools import config
     from .replica_health import start_routing
     major = int(release.serie.split('.')[0].split('~')[-1].replace('saas', '') or 0)
-    STATE['series'] = major
+    RUNTIME.major = major
     targets = targets_from_config(settings, config.get)
     stock_same_server = (major == 18 and config.get('db_replica_host') == '') or (
         major >= 19 and 'replica' in (config.get('dev_mode') or ()))
@@ -62,7 +62,7 @@ def install(settings, pool_class, shared_state, base_info):
     router = start_routing(shared_state(), targets, settings, base_info,
                            session_lsn if settings.replica_read_your_writes else None)
     pool_class.router = router
-    STATE['router'] = router
+    RUNTIME.router = router
     if major >= 18 and len(targets) > 1 and not config.get('db_replica_host'):
         # Registries open their read-only pool only when db_replica_host is set;
         # its value does not matter (the router rewrites host and port per borrow).
@@ -167,7 +167,7 @@ def replica_cursor(dbname):
 
     Writing through it raises ``psycopg2.errors.ReadOnlySqlTransaction``."""
     from odoo import sql_db
-    if STATE.get('series', 0) >= 18:
+    if RUNTIME.major >= 18:
         return sql_db.db_connect(dbname, readonly=True).cursor()
     if not _readonly_pool:
         from odoo.tools import config

@@ -11,8 +11,8 @@ class DbPoolingMetrics(http.Controller):
     def metrics(self):
         """Prometheus metrics of the whole instance (Authorization: Bearer <token>)."""
         from odoo_pool_patch.observability import metrics
-        from odoo_pool_patch.odoo_install import STATE
-        settings, budget = STATE.get('settings'), STATE.get('budget')
+        from odoo_pool_patch.runtime import RUNTIME
+        settings, budget = RUNTIME.settings, RUNTIME.budget
         token = settings.metrics_token if settings else None
         if not token:
             return request.make_response(

@@ -11,7 +11,8 @@ JSON = 'jsonrpc' if release.version_info[0] >= 19 else 'json'
 def pool_status():
     """Pools of the worker process serving this request, as plain data."""
     from odoo import sql_db
-    from odoo_pool_patch.odoo_install import STATE, is_active
+    from odoo_pool_patch.odoo_install import is_active
+    from odoo_pool_patch.runtime import RUNTIME
     pools = {}
     for name in ('_Pool', '_Pool_readonly'):
         pool = getattr(sql_db, name, None)
@@ -25,7 +26,7 @@ def pool_status():
         'pid': os.getpid(),
         'active': is_active(),
         'series': release.serie,
-        'settings': STATE['settings'].as_options() if STATE.get('settings') else {},
+        'settings': RUNTIME.settings.as_options() if RUNTIME.settings else {},
         'pool_class': f'{sql_db.ConnectionPool.__module__}.{sql_db.ConnectionPool.__qualname__}',
         'pools': pools,
     }
