@@ -27,6 +27,7 @@ Sessions:
   ``session_tracking`` the cursor that notes it, privileges, the session's name
   ``first_statement``  a cursor whose connection died before its first statement moves
   ``request_retry``    a request whose connection the server closed runs again
+  ``commit_marks``     whether this thread may have committed (what forbids that retry)
 Replicas:
   ``replicas``         the replica list and the router; ``replica_health`` probes and
                        bans; ``replica_routes`` which Odoo requests read from replicas

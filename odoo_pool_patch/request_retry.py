@@ -52,26 +52,17 @@ import functools
 import logging
 import re
 import sys
-import threading
 import time
 
 import psycopg2
 
+from . import commit_marks
 from .conn_record import record_of
 from .errors import PoolError
 
 _logger = logging.getLogger('odoo.sql_db')
 
 MAX_RETRIES = 2
-_local = threading.local()      # Odoo's gevent worker patches it to greenlet-local
-
-
-def committed():
-    """Note that something may have been committed by this thread: the request
-    it runs must not run again."""
-    _local.commits = getattr(_local, 'commits', 0) + 1
-
-
 def install(model_module):
     """Wrap ``model_module.retrying`` (``odoo.service.model``). Idempotent."""
     stock = model_module.retrying
@@ -81,7 +72,7 @@ def install(model_module):
     def retrying(func, env):
         outer = sys.exc_info()[1]       # being handled by the caller: not ours
         for left in range(MAX_RETRIES, -1, -1):
-            before, started = getattr(_local, 'commits', 0), time.monotonic()
+            before, started = commit_marks.count(), time.monotonic()
             try:
                 return stock(func, env)
             except Exception as exc:
@@ -159,14 +150,14 @@ def rerun(func, what, applies=None, commits_matter=None):
     def wrapper(*args, **kwargs):
         outer = sys.exc_info()[1]       # being handled by the caller: not ours
         for left in range(MAX_RETRIES, -1, -1):
-            before, started = getattr(_local, 'commits', 0), time.monotonic()
+            before, started = commit_marks.count(), time.monotonic()
             try:
                 return func(*args, **kwargs)
             except Exception as exc:
                 end = None if isinstance(exc, PoolError) else _session_end(exc, outer)
                 if not left or end is None or \
                         (applies is not None and not applies(args, kwargs)) or \
-                        (getattr(_local, 'commits', 0) != before and
+                        (commit_marks.count() != before and
                          (commits_matter is None or commits_matter(args, kwargs))):
                     raise
                 database = next((arg for arg in args if isinstance(arg, str)), None) or \
@@ -220,7 +211,7 @@ CLOSED_BY_SERVER = ('server closed the connection unexpectedly',
 def _may_retry(env, before, exc, outer):
     """How the server ended the session of ``env.cr`` ('code' or 'eof', see
     :func:`_session_end`) if the request may run again; None if not."""
-    if isinstance(exc, PoolError) or getattr(_local, 'commits', 0) != before:
+    if isinstance(exc, PoolError) or commit_marks.count() != before:
         return None
     cr = env.cr
     cnx = vars(cr).get('_cnx')      # (not through Odoo's TestCursor, which forwards it)

@@ -45,7 +45,7 @@ import psycopg2
 import psycopg2.extensions as ext
 import psycopg2.sql
 
-from . import request_retry
+from . import commit_marks
 from .conn_record import ConnRecord, ensure_record, record_of
 from .session_state import (AUTOCOMMIT, COMMITTED, HOLD, ROLE, SESSION_ONLY, UNKNOWN, names,
                             session_kinds)
@@ -152,7 +152,7 @@ def _note(cnx, kinds, text):
     record = cnx.pooled
     record.dirty |= kinds
     if kinds & (COMMITTED | UNKNOWN):       # UNKNOWN: code we cannot see into may commit
-        request_retry.committed()
+        commit_marks.committed()
     if kinds & SESSION_ONLY and not record.direct:
         warn_if_pooled(cnx, kinds, text)
 
@@ -161,8 +161,8 @@ class SessionTracking:
     """Mixin for the pool's connection class: autocommit toggles mark it dirty
     (psycopg2's reset puts autocommit and the session characteristics back;
     in autocommit mode set_session also changes server-side defaults). A commit
-    sent and an autocommit toggle are told to :mod:`.request_retry`: the thread's
-    request must not run again."""
+    sent and an autocommit toggle are told to :mod:`.commit_marks`: the thread's
+    request must not run again (see request_retry)."""
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.pooled = ConnRecord()
@@ -178,7 +178,7 @@ class SessionTracking:
         factory = kwargs.get('cursor_factory', args[1] if len(args) > 1 else None)
         if factory is not None and not issubclass(factory, TrackingCursor):
             self.pooled.dirty |= UNKNOWN
-            request_retry.committed()   # what it runs (a COMMIT?) is not seen
+            commit_marks.committed()   # what it runs (a COMMIT?) is not seen
         return _cursor(self, *args, **kwargs)
 
     @property
@@ -189,24 +189,24 @@ class SessionTracking:
     def autocommit(self, value):
         if value:
             self.pooled.dirty |= AUTOCOMMIT
-            request_retry.committed()
+            commit_marks.committed()
         _autocommit.__set__(self, value)
 
     def set_session(self, isolation_level=None, readonly=None, deferrable=None, autocommit=None):
         if autocommit:
             self.pooled.dirty |= AUTOCOMMIT
-            request_retry.committed()
+            commit_marks.committed()
         return _set_session(self, isolation_level, readonly, deferrable, autocommit)
 
     def set_isolation_level(self, level):
         if level == ext.ISOLATION_LEVEL_AUTOCOMMIT:
             self.pooled.dirty |= AUTOCOMMIT
-            request_retry.committed()
+            commit_marks.committed()
         return _set_isolation_level(self, level)
 
     def commit(self):
         if not self.closed:         # (closed: psycopg2 raises without sending anything)
-            request_retry.committed()
+            commit_marks.committed()
         record = self.pooled
         if not record.name_tx:
             return _commit(self)
@@ -225,11 +225,11 @@ class SessionTracking:
         return _rollback(self)
 
     def tpc_prepare(self):
-        request_retry.committed()   # another session may commit it
+        commit_marks.committed()   # another session may commit it
         return _tpc_prepare(self)
 
     def tpc_commit(self, *xid):
-        request_retry.committed()
+        commit_marks.committed()
         return _tpc_commit(self, *xid)
 
 

@@ -1,4 +1,4 @@
-"""What may commit is noted for the request retry (odoo_pool_patch.request_retry):
+"""What may commit is noted for the request retry (odoo_pool_patch.commit_marks, read by request_retry):
 each way a transaction can end committed on a pool connection bumps the thread's
 mark, nothing else does (real PostgreSQL). The request retry itself is tested
 inside Odoo (addons/db_pooling/tests/test_request_retry.py)."""
@@ -8,11 +8,11 @@ import psycopg2
 import psycopg2.extras
 import pytest
 
-from odoo_pool_patch import request_retry
+from odoo_pool_patch import commit_marks
 
 
 def marks():
-    return getattr(request_retry._local, 'commits', 0)
+    return commit_marks.count()
 
 
 @pytest.fixture
