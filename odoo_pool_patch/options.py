@@ -65,9 +65,27 @@ def _names(value):
     return names
 
 
-def _replicas(value):
-    from .replicas import parse_replicas
-    return parse_replicas(value)
+def parse_replicas(value):
+    """``host:port[:weight], ...`` (IPv6 as ``[addr]:port``) -> ((host, port, weight), ...)."""
+    entries = []
+    for item in str(value).split(','):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith('['):
+            host, _, rest = item[1:].partition(']')
+            parts = [host] + (rest[1:].split(':') if rest.startswith(':') else [])
+        else:
+            parts = item.split(':')
+        if not parts[0] or len(parts) > 3:
+            raise ValueError(item)
+        port = int(parts[1]) if len(parts) > 1 else 5432
+        weight = int(parts[2]) if len(parts) > 2 else 1
+        if not 0 < port < 65536 or weight < 0:
+            raise ValueError(item)
+        entries.append((parts[0], port, weight))
+    return tuple(entries)
+
 
 
 def seconds(value):
@@ -282,7 +300,7 @@ DEFAULT_READONLY_METHODS = (
     'fields_get', 'web_search_read', 'web_read', 'web_read_group', 'check_access_rights')
 
 OPTIONS += (
-    Option('db_replicas', 'replicas', _replicas, (),
+    Option('db_replicas', 'replicas', parse_replicas, (),
            'host:port[:weight] entries separated by commas (weight a whole number >= 0)',
            'Streaming replicas that serve read-only cursors, chosen at random in proportion to '
            'their weight (default 1; 0 drains a replica). Writes, the postgres database and '

@@ -55,28 +55,6 @@ class Target:
         return f'<{self.kind} {self.name} weight {self.weight}>'
 
 
-def parse_replicas(value):
-    """``host:port[:weight], ...`` (IPv6 as ``[addr]:port``) -> ((host, port, weight), ...)."""
-    entries = []
-    for item in str(value).split(','):
-        item = item.strip()
-        if not item:
-            continue
-        if item.startswith('['):
-            host, _, rest = item[1:].partition(']')
-            parts = [host] + (rest[1:].split(':') if rest.startswith(':') else [])
-        else:
-            parts = item.split(':')
-        if not parts[0] or len(parts) > 3:
-            raise ValueError(item)
-        port = int(parts[1]) if len(parts) > 1 else 5432
-        weight = int(parts[2]) if len(parts) > 2 else 1
-        if not 0 < port < 65536 or weight < 0:
-            raise ValueError(item)
-        entries.append((parts[0], port, weight))
-    return tuple(entries)
-
-
 def _set(value):
     return value not in (None, False, '', 'False', 'None')
 

@@ -11,7 +11,8 @@ from odoo_pool_patch.observability.metrics import render_servers
 from odoo_pool_patch.options import Settings, load_settings
 from odoo_pool_patch.replica_health import ACTIVE, MAX_BAN_FACTOR, servers_status, start_routing
 from odoo_pool_patch import replicas
-from odoo_pool_patch.replicas import Target, parse_replicas, targets_from_config, written_lsn
+from odoo_pool_patch.options import parse_replicas
+from odoo_pool_patch.replicas import Target, targets_from_config, written_lsn
 from odoo_pool_patch.shared_state import SharedState
 
 
