@@ -98,6 +98,44 @@ def test_layers_only_import_down():
     assert not upward(graph())
 
 
+# The top-level engine in layers, lowest first; a module imports only from its own layer
+# or one below (at module level or inside a function). They are the subpackages to come
+# (docs/architecture.rst); every top-level module must be in one.
+ENGINE_LAYERS = (
+    ('base', {'__init__', 'errors', 'dsn', 'faults', 'after_fork'}),
+    ('config', {'options', 'conf_file', 'stock_options', 'conf_example', 'tls'}),
+    ('sessions', {'conn_record', 'session_state', 'session_tracking', 'commit_marks'}),
+    ('shared', {'shared_state', 'doorbell', 'backend_exit', 'budget', 'parking', 'exchange',
+                'outage'}),
+    ('pool', {'pool', 'pool_slots', 'pool_sessions', 'pool_sharing', 'pool_upkeep',
+              'borrowers', 'maintenance'}),
+    ('replicas', {'replicas', 'replica_health'}),
+    ('odoo', {'odoo_install', 'list_dbs_cache', 'first_statement', 'request_retry',
+              'replica_routes', 'runtime'}),
+)
+
+
+def engine_layer_violations(edges):
+    rank = {module: index for index, (_, members) in enumerate(ENGINE_LAYERS)
+            for module in members}
+    name = {module: label for label, members in ENGINE_LAYERS for module in members}
+    top = [module for module in edges if '.' not in module]
+    wrong = [f'{module} is in no layer of ENGINE_LAYERS' for module in top if module not in rank]
+    wrong += [f'{module} ({name[module]}) imports {dep} ({name[dep]})'
+              for module in sorted(top) if module in rank
+              for dep in sorted(edges[module]) if rank.get(dep, -1) > rank[module]]
+    return wrong
+
+
+def test_the_engine_modules_import_only_from_their_layer_or_below():
+    edges = graph()
+    assert not engine_layer_violations(edges)
+    edges['options'] = edges['options'] | {'replicas'}     # the checker sees one
+    edges['brand_new'] = set()
+    assert engine_layer_violations(edges) == [
+        'brand_new is in no layer of ENGINE_LAYERS', 'options (config) imports replicas (replicas)']
+
+
 def test_the_engine_imports_odoo_only_inside_functions():
     found = modules()
     wrong = [f'{dotted}:{line} imports {target}'
