@@ -63,6 +63,8 @@ from .errors import PoolError
 _logger = logging.getLogger('odoo.sql_db')
 
 MAX_RETRIES = 2
+
+
 def install(model_module):
     """Wrap ``model_module.retrying`` (``odoo.service.model``). Idempotent."""
     stock = model_module.retrying
