@@ -4,10 +4,11 @@ Every connection of the pool's connection class (:class:`.session_tracking.Sessi
 mixed into psycopg2's or Odoo's) has one from its creation; a connection adopted from
 Odoo's stock pool gets one when it is tracked. The record lives as long as the psycopg2
 object: a shell (see :mod:`.exchange`) that takes the next session of its database keeps
-its record, and the take sets every field that describes a session (see
-``ConnectionPool._take`` and :meth:`ConnRecord.meta`). One thread owns a connection at a
-time (the pool's books say which), and only that thread or the pool under its lock
-writes the record; fields are plain attributes, read without locks.
+its record, and the take sets every field that describes a session (the donor's
+:meth:`ConnRecord.meta`, :meth:`ConnRecord.take_over`, then ``Sharing._take``). One
+thread owns a connection at a time (the pool's books say which), and only that thread
+or the pool under its lock writes the record; fields are plain attributes, read without
+locks.
 """
 
 
@@ -69,6 +70,18 @@ class ConnRecord:
                 'pid': self.pid, 'born': self.born, 'expires': self.expires,
                 'reuses': self.reuses,
                 'gen': [self.gen_cell, self.gen]}    # (see outage; same shared state)
+
+    def take_over(self, meta):
+        """The session's fields from its donor's :meth:`meta` (a take): age, lifetime,
+        reuses, backend pid, parameters, and its name now and at start-up (a shell's libpq
+        knows neither)."""
+        self.born, self.expires, self.reuses, self.pid = \
+            meta['born'], meta['expires'], meta['reuses'], meta['pid']
+        self.params = meta['params']
+        self.app = meta['app']
+        self.app0 = meta.get('app0', meta['app'])
+        self.name_tx = False
+        self.gen_cell, self.gen = meta.get('gen') or (None, 0)
 
     def __repr__(self):
         return f'<ConnRecord pid={self.pid} khash={self.khash} dirty={self.dirty}>'

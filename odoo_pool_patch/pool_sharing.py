@@ -261,14 +261,7 @@ class Sharing:
             cnx, meta = got
             self.prepare_connection(cnx, key)
             record = cnx.pooled
-            record.born, record.expires, record.reuses, record.pid = \
-                meta['born'], meta['expires'], meta['reuses'], meta['pid']
-            record.params = meta['params']
-            # The session's name, and its start-up name (a shell's libpq knows neither).
-            record.app = meta['app']
-            record.app0 = meta.get('app0', meta['app'])
-            record.name_tx = False
-            record.gen_cell, record.gen = meta.get('gen') or (None, 0)
+            record.take_over(meta)
             record.gen_cells = (self._outages or self._init_outages()).cells
             if opened_before_restart(cnx):
                 with self._lock:                # closed with its slot, the caller opens one
