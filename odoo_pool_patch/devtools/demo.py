@@ -259,7 +259,7 @@ def odoo_databases(tree, cluster, workdir, prefix, count):
     setup = OdooServer(tree, cluster, workdir, name='setup', load_pooling=False)
     setup.run('-d', databases[0], '-i', 'base', '--stop-after-init')
     for name in databases[1:]:
-        cluster.sql(f'CREATE DATABASE "{name}" TEMPLATE "{databases[0]}" OWNER odoo')
+        cluster.copy_database(name, databases[0], owner='odoo')
     return databases
 
 

@@ -227,6 +227,17 @@ class Cluster:
     def create_database(self, name, owner=None):
         self.sql(f'CREATE DATABASE "{name}"' + (f' OWNER "{owner}"' if owner else ''))
 
+    def copy_database(self, name, template, owner=None, timeout=10.0):
+        """CREATE DATABASE ``name`` from ``template`` once no session is on the template:
+        PostgreSQL refuses to copy a database in use, and the backends of a client that
+        just exited (an Odoo run with --stop-after-init) leave a moment after it."""
+        if not self.wait_until(lambda: not self.count_connections(datname=template), timeout):
+            raise ClusterError(f'{self.name}: database {template!r} still has sessions after '
+                               f'{timeout:g} s ({self.connections(datname=template)}); '
+                               f'cannot copy it to {name!r}')
+        self.sql(f'CREATE DATABASE "{name}" TEMPLATE "{template}"' +
+                 (f' OWNER "{owner}"' if owner else ''))
+
     def connections(self, application_name_like='%', datname=None):
         """Client backends from pg_stat_activity: [(pid, datname, application_name, state)]."""
         query = ("SELECT pid, datname, application_name, state FROM pg_stat_activity "

@@ -433,7 +433,7 @@ def test_shared_budget_with_8_workers_on_6_databases(odoo_tree, pg, tmp_path):
     for name in databases[1:]:
         # Owned by odoo, as Odoo's own would be: Odoo lists only the databases its user owns,
         # and seeing one it would serve every sessionless request on it (monodb).
-        pg.sql(f'CREATE DATABASE "{name}" TEMPLATE "{databases[0]}" OWNER odoo')
+        pg.copy_database(name, databases[0], owner='odoo')
     srv = OdooServer(odoo_tree, pg, str(tmp_path), name='budget', options={
         'workers': 8, 'max_cron_threads': 1, 'db_pool_idle_timeout': 2,
         'dbfilter': f'^{prefix}.*$', 'db_pool_shared_path': str(tmp_path / 'budget-state')})
