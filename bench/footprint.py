@@ -36,7 +36,7 @@ from bench._common import (ServerCounters, interleaved, latency_figures,  # noqa
 from odoo_pool_patch.devtools.embedded_pgbouncer import PgBouncer  # noqa: E402
 from odoo_pool_patch.devtools import demo  # noqa: E402
 from odoo_pool_patch.devtools.embedded_pg import Cluster  # noqa: E402
-from odoo_pool_patch.options import Settings  # noqa: E402
+from odoo_pool_patch.config.options import Settings  # noqa: E402
 
 COLUMNS = [('arm', 'arm', ''), ('peak', 'peak', 'd'), ('mean', 'mean', '.1f'),
            ('at_rest', 'at rest', 'd'), ('per_s', 'tx/s', '.1f'), ('p50_ms', 'p50 ms', '.2f'),

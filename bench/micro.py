@@ -28,12 +28,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from odoo_pool_patch import shared_state as ss  # noqa: E402
-from odoo_pool_patch.budget import SharedBudget  # noqa: E402
-from odoo_pool_patch.exchange import attach as attach_exchange  # noqa: E402
+from odoo_pool_patch.shared import shared_state as ss  # noqa: E402
+from odoo_pool_patch.shared.budget import SharedBudget  # noqa: E402
+from odoo_pool_patch.shared.exchange import attach as attach_exchange  # noqa: E402
 from odoo_pool_patch.devtools.embedded_pg import Cluster  # noqa: E402
-from odoo_pool_patch.options import Settings  # noqa: E402
-from odoo_pool_patch.pool import ConnectionPool  # noqa: E402
+from odoo_pool_patch.config.options import Settings  # noqa: E402
+from odoo_pool_patch.pool.connection_pool import ConnectionPool  # noqa: E402
 
 ALWAYS = Settings(reset='always')
 

@@ -53,7 +53,7 @@ COLUMNS = [('arm', 'arm', ''), ('peak', 'peak', 'd'), ('mean', 'mean', '.1f'),
 
 def pool_counters(path):
     """db_pooling's instance-wide counters (borrows, reused, opened, waits...) of a server."""
-    from odoo_pool_patch.shared_state import SharedState
+    from odoo_pool_patch.shared.shared_state import SharedState
     state = SharedState(path, create=False)
     totals = {}
     for counters in state.counter_totals().values():

@@ -34,7 +34,7 @@ from bench._common import print_table, stock_pool_class, write_json  # noqa: E40
 from bench.footprint import (STOCK_POLICY, interleaved_arms, measure, servers,  # noqa: E402
                              stock_factory)
 from odoo_pool_patch.devtools import demo  # noqa: E402
-from odoo_pool_patch.options import Settings  # noqa: E402
+from odoo_pool_patch.config.options import Settings  # noqa: E402
 
 COLUMNS = [('arm', 'arm', ''), ('per_s', 'tx/s', '.1f'), ('errors', 'errors', 'd'),
            ('wait_p50_ms', 'wait p50 ms', '.1f'), ('wait_p99_ms', 'wait p99 ms', '.1f'),

@@ -44,8 +44,8 @@ from bench._common import (ServerCounters, latency_figures, merge_rounds,  # noq
                            print_table, stock_pool_class, write_json)
 from odoo_pool_patch.devtools.demo import APP, error_kind  # noqa: E402
 from odoo_pool_patch.devtools.embedded_pg import Cluster  # noqa: E402
-from odoo_pool_patch.options import Settings  # noqa: E402
-from odoo_pool_patch.pool import ConnectionPool  # noqa: E402
+from odoo_pool_patch.config.options import Settings  # noqa: E402
+from odoo_pool_patch.pool.connection_pool import ConnectionPool  # noqa: E402
 
 ARMS = ('primary', 'one-replica', 'db_pooling')
 COLUMNS = [('arm', 'arm', ''), ('ro_per_s', 'ro tx/s', '.1f'), ('p50_ms', 'ro p50 ms', '.2f'),
@@ -77,11 +77,11 @@ class Pools:
                 lambda: ConnectionPool(64, settings=STOCK_POLICY))
             self.ro, self.rw = make(), make()
             return
-        from odoo_pool_patch.budget import SharedBudget
-        from odoo_pool_patch.exchange import attach as attach_exchange
-        from odoo_pool_patch.replica_health import start_routing
-        from odoo_pool_patch.replicas import written_lsn
-        from odoo_pool_patch.shared_state import SharedState
+        from odoo_pool_patch.shared.budget import SharedBudget
+        from odoo_pool_patch.shared.exchange import attach as attach_exchange
+        from odoo_pool_patch.replicas.replica_health import start_routing
+        from odoo_pool_patch.replicas.router import written_lsn
+        from odoo_pool_patch.shared.shared_state import SharedState
         settings = Settings(idle_timeout=args.idle_timeout)
         budget = SharedBudget(SharedState(args.segment), args.budget, min_idle=1, role='http')
         attach_exchange(budget, settings)      # as in Odoo (db_pool_shared_idle)
@@ -226,15 +226,15 @@ def run_arm(arm, servers, counters, databases, args, stock_class):
 
 def fallback_counts(args, servers):
     """Reads the primary served instead of a replica, by reason, instance-wide."""
-    from odoo_pool_patch.replica_health import ServerTable
-    from odoo_pool_patch.shared_state import SharedState
+    from odoo_pool_patch.replicas.replica_health import ServerTable
+    from odoo_pool_patch.shared.shared_state import SharedState
     rows = ServerTable(SharedState(args.segment, create=False), targets_of(servers)).status()
     return rows[0]['fallbacks']
 
 
 def targets_of(servers):
     """Routing targets of the benchmark's servers: the primary, then the replicas, weight 1."""
-    from odoo_pool_patch.replicas import Target
+    from odoo_pool_patch.replicas.router import Target
     return [Target(0, servers[0].host, servers[0].port, 0, 'primary')] + [
         Target(i, r.host, r.port, 1) for i, r in enumerate(servers[1:], 1)]
 

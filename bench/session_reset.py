@@ -28,10 +28,10 @@ sys.path.insert(0, ROOT)
 
 import psycopg2.extensions  # noqa: E402
 
-from odoo_pool_patch import session_state  # noqa: E402
+from odoo_pool_patch.sessions import session_state  # noqa: E402
 from odoo_pool_patch.devtools.embedded_pg import Cluster  # noqa: E402
-from odoo_pool_patch.options import Settings  # noqa: E402
-from odoo_pool_patch.pool import ConnectionPool  # noqa: E402
+from odoo_pool_patch.config.options import Settings  # noqa: E402
+from odoo_pool_patch.pool.connection_pool import ConnectionPool  # noqa: E402
 
 # What Odoo sends most (ORM reads, writes, access checks, sequences, cron locks).
 ODOO_MIX = [

@@ -61,7 +61,7 @@ def info(pg, app):
 @pytest.fixture
 def pools():
     """Factory of pools that are shut down after the test."""
-    from odoo_pool_patch.pool import ConnectionPool
+    from odoo_pool_patch.pool.connection_pool import ConnectionPool
     made = []
 
     def make(maxconn=4, **kwargs):

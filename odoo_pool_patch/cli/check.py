@@ -10,10 +10,10 @@ import sys
 
 import psycopg2
 
-from .. import conf_file, tls
+from ..config import conf_file, tls
+from ..config.options import load_settings
 from ..errors import ConfigError
-from ..odoo_install import default_budget, process_count, server_limits
-from ..options import load_settings
+from ..odoo_glue.odoo_install import default_budget, process_count, server_limits
 
 
 def read_config(path):
@@ -56,8 +56,8 @@ def probe(info):
 
 def replica_targets(get, settings):
     """The replicas of db_replicas (or the stock db_replica_host) as replicas.Target."""
-    from ..options import Settings
-    from ..replicas import targets_from_config
+    from ..config.options import Settings
+    from ..replicas.router import targets_from_config
     try:
         return targets_from_config(settings or Settings(), get)[1:]
     except ConfigError:
@@ -67,7 +67,7 @@ def replica_targets(get, settings):
 def check_replication(info, replica, primary_lsn, where, ok, bad):
     """A replica must be in recovery; report how far it is behind the primary. Returns
     the primary's WAL position (read when ``replica`` is False)."""
-    from ..replica_health import PRIMARY_SQL, REPLICA_SQL
+    from ..replicas.replica_health import PRIMARY_SQL, REPLICA_SQL
     cnx = psycopg2.connect(**info)
     try:
         with cnx.cursor() as cur:

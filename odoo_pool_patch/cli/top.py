@@ -10,7 +10,7 @@ import sys
 import time
 
 from ..observability import instance_view
-from .. import shared_state as ss
+from ..shared import shared_state as ss
 
 
 def find_segments():
@@ -21,7 +21,7 @@ def resolve_path(args):
     if args.path:
         return args.path
     if args.config:
-        from ..conf_file import from_file
+        from ..config.conf_file import from_file
         from ..errors import ConfigError
         try:
             path = from_file(args.config).get('db_pool_shared_path')

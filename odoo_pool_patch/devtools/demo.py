@@ -24,9 +24,9 @@ import tempfile
 import threading
 import time
 
+from ..config.options import Settings
+from ..pool.connection_pool import ConnectionPool
 from .embedded_pg import Cluster
-from ..options import Settings
-from ..pool import ConnectionPool
 
 APP = 'odoo-demo'
 
@@ -104,9 +104,9 @@ def ours(settings, budget_spec=None, maxconn=64):
         """In the parent, before the workers fork (as Odoo's master in post_load): the
         shared budget and its exchange, whose parking queues the workers inherit.
         Returns what ends them after the arm."""
-        from ..budget import SharedBudget
-        from ..shared_state import SharedState
-        from ..exchange import attach
+        from ..shared.budget import SharedBudget
+        from ..shared.shared_state import SharedState
+        from ..shared.exchange import attach
         budget = SharedBudget(SharedState(budget_spec[0]), budget_spec[1], min_idle=1,
                               role='master')
         attach(budget, settings)

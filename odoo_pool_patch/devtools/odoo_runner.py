@@ -19,7 +19,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from ..conf_file import NAMES, SECTION
+from ..config.conf_file import NAMES, SECTION
 from .embedded_pg import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the checkout

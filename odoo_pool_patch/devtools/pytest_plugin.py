@@ -14,6 +14,6 @@ def pytest_sessionstart(session):
         import odoo.modules.module
     except ImportError:
         return
-    from ..odoo_install import server_wide_modules
+    from ..odoo_glue.odoo_install import server_wide_modules
     for name in server_wide_modules():
         odoo.modules.module.load_openerp_module(name)

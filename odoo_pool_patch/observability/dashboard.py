@@ -10,9 +10,9 @@ import os
 import re
 import time
 
+from ..config import tls
+from ..shared import shared_state as ss
 from . import instance_view
-from .. import shared_state as ss
-from .. import tls
 
 HISTORY_SECONDS = 3600
 # application_name of our connections: odoo-<role>-<pid> (see odoo_install.app_name),
@@ -97,7 +97,7 @@ def by_database(activity_rows):
 def replica_servers():
     """Every server of replica routing (:func:`.replica_health.servers_status`), or None
     when routing is off in this process."""
-    from ..replica_health import servers_status
+    from ..replicas.replica_health import servers_status
     return list(servers_status()) or None
 
 

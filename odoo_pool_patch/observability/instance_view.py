@@ -8,7 +8,7 @@ no process: the totals count them in ``held`` and ``idle`` (and on their own in
 import time
 from dataclasses import dataclass
 
-from .. import shared_state as ss
+from ..shared import shared_state as ss
 
 CONNECTIONS = ('held', 'in_use', 'idle', 'long_lived')
 TOTALS = CONNECTIONS + ('parked', 'waiting', 'budget', 'cron_reserve', 'min_idle')

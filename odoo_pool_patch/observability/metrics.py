@@ -7,8 +7,8 @@ counters add the totals of processes that are gone (kept in the shared state
 when their row is reaped), so they never go backwards when Odoo recycles a
 worker.
 """
+from ..shared import shared_state as ss
 from . import instance_view
-from .. import shared_state as ss
 
 PREFIX = 'odoo_db_pool'
 PARKED_ROLE = 'parked'     # the role label of parked connections, which no process holds
@@ -103,6 +103,6 @@ def render(state):
         out += [f'# HELP {name} {help_text}', f'# TYPE {name} counter']
         for role in ss.ROLES:
             out.append(_line(name, totals[role][counter], role=role))
-    from ..replica_health import servers_status
+    from ..replicas.replica_health import servers_status
     out += render_servers(servers_status())
     return '\n'.join(out) + '\n'

@@ -19,10 +19,10 @@ import psycopg2
 import pytest
 import yaml
 
-from odoo_pool_patch import tls
-from odoo_pool_patch.stock_options import STOCK_OPTIONS
+from odoo_pool_patch.config import tls
+from odoo_pool_patch.config.stock_options import STOCK_OPTIONS
 from odoo_pool_patch.devtools.embedded_pg import Cluster, free_port
-from odoo_pool_patch.options import OPTION_NAMES
+from odoo_pool_patch.config.options import OPTION_NAMES
 
 from testkit import ROOT
 
@@ -336,7 +336,7 @@ def odoo_confs(compose, tls_override):
 def read_conf(path):
     """Odoo's options ([options]) and db_pooling's ([db_pooling], where they belong) of an
     odoo.conf, as one dict."""
-    from odoo_pool_patch.conf_file import NAMES, SECTION
+    from odoo_pool_patch.config.conf_file import NAMES, SECTION
     parser = configparser.ConfigParser(inline_comment_prefixes=None)
     parser.read(path)
     ours, odoo = dict(parser[SECTION]), dict(parser['options'])
@@ -416,7 +416,7 @@ def test_primary_runs_the_init_script_and_replica_the_bootstrap():
 
 
 def test_odoo_confs_use_known_options_services_and_passwords():
-    from odoo_pool_patch.options import load_settings
+    from odoo_pool_patch.config.options import load_settings
     compose, tls_override = compose_stack()
     services = compose['services']
     known = set(STOCK_OPTIONS_NAMES) | set(OPTION_NAMES) | set(TLS_NAMES)

@@ -7,9 +7,9 @@ import zipfile
 
 import pytest
 
-from odoo_pool_patch.conf_example import documented_names
-from odoo_pool_patch.conf_example import example_file
-from odoo_pool_patch.options import OPTION_NAMES
+from odoo_pool_patch.config.conf_example import documented_names
+from odoo_pool_patch.config.conf_example import example_file
+from odoo_pool_patch.config.options import OPTION_NAMES
 
 from testkit import FOLDER_MARKERS, ROOT
 
@@ -41,7 +41,7 @@ def options_read_in_code():
                         names.update(re.findall(
                             r"""['"](db_[a-z0-9_]*[a-z0-9]|workers|max_cron_threads)['"]""",
                             handle.read()))
-    from odoo_pool_patch.options import GROUP_PREFIXES
+    from odoo_pool_patch.config.options import GROUP_PREFIXES
     # db_pooling* are our own names (the module, session keys), not options
     return {n for n in names if not n.startswith('db_pooling')} - set(GROUP_PREFIXES)
 
@@ -52,7 +52,8 @@ CODE_THAT_STARTS_ODOO = ('odoo_runner.py', 'demo.py', 'embedded_pg.py')
 
 def test_odoo_conf_example_lists_exactly_the_options_read():
     example = read('odoo.conf.example')
-    assert example == example_file()   # regenerate: python -m odoo_pool_patch.conf_example > odoo.conf.example
+    # regenerate: python -m odoo_pool_patch.config.conf_example > odoo.conf.example
+    assert example == example_file()
     # an option line is "[; ]name = [one-word value]" (doc text may say "name = value, ...")
     listed = set(re.findall(r'^;? ?(\w+) =(?: \S*)?$', example, re.M))
     assert listed == documented_names()
@@ -64,20 +65,21 @@ def test_odoo_conf_example_lists_exactly_the_options_read():
 
 
 def test_every_option_has_a_group_and_docs_have_the_generated_reference():
-    from odoo_pool_patch.conf_example import GROUP_KEYS, reference_rst
-    from odoo_pool_patch.options import OPTIONS, group_of
+    from odoo_pool_patch.config.conf_example import GROUP_KEYS, reference_rst
+    from odoo_pool_patch.config.options import OPTIONS, group_of
     assert all(option.group in GROUP_KEYS for option in OPTIONS)
     assert group_of('db_pool_statement_timeout_cron') == 'pgbouncer'   # longest prefix wins
     assert group_of('db_replica_sslrootcert') == 'tls'
     assert group_of('db_pool_some_new_knob') == 'pool'
     with pytest.raises(ValueError, match='GROUP_PREFIXES'):
         group_of('unrelated_option')
-    # regenerate: python -m odoo_pool_patch.conf_example --reference-into docs/configuration.rst
+    # regenerate:
+    #   python -m odoo_pool_patch.config.conf_example --reference-into docs/configuration.rst
     assert read('docs/configuration.rst').endswith(reference_rst())
 
 
 def test_stock_options_documented_are_odoo_options():
-    from odoo_pool_patch.stock_options import STOCK_OPTIONS
+    from odoo_pool_patch.config.stock_options import STOCK_OPTIONS
     from odoo_pool_patch.devtools.odoo_runner import available_trees
     trees = [tree for tree in available_trees()[0] if tree.major >= 18]
     if not trees:
@@ -135,9 +137,9 @@ def test_readme_and_docs_are_valid_restructuredtext():
 def test_readme_minimal_conf_says_the_defaults():
     """The README's odoo.conf example: Odoo's options in [options], db_pooling's in
     [db_pooling], where the commented lines give the defaults."""
-    from odoo_pool_patch.conf_file import NAMES
-    from odoo_pool_patch.odoo_install import default_budget
-    from odoo_pool_patch.options import OPTIONS, load_settings
+    from odoo_pool_patch.config.conf_file import NAMES
+    from odoo_pool_patch.odoo_glue.odoo_install import default_budget
+    from odoo_pool_patch.config.options import OPTIONS, load_settings
     readme = read('README.rst')
     block = readme[readme.index('\nA minimal odoo.conf\n'):]
     block = block[block.index('::\n\n') + 4:]
@@ -269,7 +271,7 @@ def test_simulated_demo_shows_stock_keeping_and_us_releasing(tmp_path):
 
 
 def test_tls_options_documented():
-    from odoo_pool_patch.tls import KEYWORDS
+    from odoo_pool_patch.config.tls import KEYWORDS
     example, page = read('odoo.conf.example'), read('docs/tls.rst')
     for suffix in KEYWORDS:
         assert f'; db_{suffix} =' in example and f'; db_replica_{suffix} =' in example
@@ -298,6 +300,23 @@ def test_every_test_module_is_in_a_folder_that_is_a_registered_marker():
               if name.startswith('test_') and name.endswith('.py')
               and os.path.relpath(where, tests).split(os.sep)[0] not in FOLDER_MARKERS]
     assert not strays, f'test modules outside the marker folders {FOLDER_MARKERS}: {strays}'
+
+
+def test_architecture_page_lists_the_layers_of_the_import_check_in_order():
+    """The Layers table of docs/architecture.rst names the subpackages in the order of
+    LAYERS (tests/engine/test_import_graph.py), and those are the package's subpackages."""
+    sys.path.insert(0, os.path.join(ROOT, 'tests', 'engine'))
+    try:
+        from test_import_graph import LAYERS
+    finally:
+        sys.path.pop(0)
+    page = read('docs/architecture.rst')
+    table = page[page.index('\nLayers\n'):page.index('\nLock order\n')]
+    listed = re.findall(r'^``(\w+)/``', table, flags=re.M)
+    engine = os.path.join(ROOT, 'odoo_pool_patch')
+    packages = {name for name in os.listdir(engine)
+                if os.path.isfile(os.path.join(engine, name, '__init__.py'))}
+    assert listed == list(LAYERS[1:]) and set(listed) == packages, (listed, LAYERS, packages)
 
 
 def test_package_map_names_every_module():

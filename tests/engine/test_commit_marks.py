@@ -1,6 +1,6 @@
-"""What may commit is noted for the request retry (odoo_pool_patch.commit_marks, read by request_retry):
-each way a transaction can end committed on a pool connection bumps the thread's
-mark, nothing else does (real PostgreSQL). The request retry itself is tested
+"""What may commit is noted for the request retry (odoo_pool_patch.sessions.commit_marks,
+read by request_retry): each way a transaction can end committed on a pool connection
+bumps the thread's mark, nothing else does (real PostgreSQL). The request retry itself is tested
 inside Odoo (addons/db_pooling/tests/test_request_retry.py)."""
 import threading
 
@@ -8,7 +8,7 @@ import psycopg2
 import psycopg2.extras
 import pytest
 
-from odoo_pool_patch import commit_marks
+from odoo_pool_patch.sessions import commit_marks
 
 
 def marks():

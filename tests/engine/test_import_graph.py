@@ -1,17 +1,19 @@
-"""The engine's imports, read from the source with ast: no cycle, and the layers only
-import down: the top-level engine never imports observability/, cli/ or devtools/;
-observability/ never imports cli/ or devtools/; nothing outside devtools/ imports it
-(cli/ names the demo by its dotted path, loaded on demand); no Odoo import at module
-level anywhere in the engine."""
+"""The engine's imports, read from the source with ast: no cycle, and the subpackages are
+layers that only import down (LAYERS, written in docs/architecture.rst): nothing imports
+cli/ or devtools/ but what is above them (cli/ names the demo by its dotted path, loaded on
+demand); no Odoo import at module level anywhere in the engine but devtools/."""
 import ast
 import os
 
 from testkit import ROOT
 
 ENGINE = os.path.join(ROOT, 'odoo_pool_patch')
-# a subpackage -> the subpackages it must never import ('' = the top-level engine)
-NEVER = {'': {'observability', 'cli', 'devtools'}, 'observability': {'cli', 'devtools'},
-         'cli': {'devtools'}}
+# The package's layers, lowest first: a module imports only from its own layer or one
+# below (at module level or inside a function). ``base`` is the modules at the top of the
+# package, BASE; every other module is in a subpackage named here.
+LAYERS = ('base', 'config', 'sessions', 'shared', 'pool', 'replicas', 'odoo_glue',
+          'observability', 'cli', 'devtools')
+BASE = {'__init__', 'errors', 'dsn', 'faults', 'after_fork'}
 
 
 def modules():
@@ -68,8 +70,8 @@ def graph():
 
 
 def layer(dotted):
-    head = dotted.split('.')[0]
-    return head if '.' in dotted and head in NEVER.keys() | {'devtools'} else ''
+    """A module's layer: its subpackage, or ``base`` for a module at the top."""
+    return dotted.split('.')[0] if '.' in dotted else 'base'
 
 
 def test_no_import_cycle():
@@ -89,51 +91,42 @@ def test_no_import_cycle():
     assert len(edges) > 30 and not cycles, cycles
 
 
-def upward(edges):
-    return [f'{module} imports {dep}' for module, deps in sorted(edges.items())
-            for dep in sorted(deps) if layer(dep) in NEVER.get(layer(module), set())]
-
-
-def test_layers_only_import_down():
-    assert not upward(graph())
-
-
-# The top-level engine in layers, lowest first; a module imports only from its own layer
-# or one below (at module level or inside a function). They are the subpackages to come
-# (docs/architecture.rst); every top-level module must be in one.
-ENGINE_LAYERS = (
-    ('base', {'__init__', 'errors', 'dsn', 'faults', 'after_fork'}),
-    ('config', {'options', 'conf_file', 'stock_options', 'conf_example', 'tls'}),
-    ('sessions', {'conn_record', 'session_state', 'session_tracking', 'commit_marks'}),
-    ('shared', {'shared_state', 'doorbell', 'backend_exit', 'budget', 'parking', 'exchange',
-                'outage'}),
-    ('pool', {'pool', 'pool_slots', 'pool_sessions', 'pool_sharing', 'pool_upkeep',
-              'borrowers', 'maintenance'}),
-    ('replicas', {'replicas', 'replica_health'}),
-    ('odoo', {'odoo_install', 'list_dbs_cache', 'first_statement', 'request_retry',
-              'replica_routes', 'runtime'}),
-)
-
-
-def engine_layer_violations(edges):
-    rank = {module: index for index, (_, members) in enumerate(ENGINE_LAYERS)
-            for module in members}
-    name = {module: label for label, members in ENGINE_LAYERS for module in members}
-    top = [module for module in edges if '.' not in module]
-    wrong = [f'{module} is in no layer of ENGINE_LAYERS' for module in top if module not in rank]
-    wrong += [f'{module} ({name[module]}) imports {dep} ({name[dep]})'
-              for module in sorted(top) if module in rank
-              for dep in sorted(edges[module]) if rank.get(dep, -1) > rank[module]]
+def layer_violations(edges):
+    rank = {name: index for index, name in enumerate(LAYERS)}
+    wrong = [f'{module} is in no layer of LAYERS' for module in sorted(edges)
+             if layer(module) not in rank or (layer(module) == 'base' and module not in BASE)]
+    wrong += [f'{module} ({layer(module)}) imports {dep} ({layer(dep)})'
+              for module in sorted(edges) if layer(module) in rank
+              for dep in sorted(edges[module]) if rank.get(layer(dep), -1) > rank[layer(module)]]
     return wrong
 
 
-def test_the_engine_modules_import_only_from_their_layer_or_below():
+def test_the_layers_only_import_down():
+    assert not layer_violations(graph())
+
+
+def test_the_checker_sees_an_upward_import():
+    """The check cannot pass by reading nothing: the engine's own graph is read, and an
+    upward import is reported."""
     edges = graph()
-    assert not engine_layer_violations(edges)
-    edges['options'] = edges['options'] | {'replicas'}     # the checker sees one
+    assert 'pool.slots' in edges['pool.connection_pool']
+    assert 'pool.connection_pool' in edges['devtools.demo']
+    assert 'observability.instance_view' in edges['cli.top']
+    edges['config.options'] = edges['config.options'] | {'replicas.router'}
+    edges['pool.connection_pool'] = edges['pool.connection_pool'] | {'cli.top'}
+    assert layer_violations(edges) == [
+        'config.options (config) imports replicas.router (replicas)',
+        'pool.connection_pool (pool) imports cli.top (cli)']
+
+
+def test_the_checker_sees_a_module_in_no_layer():
+    """A new module at the top of the package (not in BASE) or in a subpackage that is no
+    layer is reported: it must be given its place."""
+    edges = graph()
     edges['brand_new'] = set()
-    assert engine_layer_violations(edges) == [
-        'brand_new is in no layer of ENGINE_LAYERS', 'options (config) imports replicas (replicas)']
+    edges['extras.thing'] = set()
+    assert layer_violations(edges) == [
+        'brand_new is in no layer of LAYERS', 'extras.thing is in no layer of LAYERS']
 
 
 def test_the_engine_imports_odoo_only_inside_functions():
@@ -143,13 +136,3 @@ def test_the_engine_imports_odoo_only_inside_functions():
              for target, line, top in imports(dotted, path)
              if top and (target == 'odoo' or target.startswith('odoo.'))]
     assert not wrong, wrong
-
-
-def test_the_checker_sees_an_upward_import():
-    """The checks above cannot pass by reading nothing: the engine's own graph is read,
-    and an engine module importing cli/ would be reported."""
-    edges = graph()
-    assert 'pool_slots' in edges['pool'] and 'pool' in edges['devtools.demo']
-    assert 'observability.instance_view' in edges['cli.top']
-    edges['pool'] = edges['pool'] | {'cli.top'}
-    assert upward(edges) == ['pool imports cli.top']

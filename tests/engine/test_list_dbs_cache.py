@@ -2,8 +2,8 @@
 instance-wide through the shared state (the Odoo side is in test_odoo_server.py)."""
 import os
 
-from odoo_pool_patch.list_dbs_cache import TimedList
-from odoo_pool_patch.shared_state import SharedState
+from odoo_pool_patch.odoo_glue.list_dbs_cache import TimedList
+from odoo_pool_patch.shared.shared_state import SharedState
 
 
 class Clock:

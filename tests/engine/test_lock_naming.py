@@ -1,5 +1,5 @@
-"""The engine's lock convention (the docstring of odoo_pool_patch/pool.py), checked on
-its source with ``ast``: a helper's name says which lock its caller holds.
+"""The engine's lock convention (the docstring of odoo_pool_patch/pool/connection_pool.py),
+checked on its source with ``ast``: a helper's name says which lock its caller holds.
 
 - ``*_shared_locked`` (budget, parking, shared_state): the shared state's lock, so it is
   called inside ``with <state>.locked()`` or from another ``*_shared_locked`` function;
@@ -167,8 +167,17 @@ def merged(scans):
     return whole
 
 
+# The engine proper (what Odoo runs); observability/, cli/ and devtools/ take no lock.
+ENGINE_PACKAGES = ('', 'config', 'sessions', 'shared', 'pool', 'replicas', 'odoo_glue')
+
+
+POOL_CLASS = {f'pool/{name}.py' for name in ('connection_pool', 'slots', 'sessions', 'sharing',
+                                             'upkeep')}
+
+
 def engine():
-    return {path.name: scan(path.read_text()) for path in sorted(ENGINE.glob('*.py'))}
+    return {path.relative_to(ENGINE).as_posix(): scan(path.read_text())
+            for package in ENGINE_PACKAGES for path in sorted((ENGINE / package).glob('*.py'))}
 
 
 def test_locked_helpers_are_called_with_the_lock_their_name_says():
@@ -188,9 +197,9 @@ def test_allowed_exceptions_still_exist():
 
 def test_locks_are_taken_in_order():
     scans = engine()
-    # The pool is one class in pool.py and the pool_*.py modules it mixes in.
+    # The pool is one class in pool/connection_pool.py and the pool/ modules it mixes in.
     pool_takers = pool_lock_takers(merged(found for module, found in scans.items()
-                                          if module == 'pool.py' or module.startswith('pool_')))
+                                          if module in POOL_CLASS))
     shared_takers = {function for found in scans.values()
                      for function, kinds in found.takes.items()
                      if 'shared' in kinds and not function.startswith('__')}

@@ -2,7 +2,7 @@
 import pytest
 
 from odoo_pool_patch.errors import ConfigError
-from odoo_pool_patch.options import OPTIONS, Settings, load_settings
+from odoo_pool_patch.config.options import OPTIONS, Settings, load_settings
 
 
 def test_defaults_when_nothing_is_set():
@@ -47,7 +47,7 @@ def test_every_option_is_documented():
 
 
 def test_job_runner_goes_direct_unless_configured_otherwise():
-    from odoo_pool_patch.odoo_install import job_runner_environ
+    from odoo_pool_patch.odoo_glue.odoo_install import job_runner_environ
     direct = Settings(direct_host='pg.internal', direct_port=5433)
     assert job_runner_environ(Settings(), {}, {}) == {}
     assert job_runner_environ(direct, {}, {}) == {
@@ -71,7 +71,7 @@ def write(tmp_path, text):
 
 
 def test_the_section_first_then_options_and_where_each_comes_from(tmp_path):
-    from odoo_pool_patch.conf_file import from_file
+    from odoo_pool_patch.config.conf_file import from_file
     path = write(tmp_path, '[options]\ndb_host = pg\ndb_pool_idle_timeout = 5\n'
                            'db_pool_wait_timeout = 3\n\n[db_pooling]\ndb_pool_wait_timeout = 4\n'
                            'db_pool_shared = False\ndb_pool_metrics_token = 100%-sure-0123456789\n')
@@ -94,8 +94,8 @@ def test_the_section_first_then_options_and_where_each_comes_from(tmp_path):
 
 
 def test_tls_problems_name_the_file_and_section(tmp_path):
-    from odoo_pool_patch import tls
-    from odoo_pool_patch.conf_file import from_file
+    from odoo_pool_patch.config import tls
+    from odoo_pool_patch.config.conf_file import from_file
     path = write(tmp_path, '[options]\ndb_sslmode = verify-full\n\n[db_pooling]\n'
                            'db_sslrootcert = relative/ca.crt\n')
     source = from_file(path)
@@ -112,7 +112,7 @@ def test_tls_problems_name_the_file_and_section(tmp_path):
                                      'reading from'),
 ])
 def test_a_file_that_cannot_be_read_is_named(tmp_path, text, expected):
-    from odoo_pool_patch.conf_file import read_file
+    from odoo_pool_patch.config.conf_file import read_file
     path = str(tmp_path) if text is None else write(tmp_path, text)
     with pytest.raises(ConfigError) as excinfo:
         read_file(path)
@@ -124,7 +124,7 @@ def test_none_and_empty_mean_unset_for_odoo_and_check_alike(tmp_path):
     """``x = None`` or ``x =`` is how Odoo writes an unset option: default, in the section
     and in [options], through Odoo's getter (raw strings, as Odoo 19 keeps unknown
     options) as through ``odoo-pool check``'s reading of the file."""
-    from odoo_pool_patch.conf_file import PoolingOptions, from_file
+    from odoo_pool_patch.config.conf_file import PoolingOptions, from_file
     text = ('[options]\ndb_pool_idle_timeout = None\ndb_pool_wait_timeout =\n\n'
             '[db_pooling]\ndb_pool_max_lifetime = None\n')
     path = write(tmp_path, text)

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from odoo_pool_patch import session_tracking
-from odoo_pool_patch.options import Settings
+from odoo_pool_patch.sessions import session_tracking
+from odoo_pool_patch.config.options import Settings
 
 from testkit import notify_through
 

@@ -10,8 +10,8 @@ import pytest
 from psycopg2.pool import PoolError
 
 from odoo_pool_patch.errors import PoolTimeout
-from odoo_pool_patch.options import Settings
-from odoo_pool_patch.pool import ConnectionPool, PooledConnection
+from odoo_pool_patch.config.options import Settings
+from odoo_pool_patch.pool.connection_pool import ConnectionPool, PooledConnection
 
 from testkit import backend_pid
 

@@ -30,32 +30,35 @@ ODOO_CURSOR = "Odoo's sql_db.Cursor internals, which first_statement and request
 STOCK_POOL = "Odoo's stock ConnectionPool, adopted in place"
 # (module, attribute): whose it is and why we use it.
 FOREIGN = {
-    ('first_statement.py', '_cnx'): ODOO_CURSOR,
-    ('first_statement.py', '_obj'): ODOO_CURSOR,
-    ('first_statement.py', '_closed'): ODOO_CURSOR,
-    ('first_statement.py', '_Cursor__pool'): ODOO_CURSOR + ' (the pool a cursor gives back to)',
-    ('first_statement.py', '_close'): ODOO_CURSOR + ' (wrapped: see _install_rollback)',
-    ('first_statement.py', '_now'): ODOO_CURSOR + ' (cleared as its stock rollback does)',
-    ('first_statement.py', '_dbp_closing'): "our mark on Odoo's cursor while its _close runs",
-    ('request_retry.py', '_cnx'): ODOO_CURSOR,
-    ('request_retry.py', '_obj'): ODOO_CURSOR,
-    ('request_retry.py', '_closed'): ODOO_CURSOR,
-    ('request_retry.py', '_get_session_and_dbname'):
+    ('odoo_glue/first_statement.py', '_cnx'): ODOO_CURSOR,
+    ('odoo_glue/first_statement.py', '_obj'): ODOO_CURSOR,
+    ('odoo_glue/first_statement.py', '_closed'): ODOO_CURSOR,
+    ('odoo_glue/first_statement.py', '_Cursor__pool'):
+        ODOO_CURSOR + ' (the pool a cursor gives back to)',
+    ('odoo_glue/first_statement.py', '_close'): ODOO_CURSOR + ' (wrapped: see _install_rollback)',
+    ('odoo_glue/first_statement.py', '_now'): ODOO_CURSOR + ' (cleared as its stock rollback does)',
+    ('odoo_glue/first_statement.py', '_dbp_closing'):
+        "our mark on Odoo's cursor while its _close runs",
+    ('odoo_glue/request_retry.py', '_cnx'): ODOO_CURSOR,
+    ('odoo_glue/request_retry.py', '_obj'): ODOO_CURSOR,
+    ('odoo_glue/request_retry.py', '_closed'): ODOO_CURSOR,
+    ('odoo_glue/request_retry.py', '_get_session_and_dbname'):
         "Odoo's http.Request: the session read again after a retried request",
-    ('replica_routes.py', '_cnx'): ODOO_CURSOR + ' (a read-only session on 16/17)',
-    ('odoo_install.py', '_connections'): STOCK_POOL,
-    ('odoo_install.py', '_maxconn'): STOCK_POOL,
-    ('odoo_install.py', '_readonly'): STOCK_POOL,
-    ('odoo_install.py', '_pool_in_use'): "Odoo 19's stock pool marks its connections in use",
-    ('replica_routes.py', '_Pool_readonly'): "Odoo 18+'s read-only pool, in odoo.sql_db",
-    ('replica_routes.py', '_db_readonly_failed_time'):
+    ('odoo_glue/replica_routes.py', '_cnx'): ODOO_CURSOR + ' (a read-only session on 16/17)',
+    ('odoo_glue/odoo_install.py', '_connections'): STOCK_POOL,
+    ('odoo_glue/odoo_install.py', '_maxconn'): STOCK_POOL,
+    ('odoo_glue/odoo_install.py', '_readonly'): STOCK_POOL,
+    ('odoo_glue/odoo_install.py', '_pool_in_use'):
+        "Odoo 19's stock pool marks its connections in use",
+    ('odoo_glue/replica_routes.py', '_Pool_readonly'): "Odoo 18+'s read-only pool, in odoo.sql_db",
+    ('odoo_glue/replica_routes.py', '_db_readonly_failed_time'):
         "Odoo 18+'s Registry: when its replica failed (the ban ends after ban_time)",
-    ('exchange.py', '_psycopg'): "psycopg2's C extension: the libpq it is linked to (GSSAPI "
-                                 "encryption is asked of it)",
-    ('borrowers.py', '_getframe'): 'sys._getframe: the borrow site, cheaper than inspect',
-    ('replica_routes.py', '_getframe'): 'sys._getframe: who calls Registry.cursor',
-    ('shared_state.py', '_is_owned'): "threading.RLock: whether this thread holds it after "
-                                      "a signal interrupted its acquire",
+    ('shared/exchange.py', '_psycopg'):
+        "psycopg2's C extension: the libpq it is linked to (GSSAPI encryption is asked of it)",
+    ('pool/borrowers.py', '_getframe'): 'sys._getframe: the borrow site, cheaper than inspect',
+    ('odoo_glue/replica_routes.py', '_getframe'): 'sys._getframe: who calls Registry.cursor',
+    ('shared/shared_state.py', '_is_owned'):
+        "threading.RLock: whether this thread holds it after a signal interrupted its acquire",
     ('devtools/demo.py', '_exit'): 'os._exit: a forked demo child never returns into the demo',
 }
 
@@ -77,9 +80,10 @@ def private(name):
 
 
 # Receivers that name an object of one of our modules: (name, the module that owns it).
-OWNERS = {'pool': 'pool.py', 'budget': 'budget.py', 'exchange': 'exchange.py',
-          'parking': 'parking.py', 'state': 'shared_state.py', 'router': 'replicas.py',
-          'outages': 'outage.py'}
+OWNERS = {'pool': 'pool/connection_pool.py', 'budget': 'shared/budget.py',
+          'exchange': 'shared/exchange.py', 'parking': 'shared/parking.py',
+          'state': 'shared/shared_state.py', 'router': 'replicas/router.py',
+          'outages': 'shared/outage.py'}
 STRING_ACCESS = ('getattr', 'hasattr', 'setattr', 'delattr')
 
 
@@ -188,7 +192,7 @@ def violations(found):
 
 def test_no_module_reaches_into_another_modules_private_attribute():
     found = sources()
-    assert 'pool.py' in found and 'addon/__init__.py' in found, sorted(found)
+    assert 'pool/connection_pool.py' in found and 'addon/__init__.py' in found, sorted(found)
     wrong, _used = violations(found)
     assert not wrong, ('underscore attributes of other modules (give them a public name or '
                        'a method, or list a foreign one in FOREIGN with why):\n' +
@@ -203,18 +207,18 @@ def test_every_foreign_exception_is_still_used():
 def test_the_check_sees_a_reach_into_another_module():
     """The checker itself: the accesses it must flag, and what it must let through."""
     found = {
-        'pool.py': 'class P:\n    def __init__(self):\n        self._idle = {}\n'
-                   '    def f(self, other):\n        return other._idle, self._idle\n',
-        'replicas.py': 'def choose(pool):\n    return pool._idle\n',
-        'budget.py': 'def grant(state, cells):\n    state._reap_shared_locked(cells)\n',
-        'exchange.py': 'class X:\n    def __init__(self):\n        self._lock = 1\n'
-                       'def f(cnx, pool):\n    cnx._dbp_key = 1\n    return pool._lock\n',
-        'outage.py': 'def f(cnx):\n    return getattr(cnx, "_dbp_key", None)\n',
-        'odoo_install.py': 'def patch(cls):\n    def run(self):\n        return self._x\n'
-                           '    cls.run = run\n',
-        'tls.py': 'from .options import _seconds\n',
+        'pool/connection_pool.py': 'class P:\n    def __init__(self):\n        self._idle = {}\n'
+                                   '    def f(self, other):\n        return other._idle, self._idle\n',
+        'replicas/router.py': 'def choose(pool):\n    return pool._idle\n',
+        'shared/budget.py': 'def grant(state, cells):\n    state._reap_shared_locked(cells)\n',
+        'shared/exchange.py': 'class X:\n    def __init__(self):\n        self._lock = 1\n'
+                              'def f(cnx, pool):\n    cnx._dbp_key = 1\n    return pool._lock\n',
+        'shared/outage.py': 'def f(cnx):\n    return getattr(cnx, "_dbp_key", None)\n',
+        'odoo_glue/odoo_install.py': 'def patch(cls):\n    def run(self):\n'
+                                     '        return self._x\n    cls.run = run\n',
+        'config/tls.py': 'from .options import _seconds\n',
     }
     wrong, _used = violations(found)
     assert sorted(line.split(':')[0] for line in wrong) == [
-        'budget.py', 'exchange.py', 'exchange.py', 'odoo_install.py', 'outage.py',
-        'replicas.py', 'tls.py'], wrong
+        'config/tls.py', 'odoo_glue/odoo_install.py', 'replicas/router.py', 'shared/budget.py',
+        'shared/exchange.py', 'shared/exchange.py', 'shared/outage.py'], wrong

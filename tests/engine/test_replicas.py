@@ -8,12 +8,13 @@ import pytest
 from odoo_pool_patch.devtools.embedded_pg import Cluster
 from odoo_pool_patch.errors import ConfigError
 from odoo_pool_patch.observability.metrics import render_servers
-from odoo_pool_patch.options import Settings, load_settings
-from odoo_pool_patch.replica_health import ACTIVE, MAX_BAN_FACTOR, servers_status, start_routing
-from odoo_pool_patch import replicas
-from odoo_pool_patch.options import parse_replicas
-from odoo_pool_patch.replicas import Target, targets_from_config, written_lsn
-from odoo_pool_patch.shared_state import SharedState
+from odoo_pool_patch.config.options import Settings, load_settings
+from odoo_pool_patch.replicas.replica_health import (ACTIVE, MAX_BAN_FACTOR, servers_status,
+                                                    start_routing)
+from odoo_pool_patch.replicas import router as replicas
+from odoo_pool_patch.config.options import parse_replicas
+from odoo_pool_patch.replicas.router import Target, targets_from_config, written_lsn
+from odoo_pool_patch.shared.shared_state import SharedState
 
 
 def wait_for(predicate, timeout=30.0, interval=0.1):
@@ -357,7 +358,7 @@ def test_a_replica_restarted_while_banned_is_healthy_at_the_first_probe_after(
     """Banned servers are not probed, so the probe's session to a replica that restarted
     meanwhile is one the server ended: the probe judges the server on a new session
     instead of banning it again (for a longer time) when its ban runs out."""
-    from odoo_pool_patch.replica_health import Prober, ServerTable
+    from odoo_pool_patch.replicas.replica_health import Prober, ServerTable
     first = replica_set[0]
     targets = [Target(0, pg.host, pg.port, 0, 'primary'), Target(1, first.host, first.port, 1)]
     table = ServerTable(SharedState(str(tmp_path / 'state')), targets)

@@ -1,5 +1,5 @@
 """How a session the server ended looks to the client, plain and over TLS, and what the
-request retry (odoo_pool_patch.request_retry) makes of it: real PostgreSQL, real
+request retry (odoo_pool_patch.odoo_glue.request_retry) makes of it: real PostgreSQL, real
 pg_terminate_backend and idle_in_transaction_session_timeout."""
 import shutil
 import threading
@@ -8,7 +8,7 @@ import time
 import psycopg2
 import pytest
 
-from odoo_pool_patch.request_retry import _session_end, ended_by_server
+from odoo_pool_patch.odoo_glue.request_retry import _session_end, ended_by_server
 
 from testkit import client_info
 

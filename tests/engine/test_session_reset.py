@@ -9,9 +9,9 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from odoo_pool_patch import session_tracking
-from odoo_pool_patch.options import Settings
-from odoo_pool_patch.session_tracking import TrackingCursor
+from odoo_pool_patch.sessions import session_tracking
+from odoo_pool_patch.config.options import Settings
+from odoo_pool_patch.sessions.session_tracking import TrackingCursor
 
 from testkit import backend_pid
 
@@ -209,7 +209,7 @@ class OtherConnection(psycopg2.extensions.connection):
 
 
 def test_foreign_connection_class_is_tracked_too(pools, info):
-    from odoo_pool_patch.session_tracking import SessionTracking
+    from odoo_pool_patch.sessions.session_tracking import SessionTracking
     pool = pools(1, settings=SMART, connection_factory=OtherConnection)
     cnx = pool.borrow(info())
     assert isinstance(cnx, OtherConnection) and isinstance(cnx, SessionTracking)

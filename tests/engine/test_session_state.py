@@ -1,9 +1,10 @@
-"""Statement classification of :mod:`odoo_pool_patch.session_state` (no server needed)."""
+"""Statement classification of :mod:`odoo_pool_patch.sessions.session_state` (no server needed)."""
 import pytest
 
-from odoo_pool_patch import session_state as ss
-from odoo_pool_patch.session_state import (ADVISORY, COMMITTED, HOLD, LISTEN, LOAD, PREPARE,
-                                           ROLE, SET, TEMP, UNKNOWN, session_kinds)
+from odoo_pool_patch.sessions import session_state as ss
+from odoo_pool_patch.sessions.session_state import (ADVISORY, COMMITTED, HOLD, LISTEN, LOAD,
+                                                    PREPARE, ROLE, SET, TEMP, UNKNOWN,
+                                                    session_kinds)
 
 # Statements as Odoo sends them: none leaves session state behind.
 ODOO_MIX = [

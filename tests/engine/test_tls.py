@@ -5,9 +5,9 @@ import shutil
 import psycopg2
 import pytest
 
-from odoo_pool_patch import tls
+from odoo_pool_patch.config import tls
 from odoo_pool_patch.devtools.embedded_pg import Cluster, ThrowawayPKI
-from odoo_pool_patch.pool import ConnectionPool
+from odoo_pool_patch.pool.connection_pool import ConnectionPool
 
 from testkit import client_info
 

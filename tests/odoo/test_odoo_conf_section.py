@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from odoo_pool_patch import shared_state as ss
+from odoo_pool_patch.shared import shared_state as ss
 from odoo_pool_patch.devtools.odoo_runner import OdooServer
 
 from testkit import requires_odoo

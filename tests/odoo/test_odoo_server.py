@@ -19,7 +19,7 @@ from odoo_pool_patch.devtools.odoo_runner import OdooServer
 from testkit import ROOT, requires_odoo
 
 pytestmark = requires_odoo
-ENGINE = 'odoo_pool_patch.pool.ConnectionPool'
+ENGINE = 'odoo_pool_patch.pool.connection_pool.ConnectionPool'
 METRICS_TOKEN = 'metrics-token-for-tests-0123456789'
 ADDON_TESTS = os.path.join(ROOT, 'addons', 'db_pooling', 'tests')
 
@@ -170,9 +170,9 @@ def test_prometheus_metrics_need_the_token_and_parse(server):
 def held_connections(srv, count, database):
     """This test process joins the server's shared state (role 'other') and holds ``count``
     connections to ``database``, borrowed in a function the dashboard must name."""
-    from odoo_pool_patch import shared_state as ss
-    from odoo_pool_patch.budget import SharedBudget
-    from odoo_pool_patch.pool import ConnectionPool
+    from odoo_pool_patch.shared import shared_state as ss
+    from odoo_pool_patch.shared.budget import SharedBudget
+    from odoo_pool_patch.pool.connection_pool import ConnectionPool
     state = ss.SharedState(srv.options['db_pool_shared_path'], create=False)
     budget = SharedBudget(state, state.cells[ss.H_BUDGET], role='other')
     pool = ConnectionPool(count, budget=budget, timer_period=0.1)
@@ -467,7 +467,7 @@ def test_shared_budget_with_8_workers_on_6_databases(odoo_tree, pg, tmp_path):
         assert 'one budget of 12 server connections for the whole instance' in srv.log()
         # Workers took over each other's idle connections (db_pool_shared_idle) instead of
         # opening new ones for a database they held none of.
-        from odoo_pool_patch import shared_state as ss
+        from odoo_pool_patch.shared import shared_state as ss
         state = ss.SharedState(str(tmp_path / 'budget-state'), create=False)
         taken = sum(counters['taken'] for counters in state.counter_totals().values())
         state.close()

@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from odoo_pool_patch import after_fork
-from odoo_pool_patch import pool, replica_health
+from odoo_pool_patch.pool import connection_pool as pool
+from odoo_pool_patch.replicas import replica_health
 
 from testkit import ROOT
 from testkit.forks import collect, fork
@@ -86,11 +87,11 @@ def lock_is_free_in_a_child(lock_of):
 @pytest.mark.parametrize('lock', ['router counts', 'monitor', 'outage counts'])
 def test_a_child_forked_while_a_thread_holds_a_lock_of_the_parent_can_take_it(
         pg, tmp_path, lock):
-    from odoo_pool_patch.outage import Outages
-    from odoo_pool_patch.replica_health import ACTIVE, start_routing
-    from odoo_pool_patch.replicas import Target
-    from odoo_pool_patch.shared_state import SharedState
-    from odoo_pool_patch.options import Settings
+    from odoo_pool_patch.shared.outage import Outages
+    from odoo_pool_patch.replicas.replica_health import ACTIVE, start_routing
+    from odoo_pool_patch.replicas.router import Target
+    from odoo_pool_patch.shared.shared_state import SharedState
+    from odoo_pool_patch.config.options import Settings
     targets = [Target(0, pg.host, pg.port, 0, 'primary'), Target(1, pg.host, pg.port, 1)]
     router = start_routing(SharedState(str(tmp_path / 'state')), targets, Settings(),
                            {'user': 'odoo', 'sslmode': 'disable'})
@@ -122,7 +123,7 @@ def test_a_child_closes_the_parent_s_session_copies_and_nothing_that_took_their_
     noted descriptor still open is closed in the child (else the session outlives its
     owner)."""
     from time import monotonic
-    from odoo_pool_patch.parking import IN_FLIGHT, mark_in_flight
+    from odoo_pool_patch.shared.parking import IN_FLIGHT, mark_in_flight
     from testkit.peers import master
     pool = pools(2)
     cnx = pool.borrow(info())

@@ -6,9 +6,9 @@ import psycopg2
 import pytest
 
 from odoo_pool_patch.observability import dashboard
-from odoo_pool_patch import shared_state as ss
-from odoo_pool_patch.budget import SharedBudget
-from odoo_pool_patch.pool import ConnectionPool
+from odoo_pool_patch.shared import shared_state as ss
+from odoo_pool_patch.shared.budget import SharedBudget
+from odoo_pool_patch.pool.connection_pool import ConnectionPool
 
 from testkit.forks import collect, fork
 

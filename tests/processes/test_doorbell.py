@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from odoo_pool_patch import shared_state as ss
+from odoo_pool_patch.shared import shared_state as ss
 
 from testkit.forks import collect, fork
 

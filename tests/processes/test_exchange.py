@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from odoo_pool_patch import shared_state as ss
-from odoo_pool_patch.budget import SharedBudget
-from odoo_pool_patch.exchange import IdleExchange
-from odoo_pool_patch.options import Settings
+from odoo_pool_patch.shared import shared_state as ss
+from odoo_pool_patch.shared.budget import SharedBudget
+from odoo_pool_patch.shared.exchange import IdleExchange
+from odoo_pool_patch.config.options import Settings
 
 from testkit import backend_pid
 from testkit.peers import borrow_while_peer_gives_back, held, make_pool, Peer, start_donor, stop
@@ -189,7 +189,7 @@ def test_a_taker_never_takes_from_a_donor_whose_row_was_reaped(tmp_path):
 def test_a_process_of_another_user_gets_nothing(pg, info, tmp_path):
     """Abstract Unix socket names are visible to every local user: the donor checks its peer."""
     import socket
-    from odoo_pool_patch import exchange
+    from odoo_pool_patch.shared import exchange
     path = str(tmp_path / 'segment')
     os.chmod(tmp_path, 0o1777)     # (sticky: the state file's directory may not be 0777)
     pid, _backend = start_donor(path, info('db1'))
@@ -266,7 +266,7 @@ def test_a_full_budget_waits_for_a_connection_in_use_elsewhere_rather_than_open_
     """Budget full, nothing idle to db1 anywhere but one in use in another process: the
     borrower waits for it to come back and takes it, instead of closing its db2
     connection and opening a backend. Nothing of db3 in use anywhere: no wait."""
-    from odoo_pool_patch import pool_sharing
+    from odoo_pool_patch.pool import sharing as pool_sharing
     monkeypatch.setattr(pool_sharing, 'AWAIT_BUSY', await_busy)
     path = str(tmp_path / 'segment')
     peer = Peer(path, info, budget=2)
@@ -293,7 +293,7 @@ def test_a_connection_is_taken_into_the_object_of_one_given_before(
         pg, info, tmp_path, monkeypatch, max_shells):
     """The psycopg2 object of a taken connection, once given on, takes the next connection
     of its database: the real session under it, client-side settings back to a new one's."""
-    from odoo_pool_patch import exchange
+    from odoo_pool_patch.shared import exchange
     monkeypatch.setattr(exchange, 'MAX_SHELLS', max_shells)
     path = str(tmp_path / 'segment')
     peer = Peer(path, info)
@@ -395,7 +395,7 @@ def test_no_wait_for_connections_in_use_while_borrowers_queue(
 def test_no_wait_for_a_connection_this_process_holds(pg, info, tmp_path, monkeypatch):
     """A nested cursor (Odoo's cron opens one per job on its database): the connection in
     use is this process's own, it cannot come back while the borrower waits."""
-    from odoo_pool_patch import pool_sharing
+    from odoo_pool_patch.pool import sharing as pool_sharing
     monkeypatch.setattr(pool_sharing, 'AWAIT_BUSY', 5.0)
     pool = make_pool(str(tmp_path / 'segment'), budget=2)
     try:

@@ -18,11 +18,11 @@ import time
 import pytest
 
 from odoo_pool_patch import faults
-from odoo_pool_patch import shared_state as ss
-from odoo_pool_patch.budget import SharedBudget
-from odoo_pool_patch.exchange import IdleExchange
-from odoo_pool_patch.options import Settings
-from odoo_pool_patch.pool import ConnectionPool
+from odoo_pool_patch.shared import shared_state as ss
+from odoo_pool_patch.shared.budget import SharedBudget
+from odoo_pool_patch.shared.exchange import IdleExchange
+from odoo_pool_patch.config.options import Settings
+from odoo_pool_patch.pool.connection_pool import ConnectionPool
 
 LATE = 0.7      # seconds: past the donor's ACK_TIMEOUT (0.5)
 
@@ -388,7 +388,7 @@ def test_a_stalled_parker_is_never_healed_away(pg, app, instance, monkeypatch, p
     order (count, release the lock, then send): the passes heal the count to 0, the
     connection arrives in a queue nobody takes it from, and the instance holds one
     session more than its budget counts."""
-    from odoo_pool_patch.parking import Parking
+    from odoo_pool_patch.shared.parking import Parking
     if protocol == 'old':
         send_fds = __import__('socket').send_fds
 

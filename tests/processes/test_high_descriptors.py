@@ -15,8 +15,9 @@ import time
 
 import pytest
 
-from odoo_pool_patch import parking as parking_module
-from odoo_pool_patch import backend_exit, pool_sharing
+from odoo_pool_patch.shared import parking as parking_module
+from odoo_pool_patch.shared import backend_exit
+from odoo_pool_patch.pool import sharing as pool_sharing
 
 from testkit import backend_pid
 from testkit.peers import borrow_while_peer_gives_back, count, held, make_pool, parked, peer, start_donor, stop

@@ -6,10 +6,10 @@ import time
 from prometheus_client.parser import text_string_to_metric_families
 
 from odoo_pool_patch.observability import metrics
-from odoo_pool_patch import shared_state as ss
-from odoo_pool_patch.budget import SharedBudget
-from odoo_pool_patch.options import Settings, load_settings
-from odoo_pool_patch.pool import ConnectionPool
+from odoo_pool_patch.shared import shared_state as ss
+from odoo_pool_patch.shared.budget import SharedBudget
+from odoo_pool_patch.config.options import Settings, load_settings
+from odoo_pool_patch.pool.connection_pool import ConnectionPool
 
 
 def samples(text):

@@ -7,13 +7,13 @@ import time
 import psycopg2
 import pytest
 
-from odoo_pool_patch import shared_state as ss
-from odoo_pool_patch.budget import SharedBudget
+from odoo_pool_patch.shared import shared_state as ss
+from odoo_pool_patch.shared.budget import SharedBudget
 from odoo_pool_patch.devtools.embedded_pg import Cluster
-from odoo_pool_patch.options import Settings
-from odoo_pool_patch.outage import OutageTimeout
-from odoo_pool_patch.backend_exit import is_dead
-from odoo_pool_patch.pool import ConnectionPool
+from odoo_pool_patch.config.options import Settings
+from odoo_pool_patch.shared.outage import OutageTimeout
+from odoo_pool_patch.shared.backend_exit import is_dead
+from odoo_pool_patch.pool.connection_pool import ConnectionPool
 
 from testkit.forks import collect, fork
 
@@ -251,7 +251,7 @@ def test_a_prober_that_gave_up_leaves_the_lease_to_others(running, tmp_path):
 
 
 def test_what_is_no_outage_fails_at_once():
-    from odoo_pool_patch.outage import classify
+    from odoo_pool_patch.shared.outage import classify
     standby = psycopg2.OperationalError(
         'connection to server at "db" (10.0.0.5), port 5432 failed: FATAL:  the database '
         'system is not accepting connections\nDETAIL:  Hot standby mode is disabled.')

@@ -1,4 +1,4 @@
-"""Idle connections parked in kernel queues (see odoo_pool_patch.parking): a master
+"""Idle connections parked in kernel queues (see odoo_pool_patch.shared.parking): a master
 process makes the budget and its exchange, workers forked from it share the queues.
 Real forked processes, real PostgreSQL, SIGKILL."""
 import contextlib
@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from odoo_pool_patch import parking as parking_module
-from odoo_pool_patch import pool_sharing
-from odoo_pool_patch import shared_state as ss
-from odoo_pool_patch.budget import SharedBudget
+from odoo_pool_patch.shared import parking as parking_module
+from odoo_pool_patch.pool import sharing as pool_sharing
+from odoo_pool_patch.shared import shared_state as ss
+from odoo_pool_patch.shared.budget import SharedBudget
 from odoo_pool_patch.errors import PoolTimeout
-from odoo_pool_patch.pool import ConnectionPool
+from odoo_pool_patch.pool.connection_pool import ConnectionPool
 
 from testkit import backend_pid
 from testkit.peers import borrow_while_peer_gives_back, count, parked, peer

@@ -16,10 +16,10 @@ import time
 
 import pytest
 
-from odoo_pool_patch import shared_state as ss
-from odoo_pool_patch.budget import SharedBudget
-from odoo_pool_patch.options import Settings
-from odoo_pool_patch.pool import ConnectionPool
+from odoo_pool_patch.shared import shared_state as ss
+from odoo_pool_patch.shared.budget import SharedBudget
+from odoo_pool_patch.config.options import Settings
+from odoo_pool_patch.pool.connection_pool import ConnectionPool
 
 from testkit import ROOT
 pytestmark = [
@@ -35,10 +35,10 @@ pytestmark = [
 CHILD = r'''
 import json, os, random, sys, time
 sys.path.insert(0, sys.argv[1])
-from odoo_pool_patch import shared_state as ss
-from odoo_pool_patch.budget import SharedBudget
-from odoo_pool_patch.options import Settings
-from odoo_pool_patch.pool import ConnectionPool
+from odoo_pool_patch.shared import shared_state as ss
+from odoo_pool_patch.shared.budget import SharedBudget
+from odoo_pool_patch.config.options import Settings
+from odoo_pool_patch.pool.connection_pool import ConnectionPool
 path, budget, mode, amount, infos = sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5]), \
     json.loads(sys.argv[6])
 pool = ConnectionPool(8, settings=Settings(wait_timeout=30), budget=SharedBudget(

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 
-from odoo_pool_patch.options import Settings
+from odoo_pool_patch.config.options import Settings
 
 from testkit import backend_pid
 
@@ -53,8 +53,8 @@ GEVENT_SCRIPT = textwrap.dedent('''
     import psycopg2.extensions
     from gevent.socket import wait_read, wait_write
     sys.path.insert(0, sys.argv[2])
-    from odoo_pool_patch.pool import ConnectionPool
-    from odoo_pool_patch.options import Settings
+    from odoo_pool_patch.pool.connection_pool import ConnectionPool
+    from odoo_pool_patch.config.options import Settings
 
     def wait_callback(conn, timeout=None):   # what psycogreen installs in Odoo's gevent process
         while True:

@@ -17,9 +17,9 @@ import signal
 import psycopg2.extensions
 import pytest
 
-from odoo_pool_patch import session_state, session_tracking
-from odoo_pool_patch.options import Settings
-from odoo_pool_patch.session_tracking import TrackingCursor
+from odoo_pool_patch.sessions import session_state, session_tracking
+from odoo_pool_patch.config.options import Settings
+from odoo_pool_patch.sessions.session_tracking import TrackingCursor
 
 from testkit.peers import make_pool, stop
 

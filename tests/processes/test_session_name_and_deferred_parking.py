@@ -13,8 +13,8 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from odoo_pool_patch import pool_sharing
-from odoo_pool_patch import exchange
+from odoo_pool_patch.pool import sharing as pool_sharing
+from odoo_pool_patch.shared import exchange
 
 from testkit import NO_ODOO, ODOO_TREES, ROOT, backend_pid
 from testkit.peers import make_pool, Peer, peer, run_sleep, server_name, start_donor, stop, taken
@@ -341,8 +341,8 @@ def test_deferred_parking_is_installed_with_replica_routing_on_16_17():
     tree, venv = trees[0].path, trees[0].python
     script = '''
 from odoo import http
-from odoo_pool_patch import replica_routes, odoo_install
-from odoo_pool_patch.pool_sharing import parking_deferred
+from odoo_pool_patch.odoo_glue import replica_routes, odoo_install
+from odoo_pool_patch.pool.sharing import parking_deferred
 http.Request._serve_db = lambda self: parking_deferred()
 replica_routes.patch_readonly_methods(['read'], None)   # install_replicas, 16/17
 odoo_install._defer_parking_in_requests()               # then install()

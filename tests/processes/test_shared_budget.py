@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from odoo_pool_patch import shared_state as ss
-from odoo_pool_patch.budget import SharedBudget
-from odoo_pool_patch.options import Settings
-from odoo_pool_patch import pool_sharing
-from odoo_pool_patch.pool import ConnectionPool
+from odoo_pool_patch.shared import shared_state as ss
+from odoo_pool_patch.shared.budget import SharedBudget
+from odoo_pool_patch.config.options import Settings
+from odoo_pool_patch.pool import sharing as pool_sharing
+from odoo_pool_patch.pool.connection_pool import ConnectionPool
 
 from testkit.forks import collect, fork
 
@@ -338,7 +338,7 @@ def test_maintenance_pass_is_urgent_while_borrowers_wait_or_slots_wait_for_an_ex
     """What makes a shared-budget process run its maintenance pass at once rather than
     at IDLE_TICK: a borrower waiting for the budget, a closed connection's slot waiting
     for its backend to exit (also in a closed pool)."""
-    from odoo_pool_patch import maintenance
+    from odoo_pool_patch.pool import maintenance
     assert maintenance.SHED_TICK < maintenance.IDLE_TICK
     budget = make_budget(shm_path, 1)
     pool = ConnectionPool(2, budget=budget, settings=Settings(wait_timeout=60))
@@ -375,7 +375,7 @@ def test_maintenance_pass_is_urgent_while_borrowers_wait_or_slots_wait_for_an_ex
 def test_maintenance_passes_are_rare_at_rest(pg, shm_path, info):
     """At rest a shared-budget process runs a pass every IDLE_TICK, not every SHED_TICK
     (a pass costs the worker CPU and the GIL)."""
-    from odoo_pool_patch import maintenance
+    from odoo_pool_patch.pool import maintenance
 
     def count_passes():
         pool = ConnectionPool(2, budget=make_budget(shm_path, 4), settings=Settings())
@@ -397,7 +397,8 @@ def test_a_waiter_gets_the_idle_connections_of_a_process_at_rest_at_once(
     connections (or, without one, is noticed at its next wake-up, SHED_TICK), not at
     its next pass at rest: here that process's passes are a minute apart, and the
     borrower waits at most 3 s."""
-    from odoo_pool_patch import doorbell as doorbell_module, maintenance
+    from odoo_pool_patch.shared import doorbell as doorbell_module
+    from odoo_pool_patch.pool import maintenance
     if doorbell and doorbell_module._libc_syscall is None:
         pytest.skip('no futex here (not Linux x86-64/arm64): the maintenance threads poll')
     ready = shm_path + '.ready'

@@ -11,10 +11,10 @@ import tempfile
 
 import pytest
 
-from odoo_pool_patch import shared_state as ss
-from odoo_pool_patch.budget import SharedBudget
-from odoo_pool_patch.options import Settings
-from odoo_pool_patch.pool import ConnectionPool
+from odoo_pool_patch.shared import shared_state as ss
+from odoo_pool_patch.shared.budget import SharedBudget
+from odoo_pool_patch.config.options import Settings
+from odoo_pool_patch.pool.connection_pool import ConnectionPool
 
 as_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which('runuser'),
                              reason='needs root and runuser to act as another local user')

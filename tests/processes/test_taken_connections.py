@@ -20,9 +20,9 @@ import psycopg2.errors
 import psycopg2.extensions as ext
 import pytest
 
-from odoo_pool_patch import exchange
-from odoo_pool_patch import pool_sessions
-from odoo_pool_patch import shared_state as ss
+from odoo_pool_patch.shared import exchange
+from odoo_pool_patch.pool import sessions as pool_sessions
+from odoo_pool_patch.shared import shared_state as ss
 
 from testkit import backend_pid
 from testkit.peers import make_pool, parked_by_a_worker, Peer, run_sleep, server_name, start_donor, stop, taken

@@ -7,11 +7,11 @@ import signal
 import threading
 import traceback
 
-from odoo_pool_patch import shared_state as ss
-from odoo_pool_patch.budget import SharedBudget
-from odoo_pool_patch.exchange import IdleExchange
-from odoo_pool_patch.options import Settings
-from odoo_pool_patch.pool import ConnectionPool
+from odoo_pool_patch.shared import shared_state as ss
+from odoo_pool_patch.shared.budget import SharedBudget
+from odoo_pool_patch.shared.exchange import IdleExchange
+from odoo_pool_patch.config.options import Settings
+from odoo_pool_patch.pool.connection_pool import ConnectionPool
 
 from testkit import backend_pid
 

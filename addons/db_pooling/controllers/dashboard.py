@@ -12,8 +12,8 @@ ODOO_OPTIONS = ('workers', 'max_cron_threads', 'db_maxconn', 'db_maxconn_gevent'
 
 def effective_settings():
     from odoo.tools import config
-    from odoo_pool_patch.odoo_install import budget_settings
-    from odoo_pool_patch.runtime import RUNTIME
+    from odoo_pool_patch.odoo_glue.odoo_install import budget_settings
+    from odoo_pool_patch.odoo_glue.runtime import RUNTIME
     settings = RUNTIME.settings
     shown = {}
     for name in ODOO_OPTIONS:
@@ -33,8 +33,8 @@ def dashboard_payload(cr):
     """Everything the dashboard shows; each failing source is reported, not fatal."""
     from odoo import sql_db
     from odoo_pool_patch.observability import dashboard
-    from odoo_pool_patch.odoo_install import current_role, is_active, server_wide_modules
-    from odoo_pool_patch.runtime import RUNTIME
+    from odoo_pool_patch.odoo_glue.odoo_install import current_role, is_active, server_wide_modules
+    from odoo_pool_patch.odoo_glue.runtime import RUNTIME
     budget = RUNTIME.budget
     if budget is not None:
         figures = dashboard.shared_figures(budget.state)

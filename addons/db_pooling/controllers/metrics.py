@@ -11,7 +11,7 @@ class DbPoolingMetrics(http.Controller):
     def metrics(self):
         """Prometheus metrics of the whole instance (Authorization: Bearer <token>)."""
         from odoo_pool_patch.observability import metrics
-        from odoo_pool_patch.runtime import RUNTIME
+        from odoo_pool_patch.odoo_glue.runtime import RUNTIME
         settings, budget = RUNTIME.settings, RUNTIME.budget
         token = settings.metrics_token if settings else None
         if not token:

@@ -11,8 +11,8 @@ JSON = 'jsonrpc' if release.version_info[0] >= 19 else 'json'
 def pool_status():
     """Pools of the worker process serving this request, as plain data."""
     from odoo import sql_db
-    from odoo_pool_patch.odoo_install import is_active
-    from odoo_pool_patch.runtime import RUNTIME
+    from odoo_pool_patch.odoo_glue.odoo_install import is_active
+    from odoo_pool_patch.odoo_glue.runtime import RUNTIME
     pools = {}
     for name in ('_Pool', '_Pool_readonly'):
         pool = getattr(sql_db, name, None)

@@ -1,5 +1,5 @@
 """A connection that dies between the borrow and its first statement is replaced
-transparently (odoo_pool_patch.first_statement); one that dies later fails as in
+transparently (odoo_pool_patch.odoo_glue.first_statement); one that dies later fails as in
 stock Odoo. Real backends terminated with pg_terminate_backend."""
 import contextlib
 import threading

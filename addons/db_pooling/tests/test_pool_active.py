@@ -5,8 +5,8 @@ from odoo import sql_db
 from odoo.modules.registry import Registry
 from odoo.tests import common
 
-from odoo_pool_patch.odoo_install import is_active
-from odoo_pool_patch.pool import ConnectionPool as PoolEngine
+from odoo_pool_patch.odoo_glue.odoo_install import is_active
+from odoo_pool_patch.pool.connection_pool import ConnectionPool as PoolEngine
 
 
 class TestPoolActive(common.BaseCase):

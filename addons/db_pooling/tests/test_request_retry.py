@@ -14,7 +14,7 @@ from odoo.modules.registry import Registry
 from odoo.service import model as service_model
 from odoo.tests import common
 
-from odoo_pool_patch import request_retry
+from odoo_pool_patch.odoo_glue import request_retry
 
 from .test_first_statement import terminate_pid
 

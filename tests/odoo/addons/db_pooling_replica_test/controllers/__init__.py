@@ -37,7 +37,7 @@ class ReplicaTest(http.Controller):
     @http.route('/dbp_test/replica_cursor', type='json', auth='user')
     def replica_cursor(self):
         """The replica_cursor() API (every series)."""
-        from odoo_pool_patch.replica_routes import replica_cursor
+        from odoo_pool_patch.odoo_glue.replica_routes import replica_cursor
         with replica_cursor(request.env.cr.dbname) as cr:
             cr.execute('SELECT inet_server_port(), pg_is_in_recovery()')
             return cr.fetchone()
@@ -45,12 +45,12 @@ class ReplicaTest(http.Controller):
     @http.route('/dbp_test/status', type='json', auth='user')
     def status(self):
         """servers_status() and this session's read-your-writes position."""
-        from odoo_pool_patch.replica_health import servers_status
-        from odoo_pool_patch.replica_routes import SESSION_KEY
+        from odoo_pool_patch.replicas.replica_health import servers_status
+        from odoo_pool_patch.odoo_glue.replica_routes import SESSION_KEY
         return {'servers': servers_status(), 'lsn': request.session.get(SESSION_KEY)}
 
     @http.route('/dbp_test/parking_deferred', type='json', auth='user')
     def parking_deferred(self):
         """Whether the request runs under db_pooling's deferred parking (every series)."""
-        from odoo_pool_patch.pool_sharing import parking_deferred
+        from odoo_pool_patch.pool.sharing import parking_deferred
         return parking_deferred()

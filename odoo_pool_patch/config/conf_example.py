@@ -5,8 +5,8 @@ each in the group its name prefix maps to, see :func:`options.group_of`), the TL
 (:data:`tls.KEYWORDS`, for the primary and the replicas) and the stock Odoo options that
 interact with them (:data:`.stock_options.STOCK_OPTIONS`). Regenerate after changing any of them::
 
-    python -m odoo_pool_patch.conf_example > odoo.conf.example
-    python -m odoo_pool_patch.conf_example --reference-into docs/configuration.rst
+    python -m odoo_pool_patch.config.conf_example > odoo.conf.example
+    python -m odoo_pool_patch.config.conf_example --reference-into docs/configuration.rst
 
 The second rewrites docs/configuration.rst from the line :data:`REFERENCE_MARK` to the end
 (``--reference`` prints that part instead).
@@ -68,7 +68,7 @@ HEADER = """\
 ; (in [options] they still work, but Odoo 19 logs "unknown option" for each and db_pooling
 ; logs a note to move them).
 ; Lines starting with ";" are comments; uncomment an option to change it from its default.
-; Generated from the code: python -m odoo_pool_patch.conf_example > odoo.conf.example
+; Generated from the code: python -m odoo_pool_patch.config.conf_example > odoo.conf.example
 """
 
 
@@ -207,8 +207,8 @@ def reference_rst():
     """The option reference of docs/configuration.rst: one section per option, by group."""
     sections = reference_sections()
     assert set(sections) == documented_names()
-    lines = [REFERENCE_MARK, '.. Regenerate: python -m odoo_pool_patch.conf_example --reference-into '
-             'docs/configuration.rst', '', 'Reference', '=========', '']
+    lines = [REFERENCE_MARK, '.. Regenerate: python -m odoo_pool_patch.config.conf_example '
+             '--reference-into docs/configuration.rst', '', 'Reference', '=========', '']
     lines += textwrap.wrap('Every option db_pooling reads, by group: ours, the TLS options and '
                            'the stock Odoo options that interact with them. The same text is in '
                            'odoo.conf.example.', 92)
@@ -247,11 +247,11 @@ def main(argv):
     elif argv == ['--reference']:
         print(reference_rst(), end='')
     elif argv:
-        sys.exit('usage: python -m odoo_pool_patch.conf_example [--reference | --reference-into '
-                 'docs/configuration.rst]')
+        sys.exit('usage: python -m odoo_pool_patch.config.conf_example [--reference | '
+                 '--reference-into docs/configuration.rst]')
     else:
         print(example_file(), end='')
 
 
-if __name__ == '__main__':       # python -m odoo_pool_patch.conf_example > odoo.conf.example
+if __name__ == '__main__':       # python -m odoo_pool_patch.config.conf_example > odoo.conf.example
     main(sys.argv[1:])

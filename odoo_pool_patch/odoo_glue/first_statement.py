@@ -37,7 +37,7 @@ import logging
 import psycopg2
 from psycopg2.extensions import STATUS_BEGIN, STATUS_READY
 
-from .conn_record import record_of
+from ..sessions.conn_record import record_of
 
 _logger = logging.getLogger('odoo.sql_db')
 

@@ -12,13 +12,13 @@ its helpers testable) without Odoo.
 import logging
 import os
 
+from ..config.options import load_settings
+from ..errors import ConfigError
+from ..pool.connection_pool import ConnectionPool
+from ..pool.sharing import deferred_parking
+from ..sessions.session_tracking import tracked_class
 from . import first_statement, list_dbs_cache, request_retry
-from .errors import ConfigError
-from .options import load_settings
-from .pool import ConnectionPool
-from .pool_sharing import deferred_parking
 from .runtime import RUNTIME
-from .session_tracking import tracked_class
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 
@@ -59,7 +59,7 @@ def post_load_hook():
             MODULE, MODULE, MODULE, MODULE)
         return
     from odoo.tools import config
-    from . import conf_file, tls
+    from ..config import conf_file, tls
     try:
         source = conf_file.from_odoo(config)
         problems = source.problems
@@ -125,7 +125,7 @@ def install_tls(get=None):
     """Add odoo.conf's TLS settings to every connection and to pg_dump/psql's environment."""
     from odoo import sql_db
     from odoo.tools import config, misc
-    from . import tls
+    from ..config import tls
     if getattr(sql_db.connection_info_for, 'db_pooling', False):
         return
     get = get or config.get
@@ -182,7 +182,7 @@ def install_replicas(settings, pool_class):
     """Replica routing (see replica_routes) when replicas are configured."""
     from odoo import sql_db
     from . import replica_routes
-    from .shared_state import SharedState
+    from ..shared.shared_state import SharedState
 
     def state():        # without a shared budget, the same file still holds the server rows
         if pool_class.budget is not None:
@@ -244,7 +244,7 @@ def process_count(workers, cron_threads):
 def budget_settings(settings):
     """(budget, cron reserve, shared path) with the computed defaults filled in."""
     from odoo.tools import config
-    from .shared_state import default_path
+    from ..shared.shared_state import default_path
     workers = int(config.get('workers') or 0)
     cron = int(config.get('max_cron_threads') or 0)
     size = settings.max_connections or default_budget(workers, cron, int(config.get('db_maxconn') or 64))
@@ -256,9 +256,9 @@ def budget_settings(settings):
 
 
 def attach_budget(settings):
-    from .budget import SharedBudget
-    from .exchange import attach as attach_exchange
-    from .shared_state import SharedState, SharedStateError
+    from ..shared.budget import SharedBudget
+    from ..shared.exchange import attach as attach_exchange
+    from ..shared.shared_state import SharedState, SharedStateError
     size, reserve, path = budget_settings(settings)
     try:
         state = SharedState(path)
@@ -301,7 +301,7 @@ def _patch_worker_roles():
 
 
 def _defer_parking_in_requests():
-    """Serve each HTTP request under :func:`.pool_sharing.deferred_parking`: its cursors (the
+    """Serve each HTTP request under :func:`..pool.sharing.deferred_parking`: its cursors (the
     registry and route one, then the call's) share a connection instead of parking
     and unparking one between them."""
     from odoo import http
@@ -383,7 +383,7 @@ def stock_connections(pool):
 
 def adopt(pool, pool_class):
     """Turn a live stock pool into ``pool_class`` in place, keeping its connections."""
-    from .dsn import dsn_key
+    from ..dsn import dsn_key
     connections = stock_connections(pool)
     maxconn, readonly = pool._maxconn, bool(getattr(pool, '_readonly', False))
     for attr in list(vars(pool)):

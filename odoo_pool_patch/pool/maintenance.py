@@ -13,8 +13,8 @@ import threading
 import time
 import weakref
 
-from . import after_fork
-from .doorbell import can_sleep
+from .. import after_fork
+from ..shared.doorbell import can_sleep
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 

@@ -12,16 +12,16 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.sql
 
-from . import session_state
-from .backend_exit import is_dead
+from ..config.tls import explain_failure, record as record_tls
+from ..dsn import key_database
+from ..sessions import session_state
+from ..sessions.conn_record import ensure_record
+from ..sessions.session_tracking import restore_characteristics, run_reset, track
+from ..shared.backend_exit import is_dead
+from ..shared.budget import LONG_LIVED_DATABASES
+from ..shared.exchange import gss_in_use
+from ..shared.outage import OutageTimeout, opened_before_restart, server_of
 from .borrowers import Holder
-from .budget import LONG_LIVED_DATABASES
-from .conn_record import ensure_record
-from .dsn import key_database
-from .exchange import gss_in_use
-from .outage import OutageTimeout, opened_before_restart, server_of
-from .session_tracking import restore_characteristics, run_reset, track
-from .tls import explain_failure, record as record_tls
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 monotonic = time.monotonic

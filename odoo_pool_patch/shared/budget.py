@@ -25,8 +25,8 @@ import os
 import time
 import weakref
 
-from . import after_fork
-from . import faults
+from .. import after_fork
+from .. import faults
 from . import shared_state as ss
 
 PRIORITIES = {'long': 0, 'http': 1, 'master': 1, 'threaded': 1, 'other': 1, 'gevent': 2, 'cron': 3}

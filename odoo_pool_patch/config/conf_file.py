@@ -26,8 +26,8 @@ import configparser
 import difflib
 import os
 
+from ..errors import ConfigError
 from . import tls
-from .errors import ConfigError
 from .options import OPTION_NAMES
 from .stock_options import STOCK_OPTIONS
 

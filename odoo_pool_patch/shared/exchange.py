@@ -15,7 +15,7 @@ Who offers what is in the shared state: per process, up to ``N_OFFER`` entries
 (hash of the database key, idle connections, connections in use), written by
 that process only, read lock-free by takers. A stale offer costs the taker one
 refusal. The in-use count tells a borrower that finds nothing idle whether a
-connection to its database will come back soon (see ``pool_sharing.AWAIT_BUSY``).
+connection to its database will come back soon (see ``pool.sharing.AWAIT_BUSY``).
 
 Only clean connections move: no transaction, no session state (``cnx.pooled.dirty``),
 plain TCP or Unix socket (never TLS: its state lives in the donor's libpq),
@@ -90,11 +90,11 @@ import weakref
 import psycopg2
 import psycopg2.extensions
 
-from . import faults
+from .. import faults
+from ..sessions.conn_record import ensure_record
+from ..sessions.session_tracking import restore_characteristics, shell_class
 from . import shared_state as ss
-from .conn_record import ensure_record
 from .parking import IN_FLIGHT, Parking, mark_in_flight, recv_fds
-from .session_tracking import restore_characteristics, shell_class
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 
@@ -242,7 +242,7 @@ class IdleExchange:
         khash = self._hashes.get(key)
         if khash is None:
             from .budget import LONG_LIVED_DATABASES
-            from .dsn import key_database
+            from ..dsn import key_database
             khash = 0 if key_database(key) in LONG_LIVED_DATABASES else key_hash(key)
             self._hashes[key] = khash
         return khash

@@ -20,11 +20,11 @@ import logging
 import threading
 import time
 
-from . import after_fork
-from .backend_exit import begin_close, exited, finished
-from .dsn import key_database
-from .errors import PoolTimeout
-from .session_tracking import note_privileges
+from .. import after_fork
+from ..dsn import key_database
+from ..errors import PoolTimeout
+from ..sessions.session_tracking import note_privileges
+from ..shared.backend_exit import begin_close, exited, finished
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 monotonic = time.monotonic

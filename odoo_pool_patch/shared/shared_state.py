@@ -73,7 +73,7 @@ import threading
 import time
 import weakref
 
-from . import after_fork
+from .. import after_fork
 
 MAGIC = 0x6462706F6F6C3031      # "dbpool01"
 VERSION = 11         # bump on any layout or protocol change: older files are reinitialised

@@ -5,7 +5,7 @@ import sys
 import threading
 import time
 
-from .dsn import key_database
+from ..dsn import key_database
 
 monotonic = time.monotonic
 
@@ -30,9 +30,10 @@ class Holder:
 
 
 # Frames in these files are plumbing between the real caller and the pool's borrow.
+_HERE = os.path.dirname(os.path.abspath(__file__))
 _PLUMBING = ('sql_db.py', os.sep + 'registry.py', 'contextlib.py',
-             os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pool.py'),
-             os.sep + 'replicas.py')
+             os.path.join(_HERE, 'connection_pool.py'),
+             os.path.join(os.path.dirname(_HERE), 'replicas', 'router.py'))
 
 
 def borrow_site(depth=2):

@@ -57,7 +57,7 @@ import weakref
 
 import psycopg2
 
-from . import after_fork
+from .. import after_fork
 from . import shared_state as ss
 
 BACKOFF = 0.05          # first retry of the prober, seconds

@@ -24,10 +24,10 @@ import weakref
 
 import psycopg2
 
-from . import after_fork
-from . import shared_state as ss
-from .exchange import neutralize
-from .replicas import REASONS, BANNED, LAGGING, PINNED
+from .. import after_fork
+from ..shared import shared_state as ss
+from ..shared.exchange import neutralize
+from .router import REASONS, BANNED, LAGGING, PINNED
 
 _logger = logging.getLogger('odoo.sql_db.replicas')
 
@@ -365,7 +365,7 @@ after_fork.register('replica_health', _after_fork_in_child)
 def start_routing(state, targets, settings, base_info, required_lsn=None, interval=None):
     """A :class:`~.replicas.Router` over the shared rows of ``state``, with its monitor
     thread (started by the first routed borrow of each process)."""
-    from .replicas import Router
+    from .router import Router
     router = Router(targets, ServerTable(state, targets), settings, required_lsn)
     router.monitor = Monitor(router, base_info, interval)
     ACTIVE.update(router=router, monitor=router.monitor)

@@ -60,10 +60,10 @@ thread of this process waiting in the budget's queue for the same database
 
 The pool is one object in five modules, one concern each: this one (the Odoo-facing
 API: borrow, give_back, close_all; shutdown and a forked child's reset),
-:mod:`.pool_slots` (the books and slot accounting: grants, the FIFO of waiters, each
-move of a connection between books), :mod:`.pool_sessions` (opening, preparing and
-resetting server sessions), :mod:`.pool_sharing` (connections moving between processes:
-parking, taking, lending, budget waits) and :mod:`.pool_upkeep` (maintenance passes and
+:mod:`.slots` (the books and slot accounting: grants, the FIFO of waiters, each
+move of a connection between books), :mod:`.sessions` (opening, preparing and
+resetting server sessions), :mod:`.sharing` (connections moving between processes:
+parking, taking, lending, budget waits) and :mod:`.upkeep` (maintenance passes and
 figures); the connection's own record is :mod:`.conn_record`.
 
 Network round trips (connect, reset, health check) are never made while
@@ -79,21 +79,21 @@ import weakref
 
 import psycopg2.extensions
 
-from . import after_fork
+from .. import after_fork
+from ..config.options import Settings
+from ..dsn import dsn_key, key_database, dsn_equals
+from ..errors import PoolError
+from ..sessions import session_state
+from ..sessions.session_tracking import SessionTracking, note_privileges
+from ..shared.backend_exit import close_and_wait
+from ..shared.exchange import neutralize
+from ..shared.outage import outages_for, server_of
 from . import maintenance
-from .backend_exit import close_and_wait
 from .borrowers import Holder, borrow_site
-from .dsn import dsn_key, key_database, dsn_equals
-from .errors import PoolError
-from .exchange import neutralize
-from .options import Settings
-from . import session_state
-from .outage import outages_for, server_of
-from .pool_sessions import SessionSteps
-from .pool_sharing import Sharing
-from .pool_slots import BUDGET, EVICT, MISSING, NEW, TAKE, Room, SlotBooks
-from .pool_upkeep import PoolStats, Upkeep
-from .session_tracking import SessionTracking, note_privileges
+from .sessions import SessionSteps
+from .sharing import Sharing
+from .slots import BUDGET, EVICT, MISSING, NEW, TAKE, Room, SlotBooks
+from .upkeep import PoolStats, Upkeep
 
 # Under odoo.sql_db so Odoo's PostgreSQL log handler (log_db) never logs our
 # own messages through a pooled connection.

@@ -22,13 +22,13 @@ import time
 
 import psycopg2
 
-from . import faults
-from .backend_exit import fd_readable, socket_readable
-from .dsn import key_database
-from .errors import PoolTimeout
-from .exchange import neutralize, offerable, session_meta
-from .outage import opened_before_restart
-from .parking import IN_FLIGHT, mark_in_flight
+from .. import faults
+from ..dsn import key_database
+from ..errors import PoolTimeout
+from ..shared.backend_exit import fd_readable, socket_readable
+from ..shared.exchange import neutralize, offerable, session_meta
+from ..shared.outage import opened_before_restart
+from ..shared.parking import IN_FLIGHT, mark_in_flight
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 monotonic = time.monotonic

@@ -13,7 +13,7 @@ allowed, and the addon stops the server with that message.
 import os
 from dataclasses import dataclass, fields
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 _TRUE = {'1', 'true', 'yes', 'on'}
 _FALSE = {'0', 'false', 'no', 'off'}

@@ -20,8 +20,8 @@ import threading
 
 import psycopg2
 
-from .dsn import dsn_key
-from .errors import ConfigError
+from ..dsn import dsn_key
+from ..errors import ConfigError
 
 BANNED, LAGGING, PINNED, WRITE = range(4)
 # Chance that a read stays on a replica its pool holds an idle connection to, when the

@@ -24,7 +24,7 @@ import threading
 import psycopg2
 import psycopg2.errors
 
-from .replicas import WRITTEN_LSN_SQL, targets_from_config
+from ..replicas.router import WRITTEN_LSN_SQL, targets_from_config
 from .runtime import RUNTIME
 
 _logger = logging.getLogger('odoo.sql_db.replicas')
@@ -51,7 +51,7 @@ def install(settings, pool_class, shared_state, base_info):
     read-only pool would otherwise go to a stock default). Returns the router or None."""
     from odoo import release, sql_db
     from odoo.tools import config
-    from .replica_health import start_routing
+    from ..replicas.replica_health import start_routing
     major = int(release.serie.split('.')[0].split('~')[-1].replace('saas', '') or 0)
     RUNTIME.major = major
     targets = targets_from_config(settings, config.get)
@@ -161,7 +161,7 @@ def replica_cursor(dbname):
     """A read-only cursor on a replica of ``dbname`` (or on the primary, read-only, when
     none is usable), on any series::
 
-        from odoo_pool_patch.replica_routes import replica_cursor
+        from odoo_pool_patch.odoo_glue.replica_routes import replica_cursor
         with replica_cursor(env.cr.dbname) as cr:
             cr.execute('SELECT ...')
 

@@ -56,9 +56,9 @@ import time
 
 import psycopg2
 
-from . import commit_marks
-from .conn_record import record_of
-from .errors import PoolError
+from ..errors import PoolError
+from ..sessions import commit_marks
+from ..sessions.conn_record import record_of
 
 _logger = logging.getLogger('odoo.sql_db')
 

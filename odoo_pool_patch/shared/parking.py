@@ -50,8 +50,8 @@ import struct
 import threading
 import time
 
-from . import after_fork
-from . import faults
+from .. import after_fork
+from .. import faults
 from . import shared_state as ss
 from .backend_exit import finished, readable, wait_exited
 

@@ -7,12 +7,12 @@ budget's waiters, and the figures the dashboard, ``odoo-pool top`` and the metri
 import logging
 import time
 
-from . import session_state
-from .backend_exit import is_dead
+from ..dsn import key_database
+from ..sessions import session_state
+from ..shared.backend_exit import is_dead
+from ..shared.budget import LONG_LIVED_DATABASES
+from ..shared.outage import opened_before_restart
 from .borrowers import format_site
-from .budget import LONG_LIVED_DATABASES
-from .dsn import key_database
-from .outage import opened_before_restart
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 monotonic = time.monotonic
