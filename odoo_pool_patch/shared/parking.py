@@ -118,6 +118,7 @@ class Parking:
         self.budget = budget
         self.state = budget.state
         self.token = random.getrandbits(62) + 1     # these queues' lots, not another family's
+        self._rows = ss.Lot.all(self.state.cells)  # a view of each lot's row
         self._pairs = []        # lot -> (receiving end, sending end)
         try:
             for _ in range(ss.N_LOT):
@@ -133,10 +134,10 @@ class Parking:
 
     def join(self):
         """Mark this process's row as holding these queues (its lots live while it does)."""
-        self.state.cells[ss.PROC_BASE + self.budget.row * ss.P_FIELDS + ss.P_FAMILY] = self.token
+        self.state.process(self.budget.row).family = self.token
 
     def _reset_process(self):
-        self._lots = {}         # key hash -> lot (a cache: the lot's row says)
+        self._lots = {}         # key hash -> lot number (a cache: the lot's row says)
         self._absent = {}       # key hash -> ms until which it is not looked for again
         self._exiting = []      # [fd, give-up deadline, shed, identity] of closed parked ones
         self._exit_lock = threading.Lock()
@@ -148,9 +149,9 @@ class Parking:
             for end in ends:
                 end.close()
         self._pairs = []
-        family = ss.PROC_BASE + self.budget.row * ss.P_FIELDS + ss.P_FAMILY
-        if self.state.cells[family] == self.token:
-            self.state.cells[family] = 0    # its lots are freed at the next reaping
+        me = self.state.process(self.budget.row)
+        if me.family == self.token:
+            me.family = 0           # its lots are freed at the next reaping
 
     def after_fork_in_child(self):
         exiting = self._exiting
@@ -163,21 +164,19 @@ class Parking:
 
     # ------------------------------------------------------------------ lots
     def _lot(self, khash):
-        """Cell index of the row of ``khash``'s lot, or None (lock-free)."""
-        cells = self.state.cells
-        lot = self._lots.get(khash)
-        if lot is not None:
-            base = ss.LOT_BASE + lot * ss.K_FIELDS
-            if cells[base + ss.K_HASH] == khash and cells[base + ss.K_OWNER] == self.token:
-                return base
+        """The :class:`~.shared_state.Lot` of ``khash``, or None (lock-free)."""
+        number = self._lots.get(khash)
+        if number is not None:
+            lot = self._rows[number]
+            if lot.hash == khash and lot.owner == self.token:
+                return lot
         now = _ms()
         if self._absent.get(khash, 0) > now:
             return None
-        for lot in range(ss.N_LOT):
-            base = ss.LOT_BASE + lot * ss.K_FIELDS
-            if cells[base + ss.K_HASH] == khash and cells[base + ss.K_OWNER] == self.token:
-                self._lots[khash] = lot
-                return base
+        for lot in self._rows:
+            if lot.hash == khash and lot.owner == self.token:
+                self._lots[khash] = lot.index
+                return lot
         self._absent[khash] = now + 1000    # a lot another process claims is seen within 1 s
         return None
 
@@ -188,61 +187,56 @@ class Parking:
         if self._absent.get(None, 0) > now:
             return None             # all lots were taken a moment ago
         self._absent.pop(khash, None)
-        with self.state.locked() as cells:
-            base = self._lot(khash)
-            if base is not None:
-                return base
-            for lot in range(ss.N_LOT):
-                base = ss.LOT_BASE + lot * ss.K_FIELDS
-                if not cells[base + ss.K_OWNER] or (
-                        cells[base + ss.K_COUNT] <= 0 and
-                        now - max(cells[base + ss.K_WANT_MS], cells[base + ss.K_FREE_MS])
-                        > LOT_REUSE * 1000):
-                    ss.clear(cells, base, ss.K_FIELDS)
-                    cells[base + ss.K_OWNER] = self.token
-                    cells[base + ss.K_HASH] = khash
-                    cells[base + ss.K_FREE_MS] = now
-                    self._lots[khash] = lot
-                    return base
+        with self.state.locked():
+            found = self._lot(khash)
+            if found is not None:
+                return found
+            for lot in self._rows:
+                if not lot.owner or (lot.count <= 0 and
+                                     now - max(lot.want_ms, lot.free_ms) > LOT_REUSE * 1000):
+                    lot.clear()
+                    lot.owner = self.token
+                    lot.hash = khash
+                    lot.free_ms = now
+                    self._lots[khash] = lot.index
+                    return lot
         self._absent[None] = now + 1000
         return None
 
     def count(self, khash):
         """Connections of ``khash`` parked (lock-free)."""
-        base = self._lot(khash)
-        return self.state.cells[base + ss.K_COUNT] if base is not None else 0
+        lot = self._lot(khash)
+        return lot.count if lot is not None else 0
 
     def want(self, khash):
         """This process needed a connection of ``khash`` it did not hold: processes that
         give one back park it for DEMAND seconds (racy writes: a hint)."""
-        base = self._lot(khash) or self._claim(khash)
-        if base is None:
+        lot = self._lot(khash) or self._claim(khash)
+        if lot is None:
             return
-        cells, pid = self.state.cells, self.budget.pid
-        if cells[base + ss.K_WANT_PID] != pid:
-            cells[base + ss.K_OTHER_MS] = cells[base + ss.K_WANT_MS]   # a demand not ours
-            cells[base + ss.K_WANT_PID] = pid
-        cells[base + ss.K_WANT_MS] = _ms()
+        pid = self.budget.pid
+        if lot.want_pid != pid:
+            lot.other_ms = lot.want_ms      # a demand not ours
+            lot.want_pid = pid
+        lot.want_ms = _ms()
 
     def wanted(self, khash, within=None):
         """Whether another process needed ``khash`` in the last ``within`` seconds
         (default ``DEMAND``)."""
-        base = self._lot(khash)
-        if base is None:
+        lot = self._lot(khash)
+        if lot is None:
             return False
-        cells = self.state.cells
         since = _ms() - (DEMAND if within is None else within) * 1000
-        return (cells[base + ss.K_WANT_MS] > since and cells[base + ss.K_WANT_PID] != self.budget.pid) \
-            or cells[base + ss.K_OTHER_MS] > since
+        return (lot.want_ms > since and lot.want_pid != self.budget.pid) or lot.other_ms > since
 
     def wait(self, khash, timeout):
         """Sleep up to ``timeout`` seconds, less if a connection of ``khash`` is parked."""
-        base = self._lot(khash)
-        if base is None or not self._pairs:
+        lot = self._lot(khash)
+        if lot is None or not self._pairs:
             time.sleep(timeout)
             return
         try:
-            readable((self._pairs[(base - ss.LOT_BASE) // ss.K_FIELDS][0],), timeout)
+            readable((self._pairs[lot.index][0],), timeout)
         except (OSError, ValueError):
             time.sleep(timeout)
 
@@ -250,21 +244,20 @@ class Parking:
     def park(self, khash, fd, meta, sent=None):
         """Send the socket ``fd`` (a copy: the caller drops its own on success) with its
         bookkeeping ``meta`` to ``khash``'s lot, with its budget slot. False if not."""
-        base = self._lot(khash)
-        if base is None or not self._pairs:
+        lot = self._lot(khash)
+        if lot is None or not self._pairs:
             return False
-        lot = (base - ss.LOT_BASE) // ss.K_FIELDS
         data = marshal.dumps((khash, self.budget.pid, monotonic(), meta))
-        held = ss.PROC_BASE + self.budget.row * ss.P_FIELDS + ss.P_HELD
+        me = self.state.process(self.budget.row)
         if faults.plan:
             faults.hit('parking.park.before_lock')
         with self.state.locked() as cells:
-            if cells[base + ss.K_HASH] != khash or cells[base + ss.K_OWNER] != self.token:
+            if lot.hash != khash or lot.owner != self.token:
                 return False
-            cells[held] -= 1
-            cells[base + ss.K_COUNT] += 1
-            cells[base + ss.K_SEQ] += 1
-            cells[ss.H_PARKED] += 1
+            me.held -= 1
+            lot.count += 1
+            lot.seq += 1
+            self.state.header.parked += 1
             if sent is not None:
                 # Before the send: interrupted after it (a signal handler raising as the C
                 # call returns) the session is in the queue and must count as sent. One
@@ -272,12 +265,12 @@ class Parking:
                 # two owners.
                 sent[0] = True
             try:
-                socket.send_fds(self._pairs[lot][1], [data], [fd])
+                socket.send_fds(self._pairs[lot.index][1], [data], [fd])
             except OSError:         # the queue is full (socket buffer): certainly not sent
                 if sent is not None:
                     sent[0] = False
-                cells[held] += 1
-                self._counted_out_shared_locked(cells, base)
+                me.held += 1
+                self._counted_out_shared_locked(cells, lot)
                 return False
             if faults.plan:
                 faults.hit('parking.park.after_send')
@@ -289,34 +282,33 @@ class Parking:
         """(fd, meta, parker pid, parked at) of the connection of ``khash`` parked longest,
         its slot now this process's; None if none. ``claim`` (a list): set to
         ``[None, None, True, fd]`` as soon as the descriptor is ours, whatever is raised."""
-        base = self._lot(khash)
-        if base is None or self.state.cells[base + ss.K_COUNT] <= 0:
+        lot = self._lot(khash)
+        if lot is None or lot.count <= 0:
             return None
-        return self._receive(base, 'unparked', claim=claim)
+        return self._receive(lot, 'unparked', claim=claim)
 
-    def _receive(self, base, counter=None, keep=None, claim=None):
+    def _receive(self, lot, counter=None, keep=None, claim=None):
         """Receive the head of a lot, its slot now ours (one locked step, so that
         evictors keeping ``keep`` idle connections instance-wide never both go below)."""
-        lot = (base - ss.LOT_BASE) // ss.K_FIELDS
-        held = ss.PROC_BASE + self.budget.row * ss.P_FIELDS + ss.P_HELD
+        me = self.state.process(self.budget.row)
         with self.state.locked() as cells:
             if keep is not None and self.state.idle_total() <= keep:
                 return None
             try:
-                data, fds = recv_fds(self._pairs[lot][0], MESSAGE)
+                data, fds = recv_fds(self._pairs[lot.index][0], MESSAGE)
             except (BlockingIOError, IndexError):
                 return None
             if claim is not None and fds:
                 claim[:] = [None, None, True, fds[0]]
-            cells[held] += 1
-            self._counted_out_shared_locked(cells, base)
+            me.held += 1
+            self._counted_out_shared_locked(cells, lot)
             if counter:
                 self.budget.count_shared_locked(cells, counter)
         if faults.plan:
             faults.hit('parking.receive.after_receive')
         try:
             khash, parker, parked_at, meta = marshal.loads(data)
-            if khash != self.state.cells[base + ss.K_HASH]:
+            if khash != lot.hash:
                 raise ValueError('a connection of another database')
             return fds[0], meta, parker, parked_at
         except Exception:       # noqa: BLE001 - cannot happen but must not leak
@@ -328,12 +320,13 @@ class Parking:
                 self.budget.release()
             return None
 
-    def _counted_out_shared_locked(self, cells, base):
-        cells[base + ss.K_COUNT] = max(cells[base + ss.K_COUNT] - 1, 0)
-        cells[base + ss.K_SEQ] += 1
-        cells[ss.H_PARKED] = max(cells[ss.H_PARKED] - 1, 0)
-        if not cells[base + ss.K_COUNT]:
-            cells[base + ss.K_FREE_MS] = _ms()
+    def _counted_out_shared_locked(self, cells, lot):
+        lot.count = max(lot.count - 1, 0)
+        lot.seq += 1
+        header = self.state.header
+        header.parked = max(header.parked - 1, 0)
+        if not lot.count:
+            lot.free_ms = _ms()
 
     # ------------------------------------------------------------------ closing
     def retire(self, fd, shed=False):
@@ -361,11 +354,10 @@ class Parking:
 
     def unpark_spare(self):
         """Like :meth:`unpark`, from the lot with the most connections parked."""
-        cells, best = self.state.cells, None
-        for _lot, base in self._own_lots():
-            if cells[base + ss.K_COUNT] > 0 and (
-                    best is None or cells[base + ss.K_COUNT] > cells[best + ss.K_COUNT]):
-                best = base
+        best = None
+        for lot in self._own_lots():
+            if lot.count > 0 and (best is None or lot.count > best.count):
+                best = lot
         return self._receive(best) if best is not None else None
 
     def exits_pending(self):
@@ -387,10 +379,10 @@ class Parking:
 
     def drain(self, khash):
         """Close every parked connection of ``khash`` (its database is being dropped)."""
-        base = self._lot(khash)
+        lot = self._lot(khash)
         closed = 0
-        while base is not None and self.state.cells[base + ss.K_COUNT] > 0:
-            got = self._receive(base)
+        while lot is not None and lot.count > 0:
+            got = self._receive(lot)
             if got is None:
                 break
             self.retire(got[0])
@@ -405,9 +397,9 @@ class Parking:
         waiters; on a ``full`` pass, close those parked past ``idle_timeout`` or their
         max lifetime and correct counts left by a crash. Returns connections closed."""
         closed = 0
-        cells = self.state.cells
-        if cells[ss.H_PARKED] > 0 and cells[ss.H_WAITING]:
-            for _ in range(self.budget.claim_shed(cells[ss.H_PARKED])):
+        header = self.state.header
+        if header.parked > 0 and header.waiting:
+            for _ in range(self.budget.claim_shed(header.parked)):
                 got = self._receive_any()
                 if got is None:
                     self.budget.release(0, 1)   # nothing parked after all: unclaim
@@ -420,30 +412,25 @@ class Parking:
         return closed
 
     def _own_lots(self):
-        cells = self.state.cells
-        for lot in range(ss.N_LOT):
-            base = ss.LOT_BASE + lot * ss.K_FIELDS
-            if cells[base + ss.K_OWNER] == self.token:
-                yield lot, base
+        return [lot for lot in self._rows if lot.owner == self.token]
 
     def _receive_any(self):
-        for _lot, base in self._own_lots():
-            if self.state.cells[base + ss.K_COUNT] > 0:
-                got = self._receive(base)
+        for lot in self._own_lots():
+            if lot.count > 0:
+                got = self._receive(lot)
                 if got is not None:
                     return got
         return None
 
     def _evict(self, idle_timeout):
         closed, now = 0, monotonic()
-        cells = self.state.cells
-        for lot, base in list(self._own_lots()):
-            if cells[base + ss.K_COUNT] <= 0:
+        for lot in self._own_lots():
+            if lot.count <= 0:
                 continue
-            for _ in range(cells[base + ss.K_COUNT]):
+            for _ in range(lot.count):
                 head = self._peek(lot)
                 if head is None:
-                    self._heal(lot, base)
+                    self._heal(lot)
                     break
                 _khash, _parker, parked_at, meta = head
                 expires = meta.get('expires') or 0
@@ -451,7 +438,7 @@ class Parking:
                 if not (old or (expires and expires <= now)):
                     break
                 keep = None if expires and expires <= now else self.budget.min_idle
-                got = self._receive(base, keep=keep)    # None: min_idle are kept
+                got = self._receive(lot, keep=keep)     # None: min_idle are kept
                 if got is None:
                     break
                 self.retire(got[0])
@@ -461,7 +448,7 @@ class Parking:
     def _peek(self, lot):
         """The head message of ``lot`` without taking it (its socket is not received)."""
         try:
-            data = self._pairs[lot][0].recv(MESSAGE, socket.MSG_PEEK)
+            data = self._pairs[lot.index][0].recv(MESSAGE, socket.MSG_PEEK)
         except (BlockingIOError, IndexError):
             return None
         try:
@@ -469,26 +456,27 @@ class Parking:
         except Exception:       # noqa: BLE001
             return None
 
-    def _heal(self, lot, base):
+    def _heal(self, lot):
         """A lot counted but empty: unchanged since the last pass that saw it so, its
         count is a crash's leftover (a parker or taker killed between its two steps)."""
-        seq = self.state.cells[base + ss.K_SEQ]
-        if self._seen.get(lot) != seq:
-            self._seen[lot] = seq
+        seq = lot.seq
+        if self._seen.get(lot.index) != seq:
+            self._seen[lot.index] = seq
             return
         with self.state.locked() as cells:
-            if cells[base + ss.K_SEQ] != seq or self._peek(lot) is not None:
+            if lot.seq != seq or self._peek(lot) is not None:
                 return
-            lost = cells[base + ss.K_COUNT]
-            cells[base + ss.K_COUNT] = 0
-            cells[base + ss.K_SEQ] += 1
-            cells[ss.H_PARKED] = max(cells[ss.H_PARKED] - lost, 0)
-            if cells[ss.H_WAITING]:
+            lost = lot.count
+            lot.count = 0
+            lot.seq += 1
+            header = self.state.header
+            header.parked = max(header.parked - lost, 0)
+            if header.waiting:
                 self.budget.grant_shared_locked(cells)
         _logger.info('db_pooling: freed %d budget slot(s) of parked connections lost by a '
                      'process that died while parking or taking one', lost)
-        self._seen.pop(lot, None)
+        self._seen.pop(lot.index, None)
 
     # ------------------------------------------------------------------ figures
     def parked(self):
-        return self.state.cells[ss.H_PARKED]
+        return self.state.header.parked

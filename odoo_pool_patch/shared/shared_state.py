@@ -158,6 +158,170 @@ SIZE = CELLS * 8
 ROLES = ('master', 'http', 'cron', 'gevent', 'threaded', 'other')
 
 
+def _field(offset):
+    """The attribute of a :class:`Row` that reads and writes the cell at ``offset``."""
+    def get(self):
+        return self.cells[self.start + offset]
+
+    def put(self, value):
+        self.cells[self.start + offset] = value
+    return property(get, put)
+
+
+class Row:
+    """A view of one row of a region of the segment: one attribute per field, reading or
+    setting it reads or writes that cell (under the rules of the module's docstring: a
+    change under :meth:`SharedState.locked` but for what a process writes about itself).
+
+    A subclass describes one region: ``BASE`` (its first cell), ``COUNT`` rows of
+    ``WIDTH`` cells, ``FIELDS`` ({name: offset in the row}); cells of a row past the named
+    fields are arrays its methods read (a process row's counters)."""
+    __slots__ = ('cells', 'index', 'start')
+    BASE = COUNT = WIDTH = 0
+    FIELDS = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name, offset in cls.FIELDS.items():
+            setattr(cls, name, _field(offset))
+
+    def __init__(self, cells, index):
+        self.cells = cells
+        self.index = index
+        self.start = self.BASE + index * self.WIDTH
+
+    @classmethod
+    def all(cls, cells, count=None):
+        """A view of each of the first ``count`` rows (all of them by default)."""
+        return [cls(cells, index) for index in range(cls.COUNT if count is None else count)]
+
+    @classmethod
+    def column(cls, cells, name, count=None):
+        """Field ``name`` of the first ``count`` rows (all by default), one cell per row."""
+        end = cls.BASE + (cls.COUNT if count is None else count) * cls.WIDTH
+        return cells[cls.BASE + cls.FIELDS[name]:end:cls.WIDTH]
+
+    def clear(self):
+        """Zero the row (a freed process, waiter or lot)."""
+        clear(self.cells, self.start, self.WIDTH)
+
+    def values(self):
+        return tuple(self.cells[self.start:self.start + self.WIDTH])
+
+
+class Header(Row):
+    """The header: one row of HEADER cells at the start of the file; after the named
+    fields, the counters of reaped processes per role (:meth:`reaped`)."""
+    __slots__ = ()
+    BASE, COUNT, WIDTH = 0, 1, HEADER
+    FIELDS = dict(magic=H_MAGIC, version=H_VERSION, budget=H_BUDGET,
+                  cron_reserve=H_CRON_RESERVE, ticket=H_TICKET, waiting=H_WAITING,
+                  last_reap=H_LAST_REAP, hist_pos=H_HIST_POS, hist_last=H_HIST_LAST,
+                  min_idle=H_MIN_IDLE, db_list_gen=H_DB_LIST_GEN, rows=H_ROWS,
+                  parked=H_PARKED, bell=H_BELL, outages=H_OUTAGES)
+
+    def __init__(self, cells, index=0):
+        super().__init__(cells, index)
+
+    def reaped(self, role_index):
+        """Offset of the reaped processes' counters of a role (N_COUNTERS cells)."""
+        return H_REAPED + role_index * N_COUNTERS
+
+
+class Process(Row):
+    """A process row; after the named fields, its counters (COUNTERS, :meth:`counter`)."""
+    __slots__ = ()
+    BASE, COUNT, WIDTH = PROC_BASE, N_PROC, P_FIELDS
+    FIELDS = dict(pid=P_PID, started=P_START, role=P_ROLE, held=P_HELD, in_use=P_IN_USE,
+                  idle=P_IDLE, long_lived=P_LONG, shedding=P_SHEDDING, given=P_GIVEN,
+                  family=P_FAMILY)
+
+    def counter(self, name):
+        """The cell index of counter ``name`` (one of COUNTERS)."""
+        return self.start + P_COUNTERS + COUNTERS.index(name)
+
+    def counters(self):
+        return self.cells[self.start + P_COUNTERS:self.start + P_COUNTERS + N_COUNTERS]
+
+
+class Waiter(Row):
+    """A borrower of some process waiting for a budget slot (``state``: FREE, WAITING,
+    GRANTED)."""
+    __slots__ = ()
+    BASE, COUNT, WIDTH = WAIT_BASE, N_WAIT, W_FIELDS
+    FIELDS = dict(pid=W_PID, proc=W_PROC, priority=W_PRIORITY, ticket=W_TICKET,
+                  state=W_STATE, since=W_SINCE)
+
+
+class Sample(Row):
+    """One history sample (every 5 s, an hour of them in a ring)."""
+    __slots__ = ()
+    BASE, COUNT, WIDTH = HIST_BASE, N_HIST, S_FIELDS
+    FIELDS = dict(time=S_TIME, held=S_HELD, in_use=S_IN_USE, idle=S_IDLE,
+                  waiting=S_WAITING, long_lived=S_LONG)
+
+
+class Lease(Row):
+    """The replica probe's lease, before the server rows (see replica_health)."""
+    __slots__ = ()
+    BASE, COUNT, WIDTH = SRV_BASE, 1, SRV_LEASE
+    FIELDS = dict(pid=L_PID, started=L_START, until=L_UNTIL)
+
+    def __init__(self, cells, index=0):
+        super().__init__(cells, index)
+
+
+class Server(Row):
+    """A database server's row for replica routing (see replica_health); after the named
+    fields, the fallback counters per reason (:meth:`fallback`)."""
+    __slots__ = ()
+    BASE, COUNT, WIDTH = SRV_ROWS, N_SRV, V_FIELDS
+    FIELDS = dict(ident=V_IDENT, kind=V_KIND, weight=V_WEIGHT, banned_until=V_BANNED_UNTIL,
+                  failures=V_FAILURES, probed=V_PROBED, probe_ok=V_PROBE_OK,
+                  replay_lsn=V_REPLAY_LSN, lag_bytes=V_LAG_BYTES, lag_ms=V_LAG_MS,
+                  reads=V_READS, writes=V_WRITES, conns=V_CONNS)
+
+    def fallback(self, reason_index):
+        """The cell index of the fallback counter of a reason."""
+        return self.start + V_FALLBACKS + reason_index
+
+
+class Offer(Row):
+    """One of a process's N_OFFER offers (see exchange): row ``process * N_OFFER + entry``."""
+    __slots__ = ()
+    BASE, COUNT, WIDTH = OFFER_BASE, N_PROC * N_OFFER, O_FIELDS
+    FIELDS = dict(hash=0, idle=1, in_use=2)
+
+    @classmethod
+    def of_process(cls, cells, process):
+        """The offers of process row ``process``."""
+        return [cls(cells, process * N_OFFER + entry) for entry in range(N_OFFER)]
+
+
+class Detail(Row):
+    """A process's longest current borrow, for the dashboard: two cells, then its database
+    and borrow site as bytes (``text_start``)."""
+    __slots__ = ()
+    BASE, COUNT, WIDTH = DETAIL_BASE, N_PROC, D_FIELDS
+    FIELDS = dict(pid=D_PID, since=D_SINCE)
+
+
+class Lot(Row):
+    """A parking lot (see parking)."""
+    __slots__ = ()
+    BASE, COUNT, WIDTH = LOT_BASE, N_LOT, K_FIELDS
+    FIELDS = dict(owner=K_OWNER, hash=K_HASH, count=K_COUNT, seq=K_SEQ, want_ms=K_WANT_MS,
+                  want_pid=K_WANT_PID, other_ms=K_OTHER_MS, free_ms=K_FREE_MS)
+
+
+class Outage(Row):
+    """A server's outage row (see outage)."""
+    __slots__ = ()
+    BASE, COUNT, WIDTH = OUT_BASE, N_OUT, U_FIELDS
+    FIELDS = dict(ident=U_IDENT, down=U_DOWN, prober=U_PROBER, until=U_UNTIL, error=U_ERROR,
+                  gen=U_GEN, reached=U_REACHED, started=U_STARTED)
+
+
 def server_ident(name):
     """A stable non-zero 62-bit identity of a server (``host:port``), stored in its
     shared rows (replica health, outages) to notice that a row is another server's."""
@@ -462,6 +626,7 @@ class SharedState:
             os.ftruncate(fd, SIZE)
         self.map = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.cells = memoryview(self.map).cast('q')
+        self.header = Header(self.cells)
         if not current:             # empty, or left by another version: format
             clear(self.cells, 0, CELLS)
             self.cells[H_VERSION] = VERSION
@@ -540,6 +705,10 @@ class SharedState:
     @staticmethod
     def proc_index(row, field):
         return PROC_BASE + row * P_FIELDS + field
+
+    def process(self, row):
+        """A view of process row ``row``."""
+        return Process(self.cells, row)
 
     def register(self, role):
         """Claim a process row for this process; returns the row number."""

@@ -393,7 +393,7 @@ def test_a_stalled_parker_is_never_healed_away(pg, app, instance, monkeypatch, p
         send_fds = __import__('socket').send_fds
 
         def old_park(self, khash, fd, meta, sent=None):
-            base = self._lot(khash)
+            base = self._lot(khash).start
             lot = (base - ss.LOT_BASE) // ss.K_FIELDS
             data = __import__('marshal').dumps((khash, self.budget.pid, time.monotonic(), meta))
             with self.state.locked() as cells:

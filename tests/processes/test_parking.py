@@ -197,7 +197,7 @@ def test_a_count_left_by_a_process_killed_while_parking_is_corrected(
     parking = shared.exchange.parking
     khash = shared.exchange.hash_of(cnx.pooled.key)
     ghost = next(k for k in range(2, 100) if k != khash)
-    base = parking._claim(ghost)
+    base = parking._claim(ghost).start      # its row's first cell
     with shared.state.locked() as cells:    # what a parker killed before sendmsg leaves
         cells[base + ss.K_COUNT] += 1
         cells[base + ss.K_SEQ] += 1
