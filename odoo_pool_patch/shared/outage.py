@@ -130,7 +130,7 @@ class _LocalState:
 
     def __init__(self):
         self.cells = [0] * (ss.N_OUT * ss.U_FIELDS + 1)
-        self.base = 0
+        self.outages = ss.Outage.all(self.cells, base=0)
         self.flag = ss.N_OUT * ss.U_FIELDS      # rows down (H_OUTAGES of the shared state)
         self.row = 0
         self._lock = threading.RLock()
@@ -155,7 +155,7 @@ class _SharedRows:
     def __init__(self, budget):
         self.budget = budget
         self.cells = budget.state.cells
-        self.base = ss.OUT_BASE
+        self.outages = ss.Outage.all(self.cells)
         self.flag = ss.H_OUTAGES
 
     @property
@@ -175,7 +175,7 @@ class Outages:
     def __init__(self, budget=None):
         self.rows = _SharedRows(budget) if budget is not None else _LocalState()
         self.cells, self.flag = self.rows.cells, self.rows.flag
-        self._index = {}                # server -> cell base of its row
+        self._index = {}                # server -> its Outage row
         self._probing = {}              # server -> threading.Lock: one prober thread here
         self._waiting = {}              # server -> borrowers of this process in _wait
         self._count_lock = threading.Lock()
@@ -184,82 +184,78 @@ class Outages:
         _all.add(self)
 
     # ------------------------------------------------------------------ rows
-    def _base(self, server):
-        """The cell base of ``server``'s row (found or claimed; checked on every use:
-        with more servers than rows, another process may have reused it)."""
+    def _row(self, server):
+        """``server``'s :class:`~.shared_state.Outage` row (found or claimed; checked on
+        every use: with more servers than rows, another process may have reused it)."""
         key = ss.server_ident(server)
-        base = self._index.get(server)
-        if base is not None and self.cells[base + ss.U_IDENT] == key:
-            return base
+        row = self._index.get(server)
+        if row is not None and row.ident == key:
+            return row
         rows = self.rows
         with rows.locked() as cells:
             free = None
-            for i in range(ss.N_OUT):
-                base = rows.base + i * ss.U_FIELDS
-                if cells[base + ss.U_IDENT] == key:
+            for row in rows.outages:
+                if row.ident == key:
                     break
-                if free is None and not cells[base + ss.U_IDENT]:
-                    free = base
+                if free is None and not row.ident:
+                    free = row
             else:
                 if free is None:        # more servers than rows: reuse an up row
-                    free = next((rows.base + i * ss.U_FIELDS for i in range(ss.N_OUT)
-                                 if not cells[rows.base + i * ss.U_FIELDS + ss.U_DOWN]),
-                                rows.base)
-                    if cells[free + ss.U_DOWN]:
+                    free = next((row for row in rows.outages if not row.down), rows.outages[0])
+                    if free.down:
                         cells[rows.flag] -= 1
-                ss.clear(cells, free, ss.U_FIELDS)
-                cells[free + ss.U_IDENT] = key
-                base = free
-        self._index[server] = base
-        return base
+                free.clear()
+                free.ident = key
+                row = free
+        self._index[server] = row
+        return row
 
     def generation(self, server):
         """(cell, value) of the server's restart generation, stamped on each new connection."""
-        cell = self._base(server) + ss.U_GEN
-        return cell, self.cells[cell]
+        row = self._row(server)
+        return row.cell('gen'), row.gen
 
     # ------------------------------------------------------------------ connecting
     def await_up(self, server, deadline, timeout=None):
         """Before taking a slot: while ``server`` is down and another process (or another
         thread here) probes it, wait without a slot; raise past ``deadline``."""
-        base = self._base(server)
-        cells, rows = self.cells, self.rows
+        row, rows = self._row(server), self.rows
         probing = self._probing.get(server)
-        while cells[base + ss.U_DOWN]:
-            prober = cells[base + ss.U_PROBER]
-            if not prober or cells[base + ss.U_UNTIL] <= now_ms() or not rows.alive(prober - 1):
+        while row.down:
+            prober = row.prober
+            if not prober or row.until <= now_ms() or not rows.alive(prober - 1):
                 return                  # nobody probes: go and take the lease
             if prober == rows.row + 1 and (probing is None or not probing.locked()):
                 return                  # our process's lease, no thread on it
             now = time.monotonic()
             if now >= deadline:
-                raise self._timeout(server, base, timeout)
+                raise self._timeout(server, row, timeout)
             time.sleep(min(WAIT_POLL * random.uniform(0.5, 1.5), max(deadline - now, 0.001)))
 
     def connect(self, connect, server, deadline, timeout=None):
         """``connect()`` to ``server``, waiting through an outage until ``deadline``
         (monotonic). Errors that are no outage are raised at once."""
-        base = self._base(server)
+        row = self._row(server)
         if time.monotonic() >= deadline:
-            if self.cells[base + ss.U_DOWN]:
-                raise self._timeout(server, base, timeout)
+            if row.down:
+                raise self._timeout(server, row, timeout)
             return connect()        # db_pool_wait_timeout = 0: no waiting
-        if not self.cells[base + ss.U_DOWN]:
-            cnx = self._attempt(connect, server, base, self._was_reached(server, base))
+        if not row.down:
+            cnx = self._attempt(connect, server, row, self._was_reached(server, row))
             if cnx is not None:
                 return cnx
         with self._count_lock:
             self._waiting[server] = self._waiting.get(server, 0) + 1
         try:
-            return self._wait(connect, server, base, deadline, timeout)
+            return self._wait(connect, server, row, deadline, timeout)
         finally:
             with self._count_lock:
                 self._waiting[server] -= 1
                 last = not self._waiting[server]
             if last:
-                self._leave_lease(base)
+                self._leave_lease(row)
 
-    def _attempt(self, connect, server, base, reached):
+    def _attempt(self, connect, server, row, reached):
         """``connect()`` once: the connection, or None after an outage error (the row
         marked down, this process its prober if nobody was); other errors are raised."""
         try:
@@ -269,94 +265,88 @@ class Outages:
             if kind is None:
                 raise
             self._last_error[server] = str(exc).strip()
-            self._mark_down(base, kind)
+            self._mark_down(row, kind)
             return None
-        self._up(server, base, cnx)
+        self._up(server, row, cnx)
         return cnx
 
-    def _was_reached(self, server, base):
-        return server in self._reached or bool(self.cells[base + ss.U_REACHED])
+    def _was_reached(self, server, row):
+        return server in self._reached or bool(row.reached)
 
-    def _up(self, server, base, cnx):
-        cells = self.cells
+    def _up(self, server, row, cnx):
         first = server not in self._reached
-        if not (first or cells[base + ss.U_DOWN] or not cells[base + ss.U_STARTED]):
+        if not (first or row.down or not row.started):
             return
         self._reached.add(server)
-        started = postmaster_started(cnx) if (cells[base + ss.U_DOWN] or
-                                              not cells[base + ss.U_STARTED]) else None
+        started = postmaster_started(cnx) if (row.down or not row.started) else None
         with self.rows.locked() as cells:
-            cells[base + ss.U_REACHED] = 1
-            if cells[base + ss.U_DOWN]:
-                cells[base + ss.U_DOWN] = 0
-                cells[base + ss.U_PROBER] = 0
-                cells[base + ss.U_UNTIL] = 0
+            row.reached = 1
+            if row.down:
+                row.down = 0
+                row.prober = 0
+                row.until = 0
                 cells[self.rows.flag] -= 1
-                if started is None or (cells[base + ss.U_STARTED] and
-                                       started != cells[base + ss.U_STARTED]):
-                    cells[base + ss.U_GEN] += 1     # restarted (or cannot tell): drop older
+                if started is None or (row.started and started != row.started):
+                    row.gen += 1        # restarted (or cannot tell): drop older connections
             if started:
-                cells[base + ss.U_STARTED] = started
+                row.started = started
         self._last_error.pop(server, None)
 
-    def _mark_down(self, base, kind):
+    def _mark_down(self, row, kind):
         rows = self.rows
         me = rows.row + 1
         with rows.locked() as cells:
-            if not cells[base + ss.U_DOWN]:
-                cells[base + ss.U_DOWN] = now_ms()
-                cells[base + ss.U_PROBER] = me
+            if not row.down:
+                row.down = now_ms()
+                row.prober = me
                 cells[rows.flag] += 1
-            if cells[base + ss.U_PROBER] == me:       # the lease runs from the last try
-                cells[base + ss.U_UNTIL] = now_ms() + int(LEASE * 1000)
-            cells[base + ss.U_ERROR] = kind
+            if row.prober == me:        # the lease runs from the last try
+                row.until = now_ms() + int(LEASE * 1000)
+            row.error = kind
 
-    def _leave_lease(self, base):
+    def _leave_lease(self, row):
         """The last waiter of this process left: free the lease for other processes."""
         rows = self.rows
         me = rows.row + 1
-        if self.cells[base + ss.U_PROBER] != me:
+        if row.prober != me:
             return
-        with rows.locked() as cells:
-            if cells[base + ss.U_PROBER] == me:
-                cells[base + ss.U_PROBER] = 0
-                cells[base + ss.U_UNTIL] = 0
+        with rows.locked():
+            if row.prober == me:
+                row.prober = 0
+                row.until = 0
 
-    def _take_lease(self, base):
+    def _take_lease(self, row):
         """True if this process is (or just became) the prober of the row."""
         rows = self.rows
-        cells = rows.cells
         me = rows.row + 1
-        prober = cells[base + ss.U_PROBER]
+        prober = row.prober
         if prober == me:
             return True
-        if prober and cells[base + ss.U_UNTIL] > now_ms() and rows.alive(prober - 1):
+        if prober and row.until > now_ms() and rows.alive(prober - 1):
             return False
-        with rows.locked() as cells:
-            prober = cells[base + ss.U_PROBER]
-            if prober != me and prober and cells[base + ss.U_UNTIL] > now_ms() and \
-                    rows.alive(prober - 1):
+        with rows.locked():
+            prober = row.prober
+            if prober != me and prober and row.until > now_ms() and rows.alive(prober - 1):
                 return False
-            if not cells[base + ss.U_DOWN]:
+            if not row.down:
                 return False
-            cells[base + ss.U_PROBER] = me
-            cells[base + ss.U_UNTIL] = now_ms() + int(LEASE * 1000)
+            row.prober = me
+            row.until = now_ms() + int(LEASE * 1000)
         return True
 
-    def _wait(self, connect, server, base, deadline, timeout):
-        cells = self.cells
+    def _wait(self, connect, server, row, deadline, timeout):
         probing = self._probing.setdefault(server, threading.Lock())
         pause = BACKOFF
         next_try = 0.0
         while True:
-            if not cells[base + ss.U_DOWN]:     # up again: connect ourselves
-                cnx = self._attempt(connect, server, base, True)
+            if not row.down:            # up again: connect ourselves
+                cnx = self._attempt(connect, server, row, True)
                 if cnx is not None:
                     return cnx
-            elif time.monotonic() >= next_try and self._take_lease(base) and \
+            elif time.monotonic() >= next_try and self._take_lease(row) and \
                     probing.acquire(False):
                 try:
-                    cnx = self._attempt(connect, server, base, True)
+                    cnx = self._attempt(connect, server, row, True)
                 finally:
                     probing.release()
                 if cnx is not None:
@@ -365,14 +355,13 @@ class Outages:
                 pause = min(pause * 2, BACKOFF_MAX)
             now = time.monotonic()
             if now >= deadline:
-                raise self._timeout(server, base, timeout)
+                raise self._timeout(server, row, timeout)
             time.sleep(min(WAIT_POLL * random.uniform(0.5, 1.5), max(deadline - now, 0.001)))
 
-    def _timeout(self, server, base, timeout):
-        cells = self.cells
-        since = cells[base + ss.U_DOWN]
+    def _timeout(self, server, row, timeout):
+        since = row.down
         error = self._last_error.get(server) or \
-            f'the server {KINDS[cells[base + ss.U_ERROR]]} (seen by the prober process)'
+            f'the server {KINDS[row.error]} (seen by the prober process)'
         when = time.strftime('%H:%M:%S', time.localtime(since / 1000)) if since else '?'
         return OutageTimeout(
             f'db_pooling: the PostgreSQL server {server} has been unavailable since {when} '

@@ -185,15 +185,20 @@ class Row:
         for name, offset in cls.FIELDS.items():
             setattr(cls, name, _field(offset))
 
-    def __init__(self, cells, index):
+    def __init__(self, cells, index, base=None):
         self.cells = cells
         self.index = index
-        self.start = self.BASE + index * self.WIDTH
+        self.start = (self.BASE if base is None else base) + index * self.WIDTH
+
+    def cell(self, name):
+        """The index in ``cells`` of this row's field ``name``."""
+        return self.start + self.FIELDS[name]
 
     @classmethod
-    def all(cls, cells, count=None):
-        """A view of each of the first ``count`` rows (all of them by default)."""
-        return [cls(cells, index) for index in range(cls.COUNT if count is None else count)]
+    def all(cls, cells, count=None, base=None):
+        """A view of each of the first ``count`` rows (all of them by default); ``base``:
+        the region starts there in ``cells`` instead (a process's own copy of it)."""
+        return [cls(cells, index, base) for index in range(cls.COUNT if count is None else count)]
 
     @classmethod
     def column(cls, cells, name, count=None):
@@ -220,8 +225,8 @@ class Header(Row):
                   min_idle=H_MIN_IDLE, db_list_gen=H_DB_LIST_GEN, rows=H_ROWS,
                   parked=H_PARKED, bell=H_BELL, outages=H_OUTAGES)
 
-    def __init__(self, cells, index=0):
-        super().__init__(cells, index)
+    def __init__(self, cells, index=0, base=None):
+        super().__init__(cells, index, base)
 
     def reaped(self, role_index):
         """Offset of the reaped processes' counters of a role (N_COUNTERS cells)."""
@@ -267,8 +272,8 @@ class Lease(Row):
     BASE, COUNT, WIDTH = SRV_BASE, 1, SRV_LEASE
     FIELDS = dict(pid=L_PID, started=L_START, until=L_UNTIL)
 
-    def __init__(self, cells, index=0):
-        super().__init__(cells, index)
+    def __init__(self, cells, index=0, base=None):
+        super().__init__(cells, index, base)
 
 
 class Server(Row):
