@@ -55,13 +55,15 @@ class SharedBudget:
         self.min_idle = int(min_idle)
         self.role = role
         self.row = state.register(role)
+        self.me = state.process(self.row)       # this process's row
         self.pid = os.getpid()
         self.exchange = None    # an exchange.IdleExchange with db_pool_shared_idle
         _budgets.add(self)
-        with state.locked() as cells:
-            cells[ss.H_BUDGET] = self.budget
-            cells[ss.H_CRON_RESERVE] = self.cron_reserve
-            cells[ss.H_MIN_IDLE] = self.min_idle
+        header = state.header
+        with state.locked():
+            header.budget = self.budget
+            header.cron_reserve = self.cron_reserve
+            header.min_idle = self.min_idle
 
     # ------------------------------------------------------------------ identity
     def set_role(self, role):
@@ -79,6 +81,7 @@ class SharedBudget:
         self.state.after_fork_in_child()
         self.role = role
         self.row = self.state.register(role)
+        self.me = self.state.process(self.row)
         self.pid = os.getpid()
         if self.exchange is not None:
             self.exchange.after_fork_in_child()
@@ -86,24 +89,23 @@ class SharedBudget:
     # ------------------------------------------------------------------ slots
     def waiting(self):
         """How many borrowers wait instance-wide (a lock-free read)."""
-        return self.state.cells[ss.H_WAITING]
+        return self.state.header.waiting
 
     def has_room(self):
         """Whether a slot is free for a non-cron borrower (a lock-free estimate)."""
-        cells = self.state.cells
-        return not cells[ss.H_WAITING] and \
+        return not self.state.header.waiting and \
             self.state.total_held() < self.budget - self.cron_reserve
 
     def held(self):
-        return self.state.cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD]
+        return self.me.held
 
     def try_acquire(self, priority):
         """Take a slot if one is free and nobody waits; never blocks on the queue."""
         with self.state.locked() as cells:
             self.state.reap_shared_locked(cells)
-            if cells[ss.H_WAITING] or not self._room_shared_locked(cells, priority):
+            if self.state.header.waiting or not self._room_shared_locked(cells, priority):
                 return False
-            cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD] += 1
+            self.me.held += 1
             return True
 
     def acquire(self, priority, timeout, wake=None):
@@ -115,23 +117,21 @@ class SharedBudget:
         deadline = time.monotonic() + timeout
         with self.state.locked() as cells:
             self.state.reap_shared_locked(cells)
-            if not cells[ss.H_WAITING] and self._room_shared_locked(cells, priority):
-                cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD] += 1
+            if not self.state.header.waiting and self._room_shared_locked(cells, priority):
+                self.me.held += 1
                 return True
-            slot = self._enqueue_shared_locked(cells, priority)
+            waiter = self._enqueue_shared_locked(cells, priority)
             self.count_shared_locked(cells, 'waits')
             self.grant_shared_locked(cells)
             bell = self.state.doorbell()
             if bell is not None:
                 bell.bump()
-        state_index = ss.WAIT_BASE + slot * ss.W_FIELDS + ss.W_STATE
-        cells = self.state.cells
         next_check = time.monotonic() + 0.25
         woken = interrupted = False
         try:
             if bell is not None:
                 bell.wake()         # every process's maintenance sheds idle connections for us
-            while cells[state_index] != ss.GRANTED:
+            while waiter.state != ss.GRANTED:
                 now = time.monotonic()
                 if now >= deadline:
                     break
@@ -151,26 +151,24 @@ class SharedBudget:
             raise
         finally:
             with self.state.locked() as locked_cells:
-                granted = locked_cells[state_index] == ss.GRANTED
+                granted = waiter.state == ss.GRANTED
                 if granted and interrupted:     # granted as it was interrupted: give it back
                     self._give_back_shared_locked(locked_cells, 1)
                     granted = False
-                if not granted and locked_cells[state_index] == ss.WAITING:
-                    locked_cells[ss.H_WAITING] -= 1
-                base = ss.WAIT_BASE + slot * ss.W_FIELDS
-                ss.clear(locked_cells, base, ss.W_FIELDS)
+                if not granted and waiter.state == ss.WAITING:
+                    self.state.header.waiting -= 1
+                waiter.clear()
                 if not granted and not woken:
                     self.count_shared_locked(locked_cells, 'timeouts')
         return granted
 
     def reap(self):
         """Reclaim the slots of dead processes and hand them to waiters. Slots freed."""
-        cells = self.state.cells
-        if int(time.monotonic() * 1000) - cells[ss.H_LAST_REAP] < 500:
+        if int(time.monotonic() * 1000) - self.state.header.last_reap < 500:
             return 0                    # someone reaped recently: skip the lock
         with self.state.locked() as cells:
             freed = self.state.reap_shared_locked(cells)
-            if cells[ss.H_WAITING]:
+            if self.state.header.waiting:
                 self.grant_shared_locked(cells)
             return freed
 
@@ -179,17 +177,16 @@ class SharedBudget:
         claimed with :meth:`claim_shed`); wakes the best waiters."""
         with self.state.locked() as cells:
             if shed:
-                base = ss.PROC_BASE + self.row * ss.P_FIELDS
-                cells[base + ss.P_SHEDDING] = max(cells[base + ss.P_SHEDDING] - shed, 0)
+                self.me.shedding = max(self.me.shedding - shed, 0)
             self.count_shared_locked(cells, 'closed', count)
             self._give_back_shared_locked(cells, count)
 
-    # The hand-over token (the donor row's P_GIVEN; see the exchange module's protocol):
+    # The hand-over token (the donor row's ``given``; see the exchange module's protocol):
     # +s promised to request s, -s taken by its taker, 0 settled. Changed under the lock.
     def promise(self, serial):
         """Donor: the connection about to be sent is request ``serial``'s to take."""
-        with self.state.locked() as cells:
-            cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_GIVEN] = serial
+        with self.state.locked():
+            self.me.given = serial
 
     def take_slot(self, row, pid, serial, claim=None):
         """Taker: make ours the session process ``pid`` (its ``row``) sent for request
@@ -199,14 +196,14 @@ class SharedBudget:
         with self.state.locked() as cells:
             if faults.plan:
                 faults.hit('budget.take_slot.locked')
-            base = ss.PROC_BASE + row * ss.P_FIELDS
-            if cells[base + ss.P_PID] != pid or cells[base + ss.P_GIVEN] != serial:
+            donor = self.state.process(row)
+            if donor.pid != pid or donor.given != serial:
                 # Not promised to us (any more). A reaped donor's row says nothing: it may
                 # have settled and handed the session on before it died.
                 return False
-            cells[base + ss.P_HELD] = max(cells[base + ss.P_HELD] - 1, 0)
-            cells[base + ss.P_GIVEN] = -serial
-            cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD] += 1
+            donor.held = max(donor.held - 1, 0)
+            donor.given = -serial
+            self.me.held += 1
             if claim is not None:
                 claim[2] = True
             self.count_shared_locked(cells, 'taken')
@@ -216,13 +213,12 @@ class SharedBudget:
         """Donor, without an acknowledgement: whether the taker of request ``serial``
         took the session (token ``-serial``); if not, the token becomes 0 and it never
         will (see :meth:`take_slot`)."""
-        with self.state.locked() as cells:
+        with self.state.locked():
             if faults.plan:
                 faults.hit('budget.settle.locked')
-            token = ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_GIVEN
-            if cells[token] == -serial:
+            if self.me.given == -serial:
                 return True
-            cells[token] = 0
+            self.me.given = 0
             return False
 
     def claim_shed(self, idle):
@@ -230,22 +226,22 @@ class SharedBudget:
 
         Waiters minus the connections other processes are already closing for
         them, so that one waiter does not make every process close one."""
-        if not self.state.cells[ss.H_WAITING] or not idle:
+        header = self.state.header
+        if not header.waiting or not idle:
             return 0
         with self.state.locked() as cells:
-            shedding = sum(cells[ss.PROC_BASE + ss.P_SHEDDING:ss.WAIT_BASE:ss.P_FIELDS])
-            count = max(min(cells[ss.H_WAITING] - shedding, idle), 0)
+            shedding = sum(ss.Process.column(cells, 'shedding'))
+            count = max(min(header.waiting - shedding, idle), 0)
             if count:
-                cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_SHEDDING] += count
+                self.me.shedding += count
                 self.count_shared_locked(cells, 'shed', count)
             return count
 
     # ------------------------------------------------------------------ under the lock
     def _give_back_shared_locked(self, cells, count):
         """This process holds ``count`` slots fewer; the best waiters get them."""
-        held = ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_HELD
-        cells[held] = max(cells[held] - count, 0)
-        if cells[ss.H_WAITING]:
+        self.me.held = max(self.me.held - count, 0)
+        if self.state.header.waiting:
             self.grant_shared_locked(cells)
 
     def _room_shared_locked(self, cells, priority):
@@ -253,11 +249,11 @@ class SharedBudget:
 
     def _usage_shared_locked(self, cells):
         """(slots held by the instance, slots held by cron processes)."""
-        helds = cells[ss.PROC_BASE + ss.P_HELD:ss.WAIT_BASE:ss.P_FIELDS]
-        parked = cells[ss.H_PARKED]     # parked connections belong to no process
+        helds = ss.Process.column(cells, 'held')
+        parked = self.state.header.parked   # parked connections belong to no process
         if not self.cron_reserve:
             return sum(helds) + parked, 0
-        roles = cells[ss.PROC_BASE + ss.P_ROLE:ss.WAIT_BASE:ss.P_FIELDS]
+        roles = ss.Process.column(cells, 'role')
         return sum(helds) + parked, sum(held for role, held in zip(roles, helds)
                                         if role == _CRON_ROLE)
 
@@ -269,59 +265,61 @@ class SharedBudget:
         return held < self.budget - max(self.cron_reserve - cron_held, 0)
 
     def _enqueue_shared_locked(self, cells, priority):
-        for slot in range(ss.N_WAIT):
-            base = ss.WAIT_BASE + slot * ss.W_FIELDS
-            if cells[base + ss.W_STATE] == ss.FREE:
-                cells[ss.H_TICKET] += 1
-                cells[base + ss.W_PID] = self.pid
-                cells[base + ss.W_PROC] = self.row
-                cells[base + ss.W_PRIORITY] = priority
-                cells[base + ss.W_TICKET] = cells[ss.H_TICKET]
-                cells[base + ss.W_SINCE] = int(time.time() * 1000)
-                cells[base + ss.W_STATE] = ss.WAITING
-                cells[ss.H_WAITING] += 1
-                return slot
-        raise RuntimeError(f'db_pooling shared state {self.state.path}: more than '
-                           f'{ss.N_WAIT} borrowers waiting at once')
+        """This borrower's :class:`~.shared_state.Waiter` row, taken from the free ones."""
+        try:
+            slot = ss.Waiter.column(cells, 'state').tolist().index(ss.FREE)
+        except ValueError:
+            raise RuntimeError(f'db_pooling shared state {self.state.path}: more than '
+                               f'{ss.N_WAIT} borrowers waiting at once') from None
+        header, waiter = self.state.header, ss.Waiter(cells, slot)
+        header.ticket += 1
+        waiter.pid = self.pid
+        waiter.proc = self.row
+        waiter.priority = priority
+        waiter.ticket = header.ticket
+        waiter.since = int(time.time() * 1000)
+        waiter.state = ss.WAITING
+        header.waiting += 1
+        return waiter
 
     def grant_shared_locked(self, cells):
         """Hand free slots to waiters: best priority first, then oldest ticket."""
-        while cells[ss.H_WAITING] > 0:
+        header = self.state.header
+        while header.waiting > 0:
             usage = self._usage_shared_locked(cells)
             best, best_key = None, None
-            for slot in range(ss.N_WAIT):
-                base = ss.WAIT_BASE + slot * ss.W_FIELDS
-                if cells[base + ss.W_STATE] == ss.WAITING:
-                    key = (cells[base + ss.W_PRIORITY], cells[base + ss.W_TICKET])
+            for slot, state in enumerate(ss.Waiter.column(cells, 'state')):
+                if state == ss.WAITING:
+                    waiter = ss.Waiter(cells, slot)
+                    key = (waiter.priority, waiter.ticket)
                     if (best_key is None or key < best_key) and self._has_room(usage, key[0]):
-                        best, best_key = base, key
+                        best, best_key = waiter, key
             if best is None:
                 return
-            cells[best + ss.W_STATE] = ss.GRANTED
-            cells[ss.H_WAITING] -= 1
-            cells[ss.PROC_BASE + cells[best + ss.W_PROC] * ss.P_FIELDS + ss.P_HELD] += 1
+            best.state = ss.GRANTED
+            header.waiting -= 1
+            self.state.process(best.proc).held += 1
 
     def count_shared_locked(self, cells, name, count=1):
-        cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_COUNTERS + ss.COUNTERS.index(name)] += count
+        cells[self.me.counter(name)] += count
 
     # ------------------------------------------------------------------ published figures
     def publish(self, in_use, idle, long_lived, borrows=None, reused=None, opened=None):
         """Write this process's current figures (lock-free: only this process writes them)."""
-        cells = self.state.cells
-        base = ss.PROC_BASE + self.row * ss.P_FIELDS
-        cells[base + ss.P_IN_USE] = in_use
-        cells[base + ss.P_IDLE] = idle
-        cells[base + ss.P_LONG] = long_lived
+        me = self.me
+        me.in_use = in_use
+        me.idle = idle
+        me.long_lived = long_lived
         for name, value in (('borrows', borrows), ('reused', reused), ('opened', opened)):
             if value is not None:
-                cells[base + ss.P_COUNTERS + ss.COUNTERS.index(name)] = value
+                me.cells[me.counter(name)] = value
 
     def claim_idle_eviction(self, wanted):
         """How many of ``wanted`` timed-out idle connections this process may close
         while the instance keeps ``min_idle``; the answer is published at once."""
-        with self.state.locked() as cells:
+        with self.state.locked():
             allowed = max(min(wanted, self.state.idle_total() - self.min_idle), 0)
-            cells[ss.PROC_BASE + self.row * ss.P_FIELDS + ss.P_IDLE] -= allowed
+            self.me.idle -= allowed
             return allowed
 
     def describe_holders(self):
