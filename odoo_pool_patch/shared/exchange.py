@@ -96,6 +96,9 @@ from ..sessions.session_tracking import restore_characteristics, shell_class
 from . import shared_state as ss
 from .parking import IN_FLIGHT, Parking, mark_in_flight, recv_fds
 
+# An offer's fields in the list :meth:`IdleExchange._offers` reads in one go
+_HASH, _IDLE, _IN_USE = (ss.Offer.FIELDS[name] for name in ('hash', 'idle', 'in_use'))
+
 _logger = logging.getLogger('odoo.sql_db.pool')
 
 # Session parameters the server reports (GUC_REPORT), replayed to the taker's libpq.
@@ -260,18 +263,16 @@ class IdleExchange:
                 counts = self._counts[khash] = [0, 0]
             counts[0] += idle
             counts[1] += in_use
-            cells = self.state.cells
-            base = ss.OFFER_BASE + self.budget.row * ss.N_OFFER * ss.O_FIELDS
+            offers = ss.Offer.of_process(self.state.cells, self.budget.row)
             entry = self._entries.get(khash)
             if entry is None:
-                entry = self._new_entry_locked(khash, counts, cells, base)
+                entry = self._new_entry_locked(khash, counts, offers)
                 if entry is None:
                     return
-            at = base + ss.O_FIELDS * entry
-            cells[at + 1] = counts[0]
-            cells[at + 2] = counts[1]
+            offers[entry].idle = counts[0]
+            offers[entry].in_use = counts[1]
 
-    def _new_entry_locked(self, khash, counts, cells, base):
+    def _new_entry_locked(self, khash, counts, offers):
         """An offer entry for ``khash`` (its hash written), or None: nothing to publish,
         no listener to answer takers, or the entries all in use."""
         if not counts[0] and not counts[1]:
@@ -280,13 +281,13 @@ class IdleExchange:
             self._listen()
         if not self._listener:
             return None             # cannot answer takers: offer nothing
-        entry = self._free_entry_locked(cells, base)
+        entry = self._free_entry_locked(offers)
         if entry is not None:       # else offers full: this database is not offered
             self._entries[khash] = entry
-            cells[base + ss.O_FIELDS * entry] = khash
+            offers[entry].hash = khash
         return entry
 
-    def _free_entry_locked(self, cells, base):
+    def _free_entry_locked(self, offers):
         used = set(self._entries.values())
         for entry in range(ss.N_OFFER):
             if entry not in used:
@@ -294,19 +295,18 @@ class IdleExchange:
         for khash, entry in list(self._entries.items()):
             if self._counts.get(khash) == [0, 0]:
                 del self._entries[khash]
-                at = base + ss.O_FIELDS * entry
-                cells[at + 1] = cells[at + 2] = 0
+                offers[entry].idle = offers[entry].in_use = 0
                 return entry
         return None
 
     def _offers(self):
-        """The offer cells of every process row ever used: [key hash, idle, in use, ...]."""
-        cells = self.state.cells
-        return cells[ss.OFFER_BASE:
-                     ss.OFFER_BASE + cells[ss.H_ROWS] * ss.N_OFFER * ss.O_FIELDS].tolist()
+        """The offer cells of every process row ever used, in one read: a list of
+        :class:`~.shared_state.Offer` rows one after the other (hash, idle, in use, ...)."""
+        end = ss.Offer.BASE + self.state.header.rows * ss.N_OFFER * ss.Offer.WIDTH
+        return self.state.cells[ss.Offer.BASE:end].tolist()
 
     def _entries_of(self, khash):
-        """[(offer cell index, process row)] of the entries of ``khash``, any process."""
+        """[(index in :meth:`_offers` of an entry of ``khash``, process row)], any process."""
         offers, found, start = self._offers(), [], 0
         while True:
             try:
@@ -314,19 +314,19 @@ class IdleExchange:
             except ValueError:
                 return offers, found
             start = at + 1
-            if at % ss.O_FIELDS == 0:
-                found.append((at, at // (ss.N_OFFER * ss.O_FIELDS)))
+            if at % ss.Offer.WIDTH == _HASH:
+                found.append((at, at // (ss.N_OFFER * ss.Offer.WIDTH)))
 
     def offered(self, khash):
         """[(idle count, donor row, donor pid)] of other processes offering ``khash``."""
-        cells, mine = self.state.cells, self.budget.row
+        mine = self.budget.row
         offers, entries = self._entries_of(khash)
         found = []
         for at, row in entries:
-            if offers[at + 1] > 0 and row != mine:
-                pid = cells[ss.PROC_BASE + row * ss.P_FIELDS + ss.P_PID]
+            if offers[at + _IDLE] > 0 and row != mine:
+                pid = self.state.process(row).pid
                 if pid:
-                    found.append((offers[at + 1], row, pid))
+                    found.append((offers[at + _IDLE], row, pid))
         return found
 
     def elsewhere(self, khash):
@@ -335,17 +335,17 @@ class IdleExchange:
         mine, idle, in_use = self.budget.row, 0, 0
         for at, row in entries:
             if row != mine:
-                idle += offers[at + 1]
-                in_use += offers[at + 2]
+                idle += offers[at + _IDLE]
+                in_use += offers[at + _IN_USE]
         return idle, in_use
 
     def idle_totals(self):
         """{key hash: idle connections offered instance-wide} (this process's included)."""
         offers = self._offers()
         totals = {}
-        for at in range(0, len(offers), ss.O_FIELDS):
-            if offers[at + 1] > 0:
-                totals[offers[at]] = totals.get(offers[at], 0) + offers[at + 1]
+        for at in range(0, len(offers), ss.Offer.WIDTH):
+            if offers[at + _IDLE] > 0:
+                totals[offers[at + _HASH]] = totals.get(offers[at + _HASH], 0) + offers[at + _IDLE]
         return totals
 
     # ------------------------------------------------------------------ donor
