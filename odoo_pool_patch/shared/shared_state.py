@@ -305,10 +305,14 @@ class Offer(Row):
 
 class Detail(Row):
     """A process's longest current borrow, for the dashboard: two cells, then its database
-    and borrow site as bytes (``text_start``)."""
+    and borrow site as bytes (from :meth:`text_offset`)."""
     __slots__ = ()
     BASE, COUNT, WIDTH = DETAIL_BASE, N_PROC, D_FIELDS
     FIELDS = dict(pid=D_PID, since=D_SINCE)
+
+    def text_offset(self):
+        """The byte offset in the file of the row's text, after its two cells."""
+        return (self.start + 2) * 8
 
 
 class Lot(Row):
@@ -336,6 +340,11 @@ def server_ident(name):
 def clear(cells, start, count):
     """Zero ``count`` cells from ``start`` (a freed process or waiter row)."""
     cells[start:start + count] = memoryview(bytes(count * 8)).cast('q')
+
+
+def _clear_offers(cells, process):
+    """Zero the offers of process row ``process`` (a freed or new row)."""
+    clear(cells, OFFER_BASE + process * N_OFFER * O_FIELDS, N_OFFER * O_FIELDS)
 
 
 class SharedStateError(RuntimeError):
@@ -694,12 +703,11 @@ class SharedState:
     def alive(self, row, cells=None):
         """Whether the process of ``row`` is alive (any PID namespace, see the module's
         docstring)."""
-        cells = self.cells if cells is None else cells
-        base = PROC_BASE + row * P_FIELDS
-        if not cells[base + P_PID]:
+        process = Process(self.cells if cells is None else cells, row)
+        if not process.pid:
             return False
         if not OFD_LOCKS:
-            return process_start(cells[base + P_PID]) == cells[base + P_START]
+            return process_start(process.pid) == process.started
         rows = self._rows
         if rows is not None and rows.pid == os.getpid() and rows.row == row:
             return True
@@ -707,10 +715,6 @@ class SharedState:
         return _row_lock(self.fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, row) != fcntl.F_UNLCK
 
     # ------------------------------------------------------------------ processes
-    @staticmethod
-    def proc_index(row, field):
-        return PROC_BASE + row * P_FIELDS + field
-
     def process(self, row):
         """A view of process row ``row``."""
         return Process(self.cells, row)
@@ -721,33 +725,33 @@ class SharedState:
         with self.locked() as cells:
             self.reap_shared_locked(cells, force=True)
             mine = self._my_rows().row
-            if mine is not None and cells[PROC_BASE + mine * P_FIELDS + P_PID] == pid:
+            if mine is not None and Process(cells, mine).pid == pid:
                 free = mine         # re-registering (same process): reuse the row
             else:
                 free = None
+                pids = Process.column(cells, 'pid')
                 for row in range(N_PROC):
-                    if cells[PROC_BASE + row * P_FIELDS + P_PID] == 0 and \
-                            self._hold_row_shared_locked(row):
+                    if pids[row] == 0 and self._hold_row_shared_locked(row):
                         free = row
                         break
             if free is None:
                 raise RuntimeError(f'db_pooling shared state {self.path} has no free process row '
                                    f'(all {N_PROC} in use)')
-            base = PROC_BASE + free * P_FIELDS
+            process = Process(cells, free)
             same = free == mine
-            held, family = (cells[base + P_HELD], cells[base + P_FAMILY]) if same else (0, 0)
-            clear(cells, base, P_FIELDS)
-            cells[base + P_FAMILY] = family
-            cells[base + P_PID] = pid
-            cells[base + P_START] = start
-            cells[base + P_ROLE] = ROLES.index(role) if role in ROLES else ROLES.index('other')
-            cells[base + P_HELD] = held
-            clear(cells, OFFER_BASE + free * N_OFFER * O_FIELDS, N_OFFER * O_FIELDS)
-            cells[H_ROWS] = max(cells[H_ROWS], free + 1)
+            held, family = (process.held, process.family) if same else (0, 0)
+            process.clear()
+            process.family = family
+            process.pid = pid
+            process.started = start
+            process.role = ROLES.index(role) if role in ROLES else ROLES.index('other')
+            process.held = held
+            _clear_offers(cells, free)
+            self.header.rows = max(self.header.rows, free + 1)
         return free
 
     def set_role(self, row, role):
-        self.cells[self.proc_index(row, P_ROLE)] = ROLES.index(role)
+        Process(self.cells, row).role = ROLES.index(role)
 
     def live_processes(self):
         """:meth:`processes` whose process is alive (not yet reaped ones left out)."""
@@ -755,23 +759,23 @@ class SharedState:
 
     def processes(self):
         """[dict] of the used process rows (for the dashboard, the CLI, tests)."""
-        cells, rows = self.cells, []
-        for row in range(N_PROC):
-            base = PROC_BASE + row * P_FIELDS
-            if cells[base + P_PID]:
+        rows = []
+        for row, pid in enumerate(Process.column(self.cells, 'pid')):
+            if pid:
+                process = Process(self.cells, row)
                 rows.append({
-                    'row': row, 'pid': cells[base + P_PID], 'role': ROLES[cells[base + P_ROLE]],
-                    'held': cells[base + P_HELD], 'in_use': cells[base + P_IN_USE],
-                    'idle': cells[base + P_IDLE], 'long_lived': cells[base + P_LONG],
-                    **{name: cells[base + P_COUNTERS + i] for i, name in enumerate(COUNTERS)},
+                    'row': row, 'pid': pid, 'role': ROLES[process.role], 'held': process.held,
+                    'in_use': process.in_use, 'idle': process.idle,
+                    'long_lived': process.long_lived,
+                    **dict(zip(COUNTERS, process.counters())),
                 })
         return rows
 
     def counter_totals(self):
         """{role: {counter: total}} over live and reaped processes (never decreasing)."""
-        cells = self.cells
-        totals = {role: {name: cells[H_REAPED + r * N_COUNTERS + i]
-                         for i, name in enumerate(COUNTERS)} for r, role in enumerate(ROLES)}
+        cells, header = self.cells, self.header
+        totals = {role: {name: cells[header.reaped(r) + i] for i, name in enumerate(COUNTERS)}
+                  for r, role in enumerate(ROLES)}
         for row in self.processes():
             for name in COUNTERS:
                 totals[row['role']][name] += row[name]
@@ -779,26 +783,24 @@ class SharedState:
 
     def total_held(self):
         """Slots held instance-wide: by the processes, and by parked connections."""
-        cells = self.cells      # rows past H_ROWS were never used
-        return sum(cells[PROC_BASE + P_HELD:PROC_BASE + cells[H_ROWS] * P_FIELDS:P_FIELDS]) + \
-            cells[H_PARKED]
+        header = self.header    # rows past header.rows were never used
+        return sum(Process.column(self.cells, 'held', header.rows)) + header.parked
 
     def idle_total(self):
         """Idle connections instance-wide: published by the processes, and parked."""
-        cells = self.cells
-        return sum(cells[PROC_BASE + P_IDLE:WAIT_BASE:P_FIELDS]) + cells[H_PARKED]
+        return sum(Process.column(self.cells, 'idle')) + self.header.parked
 
     def db_list_generation(self):
         """Changes whenever a process created or dropped a database (lock-free read)."""
-        return self.cells[H_DB_LIST_GEN]
+        return self.header.db_list_gen
 
     def bump_db_list_generation(self):
-        with self.locked() as cells:
-            cells[H_DB_LIST_GEN] += 1
+        with self.locked():
+            self.header.db_list_gen += 1
 
     # ------------------------------------------------------------------ crash recovery
     def reap(self, force=False, interval_ms=500):
-        if not force and int(time.monotonic() * 1000) - self.cells[H_LAST_REAP] < interval_ms:
+        if not force and int(time.monotonic() * 1000) - self.header.last_reap < interval_ms:
             return 0                    # someone reaped recently: skip the lock
         with self.locked() as cells:
             return self.reap_shared_locked(cells, force)
@@ -806,27 +808,26 @@ class SharedState:
     def reap_shared_locked(self, cells, force=False, interval_ms=500):
         """Free the rows (slots, waiters) of processes that died. Returns slots freed."""
         now = int(time.monotonic() * 1000)
-        if not force and now - cells[H_LAST_REAP] < interval_ms:
+        header = Header(cells)
+        if not force and now - header.last_reap < interval_ms:
             return 0
-        cells[H_LAST_REAP] = now
+        header.last_reap = now
         freed = 0
-        for row in range(cells[H_ROWS]):        # rows past H_ROWS were never used
-            base = PROC_BASE + row * P_FIELDS
-            if cells[base + P_PID] and not self.alive(row, cells):
-                freed += cells[base + P_HELD]
+        for process in Process.all(cells, header.rows):    # rows past were never used
+            if process.pid and not self.alive(process.index, cells):
+                freed += process.held
                 # Keep its counters, so instance totals never go backwards.
-                reaped = H_REAPED + cells[base + P_ROLE] * N_COUNTERS
-                for i in range(N_COUNTERS):
-                    cells[reaped + i] += cells[base + P_COUNTERS + i]
-                clear(cells, base, P_FIELDS)
-                clear(cells, OFFER_BASE + row * N_OFFER * O_FIELDS, N_OFFER * O_FIELDS)
-        for row in range(N_WAIT):
-            base = WAIT_BASE + row * W_FIELDS
-            if cells[base + W_STATE] != FREE and cells[PROC_BASE + cells[base + W_PROC] * P_FIELDS
-                                                       + P_PID] != cells[base + W_PID]:
-                clear(cells, base, W_FIELDS)
-        cells[H_WAITING] = sum(1 for row in range(N_WAIT)
-                               if cells[WAIT_BASE + row * W_FIELDS + W_STATE] == WAITING)
+                reaped = header.reaped(process.role)
+                for i, value in enumerate(process.counters()):
+                    cells[reaped + i] += value
+                process.clear()
+                _clear_offers(cells, process.index)
+        for slot, state in enumerate(Waiter.column(cells, 'state')):
+            if state != FREE:
+                waiter = Waiter(cells, slot)
+                if Process(cells, waiter.proc).pid != waiter.pid:
+                    waiter.clear()
+        header.waiting = sum(1 for state in Waiter.column(cells, 'state') if state == WAITING)
         return freed + self._reap_lots_shared_locked(cells)
 
     @staticmethod
@@ -835,49 +836,44 @@ class SharedState:
         restarted: its queues, and the connections in them, are gone). Slots freed."""
         families = None
         freed = 0
-        for lot in range(N_LOT):
-            base = LOT_BASE + lot * K_FIELDS
-            if not cells[base + K_OWNER]:
+        header = Header(cells)
+        for lot in Lot.all(cells):
+            if not lot.owner:
                 continue
             if families is None:
-                families = set(cells[PROC_BASE + P_FAMILY:WAIT_BASE:P_FIELDS])
-            if cells[base + K_OWNER] not in families:
-                lost = max(cells[base + K_COUNT], 0)
-                cells[H_PARKED] = max(cells[H_PARKED] - lost, 0)
+                families = set(Process.column(cells, 'family'))
+            if lot.owner not in families:
+                lost = max(lot.count, 0)
+                header.parked = max(header.parked - lost, 0)
                 freed += lost
-                clear(cells, base, K_FIELDS)
+                lot.clear()
         return freed
 
     # ------------------------------------------------------------------ history
     def record_history(self, period_ms=5000):
         """Append one sample of the instance totals if the last is older than the period."""
         now = int(time.time() * 1000)
-        cells = self.cells
-        if now - cells[H_HIST_LAST] < period_ms:
+        header = self.header
+        if now - header.hist_last < period_ms:
             return False
         with self.locked() as cells:
-            if now - cells[H_HIST_LAST] < period_ms:
+            if now - header.hist_last < period_ms:
                 return False
-            cells[H_HIST_LAST] = now
-            pos = cells[H_HIST_POS] % N_HIST
-            base = HIST_BASE + pos * S_FIELDS
-            cells[base + S_TIME] = now
-            cells[base + S_HELD] = self.total_held()
-            cells[base + S_IN_USE] = sum(cells[PROC_BASE + P_IN_USE:WAIT_BASE:P_FIELDS])
-            cells[base + S_IDLE] = self.idle_total()
-            cells[base + S_WAITING] = cells[H_WAITING]
-            cells[base + S_LONG] = sum(cells[PROC_BASE + P_LONG:WAIT_BASE:P_FIELDS])
-            cells[H_HIST_POS] = pos + 1
+            header.hist_last = now
+            pos = header.hist_pos % N_HIST
+            sample = Sample(cells, pos)
+            sample.time = now
+            sample.held = self.total_held()
+            sample.in_use = sum(Process.column(cells, 'in_use'))
+            sample.idle = self.idle_total()
+            sample.waiting = header.waiting
+            sample.long_lived = sum(Process.column(cells, 'long_lived'))
+            header.hist_pos = pos + 1
         return True
 
     def history(self):
         """Samples oldest first: [(time_ms, held, in_use, idle, waiting, long_lived)]."""
-        cells, samples = self.cells, []
-        for pos in range(N_HIST):
-            base = HIST_BASE + pos * S_FIELDS
-            if cells[base + S_TIME]:
-                samples.append(tuple(cells[base:base + S_FIELDS]))
-        return sorted(samples)
+        return sorted(sample.values() for sample in Sample.all(self.cells) if sample.time)
 
     # ------------------------------------------------------------------ per-process details
     # Written lock-free by the process itself (maintenance tick), read by the
@@ -885,27 +881,25 @@ class SharedState:
     # dead process invisible to its successor; since = 0 means "nothing borrowed".
     def publish_longest_borrow(self, row, pid, since_ms=0, database='', site=''):
         """Publish the longest current borrow of process ``row`` (since_ms = 0: none)."""
-        base = DETAIL_BASE + row * D_FIELDS
-        cells = self.cells
-        cells[base + D_SINCE] = 0           # readers skip the row while the text changes
-        offset = (base + 2) * 8
+        detail = Detail(self.cells, row)
+        detail.since = 0                    # readers skip the row while the text changes
+        offset = detail.text_offset()
         self.map[offset:offset + D_DATABASE_BYTES] = _fixed(database, D_DATABASE_BYTES)
         self.map[offset + D_DATABASE_BYTES:offset + D_DATABASE_BYTES + D_SITE_BYTES] = \
             _fixed(site, D_SITE_BYTES, keep_end=True)
-        cells[base + D_PID] = pid
-        cells[base + D_SINCE] = since_ms
+        detail.pid = pid
+        detail.since = since_ms
 
     def longest_borrow(self, row, pid):
         """{'since_ms', 'database', 'site'} published by process ``pid`` in ``row``, or None."""
-        base = DETAIL_BASE + row * D_FIELDS
-        cells = self.cells
+        detail = Detail(self.cells, row)
         for _attempt in range(3):
-            since = cells[base + D_SINCE]
-            if not since or cells[base + D_PID] != pid:
+            since = detail.since
+            if not since or detail.pid != pid:
                 return None
-            offset = (base + 2) * 8
+            offset = detail.text_offset()
             raw = bytes(self.map[offset:offset + D_DATABASE_BYTES + D_SITE_BYTES])
-            if cells[base + D_SINCE] == since:
+            if detail.since == since:
                 return {'since_ms': since, 'database': _text(raw[:D_DATABASE_BYTES]),
                         'site': _text(raw[D_DATABASE_BYTES:])}
         return None
