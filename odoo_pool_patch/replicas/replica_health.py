@@ -48,34 +48,33 @@ def ident(target):
 
 
 class ServerTable:
-    """The shared rows of the servers of one instance."""
+    """The shared rows of the servers of one instance (:class:`~.shared_state.Server`,
+    one per target by its index; the probe's :class:`~.shared_state.Lease`)."""
 
     def __init__(self, state, targets):
         if len(targets) > ss.N_SRV:
             raise ValueError(f'at most {ss.N_SRV - 1} replicas are supported in db_replicas')
-        self.state, self.cells, self.targets = state, state.cells, targets
-        with state.locked() as cells:
+        self.state, self.targets = state, targets
+        self.servers = ss.Server.all(state.cells)
+        self.lease = ss.Lease(state.cells)
+        with state.locked():
             for target in targets:
-                base = self.row(target.index)
-                if cells[base + ss.V_IDENT] != ident(target):
-                    ss.clear(cells, base, ss.V_FIELDS)
-                    cells[base + ss.V_IDENT] = ident(target)
-                    cells[base + ss.V_LAG_MS] = -1
-                cells[base + ss.V_KIND] = KINDS.index(target.kind)
-                cells[base + ss.V_WEIGHT] = target.weight
-
-    @staticmethod
-    def row(index):
-        return ss.SRV_ROWS + index * ss.V_FIELDS
+                server = self.servers[target.index]
+                if server.ident != ident(target):
+                    server.clear()
+                    server.ident = ident(target)
+                    server.lag_ms = -1
+                server.kind = KINDS.index(target.kind)
+                server.weight = target.weight
 
     def ineligible(self, index, max_lag_ms, need_lsn):
         """Why replica ``index`` may not serve a read now (BANNED, LAGGING, PINNED) or None."""
-        cells, base = self.cells, ss.SRV_ROWS + index * ss.V_FIELDS
-        if cells[base + ss.V_BANNED_UNTIL] > time.time() * 1000:
+        server = self.servers[index]
+        if server.banned_until > time.time() * 1000:
             return BANNED
-        if cells[base + ss.V_LAG_MS] > max_lag_ms:
+        if server.lag_ms > max_lag_ms:
             return LAGGING
-        if need_lsn and cells[base + ss.V_REPLAY_LSN] < need_lsn:
+        if need_lsn and server.replay_lsn < need_lsn:
             return PINNED
         return None
 
@@ -83,15 +82,15 @@ class ServerTable:
         """Ban a replica that failed: ban_time x 2^(failures-1), at most MAX_BAN_FACTOR x,
         +-20% jitter. A replica already banned keeps its ban (many workers may fail at once)."""
         now = now_ms()
-        with self.state.locked() as cells:
-            base = self.row(index)
-            if cells[base + ss.V_BANNED_UNTIL] > now:
+        server = self.servers[index]
+        with self.state.locked():
+            if server.banned_until > now:
                 return False
-            failures = cells[base + ss.V_FAILURES] + 1
+            failures = server.failures + 1
             seconds = min(ban_time * 2 ** (failures - 1), ban_time * MAX_BAN_FACTOR)
             seconds *= 0.8 + 0.4 * random.random()
-            cells[base + ss.V_FAILURES] = failures
-            cells[base + ss.V_BANNED_UNTIL] = now + max(int(seconds * 1000), 1)
+            server.failures = failures
+            server.banned_until = now + max(int(seconds * 1000), 1)
         target = self.targets[index]
         reason = str(error).strip().splitlines()[0] if error else 'failed'
         _logger.warning('db_pooling: replica %s gets no reads for %.0f s (failure %d: %s); '
@@ -104,22 +103,22 @@ class ServerTable:
             return
         with self.state.locked() as cells:
             for index in range(len(reads)):
-                base = self.row(index)
-                cells[base + ss.V_READS] += reads[index]
-                cells[base + ss.V_WRITES] += writes[index]
+                server = self.servers[index]
+                server.reads += reads[index]
+                server.writes += writes[index]
                 for reason, count in enumerate(fallbacks[index]):
-                    cells[base + ss.V_FALLBACKS + reason] += count
+                    cells[server.fallback(reason)] += count
 
     def status(self, max_lag_ms=None):
         """One plain dict per server (see :func:`servers_status`)."""
-        cells, now, rows = self.cells, now_ms(), []
+        cells, now, rows = self.state.cells, now_ms(), []
         for target in self.targets:
-            base = self.row(target.index)
-            banned_until = cells[base + ss.V_BANNED_UNTIL]
-            lag_ms = cells[base + ss.V_LAG_MS]
-            probed = cells[base + ss.V_PROBED]
+            server = self.servers[target.index]
+            banned_until = server.banned_until
+            lag_ms = server.lag_ms
+            probed = server.probed
             if target.kind == 'primary':
-                health = 'down' if probed and not cells[base + ss.V_PROBE_OK] else 'healthy'
+                health = 'down' if probed and not server.probe_ok else 'healthy'
             elif banned_until > now:
                 health = 'banned'
             elif max_lag_ms is not None and lag_ms > max_lag_ms:
@@ -130,63 +129,60 @@ class ServerTable:
                 'name': target.name, 'host': target.host, 'port': target.port,
                 'kind': target.kind, 'weight': target.weight, 'health': health,
                 'banned_until': banned_until / 1000 if banned_until > now else None,
-                'failures': cells[base + ss.V_FAILURES],
+                'failures': server.failures,
                 'last_probe': probed / 1000 if probed else None,
-                'replay_lsn': cells[base + ss.V_REPLAY_LSN],
-                'lag_bytes': cells[base + ss.V_LAG_BYTES] if lag_ms >= 0 else None,
+                'replay_lsn': server.replay_lsn,
+                'lag_bytes': server.lag_bytes if lag_ms >= 0 else None,
                 'lag_seconds': lag_ms / 1000 if lag_ms >= 0 else None,
-                'reads': cells[base + ss.V_READS], 'writes': cells[base + ss.V_WRITES],
-                'fallbacks': {reason: cells[base + ss.V_FALLBACKS + i]
+                'reads': server.reads, 'writes': server.writes,
+                'fallbacks': {reason: cells[server.fallback(i)]
                               for i, reason in enumerate(REASONS)},
-                'connections': cells[base + ss.V_CONNS] if probed else None,
+                'connections': server.conns if probed else None,
             })
         return rows
 
     # ------------------------------------------------------------------ probe lease
     def take_lease(self):
         """True if this process holds (or just took) the probe lease."""
-        cells, pid, now = self.cells, os.getpid(), now_ms()
-        lease = ss.SRV_BASE
+        lease, pid, now = self.lease, os.getpid(), now_ms()
         start = ss.process_start(pid) or 0
-        mine = cells[lease + ss.L_PID] == pid and cells[lease + ss.L_START] == start
-        if not mine and cells[lease + ss.L_UNTIL] > now and \
-                ss.process_start(cells[lease + ss.L_PID]) == cells[lease + ss.L_START]:
+        mine = lease.pid == pid and lease.started == start
+        if not mine and lease.until > now and ss.process_start(lease.pid) == lease.started:
             return False
-        with self.state.locked() as cells:
-            holder_alive = ss.process_start(cells[lease + ss.L_PID]) == cells[lease + ss.L_START]
-            if (cells[lease + ss.L_PID], cells[lease + ss.L_START]) != (pid, start) and \
-                    cells[lease + ss.L_UNTIL] > now and holder_alive:
+        with self.state.locked():
+            holder_alive = ss.process_start(lease.pid) == lease.started
+            if (lease.pid, lease.started) != (pid, start) and lease.until > now and holder_alive:
                 return False
-            cells[lease + ss.L_PID] = pid
-            cells[lease + ss.L_START] = start
-            cells[lease + ss.L_UNTIL] = now + int(LEASE * 1000)
+            lease.pid = pid
+            lease.started = start
+            lease.until = now + int(LEASE * 1000)
         return True
 
     def record_probe(self, index, ok, replay_lsn=None, lag_bytes=None, lag_ms=None,
                      connections=None):
-        cells, base = self.cells, self.row(index)
+        server = self.servers[index]
         with self.state.locked():
-            cells[base + ss.V_PROBED] = now_ms()
-            cells[base + ss.V_PROBE_OK] = int(ok)
+            server.probed = now_ms()
+            server.probe_ok = int(ok)
             if replay_lsn is not None:
-                cells[base + ss.V_REPLAY_LSN] = replay_lsn
+                server.replay_lsn = replay_lsn
             if lag_ms is not None:
-                cells[base + ss.V_LAG_BYTES] = lag_bytes
-                cells[base + ss.V_LAG_MS] = lag_ms
+                server.lag_bytes = lag_bytes
+                server.lag_ms = lag_ms
             if connections is not None:
-                cells[base + ss.V_CONNS] = connections
-            if ok and index and cells[base + ss.V_BANNED_UNTIL] <= now_ms():
-                cells[base + ss.V_FAILURES] = 0
+                server.conns = connections
+            if ok and index and server.banned_until <= now_ms():
+                server.failures = 0
 
     def note_replayed(self, index, replay_lsn):
         """A fresher replay position of replica ``index``, read by a borrower (lock-free:
         only ever raised; a race that keeps the older value just pins a few reads)."""
-        cell = self.row(index) + ss.V_REPLAY_LSN
-        if self.cells[cell] < replay_lsn:
-            self.cells[cell] = replay_lsn
+        server = self.servers[index]
+        if server.replay_lsn < replay_lsn:
+            server.replay_lsn = replay_lsn
 
     def banned(self, index):
-        return self.cells[self.row(index) + ss.V_BANNED_UNTIL] > now_ms()
+        return self.servers[index].banned_until > now_ms()
 
 
 PRIMARY_SQL = ("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint, "
