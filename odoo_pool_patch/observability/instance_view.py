@@ -76,7 +76,7 @@ def read(state, now=None):
         if longest:
             longest['age'] = max(now - longest.pop('since_ms') / 1000, 0.0)
         row['longest'] = longest
-    cells = state.cells
-    return of_processes(rows, parked=cells[ss.H_PARKED], waiting=cells[ss.H_WAITING],
-                        budget=cells[ss.H_BUDGET], cron_reserve=cells[ss.H_CRON_RESERVE],
-                        min_idle=cells[ss.H_MIN_IDLE], counters=state.counter_totals())
+    header = state.header
+    return of_processes(rows, parked=header.parked, waiting=header.waiting,
+                        budget=header.budget, cron_reserve=header.cron_reserve,
+                        min_idle=header.min_idle, counters=state.counter_totals())
