@@ -30,6 +30,11 @@ Layout (indexes into the int64 array)::
                               last error kind, restarts seen, reached once, postmaster
                               start time (see outage)
 
+Each region has a small class, a :class:`Row` subclass, that names its fields (``Header``,
+``Process``, ``Waiter``, ``Sample``, ``Detail``, ``Lease``, ``Server``, ``Offer``, ``Lot``,
+``Outage``): ``lot.count += 1`` rather than ``cells[LOT_BASE + i * K_FIELDS + K_COUNT] += 1``;
+the offsets below are the layout they read.
+
 With N_PROC = 512, N_WAIT = 1024, N_HIST = 720 (one sample per 5 s for
 an hour), N_SRV = 16, N_OFFER = 8, N_LOT = 32 and N_OUT = 16 the segment is
 372,640 bytes, whatever the budget: 1,024 connections need at most 1,024
