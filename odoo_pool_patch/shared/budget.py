@@ -32,6 +32,9 @@ from . import shared_state as ss
 PRIORITIES = {'long': 0, 'http': 1, 'master': 1, 'threaded': 1, 'other': 1, 'gevent': 2, 'cron': 3}
 CRON = PRIORITIES['cron']
 _CRON_ROLE = ss.ROLES.index('cron')
+# For the hot paths (borrow, give-back): the header's cells, the columns of every process
+_WAITING, _PARKED = ss.Header.FIELDS['waiting'], ss.Header.FIELDS['parked']
+_HELDS, _ROLES = ss.Process.columns('held'), ss.Process.columns('role')
 LONG_LIVED_DATABASES = frozenset(('postgres', 'template0', 'template1'))
 
 
@@ -55,7 +58,7 @@ class SharedBudget:
         self.min_idle = int(min_idle)
         self.role = role
         self.row = state.register(role)
-        self.me = state.process(self.row)       # this process's row
+        self._set_row(state.process(self.row))
         self.pid = os.getpid()
         self.exchange = None    # an exchange.IdleExchange with db_pool_shared_idle
         _budgets.add(self)
@@ -70,6 +73,13 @@ class SharedBudget:
         self.role = role
         self.state.set_role(self.row, role)
 
+    def _set_row(self, me):
+        """``me``: this process's row. Borrow and give-back (thousands a second) write its
+        slot count and counters by cell index, kept here, not through the view's fields."""
+        self.me = me
+        self._held = me.cell('held')
+        self._counters = {name: me.counter(name) for name in ss.COUNTERS}
+
     def priority(self, database, thread_name=''):
         if database in LONG_LIVED_DATABASES:
             return PRIORITIES['long']
@@ -81,7 +91,7 @@ class SharedBudget:
         self.state.after_fork_in_child()
         self.role = role
         self.row = self.state.register(role)
-        self.me = self.state.process(self.row)
+        self._set_row(self.state.process(self.row))
         self.pid = os.getpid()
         if self.exchange is not None:
             self.exchange.after_fork_in_child()
@@ -103,9 +113,9 @@ class SharedBudget:
         """Take a slot if one is free and nobody waits; never blocks on the queue."""
         with self.state.locked() as cells:
             self.state.reap_shared_locked(cells)
-            if self.state.header.waiting or not self._room_shared_locked(cells, priority):
+            if cells[_WAITING] or not self._room_shared_locked(cells, priority):
                 return False
-            self.me.held += 1
+            cells[self._held] += 1
             return True
 
     def acquire(self, priority, timeout, wake=None):
@@ -117,8 +127,8 @@ class SharedBudget:
         deadline = time.monotonic() + timeout
         with self.state.locked() as cells:
             self.state.reap_shared_locked(cells)
-            if not self.state.header.waiting and self._room_shared_locked(cells, priority):
-                self.me.held += 1
+            if not cells[_WAITING] and self._room_shared_locked(cells, priority):
+                cells[self._held] += 1
                 return True
             waiter = self._enqueue_shared_locked(cells, priority)
             self.count_shared_locked(cells, 'waits')
@@ -240,8 +250,9 @@ class SharedBudget:
     # ------------------------------------------------------------------ under the lock
     def _give_back_shared_locked(self, cells, count):
         """This process holds ``count`` slots fewer; the best waiters get them."""
-        self.me.held = max(self.me.held - count, 0)
-        if self.state.header.waiting:
+        held = self._held
+        cells[held] = max(cells[held] - count, 0)
+        if cells[_WAITING]:
             self.grant_shared_locked(cells)
 
     def _room_shared_locked(self, cells, priority):
@@ -249,11 +260,11 @@ class SharedBudget:
 
     def _usage_shared_locked(self, cells):
         """(slots held by the instance, slots held by cron processes)."""
-        helds = ss.Process.column(cells, 'held')
-        parked = self.state.header.parked   # parked connections belong to no process
+        helds = cells[_HELDS]
+        parked = cells[_PARKED]     # parked connections belong to no process
         if not self.cron_reserve:
             return sum(helds) + parked, 0
-        roles = ss.Process.column(cells, 'role')
+        roles = cells[_ROLES]
         return sum(helds) + parked, sum(held for role, held in zip(roles, helds)
                                         if role == _CRON_ROLE)
 
@@ -301,7 +312,7 @@ class SharedBudget:
             self.state.process(best.proc).held += 1
 
     def count_shared_locked(self, cells, name, count=1):
-        cells[self.me.counter(name)] += count
+        cells[self._counters[name]] += count
 
     # ------------------------------------------------------------------ published figures
     def publish(self, in_use, idle, long_lived, borrows=None, reused=None, opened=None):

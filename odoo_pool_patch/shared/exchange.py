@@ -224,6 +224,7 @@ class IdleExchange:
     def _reset_process(self):
         self._counts = {}           # key hash -> idle connections of this process
         self._entries = {}          # key hash -> offer entry index in our row
+        self._offer_rows = None     # views of our row's offers (see _offers_of_row)
         self._listener = None
         self._slow = {}             # donor pid -> monotonic time until which it is skipped
         self._pools = weakref.WeakSet()
@@ -263,14 +264,22 @@ class IdleExchange:
                 counts = self._counts[khash] = [0, 0]
             counts[0] += idle
             counts[1] += in_use
-            offers = ss.Offer.of_process(self.state.cells, self.budget.row)
+            offers = self._offers_of_row()
             entry = self._entries.get(khash)
             if entry is None:
                 entry = self._new_entry_locked(khash, counts, offers)
                 if entry is None:
                     return
-            offers[entry].idle = counts[0]
-            offers[entry].in_use = counts[1]
+            offer = offers[entry]   # (by index: this runs at every borrow and give-back)
+            offer.cells[offer.start + _IDLE] = counts[0]
+            offer.cells[offer.start + _IN_USE] = counts[1]
+
+    def _offers_of_row(self):
+        """The Offer rows of this process's row (made again when the row changes: a fork)."""
+        offers = self._offer_rows
+        if offers is None or offers[0].index != self.budget.row * ss.N_OFFER:
+            offers = self._offer_rows = ss.Offer.of_process(self.state.cells, self.budget.row)
+        return offers
 
     def _new_entry_locked(self, khash, counts, offers):
         """An offer entry for ``khash`` (its hash written), or None: nothing to publish,

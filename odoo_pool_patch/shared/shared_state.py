@@ -208,8 +208,13 @@ class Row:
     @classmethod
     def column(cls, cells, name, count=None):
         """Field ``name`` of the first ``count`` rows (all by default), one cell per row."""
+        return cells[cls.columns(name, count)]
+
+    @classmethod
+    def columns(cls, name, count=None):
+        """The ``slice`` of ``cells`` that :meth:`column` reads (to keep, on hot paths)."""
         end = cls.BASE + (cls.COUNT if count is None else count) * cls.WIDTH
-        return cells[cls.BASE + cls.FIELDS[name]:end:cls.WIDTH]
+        return slice(cls.BASE + cls.FIELDS[name], end, cls.WIDTH)
 
     def clear(self):
         """Zero the row (a freed process, waiter or lot)."""
@@ -813,9 +818,9 @@ class SharedState:
     def reap_shared_locked(self, cells, force=False, interval_ms=500):
         """Free the rows (slots, waiters) of processes that died. Returns slots freed."""
         now = int(time.monotonic() * 1000)
-        header = Header(cells)
-        if not force and now - header.last_reap < interval_ms:
-            return 0
+        if not force and now - cells[H_LAST_REAP] < interval_ms:
+            return 0                # (the common case, at every borrow: one index)
+        header = self.header if cells is self.cells else Header(cells)
         header.last_reap = now
         freed = 0
         for process in Process.all(cells, header.rows):    # rows past were never used
