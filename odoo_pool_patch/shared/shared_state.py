@@ -739,9 +739,10 @@ class SharedState:
                 free = mine         # re-registering (same process): reuse the row
             else:
                 free = None
-                pids = Process.column(cells, 'pid')
-                for row in range(N_PROC):
-                    if pids[row] == 0 and self._hold_row_shared_locked(row):
+                # (The column is not kept in a name: a traceback holding a view of the
+                # mapping would make close() fail.)
+                for row, owner in enumerate(Process.column(cells, 'pid')):
+                    if owner == 0 and self._hold_row_shared_locked(row):
                         free = row
                         break
             if free is None:

@@ -279,7 +279,7 @@ def test_tls_options_documented():
 
 
 def test_architecture_page_names_every_engine_module():
-    """Every module, by its path in the package (``pool.py``, ``observability/metrics.py``)."""
+    """Every module, by its path in the package (``pool/slots.py``, ``errors.py``)."""
     page = read('docs/architecture.rst')
     engine = os.path.join(ROOT, 'odoo_pool_patch')
     for where, _, names in os.walk(engine):

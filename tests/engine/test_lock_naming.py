@@ -6,8 +6,9 @@ checked on its source with ``ast``: a helper's name says which lock its caller h
 - ``*_exit_locked`` (parking): the object's ``_exit_lock``, so inside ``with
   <obj>._exit_lock`` or from another ``*_exit_locked`` method of the same object;
 - any other ``*_locked``: the ``_lock`` of the object it is called on (the pool lock in
-  pool.py and the pool_*.py modules it mixes in, the exchange's in exchange.py), so inside ``with <obj>._lock`` on that very
-  object or from another such method of ``self``.
+  pool/connection_pool.py and the pool/ modules it mixes in, the exchange's in
+  shared/exchange.py), so inside ``with <obj>._lock`` on that very object or from
+  another such method of ``self``.
 
 And the order: a method that takes the pool lock is never called with any lock held
 (the pool lock comes first, and it is not re-entrant), and a function that takes the
@@ -130,7 +131,7 @@ def naming_violations(module, found):
 
 
 def pool_lock_takers(found):
-    """Methods of the pool (pool.py and its pool_*.py mixins, scanned as one) that take the
+    """Methods of the pool (pool/connection_pool.py and its mixins, scanned as one) that take the
     pool lock, themselves or through a method of self."""
     takers = {function for function, kinds in found.takes.items() if 'own' in kinds}
     while True:

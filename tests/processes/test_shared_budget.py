@@ -33,6 +33,31 @@ def test_segment_size_is_fixed_and_stated():
     assert ss.N_WAIT >= 1024
 
 
+def test_the_region_views_read_and_write_the_layouts_cells(shm_path):
+    """Each region's Row class names the cells of the layout's offsets; a process row
+    registered through them says who owns it (a row with pid 0 is a free row)."""
+    state = ss.SharedState(shm_path)
+    try:
+        row = state.register('cron')
+        base = ss.PROC_BASE + row * ss.P_FIELDS
+        assert state.cells[base + ss.P_PID] == state.process(row).pid == os.getpid()
+        assert ss.ROLES[state.process(row).role] == 'cron'
+        lot = ss.Lot(state.cells, 3)
+        lot.count += 2
+        assert state.cells[ss.LOT_BASE + 3 * ss.K_FIELDS + ss.K_COUNT] == 2
+        assert list(ss.Lot.column(state.cells, 'count'))[3] == 2
+        state.header.waiting = 5
+        assert state.cells[ss.H_WAITING] == 5
+        state.header.waiting = 0
+        for region in (ss.Header, ss.Process, ss.Waiter, ss.Sample, ss.Detail, ss.Lease,
+                       ss.Server, ss.Offer, ss.Lot, ss.Outage):
+            assert max(region.FIELDS.values()) < region.WIDTH
+            assert region.BASE + region.COUNT * region.WIDTH <= ss.CELLS
+        assert ss.Outage.BASE + ss.Outage.COUNT * ss.Outage.WIDTH == ss.CELLS
+    finally:
+        state.close()
+
+
 def test_eight_processes_never_exceed_the_budget_and_never_fail(pg, shm_path, info, app):
     budget_size = 4
 
