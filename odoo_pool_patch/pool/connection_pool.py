@@ -92,7 +92,7 @@ from . import maintenance
 from .borrowers import Holder, borrow_site
 from .sessions import SessionSteps
 from .sharing import Sharing
-from .slots import BUDGET, EVICT, MISSING, NEW, TAKE, Room, SlotBooks
+from .slots import BUDGET, EVICT, MISSING, NEW, TAKE, Grant, SlotBooks
 from .upkeep import PoolStats, Upkeep
 
 # Under odoo.sql_db so Odoo's PostgreSQL log handler (log_db) never logs our
@@ -254,9 +254,8 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
             else:
                 with self._lock:
                     grant = self._acquire_locked(key, holder, evict=False)
-        if (grant is NEW or grant is BUDGET or type(grant) is Room) and \
-                budget is not None and budget.exchange is not None and \
-                budget.exchange.parking is not None:
+        if grant.__class__ is Grant and budget is not None and budget.exchange is not None \
+                and budget.exchange.parking is not None:     # NEW, BUDGET or a room
             khash = budget.exchange.hash_of(key)
             if khash:
                 budget.exchange.parking.want(khash)     # not held here: park it elsewhere
@@ -267,7 +266,7 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
             if grant is None:
                 return self._open(connection_info, key, holder)
         try:
-            if type(grant) is Room:
+            if grant.__class__ is Grant:    # a room: make it
                 close_and_wait((grant.victim,))
                 grant = NEW
             elif self._revive(grant):

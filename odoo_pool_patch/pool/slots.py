@@ -10,11 +10,8 @@ never more than ``maxconn``. Each move of a connection between books is one help
 (``_book_locked``, ``_unbook_locked``, ``_push_idle_locked``, ``_remove_idle_locked``,
 ``_send_off_locked``) that also publishes the move to the exchange.
 
-A grant says what a borrower got: an idle connection (booked in use at once), ``NEW``
-(a slot: open a connection), ``BUDGET`` (a local slot: take one of the shared budget
-first), ``TAKE`` (a local slot: take another process's idle connection), ``EVICT`` (a
-local slot: close a parked connection and open in its slot) or a :class:`Room` (close
-its ``victim``, an idle connection to another database, then open).
+A grant says what a borrower got: an idle connection of its own (booked in use at once,
+granted as itself), or a :class:`Grant`, a slot reserved here and what to do with it.
 """
 import logging
 import threading
@@ -29,11 +26,7 @@ from ..shared.backend_exit import begin_close, exited, finished
 _logger = logging.getLogger('odoo.sql_db.pool')
 monotonic = time.monotonic
 
-NEW = object()        # grant: a reserved slot, open a new connection in it
-BUDGET = object()     # grant: a reserved local slot; take a slot of the shared budget first
-TAKE = object()       # grant: a reserved local slot; take another process's idle connection
-EVICT = object()      # grant: a reserved local slot; close a parked connection, open in its slot
-MISSING = object()
+MISSING = object()      # (a connection in no book)
 EXIT_WAIT = 2.0        # seconds a closed connection's slot waits for its backend to exit
 HANDOVER_WAIT = 0.005  # seconds the closing thread waits for that when someone needs the slot
 
@@ -49,13 +42,37 @@ class Waiter:
         self.since = monotonic()
 
 
-class Room:
-    """Grant of a slot taken from an idle connection of another DSN: the
-    grantee closes ``victim`` (waiting for its backend to exit), then connects."""
-    __slots__ = ('victim',)
+class Grant:
+    """A slot reserved in this pool for a borrower (counted in ``_opening``), and what
+    the borrower does with it, ``kind``:
 
-    def __init__(self, victim):
+    ``new``     open a connection in it (the shared budget's slot is taken too)
+    ``budget``  take a slot of the shared budget first, then open
+    ``take``    take another process's idle or parked connection into it
+    ``evict``   close a parked connection (its budget slot becomes free), then open
+    ``room``    close ``victim``, an idle connection here to another database (its slot
+                is the one reserved), waiting for its backend to exit, then open
+
+    The first four are the shared instances NEW, BUDGET, TAKE and EVICT; a ``room``
+    grant is made per victim (:func:`room`). A borrower that reuses an idle connection
+    of its own gets the connection itself: no grant is made on that path, the most
+    frequent one."""
+    __slots__ = ('kind', 'victim')
+
+    def __init__(self, kind, victim=None):
+        self.kind = kind
         self.victim = victim
+
+    def __repr__(self):
+        return f'<Grant {self.kind}>'
+
+
+NEW, BUDGET, TAKE, EVICT = (Grant(kind) for kind in ('new', 'budget', 'take', 'evict'))
+
+
+def room(victim):
+    """The grant of the slot of ``victim``."""
+    return Grant('room', victim)
 
 
 class SlotBooks:
@@ -65,8 +82,8 @@ class SlotBooks:
         return len(self._used) + self._n_idle + self._opening + self._closing
 
     def _acquire_locked(self, key, holder, take=False, evict=True):
-        """A reused idle connection (now in use), ``NEW``, ``BUDGET``, a ``Room``,
-        ``EVICT`` (if ``evict``) or, if ``take``, ``TAKE``."""
+        """A reused idle connection (now in use), or a :class:`Grant`: NEW, BUDGET, a
+        room, EVICT (if ``evict``) or, if ``take``, TAKE."""
         if not self._waiters:
             grant = self._grant_locked(key, holder, take, evict)
             if grant is None and self._reclaim_used_locked():
@@ -77,10 +94,9 @@ class SlotBooks:
 
     def _grant_locked(self, key, holder, take=False, evict=False):
         """Take a slot for ``key``: a reused idle connection (booked in use at
-        once, so the slot is never counted free in between), ``TAKE`` (if
-        ``take`` and another process offers one), ``NEW``, a ``Room``,
-        ``EVICT`` (if ``evict`` and connections are parked) or None when there
-        is no slot."""
+        once, so the slot is never counted free in between), or a :class:`Grant`:
+        TAKE (if ``take`` and another process offers one), NEW, a room, EVICT (if
+        ``evict`` and connections are parked) or BUDGET; None when there is no slot."""
         stack = self._idle.get(key)
         if stack:
             self._n_idle -= 1
@@ -112,7 +128,7 @@ class SlotBooks:
         if victim is not None:      # full, but idle for another DSN: make room
             self.stats.closed_room += 1
             self._opening += 1
-            return Room(victim)
+            return room(victim)
         if evict and self._count() < self._maxconn and budget is not None and \
                 budget.exchange is not None and budget.exchange.parking is not None and \
                 budget.exchange.parking.parked():
@@ -152,11 +168,11 @@ class SlotBooks:
 
     def _release_grant_locked(self, grant):
         """Undo a grant its borrower will not use (interrupted while waiting)."""
-        if grant is NEW or grant is BUDGET or type(grant) is Room:
+        if grant.__class__ is Grant:
             self._opening -= 1
             if grant is NEW and self.budget is not None:
                 self.budget.release()
-            if type(grant) is Room and not grant.victim.closed:
+            if grant.kind == 'room' and not grant.victim.closed:
                 self._push_idle_locked(grant.victim)    # back where it was
         else:
             del self._used[grant]
