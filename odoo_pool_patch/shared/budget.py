@@ -57,8 +57,7 @@ class SharedBudget:
         self.cron_reserve = int(cron_reserve)
         self.min_idle = int(min_idle)
         self.role = role
-        self.row = state.register(role)
-        self._set_row(state.process(self.row))
+        self._set_row(state.register(role))
         self.pid = os.getpid()
         self.exchange = None    # an exchange.IdleExchange with db_pool_shared_idle
         _budgets.add(self)
@@ -73,10 +72,12 @@ class SharedBudget:
         self.role = role
         self.state.set_role(self.row, role)
 
-    def _set_row(self, me):
-        """``me``: this process's row. Borrow and give-back (thousands a second) write its
-        slot count and counters by cell index, kept here, not through the view's fields."""
-        self.me = me
+    def _set_row(self, row):
+        """``row``: this process's row number; ``me`` its view. Borrow and give-back
+        (thousands a second) write its slot count and counters by cell index, kept here,
+        not through the view's fields."""
+        self.row = row
+        self.me = me = self.state.process(row)
         self._held = me.cell('held')
         self._counters = {name: me.counter(name) for name in ss.COUNTERS}
 
@@ -90,8 +91,7 @@ class SharedBudget:
     def after_fork_in_child(self, role='http'):
         self.state.after_fork_in_child()
         self.role = role
-        self.row = self.state.register(role)
-        self._set_row(self.state.process(self.row))
+        self._set_row(self.state.register(role))
         self.pid = os.getpid()
         if self.exchange is not None:
             self.exchange.after_fork_in_child()

@@ -821,7 +821,7 @@ class SharedState:
         now = int(time.monotonic() * 1000)
         if not force and now - cells[H_LAST_REAP] < interval_ms:
             return 0                # (the common case, at every borrow: one index)
-        header = self.header if cells is self.cells else Header(cells)
+        header = self.header
         header.last_reap = now
         freed = 0
         for process in Process.all(cells, header.rows):    # rows past were never used
@@ -841,13 +841,12 @@ class SharedState:
         header.waiting = sum(1 for state in Waiter.column(cells, 'state') if state == WAITING)
         return freed + self._reap_lots_shared_locked(cells)
 
-    @staticmethod
-    def _reap_lots_shared_locked(cells):
+    def _reap_lots_shared_locked(self, cells):
         """Free the parking lots of families no live process belongs to (an instance
         restarted: its queues, and the connections in them, are gone). Slots freed."""
         families = None
         freed = 0
-        header = Header(cells)
+        header = self.header
         for lot in Lot.all(cells):
             if not lot.owner:
                 continue
