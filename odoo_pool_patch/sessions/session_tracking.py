@@ -3,7 +3,8 @@
 The pool sets :class:`TrackingCursor` as the ``cursor_factory`` of every
 connection it opens (Odoo creates its cursors with ``cnx.cursor()``), and the
 connection class mixes in :class:`SessionTracking` to see autocommit toggles.
-Each ``execute`` ORs the kinds of :func:`.session_state.session_kinds` into
+Each ``execute`` ORs the kinds of :func:`.session_state.known_kinds` (the decision of
+:func:`.session_state.session_kinds`, remembered per text) into
 ``cnx.pooled.dirty`` (its :mod:`.conn_record`); the pool reads that mask when the
 connection is reused and clears exactly that (see ``ConnectionPool._revive``).
 
@@ -47,8 +48,8 @@ import psycopg2.sql
 
 from . import commit_marks
 from .conn_record import ConnRecord, ensure_record, record_of
-from .session_state import (AUTOCOMMIT, COMMITTED, HOLD, ROLE, SESSION_ONLY, UNKNOWN, names,
-                            session_kinds)
+from .session_state import (AUTOCOMMIT, COMMITTED, HOLD, ROLE, SESSION_ONLY, UNKNOWN, known_kinds,
+                            names, session_kinds)
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 
@@ -96,7 +97,7 @@ class TrackingCursor(ext.cursor):
     def execute(self, query, vars=None):
         cnx = self.connection
         text = query if type(query) is str else _text(query, self)
-        kinds = session_kinds(text)
+        kinds = known_kinds(text)
         if vars and not kinds and _carries_sql(vars):
             kinds = session_kinds(_text(self.mogrify(query, vars), self))
         if kinds:
@@ -129,7 +130,7 @@ class TrackingCursor(ext.cursor):
 
     def copy_expert(self, sql, file, size=8192):
         text = sql if type(sql) is str else _text(sql, self)
-        kinds = session_kinds(text)         # COPY (SELECT set_config(...)) TO STDOUT
+        kinds = known_kinds(text)           # COPY (SELECT set_config(...)) TO STDOUT
         if kinds:
             _note(self.connection, kinds, text)
         return _copy_expert(self, sql, file, size)
@@ -142,7 +143,7 @@ class TrackingCursor(ext.cursor):
 
     def executemany(self, query, vars_list):
         text = query if type(query) is str else _text(query, self)
-        kinds = session_kinds(text)
+        kinds = known_kinds(text)
         if kinds:
             _note(self.connection, kinds, text)
         return _executemany(self, query, vars_list)

@@ -87,6 +87,29 @@ def test_ordinary_statements_leave_nothing(query):
 def test_session_statements_are_detected(query, kind):
     assert session_kinds(query) == kind
     assert ss.confirm_without_sqlparse(query) == kind
+    # The cursors' remembered decision: the same, the first time and from memory
+    # (a new str object: as Odoo builds its texts per call).
+    ss.forget_decided()
+    assert ss.known_kinds(query) == kind
+    assert ss.known_kinds(''.join(query)) == kind
+    assert query in ss._KNOWN
+
+
+def test_remembered_decisions_stay_within_their_bound(monkeypatch):
+    """known_kinds holds at most KNOWN_MAX_CHARS characters of text, starts over when
+    full, and keeps no text longer than KNOWN_MAX_TEXT (decided each time)."""
+    monkeypatch.setattr(ss, 'KNOWN_MAX_CHARS', 1000)
+    ss.forget_decided()
+    try:
+        for number in range(200):
+            query = f'SELECT "res_partner"."id" FROM "res_partner" WHERE id = {number}'
+            assert ss.known_kinds(query) == 0
+            assert ss._KNOWN_CHARS[0] == sum(map(len, ss._KNOWN)) <= 1000
+        assert 0 < len(ss._KNOWN) < 200
+        long_set = 'SET search_path = x; SELECT ' + 'x' * ss.KNOWN_MAX_TEXT
+        assert ss.known_kinds(long_set) == SET and long_set not in ss._KNOWN
+    finally:
+        ss.forget_decided()
 
 
 def test_narrow_reset_clears_role_first_and_one_statement_per_kind():

@@ -90,6 +90,7 @@ def legacy(monkeypatch):
     """The pool as it was before roles were reset with every setting."""
     monkeypatch.setattr(session_state, 'narrow_reset', _legacy_narrow_reset)
     monkeypatch.setattr(session_tracking, 'session_kinds', _legacy_kinds)
+    monkeypatch.setattr(session_tracking, 'known_kinds', _legacy_kinds)
     monkeypatch.setattr(session_tracking, 'privileges_changed', lambda cnx: False)
 
 
@@ -273,13 +274,13 @@ def test_texts_parsers_misread_and_other_entry_points_are_reset(
         roles, pools, info, monkeypatch, parser, name, login, statement):
     if parser == 'regular_expressions':
         monkeypatch.setitem(__import__('sys').modules, 'sqlparse', None)   # ImportError
-    session_state.confirm.cache_clear()
+    session_state.forget_decided()
     try:
         connection_info = info('db1', user=login)
         assert same_process(pools(1, settings=SMART), connection_info, [(statement, None)]) \
             == (login, login)
     finally:
-        session_state.confirm.cache_clear()
+        session_state.forget_decided()
 
 
 def test_a_leaked_connection_reclaimed_is_checked_too(roles, pools, info):
