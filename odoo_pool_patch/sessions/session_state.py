@@ -1,8 +1,9 @@
 """Which statements leave state in a PostgreSQL session, and how to clear it.
 
 :func:`session_kinds` returns a bit mask of :data:`KINDS` for one query text.
-It runs on every ``execute`` of our connections, so ordinary statements are
-decided by a fast check without parsing: the first word is not one that can
+It decides the text of every ``execute`` of our connections (once per text:
+:func:`known_kinds` remembers it), so ordinary statements are decided by a fast
+check without parsing: the first word is not one that can
 change session state (``SET``, ``RESET``, ``LISTEN``, ``CREATE``, ``DECLARE``,
 ``PREPARE``, ``LOAD``, ``DO``) and the text mentions neither an advisory lock
 function, nor ``set_config``, nor a ``;`` (a second statement). Only the rest,
@@ -31,6 +32,7 @@ by a user function (``SELECT my_func()`` that calls ``set_config``),
 """
 import functools
 import re
+import threading
 
 SET = 1 << 0          # SET / RESET / set_config(..., false) / SET SESSION CHARACTERISTICS
 ROLE = 1 << 1         # SET [SESSION] ROLE, SET SESSION AUTHORIZATION (and implied by SET)
@@ -84,36 +86,46 @@ _CANDIDATE_HEADS = frozenset(('SET', 'RESET', 'LISTEN', 'CREATE', 'DECLARE', 'PR
 
 # Texts already decided, for known_kinds: Odoo sends the same few hundred texts over and
 # over (its parameters travel apart), and a dict lookup (the text's hash and one compare)
-# costs a tenth of the fast check on a 700-character SELECT. Bounded by the characters
-# it holds per process; long texts are decided each time (rare, and costly to hold).
+# costs a tenth of the fast check on a 700-character SELECT. Bounded per process: by
+# entries and by an estimate of the memory they hold (4 bytes a character for a text that
+# is not ASCII, plus the entry's own); texts over KNOWN_MAX_TEXT characters are decided
+# each time (rare, and costly to hold). Inserts take a lock (a miss is rare), lookups none.
 _KNOWN = {}
-_KNOWN_CHARS = [0]
-KNOWN_MAX_CHARS = 1 << 20
+_KNOWN_SIZE = [0]
+_KNOWN_LOCK = threading.Lock()
+KNOWN_MAX_BYTES = 1 << 20
+KNOWN_MAX_ENTRIES = 4096
 KNOWN_MAX_TEXT = 8192
+_ENTRY_BYTES = 120
 
 
 def known_kinds(query):
-    """:func:`session_kinds` of ``query`` (a str), remembered for the next time the same
-    text comes (the cursors' hot path). Not for texts that embed parameter values
-    (a mogrified statement): each would be kept once for nothing."""
+    """:func:`session_kinds` of ``query``, remembered for the next time the same text
+    comes (the cursors' hot path). Only a plain ``str`` is remembered (a subclass may
+    compare equal to other texts). A text with values written into it (a ``psycopg2.sql``
+    literal, an id formatted in) takes room until the next start-over, nothing else."""
+    if type(query) is not str or len(query) > KNOWN_MAX_TEXT:
+        return session_kinds(query)
     kinds = _KNOWN.get(query)
     if kinds is None:
         kinds = session_kinds(query)
-        size = len(query)
-        if size <= KNOWN_MAX_TEXT:
-            if _KNOWN_CHARS[0] + size > KNOWN_MAX_CHARS:
-                _KNOWN.clear()          # (threads racing here only lose entries)
-                _KNOWN_CHARS[0] = 0
-            _KNOWN[query] = kinds
-            _KNOWN_CHARS[0] += size
+        size = len(query) * (1 if query.isascii() else 4) + _ENTRY_BYTES
+        with _KNOWN_LOCK:
+            if _KNOWN_SIZE[0] + size > KNOWN_MAX_BYTES or len(_KNOWN) >= KNOWN_MAX_ENTRIES:
+                _KNOWN.clear()
+                _KNOWN_SIZE[0] = 0
+            if query not in _KNOWN:
+                _KNOWN[query] = kinds
+                _KNOWN_SIZE[0] += size
     return kinds
 
 
 def forget_decided():
     """Empty the caches of decided texts (:func:`known_kinds`, :func:`confirm`): tests that
     change how texts are decided."""
-    _KNOWN.clear()
-    _KNOWN_CHARS[0] = 0
+    with _KNOWN_LOCK:
+        _KNOWN.clear()
+        _KNOWN_SIZE[0] = 0
     confirm.cache_clear()
 
 

@@ -96,18 +96,48 @@ def test_session_statements_are_detected(query, kind):
 
 
 def test_remembered_decisions_stay_within_their_bound(monkeypatch):
-    """known_kinds holds at most KNOWN_MAX_CHARS characters of text, starts over when
+    """known_kinds holds at most KNOWN_MAX_BYTES (estimated: 4 bytes a character of a text
+    that is not ASCII, plus each entry's own) and KNOWN_MAX_ENTRIES texts, starts over when
     full, and keeps no text longer than KNOWN_MAX_TEXT (decided each time)."""
-    monkeypatch.setattr(ss, 'KNOWN_MAX_CHARS', 1000)
+    monkeypatch.setattr(ss, 'KNOWN_MAX_BYTES', 4000)
     ss.forget_decided()
     try:
+        def held():
+            return sum(len(t) * (1 if t.isascii() else 4) + ss._ENTRY_BYTES for t in ss._KNOWN)
         for number in range(200):
             query = f'SELECT "res_partner"."id" FROM "res_partner" WHERE id = {number}'
             assert ss.known_kinds(query) == 0
-            assert ss._KNOWN_CHARS[0] == sum(map(len, ss._KNOWN)) <= 1000
+            assert ss._KNOWN_SIZE[0] == held() <= 4000
         assert 0 < len(ss._KNOWN) < 200
+        for number in range(50):     # 4 bytes a character: fewer of them fit
+            query = f'SELECT name FROM res_partner WHERE name = \'\U0001F600{number}\''
+            assert ss.known_kinds(query) == 0
+            assert ss._KNOWN_SIZE[0] == held() <= 4000
+        monkeypatch.setattr(ss, 'KNOWN_MAX_BYTES', 1 << 20)
+        monkeypatch.setattr(ss, 'KNOWN_MAX_ENTRIES', 10)
+        for number in range(25):
+            ss.known_kinds(f'SELECT {number}')
+            assert len(ss._KNOWN) <= 10
         long_set = 'SET search_path = x; SELECT ' + 'x' * ss.KNOWN_MAX_TEXT
         assert ss.known_kinds(long_set) == SET and long_set not in ss._KNOWN
+    finally:
+        ss.forget_decided()
+
+
+def test_only_plain_strings_are_remembered():
+    """A str subclass may compare equal to any text: remembered, it would answer for a
+    later plain text (a SET ROLE decided as the subclass's 0). Not remembered, never asked."""
+    class Anything(str):
+        def __hash__(self):
+            return hash('SET ROLE postgres')
+
+        def __eq__(self, other):
+            return True
+    ss.forget_decided()
+    try:
+        assert ss.known_kinds(Anything('SELECT 1')) == 0
+        assert not ss._KNOWN
+        assert ss.known_kinds('SET ROLE postgres') == ROLE
     finally:
         ss.forget_decided()
 
