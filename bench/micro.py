@@ -12,6 +12,11 @@ Rows:
   bookkeep   the same with the reset round trip taken out of both pools
              (cnx.reset replaced by a no-op on the test connection): pool overhead only
   budget     a slot of the shared budget taken and given back (acquire + release)
+  handover   the shared arm only, reset smart: the give_back parks the connection (another
+             process wants its database: the lot's demand cells say so) and the borrow
+             unparks it, through the same locked steps, descriptor passing and stand-in
+             shell as between two workers: the CPU cost of moving a session between
+             processes (one park + one unpark), pool bookkeeping included
 
 Each figure is the median (or, with --stat min, the minimum: steadier on a shared machine,
 where other work only ever adds time) over --runs runs of the mean per operation over
@@ -67,6 +72,29 @@ def measure_pool(pool, info, iterations, runs, reset):
             del cnx.reset
 
 
+def measure_handover(budget, info, iterations, runs):
+    pool = ConnectionPool(64, budget=budget, settings=Settings(reset='smart'))
+    cnx = pool.borrow(info)
+    parking = budget.exchange.parking
+    khash = cnx.pooled.khash
+    parking.want(khash)                 # claims the database's lot
+    lot = next(row for row in ss.Lot.all(budget.state.cells) if row.hash == khash)
+    # Demand from another process (pid 1), renewed far into the future: every give-back
+    # parks, as under a load where other workers keep asking for this database.
+    lot.want_pid, lot.want_ms = 1, int(time.monotonic() * 1000) + 10 ** 9
+    pool.give_back(cnx)
+    parked = pool.stats.parked
+
+    def cycle():
+        pool.give_back(pool.borrow(info))
+    try:
+        return per_op(cycle, iterations, runs)
+    finally:
+        moved = pool.stats.parked - parked
+        pool.close_all()
+        assert moved >= iterations * runs, f'only {moved} parks: not a hand-over each time'
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--iterations', type=int, default=2000)
@@ -120,6 +148,8 @@ def main(argv=None):
             budget.release()
         rows['budget'] = {'stock': None, 'per-proc': None,
                           'shared': per_op(slot, args.iterations, args.runs)}
+        rows['handover'] = {'stock': None, 'per-proc': None,
+                            'shared': measure_handover(budget, info, args.iterations, args.runs)}
     finally:
         cluster.destroy()
         if os.path.exists(segment):
