@@ -41,17 +41,14 @@ a name ending in ``_locked`` the ``_lock`` of the object it is called on (the po
 here, the exchange lock in exchange.py), in ``_shared_locked`` the shared lock (budget,
 parking, shared_state: they take the mapped ``cells``), in ``_exit_locked`` the exit lock.
 
-State machine of one connection (every transition happens under ``_lock``)::
+State machine of one connection: its record's ``state`` (OUT, IN_USE, IDLE, PARKING,
+LENDING, CLOSING), moved by one function under ``_lock`` (``_move_locked``), which also
+keeps the books and slot counts and publishes the move to the exchange: the table and
+the transitions are at the top of :mod:`.slots`.
 
-    (opening) --connect ok--> IN USE --give_back--> IDLE --borrow--> IN USE
-        |                        |  \\--keep_in_pool=False, closed, expired--> (closed)
-        connect failed           \\--close_all, closed from outside--> (dropped)
-        v                                IDLE --idle timeout, max lifetime, dead socket,
-     (slot freed)                               close_all, room for another DSN--> (closed)
-
-A *slot* is counted for every connection in use, idle or being opened; there
-are never more than ``maxconn`` slots. When none is free a borrower waits in a
-FIFO queue. A freed slot is handed directly to the head of the queue (as the
+A *slot* is counted for every connection in use, idle, travelling, closing or being
+opened; there are never more than ``maxconn`` slots. When none is free a borrower waits
+in a FIFO queue. A freed slot is handed directly to the head of the queue (as the
 idle connection itself when its DSN matches, otherwise as the right to open a
 new one after closing the idle connection), so a newcomer can never overtake
 a waiter. With the shared budget, a connection given back goes first to a
@@ -92,7 +89,8 @@ from . import maintenance
 from .borrowers import Holder, borrow_site
 from .sessions import SessionSteps
 from .sharing import Sharing
-from .slots import BUDGET, EVICT, MISSING, NEW, TAKE, Grant, SlotBooks
+from .slots import (BUDGET, CLOSING, EVICT, IDLE, IN_USE, MISSING, NEW, OUT, PARKING, TAKE,
+                    Grant, SlotBooks)
 from .upkeep import PoolStats, Upkeep
 
 # Under odoo.sql_db so Odoo's PostgreSQL log handler (log_db) never logs our
@@ -144,7 +142,7 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
         self._idle = {}              # dsn key -> [cnx, ...], last freed last (LIFO)
         self._n_idle = 0
         self._used = {}              # cnx -> Holder
-        self._lent = set()           # out of the books while it travels (parked, lent): see _send_off_locked
+        self._lent = set()           # travelling (PARKING, LENDING, closing after a trip): see slots
         self._opening = 0            # slots reserved by borrowers that are connecting
         self._closing = 0            # slots of connections whose backend is exiting
         self._exiting = []           # [dup fd, give-up deadline, shed, what the fd is open on]
@@ -274,7 +272,8 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
                 return grant
             else:
                 with self._lock:    # dead: open a new one in its slot
-                    self._unbook_locked(grant)
+                    if grant.pooled.state == IN_USE:    # (else close_all() took it: CLOSING)
+                        self._move_locked(grant, OUT)
                     self._opening += 1
                     self.stats.dead_replaced += 1
                 dead, grant = grant, NEW
@@ -305,8 +304,7 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
         if owner is not self:       # lent by the read/write pool (replica routing)
             return owner.give_back(connection, keep_in_pool)
         with self._lock:
-            # Still counted in use for the exchange until it is idle or closed (below).
-            holder = self._used.pop(connection, MISSING)
+            holder = self._used.get(connection, MISSING)
             if holder is MISSING:
                 if connection.closed or (record is not None and connection in self._idle.get(
                         record.key, ())):
@@ -318,6 +316,7 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
             if record.dirty & session_state.LOAD and keep_in_pool:
                 keep_in_pool = False    # a loaded library cannot be unloaded
                 self.stats.reset_closed += 1
+            shed = 0
             if keep_in_pool and not connection.closed and not (
                     record.expires and record.expires <= monotonic()):
                 if self._budget_waits and self._hand_over_locked(connection):
@@ -325,10 +324,10 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
                 self._handed_in_row = 0
                 if record.khash and not self._waiters and \
                         self._should_park_locked(connection) and self._park_now_locked(record):
-                    self._send_off_locked(connection)
+                    self._move_locked(connection, PARKING)
                     doomed = None
                 else:
-                    self._push_idle_locked(connection, in_use=-1)
+                    self._move_locked(connection, IDLE)
                     if self._waiters:
                         self._hand_off_locked()
                     if self.budget is None or self._waiters or not self.budget.waiting():
@@ -339,11 +338,8 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
                     if not doomed:
                         return
             else:
-                doomed, shed = [connection], 0
-                if record.khash:
-                    self.budget.exchange.changed(record.khash, 0, -1)
-            if doomed:
-                self._closing += len(doomed)
+                self._move_locked(connection, CLOSING)
+                doomed = [connection]
         if doomed is None:
             self._park(connection)
         else:
@@ -354,17 +350,11 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
         key = None if dsn is None else dsn_key(dsn)
         with self._lock:
             doomed = [cnx for cnx in self._used if key is None or cnx.pooled.key == key]
-            for cnx in doomed:
-                self._unbook_locked(cnx)
             for stack_key in [k for k in self._idle if key is None or k == key]:
-                stack = self._idle.pop(stack_key)
-                self._n_idle -= len(stack)
-                for cnx in stack:
-                    if cnx.pooled.khash:
-                        self.budget.exchange.changed(cnx.pooled.khash, -1)
-                doomed.extend(stack)
+                doomed.extend(self._idle[stack_key])
+            for cnx in doomed:
+                self._move_locked(cnx, CLOSING)
             self._closings += 1
-            self._closing += len(doomed)
         if doomed:
             self._retire(doomed)
             _logger.info('%r: Closed %d connections%s', self, len(doomed),

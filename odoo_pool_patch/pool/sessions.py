@@ -22,6 +22,7 @@ from ..shared.budget import LONG_LIVED_DATABASES
 from ..shared.exchange import gss_in_use
 from ..shared.outage import OutageTimeout, opened_before_restart, server_of
 from .borrowers import Holder
+from .slots import IDLE, IN_USE
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 monotonic = time.monotonic
@@ -78,7 +79,7 @@ class SessionSteps:
         record_tls(cnx, info)
         with self._lock:
             self._opening -= 1
-            self._book_locked(cnx, holder)
+            self._move_locked(cnx, IN_USE, holder)
             self.stats.opened += 1
         return cnx
 
@@ -110,9 +111,9 @@ class SessionSteps:
         self.prepare_connection(cnx, key)
         with self._lock:
             if in_use:
-                self._book_locked(cnx, Holder(None))
+                self._move_locked(cnx, IN_USE, Holder(None))
             else:
-                self._push_idle_locked(cnx)
+                self._move_locked(cnx, IDLE)
 
     def _direct_info(self, connection_info, key):
         """connection_info for PostgreSQL itself (db_direct_host/port) when this

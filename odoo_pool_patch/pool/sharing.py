@@ -9,8 +9,8 @@ dispatch): a connection given back there stays IDLE here, so the request's next 
 the same database (Odoo opens one to load the registry and match the route, then one for
 the call) reuses it without a hand-over; at the end of the request the pool parks those of
 its idle connections another process wants (:meth:`Sharing.park_wanted`), each by the same
-locked steps as a park at give-back (out of IDLE, counted in ``_closing`` while it travels,
-parked or back to IDLE). A give-back parks at once when another process is waiting for
+locked steps as a park at give-back (IDLE to PARKING, then parked or back to IDLE: see
+:mod:`.slots`). A give-back parks at once when another process is waiting for
 that database right now.
 """
 import collections
@@ -29,6 +29,7 @@ from ..shared.backend_exit import fd_readable, socket_readable
 from ..shared.exchange import neutralize, offerable, session_meta
 from ..shared.outage import opened_before_restart
 from ..shared.parking import IN_FLIGHT, mark_in_flight
+from .slots import CLOSING, IDLE, IN_USE, LENDING, OUT, PARKING
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 monotonic = time.monotonic
@@ -192,32 +193,26 @@ class Sharing:
                 else:
                     return
                 tried.add(cnx)
-                self._remove_idle_locked(cnx, in_use=1)     # as if given back: see _after_park
-                self._send_off_locked(cnx)
+                self._move_locked(cnx, PARKING)     # as if given back: see _after_park
             self._park(cnx)
 
     def _after_park(self, cnx, parked):
-        exchange = self.budget.exchange
         record = cnx.pooled
-        if parked:
-            exchange.keep_shell(cnx)
         doomed = None
         with self._lock:
             if parked:
-                self._closing -= 1
+                self._move_locked(cnx, OUT)     # our copy neutralized: its slot is freed here
                 self.stats.parked += 1
-                exchange.changed(record.khash, 0, -1)
             elif self._closed or self._closings != record.lent_at:
-                doomed = [cnx]          # close_all() ran meanwhile: closed too (in _closing)
-                exchange.changed(record.khash, 0, -1)
+                self._move_locked(cnx, CLOSING)     # close_all() ran meanwhile: closed too
+                doomed = cnx
             else:
-                self._closing -= 1
-                self._push_idle_locked(cnx, in_use=-1)
-            if not doomed:
-                self._lent.discard(cnx)     # parked (our copy neutralized), or in IDLE again
+                self._move_locked(cnx, IDLE)
             if self._waiters:
                 self._hand_off_locked()
-        if doomed:
+        if parked:      # (OUT first: a shell may take its next session at once)
+            self.budget.exchange.keep_shell(cnx)
+        if doomed is not None:
             self._retire_sent_off(cnx)
 
     def _hand_over_locked(self, cnx):
@@ -235,7 +230,7 @@ class Sharing:
             del self._budget_waits[record.key]
         self._handed_in_row += 1
         record.last_used = monotonic()
-        self._used[cnx] = wait.holder       # in use still (give_back did not unbook it)
+        self._move_locked(cnx, IN_USE, wait.holder)     # in use still: another holder
         self._opening -= 1          # the local slot it reserved: the connection has one
         self.stats.handed_over += 1
         wait.cnx = cnx
@@ -265,7 +260,7 @@ class Sharing:
             record.gen_cells = (self._outages or self._init_outages()).cells
             if opened_before_restart(cnx):
                 with self._lock:                # closed with its slot, the caller opens one
-                    self._closing += 1
+                    self._move_locked(cnx, CLOSING)
                 self._retire([cnx])
                 return None
             record.cancel_info = connection_info   # for its cancel() (a shell's libpq cannot)
@@ -276,7 +271,7 @@ class Sharing:
             with self._lock:
                 self._opening -= 1
                 if ours is not None:
-                    self._closing += 1      # ours with its slot: closed like any other
+                    self._move_locked(ours, CLOSING)    # ours with its slot: closed like any other
                 if self._waiters:
                     self._hand_off_locked()
             if ours is not None:
@@ -286,7 +281,7 @@ class Sharing:
             raise
         with self._lock:
             self._opening -= 1
-            self._book_locked(cnx, holder)
+            self._move_locked(cnx, IN_USE, holder)
             if parked:
                 self.stats.unparked += 1
             else:
@@ -358,8 +353,7 @@ class Sharing:
                 if record.dirty or (record.expires and record.expires < monotonic() + 5) \
                         or not offerable(cnx) or socket_readable(cnx):
                     return None
-                self._remove_idle_locked(cnx)
-                self._send_off_locked(cnx)
+                self._move_locked(cnx, LENDING)
                 return cnx
         return None
 
@@ -368,23 +362,23 @@ class Sharing:
         slot: drop our copy without ending the session), else back to idle (closed if
         ``close_all`` ran meanwhile)."""
         if given:
-            self.budget.exchange.keep_shell(cnx)
+            neutralize(cnx)     # the taker's session now: before it leaves our books
         with self._lock:
             record = cnx.pooled
-            if not given and (self._closed or self._closings != record.lent_at):
-                doomed = [cnx]          # still counted in _closing
+            doomed = not given and (self._closed or self._closings != record.lent_at)
+            if doomed:
+                self._move_locked(cnx, CLOSING)
+            elif given:
+                self._move_locked(cnx, OUT)
+                self.stats.given += 1
             else:
-                doomed = []
-                self._closing -= 1
-                if given:
-                    self.stats.given += 1
-                else:
-                    last_used = record.last_used
-                    self._push_idle_locked(cnx)
-                    record.last_used = last_used
-                self._lent.discard(cnx)     # in a book again, or given
-                if self._waiters:
-                    self._hand_off_locked()
+                last_used = record.last_used
+                self._move_locked(cnx, IDLE)
+                record.last_used = last_used
+            if self._waiters:
+                self._hand_off_locked()
+        if given:       # (OUT first: a shell may take its next session at once)
+            self.budget.exchange.keep_shell(cnx)
         if doomed:
             self._retire_sent_off(cnx)
 

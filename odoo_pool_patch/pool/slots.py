@@ -2,13 +2,45 @@
 
 The books, all under the pool lock (see the lock order in :mod:`.pool`): ``_idle`` (DSN
 key -> stack of idle connections, the last freed last), ``_used`` (connection ->
-:class:`.borrowers.Holder`), ``_opening`` / ``_closing`` (slots reserved for a connect,
-held by a connection whose backend is exiting or that travels to another process),
-``_exiting`` (sockets watched for that exit), ``_waiters`` (FIFO of borrowers waiting for
-a slot). A slot is counted for every connection in use, idle, being opened or closed;
-never more than ``maxconn``. Each move of a connection between books is one helper here
-(``_book_locked``, ``_unbook_locked``, ``_push_idle_locked``, ``_remove_idle_locked``,
-``_send_off_locked``) that also publishes the move to the exchange.
+:class:`.borrowers.Holder`), ``_lent`` (connections travelling to another process),
+``_opening`` / ``_closing`` (slots reserved for a connect; held by a connection that
+travels or whose backend is exiting), ``_exiting`` (sockets watched for that exit),
+``_waiters`` (FIFO of borrowers waiting for a slot). A slot is counted for every
+connection in use, idle, travelling or closing and for every connect under way; never
+more than ``maxconn``.
+
+Where a connection is, is its record's ``state`` (``cnx.pooled.state``), and one function
+moves it, :meth:`SlotBooks._move_locked`: it updates the books and the slot counts and
+publishes to the exchange what other processes see of this one (idle and in-use
+connections per database), each state weighing as the table says::
+
+    state     book               slot counted in   exchange: idle  in use
+    OUT       none               (none)                      0       0
+    IN_USE    _used[cnx]=holder  len(_used)                  0       1
+    IDLE      _idle[key]         _n_idle                     1       0
+    PARKING   _lent              _closing                    0       1
+    LENDING   _lent              _closing                    0       0
+    CLOSING   (_lent if it was   _closing                    0       0
+              travelling)
+
+    OUT --open, take, adopt--> IN_USE <--borrow / give_back--> IDLE
+    IN_USE --give_back, another process wants it--> PARKING --parked--> OUT
+    IDLE --end of a request (park_wanted)--> PARKING --could not go--> IDLE
+    IDLE --lend_idle--> LENDING --given--> OUT, --refused--> IDLE
+    IN_USE, IDLE, PARKING, LENDING --close--> CLOSING  (terminal: _retire frees the slot
+                                                        once the backend exited)
+    IDLE --room for another database--> OUT  (its slot goes to the borrower's grant)
+    IN_USE --closed from outside, dead at borrow--> OUT
+
+A connection in use can be moved to CLOSING by ``close_all`` under its holder's feet (as
+stock Odoo closes connections in use): a borrower that finds its grant CLOSING leaves it
+to the close and goes on without it.
+
+A connection given back and on its way to the parking still counts in use for the
+exchange (PARKING), one lent from idle does not (LENDING): a borrower elsewhere that
+waits for a connection in use to come back (``pool.sharing.AWAIT_BUSY``) is told the truth
+either way. A connection closing after a trip stays in ``_lent`` until it is closed, so
+that a child forked meanwhile neutralizes its copy too.
 
 A grant says what a borrower got: an idle connection of its own (booked in use at once,
 granted as itself), or a :class:`Grant`, a slot reserved here and what to do with it.
@@ -19,7 +51,7 @@ import time
 
 from .. import after_fork
 from ..dsn import key_database
-from ..errors import PoolTimeout
+from ..errors import PoolError, PoolTimeout
 from ..sessions.session_tracking import note_privileges
 from ..shared.backend_exit import begin_close, exited, finished
 
@@ -27,6 +59,12 @@ _logger = logging.getLogger('odoo.sql_db.pool')
 monotonic = time.monotonic
 
 MISSING = object()      # (a connection in no book)
+
+# Where a connection is (cnx.pooled.state): see the module's table.
+OUT, IN_USE, IDLE, PARKING, LENDING, CLOSING = range(6)
+STATES = ('out', 'in use', 'idle', 'parking', 'lending', 'closing')
+_IDLE_WEIGHT = (0, 0, 1, 0, 0, 0)       # per state: counted idle for the exchange
+_IN_USE_WEIGHT = (0, 1, 0, 1, 0, 0)     # counted in use
 EXIT_WAIT = 2.0        # seconds a closed connection's slot waits for its backend to exit
 HANDOVER_WAIT = 0.005  # seconds the closing thread waits for that when someone needs the slot
 
@@ -99,15 +137,9 @@ class SlotBooks:
         ``evict`` and connections are parked) or BUDGET; None when there is no slot."""
         stack = self._idle.get(key)
         if stack:
-            self._n_idle -= 1
             self.stats.reused += 1
-            cnx = stack.pop()
-            if not stack:
-                del self._idle[key]     # no empty stacks: the maintenance relies on it
-            khash = cnx.pooled.khash
-            if khash:
-                self.budget.exchange.changed(khash, -1, 1)
-            self._used[cnx] = holder
+            cnx = stack[-1]
+            self._move_locked(cnx, IN_USE, holder)
             return cnx
         if take and self.budget is not None and self.budget.exchange is not None and \
                 self._count() < self._maxconn:
@@ -173,10 +205,9 @@ class SlotBooks:
             if grant is NEW and self.budget is not None:
                 self.budget.release()
             if grant.kind == 'room' and not grant.victim.closed:
-                self._push_idle_locked(grant.victim)    # back where it was
-        else:
-            del self._used[grant]
-            self._push_idle_locked(grant, in_use=-1)
+                self._move_locked(grant.victim, IDLE)   # back where it was
+        elif grant.pooled.state == IN_USE:     # (else close_all() took it: CLOSING)
+            self._move_locked(grant, IDLE)
         if self._waiters:
             self._hand_off_locked()
 
@@ -203,69 +234,74 @@ class SlotBooks:
             spare.get(st[0].pooled.khash, 0) if st[0].pooled.khash else 1 << 30,
             -st[0].pooled.last_used))
         victim = stack[0]
-        self._remove_idle_locked(victim)
+        self._move_locked(victim, OUT)      # its slot: the grant's
         return victim
 
-    def _least_recently_used_idle_locked(self):
+    def _least_recently_used_idle_locked(self, to=OUT):
+        """The least recently used idle connection, moved ``to`` (OUT: its slot goes to
+        a grant; CLOSING: it is closed); None if none is idle."""
         oldest = None
         for stack in self._idle.values():
             if stack and (oldest is None or
                           stack[0].pooled.last_used < oldest.pooled.last_used):
                 oldest = stack[0]
         if oldest is not None:
-            self._remove_idle_locked(oldest)
+            self._move_locked(oldest, to)
         return oldest
 
-    def _book_locked(self, cnx, holder):
-        """``cnx`` is now in use by ``holder`` (published for the exchange's waits)."""
-        self._used[cnx] = holder
-        khash = cnx.pooled.khash
+    def _move_locked(self, cnx, to, holder=None):
+        """Move ``cnx`` to state ``to`` (``holder``: who holds it, for IN_USE): the one
+        place that changes a connection's books, slot counts and what the exchange
+        publishes of it (see the module's table). IN_USE to IN_USE changes its holder."""
+        record = cnx.pooled
+        was = record.state
+        if was == IN_USE:
+            del self._used[cnx]
+        elif was == IDLE:
+            stack = self._idle[record.key]
+            if stack[-1] is cnx:
+                stack.pop()
+            else:
+                stack.remove(cnx)
+            if not stack:
+                del self._idle[record.key]     # no empty stacks: the maintenance relies on it
+            self._n_idle -= 1
+        elif was == PARKING or was == LENDING:
+            self._closing -= 1
+            if to != CLOSING:
+                self._lent.discard(cnx)
+        elif was == CLOSING:
+            raise PoolError(f'{self!r}: a closing connection cannot move to {STATES[to]}')
+        if to == IN_USE:
+            self._used[cnx] = holder
+        elif to == IDLE:
+            record.last_used = monotonic()
+            stack = self._idle.get(record.key)
+            if stack is None:
+                self._idle[record.key] = [cnx]
+            else:
+                stack.append(cnx)
+            self._n_idle += 1
+        elif to == PARKING or to == LENDING:
+            # Its slot stays counted here while it travels; a close_all() meanwhile
+            # (_closings moved on) closes it if it comes back; in no other book
+            # meanwhile, a child forked now neutralizes its copy (_lent).
+            self._closing += 1
+            record.lent_at = self._closings
+            self._lent.add(cnx)
+        elif to == CLOSING:
+            self._closing += 1
+        record.state = to
+        khash = record.khash
         if khash:
-            self.budget.exchange.changed(khash, 0, 1)
-
-    def _unbook_locked(self, cnx):
-        """``cnx`` is no longer in use: its holder, or ``MISSING`` if it was not."""
-        holder = self._used.pop(cnx, MISSING)
-        khash = cnx.pooled.khash
-        if holder is not MISSING and khash:
-            self.budget.exchange.changed(khash, 0, -1)
-        return holder
-
-    def _push_idle_locked(self, cnx, in_use=0):
-        """``cnx`` is idle now (``in_use`` = -1: it was in use)."""
-        record = cnx.pooled
-        record.last_used = monotonic()
-        stack = self._idle.get(record.key)
-        if stack is None:
-            self._idle[record.key] = [cnx]
-        else:
-            stack.append(cnx)
-        self._n_idle += 1
-        if record.khash:
-            self.budget.exchange.changed(record.khash, 1, in_use)
-
-    def _remove_idle_locked(self, cnx, in_use=0):
-        """``cnx`` is no longer idle (``in_use`` = 1: counted in use for the exchange)."""
-        record = cnx.pooled
-        stack = self._idle[record.key]
-        stack.remove(cnx)
-        if not stack:
-            del self._idle[record.key]
-        self._n_idle -= 1
-        if record.khash:
-            self.budget.exchange.changed(record.khash, -1, in_use)
-
-    def _send_off_locked(self, cnx):
-        """``cnx`` (out of the books) leaves for another process (parked, lent): its slot
-        stays counted here, in ``_closing``, while it travels; a ``close_all`` meanwhile
-        (``_closings`` moved on) closes it if it comes back."""
-        self._closing += 1
-        cnx.pooled.lent_at = self._closings
-        self._lent.add(cnx)     # in no book meanwhile: a child forked now neutralizes its copy
+            idle = _IDLE_WEIGHT[to] - _IDLE_WEIGHT[was]
+            in_use = _IN_USE_WEIGHT[to] - _IN_USE_WEIGHT[was]
+            if idle or in_use:
+                self.budget.exchange.changed(khash, idle, in_use)
 
     def _retire_sent_off(self, cnx):
-        """Close a connection back from its trip after a ``close_all`` (still counted in
-        ``_closing``, see :meth:`_send_off_locked`); it leaves ``_lent`` once closed."""
+        """Close a connection back from its trip after a ``close_all`` (CLOSING, in
+        ``_lent`` still); it leaves ``_lent`` once closed."""
         try:
             self._retire([cnx])
         finally:
@@ -321,15 +357,15 @@ class SlotBooks:
         """Free the slots of in-use connections closed from outside or flagged ``leaked``."""
         freed = 0
         for cnx in [c for c in self._used if c.closed or getattr(c, 'leaked', False)]:
-            self._unbook_locked(cnx)
             if cnx.closed:
+                self._move_locked(cnx, OUT)
                 _logger.debug('%r: dropped a connection closed while in use', self)
                 if self.budget is not None:
                     self.budget.release()
             else:
                 del cnx.leaked
                 note_privileges(cnx)            # as give_back does
-                self._push_idle_locked(cnx)
+                self._move_locked(cnx, IDLE)
                 self.stats.reclaimed_leaked += 1
                 _logger.info('%r: Free leaked connection to %r', self,
                              key_database(cnx.pooled.key))

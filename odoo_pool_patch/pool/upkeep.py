@@ -13,6 +13,7 @@ from ..shared.backend_exit import is_dead
 from ..shared.budget import LONG_LIVED_DATABASES
 from ..shared.outage import opened_before_restart
 from .borrowers import format_site
+from .slots import CLOSING
 
 _logger = logging.getLogger('odoo.sql_db.pool')
 monotonic = time.monotonic
@@ -66,7 +67,6 @@ class Upkeep:
         now = monotonic()
         with self._lock:
             doomed = self._evict_idle_locked(now, settings)
-            self._closing += len(doomed)
             self._reclaim_used_locked()
             if settings.leak_warn_after:
                 self._warn_leaks_locked(now, settings.leak_warn_after)
@@ -84,21 +84,20 @@ class Upkeep:
             if self._waiters:
                 return 0
             doomed, shed = self._claim_shed_locked(self._n_idle)
-            self._closing += len(doomed)
         if doomed:
             self._retire(doomed, shed)
         return len(doomed)
 
     def _claim_shed_locked(self, most):
-        """Take out of the books up to ``most`` LRU idle connections that the
+        """Move to CLOSING up to ``most`` LRU idle connections that the
         budget's waiters need (never more than other processes leave to close)."""
         shed = self.budget.claim_shed(min(most, self._n_idle))
-        doomed = [self._least_recently_used_idle_locked() for _ in range(shed)]
+        doomed = [self._least_recently_used_idle_locked(CLOSING) for _ in range(shed)]
         self.stats.shed += shed
         return doomed, shed
 
     def _evict_idle_locked(self, now, settings):
-        """Take out of the books the idle connections that must go; returns them."""
+        """Move the idle connections that must go to CLOSING; returns them."""
         idle_deadline = now - settings.idle_timeout if settings.idle_timeout else None
         doomed, timed_out = [], []
         for stack in sorted(self._idle.values(), key=lambda st: st[0].pooled.last_used):
@@ -112,7 +111,7 @@ class Upkeep:
                     continue
                 else:
                     continue
-                self._remove_idle_locked(cnx)
+                self._move_locked(cnx, CLOSING)
                 doomed.append(cnx)
                 setattr(self.stats, reason, getattr(self.stats, reason) + 1)
         if timed_out and self.budget is not None:
@@ -121,7 +120,7 @@ class Upkeep:
             # the last ones.
             timed_out = timed_out[:self.budget.claim_idle_eviction(len(timed_out))]
         for cnx in timed_out:
-            self._remove_idle_locked(cnx)
+            self._move_locked(cnx, CLOSING)
             doomed.append(cnx)
             self.stats.closed_idle += 1
         return doomed

@@ -24,6 +24,8 @@ class ConnRecord:
       seconds and counts; a taken connection keeps its donor's.
     - ``pid``: the backend pid (a shell's libpq reports the stand-in's); ``tracked``:
       its cursors report session state (False: always the full reset).
+    - ``state``: where it is in its pool's books (``pool.slots``: OUT, IN_USE, IDLE,
+      PARKING, LENDING, CLOSING), changed only by ``SlotBooks._move_locked``.
     - ``lent_at``: the pool's close_all count when it left for another process.
     - ``shell``: the psycopg2 object was made by a take (its libpq started against a
       stand-in): it may take the next session of its database.
@@ -48,14 +50,14 @@ class ConnRecord:
       (see :mod:`.outage`).
     """
     __slots__ = ('key', 'khash', 'pool', 'born', 'last_used', 'expires', 'reuses', 'pid',
-                 'tracked', 'lent_at', 'shell',
+                 'tracked', 'state', 'lent_at', 'shell',
                  'dirty', 'auth', 'params', 'prefix', 'app', 'app0', 'name', 'name_sql',
                  'name_tx',
                  'asked', 'info', 'cancel_info', 'direct', 'gen_cells', 'gen_cell', 'gen')
 
     def __init__(self):
         self.key = self.pool = self.pid = self.lent_at = None
-        self.khash = self.reuses = self.dirty = self.gen = 0
+        self.khash = self.reuses = self.dirty = self.gen = self.state = 0     # state: OUT
         self.born = self.last_used = self.expires = 0
         self.tracked = self.shell = self.name_tx = False
         self.auth = self.params = self.app = self.app0 = self.name = self.name_sql = None

@@ -9,6 +9,7 @@ import pytest
 
 from odoo_pool_patch import after_fork
 from odoo_pool_patch.pool import connection_pool as pool
+from odoo_pool_patch.pool import slots
 from odoo_pool_patch.replicas import replica_health
 
 from testkit import ROOT
@@ -166,8 +167,7 @@ def test_a_connection_on_its_way_to_the_parking_is_neutralized_in_a_child(family
     cnx = pool.borrow(info('db2'))
     pool.give_back(cnx)
     with pool._lock:                    # the locked step of a park (park_wanted's)
-        pool._remove_idle_locked(cnx, in_use=1)
-        pool._send_off_locked(cnx)
+        pool._move_locked(cnx, slots.PARKING)
     try:
         null = os.open(os.devnull, os.O_RDONLY)
         session, devnull = after_fork.identity(cnx.fileno()), after_fork.identity(null)

@@ -1,0 +1,211 @@
+"""Connection states of the pool's books (``pool.slots``): one function moves a connection
+between OUT, IN_USE, IDLE, PARKING, LENDING and CLOSING, and after every step the books,
+the slot counts and what the exchange publishes agree with the records' states.
+
+Real pools, real connections, the real parking and exchange of one process (demand for a
+database from another process is written in its lot's cells, as that process would)."""
+import random
+import threading
+import time
+import traceback
+
+import pytest
+
+from odoo_pool_patch import faults
+from odoo_pool_patch.config.options import Settings
+from odoo_pool_patch.errors import PoolError
+from odoo_pool_patch.pool import slots
+from odoo_pool_patch.pool.connection_pool import ConnectionPool
+from odoo_pool_patch.shared import shared_state as ss
+from odoo_pool_patch.shared.budget import SharedBudget
+from odoo_pool_patch.shared.exchange import attach as attach_exchange
+
+DATABASES = ('db1', 'db2', 'db3')
+
+
+@pytest.fixture
+def shared_pool(tmp_path):
+    budget = SharedBudget(ss.SharedState(str(tmp_path / 'state')), 64, role='http')
+    assert attach_exchange(budget, Settings()) == ''
+    pool = ConnectionPool(16, budget=budget, settings=Settings(reset='smart'), timer_period=3600)
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
+        budget.exchange.close()
+
+
+def demand(pool, cnx):
+    """Another process (pid 1) wants ``cnx``'s database from now on: give-backs park."""
+    parking = pool.budget.exchange.parking
+    khash = cnx.pooled.khash
+    parking.want(khash)
+    for lot in ss.Lot.all(pool.budget.state.cells):
+        if lot.hash == khash:
+            lot.want_pid, lot.want_ms = 1, int(time.monotonic() * 1000) + 10 ** 9
+
+
+def no_demand(pool):
+    for lot in ss.Lot.all(pool.budget.state.cells):
+        lot.want_pid = lot.want_ms = lot.other_ms = 0
+
+
+def check_books(pool, known, every=True):
+    """Books, slot counts and published counts agree with every known connection's state
+    (``every``: ``known`` holds all the pool's connections; else a connection booked by a
+    thread that has not said so yet may add to the counts)."""
+    with pool._lock:
+        idle = [cnx for stack in pool._idle.values() for cnx in stack]
+        assert all(pool._idle.values()), 'an empty idle stack'
+        assert pool._n_idle == len(idle)
+        for cnx in known:
+            state = cnx.pooled.state
+            assert (cnx in pool._used) == (state == slots.IN_USE), slots.STATES[state]
+            assert (cnx in idle) == (state == slots.IDLE), slots.STATES[state]
+            if cnx in pool._lent:
+                assert state in (slots.PARKING, slots.LENDING, slots.CLOSING)
+            else:
+                assert state not in (slots.PARKING, slots.LENDING)
+        travelling = sum(1 for cnx in pool._lent if cnx.pooled.state != slots.CLOSING)
+        assert pool._closing >= travelling
+        assert pool._count() <= pool._maxconn
+        published = {}
+        for cnx in known:
+            record = cnx.pooled
+            if record.khash:
+                counts = published.setdefault(record.khash, [0, 0])
+                counts[0] += record.state == slots.IDLE
+                # Given back and on its way to the parking: still in use for others.
+                counts[1] += record.state in (slots.IN_USE, slots.PARKING)
+        exchange = pool.budget.exchange
+        with exchange._lock:
+            for khash, counts in published.items():
+                now = list(exchange._counts.get(khash, [0, 0]))
+                if every:
+                    assert now == counts, (khash, counts)
+                else:
+                    assert now[0] >= counts[0] and now[1] >= counts[1], (khash, counts)
+
+
+def test_every_step_of_a_random_workload_keeps_books_and_published_counts_agreed(
+        shared_pool, info, request):
+    """2,000 random steps (borrow, give back, close on give-back, park with demand and
+    unpark, lend from idle and take back or give away, close_all of a database, room for
+    another database at the local limit): after each, and inside each park, every
+    connection seen is in exactly the book its state names and the exchange publishes
+    what the states say (idle: IDLE; in use: IN_USE, and PARKING, given back but not yet
+    parked)."""
+    pool = shared_pool
+    rng = random.Random(20261207)
+    known, held = set(), []
+    moves = set()
+    travelling = []
+
+    def mid_park(point):        # (no lock held at these points)
+        travelling.append(sum(cnx.pooled.state == slots.PARKING for cnx in known))
+        check_books(pool, known)
+    faults.arm({'parking.park.before_lock': mid_park, 'parking.park.after_lock': mid_park})
+    request.addfinalizer(faults.disarm)
+    for step in range(2000):
+        action = rng.random()
+        if action < 0.4 or not held:
+            if len(held) < 12:
+                cnx = pool.borrow(info(rng.choice(DATABASES)))
+                known.add(cnx)
+                held.append(cnx)
+                moves.add('borrow')
+        elif action < 0.7:
+            cnx = held.pop(rng.randrange(len(held)))
+            if rng.random() < 0.3:
+                demand(pool, cnx)
+                moves.add('park')
+            pool.give_back(cnx, keep_in_pool=rng.random() > 0.1)
+            if rng.random() < 0.5:
+                no_demand(pool)
+        elif action < 0.8:
+            with pool._lock:
+                candidates = [stack[-1] for stack in pool._idle.values()
+                              if stack[-1].pooled.khash]
+            if candidates:
+                khash = rng.choice(candidates).pooled.khash
+                cnx = pool.lend_idle(khash)
+                if cnx is not None:
+                    assert cnx.pooled.state == slots.LENDING
+                    check_books(pool, known)
+                    given = rng.random() < 0.5
+                    pool.lent(cnx, given)
+                    if given:       # the taker took its budget slot (none here: freed)
+                        pool.budget.release()
+                    moves.add('given' if given else 'lent back')
+        elif action < 0.85:
+            database = rng.choice(DATABASES)
+            pool.close_all(info(database))
+            held = [cnx for cnx in held if cnx.pooled.state == slots.IN_USE]
+            moves.add('close_all')
+        else:
+            pool.finish_exits()
+        check_books(pool, known)
+    faults.disarm()
+    for cnx in held:
+        pool.give_back(cnx)
+    check_books(pool, known)
+    assert pool.stats.parked and pool.stats.unparked and pool.stats.given, pool.stats
+    assert travelling and all(travelling)     # checked while a connection was PARKING
+    assert {'borrow', 'park', 'given', 'lent back', 'close_all'} <= moves
+
+
+def test_threads_borrowing_giving_back_and_closing_leave_consistent_books(shared_pool, info):
+    """Four threads borrow, give back (parking for demand, or closing) and close_all at
+    random for 3 s; the books are checked under the pool lock as they run and at the end,
+    when nothing is in use and every slot is accounted for."""
+    pool = shared_pool
+    known, errors, stop = set(), [], time.monotonic() + 3.0
+    known_lock = threading.Lock()
+
+    def worker(seed):
+        rng = random.Random(seed)
+        try:
+            while time.monotonic() < stop:
+                cnx = pool.borrow(info(rng.choice(DATABASES)))
+                with known_lock:
+                    known.add(cnx)
+                if rng.random() < 0.3:
+                    demand(pool, cnx)
+                elif rng.random() < 0.3:
+                    no_demand(pool)
+                pool.give_back(cnx, keep_in_pool=rng.random() > 0.05)
+                if rng.random() < 0.02:
+                    pool.close_all(info(rng.choice(DATABASES)))
+        except Exception:           # noqa: BLE001 - reported below
+            errors.append(traceback.format_exc())
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        with known_lock:
+            seen = set(known)
+        check_books(pool, seen, every=False)
+        time.sleep(0.01)
+    assert not errors, errors
+    deadline = time.monotonic() + 5
+    while pool._closing and time.monotonic() < deadline:
+        pool.finish_exits()
+        time.sleep(0.02)
+    check_books(pool, known)
+    with pool._lock:
+        assert not pool._used and not pool._lent and pool._closing == 0
+        assert pool._count() == pool._n_idle
+    assert pool.stats.parked and pool.stats.unparked
+
+
+def test_a_closing_connection_never_moves_again(shared_pool, info):
+    """CLOSING is terminal: its slot is freed once its backend exited, never reused."""
+    pool = shared_pool
+    cnx = pool.borrow(info('db1'))
+    pool.close_all(info('db1'))
+    assert cnx.pooled.state == slots.CLOSING
+    with pool._lock, pytest.raises(PoolError):
+        pool._move_locked(cnx, slots.IDLE)
+    pool.give_back(cnx)             # ignored: closed by close_all while in use
+    assert cnx.pooled.state == slots.CLOSING
