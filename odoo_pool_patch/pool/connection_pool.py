@@ -306,9 +306,10 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
         with self._lock:
             holder = self._used.get(connection, MISSING)
             if holder is MISSING:
-                if connection.closed or (record is not None and connection in self._idle.get(
-                        record.key, ())):
-                    # Closed by close_all() while in use, or given back twice.
+                if connection.closed or (record is not None and (
+                        record.state == CLOSING or connection in self._idle.get(record.key, ()))):
+                    # Closed by close_all() while in use (maybe still closing), or given
+                    # back twice.
                     _logger.debug('%r: ignored give_back of a connection it no longer holds', self)
                     return
                 raise PoolError('This connection does not belong to the pool')

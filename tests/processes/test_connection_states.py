@@ -209,3 +209,22 @@ def test_a_closing_connection_never_moves_again(shared_pool, info):
         pool._move_locked(cnx, slots.IDLE)
     pool.give_back(cnx)             # ignored: closed by close_all while in use
     assert cnx.pooled.state == slots.CLOSING
+
+
+def test_a_give_back_racing_close_all_is_ignored(shared_pool, info):
+    """close_all() moves a connection in use to CLOSING under the pool lock and closes it
+    after releasing the lock; its holder giving it back in between is ignored (it raised
+    'does not belong to the pool': the connection was not closed yet)."""
+    pool = shared_pool
+    cnx = pool.borrow(info('db2'))
+    with pool._lock:                    # close_all's locked step
+        pool._move_locked(cnx, slots.CLOSING)
+    assert not cnx.closed
+    pool.give_back(cnx)
+    pool._retire([cnx])                 # close_all's close, after the lock
+    assert cnx.closed and cnx.pooled.state == slots.CLOSING
+    deadline = time.monotonic() + 5
+    while pool._closing and time.monotonic() < deadline:
+        pool.finish_exits()
+        time.sleep(0.02)
+    assert pool._count() == 0
