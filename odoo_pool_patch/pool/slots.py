@@ -65,6 +65,12 @@ OUT, IN_USE, IDLE, PARKING, LENDING, CLOSING = range(6)
 STATES = ('out', 'in use', 'idle', 'parking', 'lending', 'closing')
 _IDLE_WEIGHT = (0, 0, 1, 0, 0, 0)       # per state: counted idle for the exchange
 _IN_USE_WEIGHT = (0, 1, 0, 1, 0, 0)     # counted in use
+# (idle, in use) the exchange is told for a move [from][to]; None: nothing changes
+_PUBLISH = tuple(tuple((_IDLE_WEIGHT[to] - _IDLE_WEIGHT[was],
+                        _IN_USE_WEIGHT[to] - _IN_USE_WEIGHT[was])
+                       if (_IDLE_WEIGHT[to], _IN_USE_WEIGHT[to]) !=
+                       (_IDLE_WEIGHT[was], _IN_USE_WEIGHT[was]) else None
+                       for to in range(6)) for was in range(6))
 EXIT_WAIT = 2.0        # seconds a closed connection's slot waits for its backend to exit
 HANDOVER_WAIT = 0.005  # seconds the closing thread waits for that when someone needs the slot
 
@@ -292,12 +298,10 @@ class SlotBooks:
         elif to == CLOSING:
             self._closing += 1
         record.state = to
-        khash = record.khash
-        if khash:
-            idle = _IDLE_WEIGHT[to] - _IDLE_WEIGHT[was]
-            in_use = _IN_USE_WEIGHT[to] - _IN_USE_WEIGHT[was]
-            if idle or in_use:
-                self.budget.exchange.changed(khash, idle, in_use)
+        if record.khash:
+            counts = _PUBLISH[was][to]
+            if counts is not None:
+                self.budget.exchange.changed(record.khash, *counts)
 
     def _retire_sent_off(self, cnx):
         """Close a connection back from its trip after a ``close_all`` (CLOSING, in
