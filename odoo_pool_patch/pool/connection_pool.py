@@ -271,17 +271,23 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
                 grant.pooled.prefix = self._prefix(grant, key, holder)
                 return grant
             else:
-                with self._lock:    # dead: open a new one in its slot
-                    if grant.pooled.state == IN_USE:    # (else close_all() took it: CLOSING)
+                with self._lock:
+                    taken = grant.pooled.state != IN_USE
+                    if not taken:   # dead: open a new one in its slot
                         self._move_locked(grant, OUT)
-                    self._opening += 1
-                    self.stats.dead_replaced += 1
-                dead, grant = grant, NEW
-                close_and_wait((dead,), timeout=0.5)
+                        self._opening += 1
+                        self.stats.dead_replaced += 1
+                if not taken:
+                    dead, grant = grant, NEW
+                    close_and_wait((dead,), timeout=0.5)
         except BaseException:
             with self._lock:
                 self._release_grant_locked(grant)
             raise
+        if grant is not NEW:
+            # close_all() or the reclaim of connections closed from outside took it, with
+            # its slot, while it was checked: borrow again.
+            return self.borrow_exact(connection_info)
         return self._open(connection_info, key, holder)
 
     def _init_outages(self):

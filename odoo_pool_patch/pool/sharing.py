@@ -212,6 +212,10 @@ class Sharing:
                 self._hand_off_locked()
         if parked:      # (OUT first: a shell may take its next session at once)
             self.budget.exchange.keep_shell(cnx)
+            if self._closed or self._closings != record.lent_at:
+                # close_all() ran while it travelled and drained the parking before it
+                # landed there: its database may be on its way out (DROP DATABASE).
+                self.budget.exchange.parking.drain(record.khash)
         if doomed is not None:
             self._retire_sent_off(cnx)
 
@@ -270,7 +274,7 @@ class Sharing:
             ours = claim[0] if claim and claim[2] and claim[0] is not None else None
             with self._lock:
                 self._opening -= 1
-                if ours is not None:
+                if ours is not None and ours.pooled.state != CLOSING:    # (else being closed)
                     self._move_locked(ours, CLOSING)    # ours with its slot: closed like any other
                 if self._waiters:
                     self._hand_off_locked()
@@ -361,8 +365,7 @@ class Sharing:
         """End of a :meth:`lend_idle`: ``given`` (the taker has the session and its budget
         slot: drop our copy without ending the session), else back to idle (closed if
         ``close_all`` ran meanwhile)."""
-        if given:
-            neutralize(cnx)     # the taker's session now: before it leaves our books
+        # (Given: the exchange pointed our copy away before the socket left.)
         with self._lock:
             record = cnx.pooled
             doomed = not given and (self._closed or self._closings != record.lent_at)

@@ -30,11 +30,14 @@ connections per database), each state weighing as the table says::
     IN_USE, IDLE, PARKING, LENDING --close--> CLOSING  (terminal: _retire frees the slot
                                                         once the backend exited)
     IDLE --room for another database--> OUT  (its slot goes to the borrower's grant)
+         OUT --that borrower interrupted--> IDLE
     IN_USE --closed from outside, dead at borrow--> OUT
+    OUT --a taken one opened before a server restart, or a take interrupted--> CLOSING
 
 A connection in use can be moved to CLOSING by ``close_all`` under its holder's feet (as
-stock Odoo closes connections in use): a borrower that finds its grant CLOSING leaves it
-to the close and goes on without it.
+stock Odoo closes connections in use), or to OUT by the reclaim of connections closed
+from outside: a borrower that finds its grant so while checking it borrows again (the
+slot went with it), and a give-back of it is ignored.
 
 A connection given back and on its way to the parking still counts in use for the
 exchange (PARKING), one lent from idle does not (LENDING): a borrower elsewhere that

@@ -228,3 +228,119 @@ def test_a_give_back_racing_close_all_is_ignored(shared_pool, info):
         pool.finish_exits()
         time.sleep(0.02)
     assert pool._count() == 0
+
+
+# ------------------------------------------------------------------ races the states expose
+@pytest.fixture
+def make_pool(tmp_path):
+    made = []
+
+    def make(maxconn=4):
+        budget = SharedBudget(ss.SharedState(str(tmp_path / f'state{len(made)}')), 64,
+                              role='http')
+        assert attach_exchange(budget, Settings()) == ''
+        pool = ConnectionPool(maxconn, budget=budget, settings=Settings(reset='smart'),
+                              timer_period=3600)
+        made.append(pool)
+        return pool
+    yield make
+    for pool in made:
+        pool.shutdown()
+        pool.budget.exchange.close()
+
+
+def settle(pool, pg, app, sessions):
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        pool.finish_exits()
+        if not pool._closing and pg.count_connections(app) == sessions:
+            break
+        time.sleep(0.02)
+    return pg.count_connections(app)
+
+
+@pytest.mark.parametrize('taken_by', ['close_all', 'reclaim'])
+def test_a_grant_taken_while_checked_is_borrowed_again_within_the_budget(
+        make_pool, info, pg, app, taken_by):
+    """A reused connection found dead while close_all() (or the reclaim of connections
+    closed from outside) takes it: the borrower borrows again, with a slot of its own. It
+    opened one in a slot it did not have: one session over the budget for its lifetime."""
+    pool = make_pool(maxconn=1)
+    pool.give_back(pool.borrow(info('db1')))
+    revive = pool._revive
+
+    def racing_revive(cnx):
+        if taken_by == 'close_all':
+            pool.close_all()
+        else:
+            cnx.close()             # (closed from outside)
+            pool.maintain()         # the maintenance thread's reclaim
+        return revive(cnx)
+    pool._revive = racing_revive
+    try:
+        cnx = pool.borrow(info('db1'))
+    finally:
+        del pool._revive
+    assert settle(pool, pg, app, 1) == 1
+    assert pool._count() <= pool._maxconn
+    assert pool.budget.held() == 1 == pg.count_connections(app)
+    pool.give_back(cnx, keep_in_pool=False)
+    assert settle(pool, pg, app, 0) == 0 and pool.budget.held() == 0
+
+
+class Interrupt(BaseException):
+    """Stands for gevent.Timeout or Odoo's SIGXCPU handler."""
+
+
+def test_a_take_interrupted_while_closing_raises_the_interruption_and_frees_its_slots(
+        make_pool, info, pg, app, monkeypatch):
+    """A parked connection taken back and found opened before a server restart is closed;
+    an interruption inside that close is what the borrower sees (it was replaced by
+    'a closing connection cannot move'), and no slot stays counted."""
+    from odoo_pool_patch.pool import sharing
+    pool = make_pool(maxconn=4)
+    cnx = pool.borrow(info('db1'))
+    demand(pool, cnx)
+    pool.give_back(cnx)
+    assert pool.stats.parked == 1
+    no_demand(pool)
+    monkeypatch.setattr(sharing, 'opened_before_restart', lambda cnx: True)
+    close = slots.begin_close
+    calls = []
+
+    def interrupted_close(connections):
+        fds = close(connections)
+        calls.append(1)
+        if len(calls) == 1:
+            raise Interrupt('inside the close')
+        return fds
+    monkeypatch.setattr(slots, 'begin_close', interrupted_close)
+    with pytest.raises(Interrupt):
+        pool.borrow(info('db1'))
+    monkeypatch.setattr(slots, 'begin_close', close)
+    assert settle(pool, pg, app, 0) == 0
+    assert pool._closing == 0 and pool.budget.held() == 0
+
+
+def test_close_all_of_a_database_while_a_give_back_parks_leaves_nothing_parked(
+        make_pool, info, pg, app, request):
+    """close_all(db) (Odoo's close_db before DROP DATABASE) drains the parking; a
+    connection on its way there at that moment landed after the drain and stayed parked,
+    its session open on the database being dropped."""
+    pool = make_pool(maxconn=4)
+    cnx = pool.borrow(info('db1'))
+    khash = cnx.pooled.khash
+    demand(pool, cnx)
+    fired = []
+
+    def close_now(point):
+        if not fired:
+            fired.append(point)
+            pool.close_all(info('db1'))
+    faults.arm({'parking.park.before_lock': close_now})
+    request.addfinalizer(faults.disarm)
+    pool.give_back(cnx)
+    faults.disarm()
+    assert fired
+    assert pool.budget.exchange.parking.count(khash) == 0
+    assert settle(pool, pg, app, 0) == 0
