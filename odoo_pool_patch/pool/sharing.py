@@ -196,27 +196,31 @@ class Sharing:
                 self._move_locked(cnx, PARKING)     # as if given back: see _after_park
             self._park(cnx)
 
+    def _closed_since_sent_locked(self, record):
+        """Whether close_all() (or shutdown) ran while the connection of ``record`` was
+        travelling (see ``lent_at`` in :meth:`_move_locked`)."""
+        return self._closed or self._closings != record.lent_at
+
     def _after_park(self, cnx, parked):
         record = cnx.pooled
-        doomed = None
         with self._lock:
+            closed_since = self._closed_since_sent_locked(record)
             if parked:
                 self._move_locked(cnx, OUT)     # our copy neutralized: its slot is freed here
                 self.stats.parked += 1
-            elif self._closed or self._closings != record.lent_at:
-                self._move_locked(cnx, CLOSING)     # close_all() ran meanwhile: closed too
-                doomed = cnx
+            elif closed_since:
+                self._move_locked(cnx, CLOSING)     # closed too
             else:
                 self._move_locked(cnx, IDLE)
             if self._waiters:
                 self._hand_off_locked()
         if parked:      # (OUT first: a shell may take its next session at once)
             self.budget.exchange.keep_shell(cnx)
-            if self._closed or self._closings != record.lent_at:
-                # close_all() ran while it travelled and drained the parking before it
-                # landed there: its database may be on its way out (DROP DATABASE).
+            if closed_since:
+                # The parking was drained before it landed there: its database may be
+                # on its way out (DROP DATABASE).
                 self.budget.exchange.parking.drain(record.khash)
-        if doomed is not None:
+        elif closed_since:
             self._retire_sent_off(cnx)
 
     def _hand_over_locked(self, cnx):
@@ -368,7 +372,7 @@ class Sharing:
         # (Given: the exchange pointed our copy away before the socket left.)
         with self._lock:
             record = cnx.pooled
-            doomed = not given and (self._closed or self._closings != record.lent_at)
+            doomed = not given and self._closed_since_sent_locked(record)
             if doomed:
                 self._move_locked(cnx, CLOSING)
             elif given:
