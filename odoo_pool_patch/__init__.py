@@ -27,7 +27,7 @@ At the top: ``errors`` (PoolTimeout, a psycopg2 PoolError, and ConfigError), ``d
                     parked for any worker), ``exchange`` (idle connections handed from one
                     process to another), ``outage`` (waiting through a server outage)
 ``pool/``           ``connection_pool`` (the per-process pool, drop-in for
-                    ``odoo.sql_db.ConnectionPool``) and the concerns it mixes in:
+                    ``odoo.sql_db.ConnectionPool``) and its parts, one object each:
                     ``slots`` (books, grants, waiters), ``sessions`` (open, prepare, reset),
                     ``sharing`` (parking, taking, lending, budget waits), ``upkeep``
                     (maintenance pass, figures); ``borrowers`` (who holds a connection and

@@ -393,5 +393,5 @@ def adopt(pool, pool_class):
     for cnx, in_use in connections:
         if cnx.closed:
             continue
-        pool.adopt(cnx, dsn_key(cnx.dsn), in_use)
+        pool.sessions.adopt(cnx, dsn_key(cnx.dsn), in_use)
     _logger.info('db_pooling took over %r', pool)

@@ -1,3 +1,3 @@
-"""The per-process pool (``connection_pool.ConnectionPool``), the concerns it mixes in
-(``slots``, ``sessions``, ``sharing``, ``upkeep``), its borrowers and its maintenance
-thread."""
+"""The per-process pool (``connection_pool.ConnectionPool``), its parts (``slots.Books``,
+``sessions.SessionSteps``, ``sharing.Sharing``, ``upkeep.Upkeep``), its borrowers and its
+maintenance thread."""

@@ -4,9 +4,9 @@ Locks, in the order they may be taken: each entry says what may be taken while h
 that lock, and none is taken while holding one listed after it (test_lock_naming.py
 checks this order and the names below on the source)::
 
-    pool lock       ConnectionPool._lock, one per pool (its waiters' Conditions share it):
-                    the books (_idle, _used, _opening, _closing, _exiting, _waiters,
-                    _budget_waits, stats). Taken with no lock held, never twice
+    pool lock       pool.books.lock, one per pool (its waiters' Conditions share it):
+                    the books (idle, used, lent, opening, closing, exiting, waiters),
+                    sharing.budget_waits, stats. Taken with no lock held, never twice
                     (not re-entrant, never two pools' at once). Under it: the maintenance
                     lock (maintenance.start, a process's first borrow), the exchange lock
                     (IdleExchange.changed, add_pool), the shared lock (budget.try_acquire,
@@ -37,12 +37,13 @@ Locks apart, held with no other and taking none: IdleExchange._wrap_lock (one st
 start-up at a time, a local connect of up to 2 s), Outages._count_lock, Router._counts_lock
 and Monitor._lock (replicas); outage rows without a shared state use a process-local lock
 in the shared lock's place. A helper's name says which lock its caller holds:
-a name ending in ``_locked`` the ``_lock`` of the object it is called on (the pool lock
-here, the exchange lock in exchange.py), in ``_shared_locked`` the shared lock (budget,
-parking, shared_state: they take the mapped ``cells``), in ``_exit_locked`` the exit lock.
+a name ending in ``_locked`` the lock of the object it is called on (the pool lock for
+the pool and its parts, the exchange lock in exchange.py), in ``_shared_locked`` the
+shared lock (budget, parking, shared_state: they take the mapped ``cells``), in
+``_exit_locked`` the exit lock.
 
 State machine of one connection: its record's ``state`` (OUT, IN_USE, IDLE, PARKING,
-LENDING, CLOSING), moved by one function under ``_lock`` (``_move_locked``), which also
+LENDING, CLOSING), moved by one function under the pool lock (``books.move_locked``), which also
 keeps the books and slot counts and publishes the move to the exchange: the table and
 the transitions are at the top of :mod:`.slots`.
 
@@ -53,24 +54,30 @@ idle connection itself when its DSN matches, otherwise as the right to open a
 new one after closing the idle connection), so a newcomer can never overtake
 a waiter. With the shared budget, a connection given back goes first to a
 thread of this process waiting in the budget's queue for the same database
-(a bounded number of times in a row, see ``_hand_over_locked``).
+(a bounded number of times in a row, see ``Sharing.hand_over_locked``).
 
-The pool is one object in five modules, one concern each: this one (the Odoo-facing
-API: borrow, give_back, close_all; shutdown and a forked child's reset),
-:mod:`.slots` (the books and slot accounting: grants, the FIFO of waiters, each
-move of a connection between books), :mod:`.sessions` (opening, preparing and
-resetting server sessions), :mod:`.sharing` (connections moving between processes:
-parking, taking, lending, budget waits) and :mod:`.upkeep` (maintenance passes and
-figures); the connection's own record is :mod:`.conn_record`.
+The pool (this module: the Odoo-facing API, borrow, give_back, close_all; shutdown and a
+forked child's reset) drives four parts, one object and one module each, which it
+creates and which know it (``pool``) and its books:
+
+    pool.books      :class:`.slots.Books`: the pool lock, the books and slot accounting
+                    (grants, the FIFO of waiters, each move of a connection)
+    pool.sessions   :class:`.sessions.SessionSteps`: opening, preparing and resetting
+                    server sessions
+    pool.sharing    :class:`.sharing.Sharing`: connections moving between processes
+                    (parking, taking, lending, budget waits)
+    pool.upkeep     :class:`.upkeep.Upkeep`: maintenance passes and figures
+
+They call each other's public methods only; the settings, budget, router and stats are
+the pool's (the installer sets the first three on the class). The connection's own
+record is :mod:`..sessions.conn_record`.
 
 Network round trips (connect, reset, health check) are never made while
 holding the lock. Idle eviction, max lifetime, dead-socket detection, leaked
 connection recovery and the leak warning run on a maintenance thread (see
 :mod:`.maintenance`), so they happen even when nobody borrows.
 """
-import collections
 import logging
-import threading
 import time
 import weakref
 
@@ -90,7 +97,7 @@ from .borrowers import Holder, borrow_site
 from .sessions import SessionSteps
 from .sharing import Sharing
 from .slots import (BUDGET, CLOSING, EVICT, IDLE, IN_USE, MISSING, NEW, OUT, PARKING, TAKE,
-                    Grant, SlotBooks)
+                    Books, Grant)
 from .upkeep import PoolStats, Upkeep
 
 # Under odoo.sql_db so Odoo's PostgreSQL log handler (log_db) never logs our
@@ -106,7 +113,7 @@ class PooledConnection(SessionTracking, psycopg2.extensions.connection):
     pool keeps its record of the connection in it (``cnx.pooled``, see conn_record)."""
 
 
-class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
+class ConnectionPool:
     """Pool of psycopg2 connections shared by the threads or greenlets of one process.
 
     :param maxconn: most connections open at once (in use, idle, being opened
@@ -128,7 +135,6 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
 
     def __init__(self, maxconn=64, readonly=False, *, settings=None,
                  connection_factory=None, timer_period=None, budget=None):
-        self._maxconn = max(int(maxconn), 1)
         self._readonly = bool(readonly)
         if settings is not None:
             self.settings = settings
@@ -138,24 +144,13 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
             self.timer_period = timer_period
         if budget is not None:
             self.budget = budget
-        self._lock = threading.Lock()
-        self._idle = {}              # dsn key -> [cnx, ...], last freed last (LIFO)
-        self._n_idle = 0
-        self._used = {}              # cnx -> Holder
-        self._lent = set()           # travelling (PARKING, LENDING, closing after a trip): see slots
-        self._opening = 0            # slots reserved by borrowers that are connecting
-        self._closing = 0            # slots of connections whose backend is exiting
-        self._exiting = []           # [dup fd, give-up deadline, shed, what the fd is open on]
-        self._app_names = {}         # dsn key -> its application_name ('' if none)
-        self._name_sqls = {}         # (name, standard_conforming_strings) -> 'SET application_name = ...; '
-        self._waiters = collections.deque()
-        self._budget_waits = {}      # dsn key -> deque of BudgetWait, oldest first
-        self._handed_in_row = 0
-        self._closings = 0           # close_all() calls: a connection lent meanwhile is closed
+        self.stats = PoolStats()
+        self.books = Books(self, max(int(maxconn), 1))     # its lock is the pool lock
+        self.sessions = SessionSteps(self)
+        self.sharing = Sharing(self)
+        self.upkeep = Upkeep(self)
         self._timer = None
         self._closed = False
-        self.stats = PoolStats()
-        self._prefixes = (None, None)   # (settings, {role: SET LOCAL timeouts})
         _live_pools.add(self)
 
     # ------------------------------------------------------------------ Odoo's API
@@ -165,8 +160,9 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
 
     def __repr__(self):
         mode = 'read-only' if self._readonly else 'read/write'
-        return (f"ConnectionPool({mode};used={len(self._used)}/"
-                f"count={self._count()}/max={self._maxconn})")
+        books = self.books
+        return (f"ConnectionPool({mode};used={len(books.used)}/"
+                f"count={books.count()}/max={books.maxconn})")
 
     @property
     def closed(self):
@@ -175,23 +171,33 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
 
     def exits_pending(self):
         """Whether slots of closed connections wait for their backend to exit (lock-free)."""
-        return bool(self._exiting)
+        return bool(self.books.exiting)
 
     def holds_idle(self, key=None):
         """Whether an idle connection for DSN key ``key`` (any, if None) is here (a
         lock-free estimate)."""
-        return bool(self._idle) if key is None else key in self._idle
+        return bool(self.books.idle) if key is None else key in self.books.idle
 
     def has_room(self):
         """Whether a new connection could be opened now without closing another
         (a lock-free estimate, for the replica choice)."""
-        return self._count() < self._maxconn and (self.budget is None or self.budget.has_room())
+        return self.books.count() < self.books.maxconn and (
+            self.budget is None or self.budget.has_room())
 
     def borrowed_for(self, connection):
         """Seconds since ``connection`` was borrowed from this pool; None if it is not
         in use here."""
-        holder = self._used.get(connection)
+        holder = self.books.used.get(connection)
         return None if holder is None else monotonic() - holder.since
+
+    def snapshot(self):
+        """Plain data about this pool, for the dashboard, the CLI and tests."""
+        return self.upkeep.snapshot()
+
+    def maintain(self):
+        """One maintenance pass now (the maintenance thread runs them every
+        ``timer_period``)."""
+        self.upkeep.maintain()
 
     def _dsn_equals(self, dsn1, dsn2):
         return dsn_equals(dsn1, dsn2)
@@ -211,93 +217,96 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
         """Return a connection for exactly ``connection_info``.
 
         Reuses the connection of that DSN freed last; a reused connection is
-        reset as ``db_pool_reset`` says (see :meth:`_reset`) and one found dead
-        is replaced transparently. Raises :class:`~.errors.PoolTimeout` (a ``PoolError``)
+        reset as ``db_pool_reset`` says (see :meth:`.sessions.SessionSteps.revive`) and one
+        found dead is replaced transparently. Raises :class:`~.errors.PoolTimeout` (a ``PoolError``)
         after ``db_pool_wait_timeout`` seconds without a free slot.
         """
         key = dsn_key(connection_info)
         holder = Holder(borrow_site())
         budget = self.budget
-        outages = self._outages or self._init_outages()
-        if outages.cells[outages.flag] and key not in self._idle:
+        books = self.books
+        outages = self._outages or self.outages()
+        if outages.cells[outages.flag] and key not in books.idle:
             self._await_server(outages, connection_info, key, holder)
-        if budget is not None and budget.exchange is not None and key not in self._idle:
-            self._await_in_use(budget.exchange, key)
-        with self._lock:
+        if budget is not None and budget.exchange is not None and key not in books.idle:
+            self.sharing.await_in_use(budget.exchange, key)
+        with books.lock:
             if self._timer is None:
                 self._timer = maintenance.start(self)
                 if budget is not None and budget.exchange is not None:
                     budget.exchange.add_pool(self)
             self.stats.borrows += 1
-            grant = self._acquire_locked(key, holder, take=True)
+            grant = books.acquire_locked(key, holder, take=True)
         if grant is TAKE:
-            cnx = self._take(key, holder, connection_info)
+            cnx = self.sharing.take(key, holder, connection_info)
             if cnx is not None:
                 return cnx
-            with self._lock:
-                self._opening -= 1
-                grant = self._acquire_locked(key, holder)
+            with books.lock:
+                books.opening -= 1
+                grant = books.acquire_locked(key, holder)
         if grant is EVICT:
             evicted = False
             try:
-                evicted = self._evict_parked()
+                evicted = self.sharing.evict_parked()
             finally:                # also on gevent.Timeout, Odoo's SIGXCPU: the local slot back
                 if not evicted:
-                    with self._lock:
-                        self._opening -= 1
-                        if self._waiters:
-                            self._hand_off_locked()
+                    with books.lock:
+                        books.opening -= 1
+                        if books.waiters:
+                            books.hand_off_locked()
             if evicted:
                 grant = NEW
             else:
-                with self._lock:
-                    grant = self._acquire_locked(key, holder, evict=False)
+                with books.lock:
+                    grant = books.acquire_locked(key, holder, evict=False)
         if grant.__class__ is Grant and budget is not None and budget.exchange is not None \
                 and budget.exchange.parking is not None:     # NEW, BUDGET or a room
             khash = budget.exchange.hash_of(key)
             if khash:
                 budget.exchange.parking.want(khash)     # not held here: park it elsewhere
         if grant is NEW:
-            return self._open(connection_info, key, holder)
+            return self.sessions.open_in_slot(connection_info, key, holder)
         if grant is BUDGET:
-            grant = self._wait_for_budget(key, holder)
+            grant = self.sharing.wait_for_budget(key, holder)
             if grant is None:
-                return self._open(connection_info, key, holder)
+                return self.sessions.open_in_slot(connection_info, key, holder)
         try:
             if grant.__class__ is Grant:    # a room: make it
                 close_and_wait((grant.victim,))
                 grant = NEW
-            elif self._revive(grant):
-                grant.pooled.prefix = self._prefix(grant, key, holder)
+            elif self.sessions.revive(grant):
+                grant.pooled.prefix = self.sessions.prefix(grant, key, holder)
                 return grant
             else:
-                with self._lock:
+                with books.lock:
                     taken = grant.pooled.state != IN_USE
                     if not taken:   # dead: open a new one in its slot
-                        self._move_locked(grant, OUT)
-                        self._opening += 1
+                        books.move_locked(grant, OUT)
+                        books.opening += 1
                         self.stats.dead_replaced += 1
                 if not taken:
                     dead, grant = grant, NEW
                     close_and_wait((dead,), timeout=0.5)
         except BaseException:
-            with self._lock:
-                self._release_grant_locked(grant)
+            with books.lock:
+                books.release_grant_locked(grant)
             raise
         if grant is not NEW:
             # close_all() or the reclaim of connections closed from outside took it, with
             # its slot, while it was checked: borrow again.
             return self.borrow_exact(connection_info)
-        return self._open(connection_info, key, holder)
+        return self.sessions.open_in_slot(connection_info, key, holder)
 
-    def _init_outages(self):
-        self._outages = outages_for(self.budget)
+    def outages(self):
+        """The :class:`~.outage.Outages` of the budget's state (or of this process)."""
+        if self._outages is None:
+            self._outages = outages_for(self.budget)
         return self._outages
 
     def _await_server(self, outages, connection_info, key, holder):
         """A server of the instance is down: if it is ours and another process (or
         thread) probes it, wait for it here, without taking a slot (see outage)."""
-        direct = self._direct_info(connection_info, key)
+        direct = self.sessions.direct_info(connection_info, key)
         server = server_of(direct or connection_info)
         if self.router is None or server not in self.router.replica_names:
             outages.await_up(server, holder.since + self.settings.wait_timeout,
@@ -309,11 +318,13 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
         owner = self if record is None or record.pool is None else record.pool
         if owner is not self:       # lent by the read/write pool (replica routing)
             return owner.give_back(connection, keep_in_pool)
-        with self._lock:
-            holder = self._used.get(connection, MISSING)
+        books = self.books
+        with books.lock:
+            holder = books.used.get(connection, MISSING)
             if holder is MISSING:
                 if connection.closed or (record is not None and (
-                        record.state == CLOSING or connection in self._idle.get(record.key, ()))):
+                        record.state == CLOSING or
+                        connection in books.idle.get(record.key, ()))):
                     # Closed by close_all() while in use (maybe still closing), or given
                     # back twice.
                     _logger.debug('%r: ignored give_back of a connection it no longer holds', self)
@@ -326,44 +337,45 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
             shed = 0
             if keep_in_pool and not connection.closed and not (
                     record.expires and record.expires <= monotonic()):
-                if self._budget_waits and self._hand_over_locked(connection):
+                sharing = self.sharing
+                if sharing.budget_waits and sharing.hand_over_locked(connection):
                     return
-                self._handed_in_row = 0
-                if record.khash and not self._waiters and \
-                        self._should_park_locked(connection) and self._park_now_locked(record):
-                    self._move_locked(connection, PARKING)
+                sharing.handed_in_row = 0
+                if record.khash and not books.waiters and \
+                        sharing.should_park_locked(connection) and sharing.park_now_locked(record):
+                    books.move_locked(connection, PARKING)
                     doomed = None
                 else:
-                    self._move_locked(connection, IDLE)
-                    if self._waiters:
-                        self._hand_off_locked()
-                    if self.budget is None or self._waiters or not self.budget.waiting():
+                    books.move_locked(connection, IDLE)
+                    if books.waiters:
+                        books.hand_off_locked()
+                    if self.budget is None or books.waiters or not self.budget.waiting():
                         return
                     # Another process waits for a slot of the shared budget and nobody
                     # here does: give up our least recently used idle connection.
-                    doomed, shed = self._claim_shed_locked(1)
+                    doomed, shed = self.upkeep.claim_shed_locked(1)
                     if not doomed:
                         return
             else:
-                self._move_locked(connection, CLOSING)
+                books.move_locked(connection, CLOSING)
                 doomed = [connection]
         if doomed is None:
-            self._park(connection)
+            self.sharing.park(connection)
         else:
-            self._retire(doomed, shed)
+            books.retire(doomed, shed)
 
     def close_all(self, dsn=None):
         """Close every connection (in use ones too, as stock Odoo) or those of ``dsn``."""
         key = None if dsn is None else dsn_key(dsn)
-        with self._lock:
-            doomed = [cnx for cnx in self._used if key is None or cnx.pooled.key == key]
-            for stack_key in [k for k in self._idle if key is None or k == key]:
-                doomed.extend(self._idle[stack_key])
+        with self.books.lock:
+            doomed = [cnx for cnx in self.books.used if key is None or cnx.pooled.key == key]
+            for stack_key in [k for k in self.books.idle if key is None or k == key]:
+                doomed.extend(self.books.idle[stack_key])
             for cnx in doomed:
-                self._move_locked(cnx, CLOSING)
-            self._closings += 1
+                self.books.move_locked(cnx, CLOSING)
+            self.books.closings += 1
         if doomed:
-            self._retire(doomed)
+            self.books.retire(doomed)
             _logger.info('%r: Closed %d connections%s', self, len(doomed),
                          f' to {key_database(key)!r}' if key else '')
         exchange = self.budget.exchange if self.budget is not None else None
@@ -386,19 +398,9 @@ class ConnectionPool(SlotBooks, SessionSteps, Sharing, Upkeep):
         the garbage collector do it) would send Terminate and end the parent's
         sessions. Pointing the child's copy of each socket at /dev/null first
         makes that close harmless."""
-        inherited = list(self._used) + list(self._lent)
-        for stack in self._idle.values():
-            inherited.extend(stack)
-        exiting = self._exiting
         # A fresh state first: whatever fails below leaves no book of the parent's here.
-        self._lock = threading.Lock()
-        self._lent = set()
-        self._idle, self._n_idle, self._used = {}, 0, {}
-        self._opening = self._closing = 0
-        self._exiting = []
-        self._waiters = collections.deque()
-        self._budget_waits = {}
-        self._handed_in_row = 0
+        inherited, exiting = self.books.start_afresh()
+        self.sharing.reset()
         self._timer = None
         for cnx in inherited:
             try:

@@ -2,7 +2,7 @@
 
 Stock Odoo only sweeps idle connections inside ``borrow()``, so a worker that
 stops receiving requests keeps its connections for ever (10 minutes in 17+).
-Here a daemon thread calls ``pool.maintain()`` every ``timer_period`` seconds.
+Here a daemon thread calls ``pool.upkeep.maintain()`` every ``timer_period`` seconds.
 It is started lazily by the first borrow of each process (threads do not
 survive ``fork()``, and Odoo's prefork workers are forked), and under gevent
 the monkey-patched ``threading`` makes it a greenlet, which is what we want.
@@ -111,7 +111,7 @@ def _run(wake):
             if pool.closed and pool.exits_pending():
                 # shut down: its closed connections' slots are freed once their backends exit
                 try:
-                    pool.finish_exits()
+                    pool.books.finish_exits()
                 except Exception:
                     _log_failure('db_pooling maintenance of %r failed; will retry', pool)
         # Measured from the last pass with the pools of now: a pool registered with a
@@ -122,10 +122,10 @@ def _run(wake):
         for pool in pools:
             try:
                 if full:
-                    pool.maintain()
-                pool.finish_exits()
+                    pool.upkeep.maintain()
+                pool.books.finish_exits()
                 if pool.budget is not None:
-                    pool.shed_idle()
+                    pool.upkeep.shed_idle()
             except Exception:
                 _log_failure('db_pooling maintenance of %r failed; will retry', pool)
         for budget, settings in {id(pool.budget): (pool.budget, pool.settings)
@@ -162,9 +162,10 @@ def _publish(pools):
         by_budget.setdefault(id(pool.budget), (pool.budget, []))[1].append(pool)
     for budget, members in by_budget.values():
         in_use = idle = long_lived = borrows = reused = opened = 0
-        longest = min(filter(None, (pool.longest_borrow() for pool in members)), default=None)
+        longest = min(filter(None, (pool.upkeep.longest_borrow() for pool in members)),
+                      default=None)
         for pool in members:
-            figures = pool.figures()
+            figures = pool.upkeep.figures()
             in_use += figures['in_use']
             idle += figures['idle']
             long_lived += figures['long_lived']

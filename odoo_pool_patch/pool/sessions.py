@@ -1,4 +1,4 @@
-"""Server sessions of the per-process pool (mixed into :class:`.pool.ConnectionPool`):
+"""Server sessions of the per-process pool (``pool.sessions``, :class:`SessionSteps`):
 opening one in a reserved slot (through an outage of its server), filling in its record,
 adopting Odoo's stock pool's, the statements sent ahead of a borrower's first one (role
 timeouts, the session's name), and making an idle one ready for the next borrower
@@ -34,33 +34,42 @@ DIRECT_KEEPALIVES = {'keepalives': 1, 'keepalives_idle': 60, 'keepalives_interva
 
 
 class SessionSteps:
-    """Opening, preparing and resetting server sessions, for
-    :class:`.pool.ConnectionPool` (see the module)."""
+    """Opening, preparing and resetting the server sessions of one
+    :class:`.connection_pool.ConnectionPool` (``pool.sessions``, see the module)."""
 
-    def _open(self, connection_info, key, holder):
+    def __init__(self, pool):
+        self.pool = pool
+        self.books = pool.books
+        self._app_names = {}         # dsn key -> its application_name ('' if none)
+        # (name, standard_conforming_strings) -> 'SET application_name = ...; '
+        self._name_sqls = {}
+        self._prefixes = (None, None)   # (settings, {role: SET LOCAL timeouts})
+
+    def open_in_slot(self, connection_info, key, holder):
         """Connect in a slot already reserved (``_opening``); give it back on failure.
         Through an outage of the server, waits for it until ``db_pool_wait_timeout`` after
         the borrow began (see :mod:`.outage`); a replica's failure is the router's to handle."""
-        direct = self._direct_info(connection_info, key)
+        direct = self.direct_info(connection_info, key)
         info = direct or connection_info
-        outages = self._outages or self._init_outages()
+        outages = self.pool.outages()
         server = server_of(info)
-        replica = self.router is not None and server in self.router.replica_names
+        replica = self.pool.router is not None and server in self.pool.router.replica_names
+        factory = self.pool.connection_factory
         try:
             if replica:
-                cnx = psycopg2.connect(connection_factory=self.connection_factory, **info)
+                cnx = psycopg2.connect(connection_factory=factory, **info)
             else:
                 cnx = outages.connect(
-                    lambda: psycopg2.connect(connection_factory=self.connection_factory, **info),
-                    server, holder.since + self.settings.wait_timeout,
-                    self.settings.wait_timeout)
+                    lambda: psycopg2.connect(connection_factory=factory, **info),
+                    server, holder.since + self.pool.settings.wait_timeout,
+                    self.pool.settings.wait_timeout)
         except BaseException as exc:
-            with self._lock:
-                self._opening -= 1
-                if self.budget is not None:
-                    self.budget.release()
-                if self._waiters:
-                    self._hand_off_locked()
+            with self.books.lock:
+                self.books.opening -= 1
+                if self.pool.budget is not None:
+                    self.pool.budget.release()
+                if self.books.waiters:
+                    self.books.hand_off_locked()
             explained = (explain_failure(exc, info)
                          if isinstance(exc, psycopg2.OperationalError) and
                          not isinstance(exc, OutageTimeout) else None)
@@ -74,22 +83,22 @@ class SessionSteps:
         if not replica:             # (a replica has no outage row: the router bans it)
             record.gen_cells = outages.cells
             record.gen_cell, record.gen = outages.generation(server)
-        record.direct = (direct is not None) if self.settings.direct_host else None
-        record.prefix = self._prefix(cnx, key, holder)
+        record.direct = (direct is not None) if self.pool.settings.direct_host else None
+        record.prefix = self.prefix(cnx, key, holder)
         record_tls(cnx, info)
-        with self._lock:
-            self._opening -= 1
-            self._move_locked(cnx, IN_USE, holder)
-            self.stats.opened += 1
+        with self.books.lock:
+            self.books.opening -= 1
+            self.books.move_locked(cnx, IN_USE, holder)
+            self.pool.stats.opened += 1
         return cnx
 
     def prepare_connection(self, cnx, key):
         """Fill in the record (``cnx.pooled``) of a new connection for ``key``."""
         now = monotonic()
-        lifetime = self.settings.max_lifetime
+        lifetime = self.pool.settings.max_lifetime
         record = ensure_record(cnx)             # (adopted from Odoo's stock pool: none yet)
         record.key = key
-        record.pool = self
+        record.pool = self.pool
         record.born = record.last_used = now
         # Up to 10% jitter so that connections opened together do not all
         # recycle together.
@@ -97,10 +106,10 @@ class SessionSteps:
         record.reuses = 0
         info = cnx.info                         # (a new object at each access)
         record.pid = info.backend_pid           # a taken one's libpq may say another's
-        # Its name now and at start-up (a taken one's: from the donor, see _take).
+        # Its name now and at start-up (a taken one's: from the donor, see Sharing.take).
         record.app = record.app0 = info.parameter_status('application_name') or ''
         record.tracked = track(cnx)
-        exchange = self.budget.exchange if self.budget is not None else None
+        exchange = self.pool.budget.exchange if self.pool.budget is not None else None
         # Offered to other processes when idle: plain connections of ordinary databases.
         record.khash = exchange.hash_of(key) if exchange is not None and record.tracked \
             and not cnx.closed and not info.ssl_in_use and not gss_in_use(cnx) else 0
@@ -109,17 +118,17 @@ class SessionSteps:
         """Take over a connection of Odoo's stock pool this one replaces (no other
         thread sees this pool yet): in use by an unknown holder, or idle."""
         self.prepare_connection(cnx, key)
-        with self._lock:
+        with self.books.lock:
             if in_use:
-                self._move_locked(cnx, IN_USE, Holder(None))
+                self.books.move_locked(cnx, IN_USE, Holder(None))
             else:
-                self._move_locked(cnx, IDLE)
+                self.books.move_locked(cnx, IDLE)
 
-    def _direct_info(self, connection_info, key):
+    def direct_info(self, connection_info, key):
         """connection_info for PostgreSQL itself (db_direct_host/port) when this
         connection needs a real session: those to the long-lived databases
         (``postgres``: the bus and cron LISTEN). None: connect as asked."""
-        settings = self.settings
+        settings = self.pool.settings
         if not settings.direct_host or key_database(key) not in LONG_LIVED_DATABASES:
             return None
         direct = dict(connection_info, host=settings.direct_host, **DIRECT_KEEPALIVES)
@@ -127,7 +136,7 @@ class SessionSteps:
             direct['port'] = settings.direct_port
         return direct
 
-    def _prefix(self, cnx, key, holder):
+    def prefix(self, cnx, key, holder):
         """``cnx.pooled.prefix`` of a borrow: the role's timeouts, after ``SET
         application_name`` when the session does not have this process's name for
         ``key`` (taken from another process, reset): see session_tracking."""
@@ -155,16 +164,16 @@ class SessionSteps:
         if key_database(key) in LONG_LIVED_DATABASES:
             return ''
         settings, prefixes = self._prefixes
-        if settings is not self.settings:       # hashing Settings costs more than this
-            settings = self.settings
+        if settings is not self.pool.settings:       # hashing Settings costs more than this
+            settings = self.pool.settings
             prefixes = {role: settings.timeouts_prefix(role) for role in ('http', 'cron')}
             self._prefixes = settings, prefixes
-        budget = self.budget
+        budget = self.pool.budget
         cron = holder.thread.startswith('odoo.service.cron') or (
             budget is not None and budget.role == 'cron')
         return prefixes['cron' if cron else 'http']
 
-    def _revive(self, cnx):
+    def revive(self, cnx):
         """Make an idle connection ready for a new borrower; False if it is dead."""
         try:
             if is_dead(cnx):
@@ -173,7 +182,7 @@ class SessionSteps:
                 raise psycopg2.OperationalError('opened before its server restarted')
             self._reset(cnx)
         except psycopg2.Error as exc:
-            _logger.info('%r: replacing a dead idle connection to %r (%s)', self,
+            _logger.info('%r: replacing a dead idle connection to %r (%s)', self.pool,
                          key_database(cnx.pooled.key), str(exc).strip().splitlines()[0])
             return False
         return True
@@ -188,7 +197,7 @@ class SessionSteps:
         reuses, and when idle past ``db_pool_check_after`` (then it is also the
         liveness check). A transaction left open is rolled back in all cases.
         """
-        settings = self.settings
+        settings = self.pool.settings
         record = cnx.pooled
         dirty = record.dirty
         record.reuses += 1
@@ -220,8 +229,8 @@ class SessionSteps:
             record.app = record.app0            # (the borrow names it again)
             record.name_tx = False
         record.dirty = 0
-        stats = self.stats
-        with self._lock:
+        stats = self.pool.stats
+        with self.books.lock:
             setattr(stats, outcome, getattr(stats, outcome) + 1)
             stats.reset_rollback += rolled_back
             if dirty:

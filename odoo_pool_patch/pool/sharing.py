@@ -1,5 +1,5 @@
-"""Connections moving between the processes of an instance (mixed into
-:class:`.pool.ConnectionPool`): waiting a moment for another process's connection in use
+"""Connections moving between the processes of an instance (``pool.sharing``,
+:class:`Sharing`): waiting a moment for another process's connection in use
 rather than opening one, parking a connection given back for a process that wants its
 database, taking one parked or offered, lending ours, handing one given back to a thread
 of this process waiting for the shared budget, and that wait itself.
@@ -48,7 +48,7 @@ AWAIT_SLICE = 0.005    # with parking: the wait wakes as one is parked; the othe
 
 class _Deferral(threading.local):
     active = False          # this thread serves a request (see deferred_parking)
-    pools = ()              # pools that kept a connection idle instead of parking it
+    sharings = ()           # (the Sharing of) pools that kept a connection idle, not parked
 
 
 _DEFERRAL = _Deferral()
@@ -72,11 +72,11 @@ def deferred_parking():
         yield
     finally:
         _DEFERRAL.active = False
-        pools, _DEFERRAL.pools = _DEFERRAL.pools, ()
-        for pool in pools:
+        sharings, _DEFERRAL.sharings = _DEFERRAL.sharings, ()
+        for sharing in sharings:
             try:                # after the request's work: it must not fail the request
-                pool.park_wanted()
-            except Exception:   # noqa: BLE001 - (the connection is back idle, see _park)
+                sharing.park_wanted()
+            except Exception:   # noqa: BLE001 - (the connection is back idle, see park)
                 _logger.warning('db_pooling: parking at the end of a request failed',
                                 exc_info=True)
 
@@ -94,30 +94,40 @@ class BudgetWait:
 
 
 class Sharing:
-    """Moving connections between processes, for :class:`.pool.ConnectionPool` (see the
-    module)."""
+    """Moving the connections of one :class:`.connection_pool.ConnectionPool` between
+    processes (``pool.sharing``, see the module)."""
 
-    def _park_now_locked(self, record):
+    def __init__(self, pool):
+        self.pool = pool
+        self.books = pool.books
+        self.reset()
+
+    def reset(self):
+        """No budget wait (a new pool, or a forked child's)."""
+        self.budget_waits = {}      # dsn key -> deque of BudgetWait, oldest first
+        self.handed_in_row = 0      # hand-overs to budget waiters in a row (HANDOFF_BURST)
+
+    def park_now_locked(self, record):
         """At a give-back (under the pool lock), the connection of ``record`` may be
         parked (:meth:`_should_park_locked`): whether to park it now. Inside a
         request only when a process waits for that database right now; otherwise it stays
         idle here for the request's next cursor and is parked at the request's end."""
-        if _DEFERRAL.active and not self.budget.exchange.parking.wanted(
+        if _DEFERRAL.active and not self.pool.budget.exchange.parking.wanted(
                 record.khash, AWAIT_BUSY):
-            if self not in _DEFERRAL.pools:
-                _DEFERRAL.pools += (self,)
+            if self not in _DEFERRAL.sharings:
+                _DEFERRAL.sharings += (self,)
             return False
         return True
 
-    def _await_in_use(self, exchange, key):
+    def await_in_use(self, exchange, key):
         """Wait up to ``AWAIT_BUSY`` for an idle connection to ``key`` when the budget is
         full, none is idle instance-wide and other processes have some in use (ours
         cannot come back while this thread waits: nested cursors). Not when
         borrowers queue for the budget (overload): nothing stays idle long enough to
         take, and the fair queue is where a slot comes from."""
         khash = exchange.hash_of(key)
-        budget = self.budget
-        if not khash or not AWAIT_BUSY or self._count() >= self._maxconn or \
+        budget = self.pool.budget
+        if not khash or not AWAIT_BUSY or self.books.count() >= self.books.maxconn or \
                 budget.has_room() or budget.waiting():
             return
         parking = exchange.parking
@@ -128,8 +138,8 @@ class Sharing:
             return
         if parking is not None:
             parking.want(khash)     # the process giving one back parks it for us
-        with self._lock:
-            self.stats.awaited += 1
+        with self.books.lock:
+            self.pool.stats.awaited += 1
         deadline = monotonic() + AWAIT_BUSY
         while monotonic() < deadline:
             if parking is not None:
@@ -137,24 +147,24 @@ class Sharing:
             else:
                 time.sleep(AWAIT_POLL)
             idle, in_use = exchange.elsewhere(khash)
-            if idle or not in_use or key in self._idle or budget.has_room() or (
+            if idle or not in_use or key in self.books.idle or budget.has_room() or (
                     parking is not None and parking.count(khash)):
                 return
 
-    def _should_park_locked(self, cnx):
+    def should_park_locked(self, cnx):
         """Whether to park ``cnx`` rather than keep it idle here: another process
         needed its database lately, nobody waits for the budget, it is clean."""
-        exchange = self.budget.exchange
+        exchange = self.pool.budget.exchange
         record = cnx.pooled
-        return exchange.parking is not None and self.settings.reset == 'smart' and \
-            not record.dirty and not self.budget.waiting() and \
+        return exchange.parking is not None and self.pool.settings.reset == 'smart' and \
+            not record.dirty and not self.pool.budget.waiting() and \
             not (record.expires and record.expires < monotonic() + 5) and \
             exchange.parking.wanted(record.khash)
 
-    def _park(self, cnx):
+    def park(self, cnx):
         """Send ``cnx`` to the parking (counted in ``_closing`` meanwhile); kept idle
         here if it cannot go."""
-        exchange = self.budget.exchange
+        exchange = self.pool.budget.exchange
         sent = [False]              # set by the parking inside its locked step
         try:
             try:                    # (a dead one is found out by the taker: fd_readable)
@@ -183,139 +193,140 @@ class Sharing:
         could not go is back in IDLE)."""
         tried = set()
         while True:
-            with self._lock:
-                if self._closed or self._waiters:
+            with self.books.lock:
+                if self.pool.closed or self.books.waiters:
                     return
-                for stack in self._idle.values():
+                for stack in self.books.idle.values():
                     cnx = stack[-1]
-                    if cnx not in tried and cnx.pooled.khash and self._should_park_locked(cnx):
+                    if cnx not in tried and cnx.pooled.khash and self.should_park_locked(cnx):
                         break
                 else:
                     return
                 tried.add(cnx)
-                self._move_locked(cnx, PARKING)     # as if given back: see _after_park
-            self._park(cnx)
+                self.books.move_locked(cnx, PARKING)     # as if given back: see _after_park
+            self.park(cnx)
 
     def _closed_since_sent_locked(self, record):
         """Whether close_all() (or shutdown) ran while the connection of ``record`` was
-        travelling (see ``lent_at`` in :meth:`_move_locked`)."""
-        return self._closed or self._closings != record.lent_at
+        travelling (see ``lent_at`` in :meth:`.slots.Books.move_locked`)."""
+        return self.pool.closed or self.books.closings != record.lent_at
 
     def _after_park(self, cnx, parked):
         record = cnx.pooled
-        with self._lock:
+        with self.books.lock:
             closed_since = self._closed_since_sent_locked(record)
             if parked:
-                self._move_locked(cnx, OUT)     # our copy neutralized: its slot is freed here
-                self.stats.parked += 1
+                self.books.move_locked(cnx, OUT)     # our copy neutralized: its slot is freed here
+                self.pool.stats.parked += 1
             elif closed_since:
-                self._move_locked(cnx, CLOSING)     # closed too
+                self.books.move_locked(cnx, CLOSING)     # closed too
             else:
-                self._move_locked(cnx, IDLE)
-            if self._waiters:
-                self._hand_off_locked()
+                self.books.move_locked(cnx, IDLE)
+            if self.books.waiters:
+                self.books.hand_off_locked()
         if parked:      # (OUT first: a shell may take its next session at once)
-            self.budget.exchange.keep_shell(cnx)
+            self.pool.budget.exchange.keep_shell(cnx)
             if closed_since:
                 # The parking was drained before it landed there: its database may be
                 # on its way out (DROP DATABASE).
-                self.budget.exchange.parking.drain(record.khash)
+                self.pool.budget.exchange.parking.drain(record.khash)
         elif closed_since:
-            self._retire_sent_off(cnx)
+            self.books.retire_sent_off(cnx)
 
-    def _hand_over_locked(self, cnx):
+    def hand_over_locked(self, cnx):
         """Give ``cnx`` to the oldest borrower of this process waiting in the shared
         budget's queue for the same database: it keeps its slot, and the borrower gets
         a connection at once instead of a new one after some other connection closed.
         At most HANDOFF_BURST in a row, so that the slots this process frees still
         reach the other borrowers of the queue (other processes, other databases)."""
         record = cnx.pooled
-        waits = self._budget_waits.get(record.key)
-        if not waits or self._handed_in_row >= HANDOFF_BURST:
+        waits = self.budget_waits.get(record.key)
+        if not waits or self.handed_in_row >= HANDOFF_BURST:
             return False
         wait = waits.popleft()
         if not waits:
-            del self._budget_waits[record.key]
-        self._handed_in_row += 1
+            del self.budget_waits[record.key]
+        self.handed_in_row += 1
         record.last_used = monotonic()
-        self._move_locked(cnx, IN_USE, wait.holder)     # in use still: another holder
-        self._opening -= 1          # the local slot it reserved: the connection has one
-        self.stats.handed_over += 1
+        self.books.move_locked(cnx, IN_USE, wait.holder)     # in use still: another holder
+        self.books.opening -= 1          # the local slot it reserved: the connection has one
+        self.pool.stats.handed_over += 1
         wait.cnx = cnx
         wait.event.set()
-        if self._waiters:           # the local slot it reserved is free for them
-            self._hand_off_locked()
+        if self.books.waiters:           # the local slot it reserved is free for them
+            self.books.hand_off_locked()
         return True
 
-    def _take(self, key, holder, connection_info=None):
+    def take(self, key, holder, connection_info=None):
         """Take an idle connection to ``key`` from another process (a local slot is
         reserved): it keeps the donor's age and lifetime. None if none came."""
         got = None
         claim = []      # what we hold, whatever is raised: [cnx, meta, ours, fd] (see exchange)
-        exchange = self.budget.exchange
+        exchange = self.pool.budget.exchange
         try:
             khash = exchange.hash_of(key)
             got = self._unpark(exchange, khash, key, claim)
             parked = got is not None
             if got is None:
-                got = exchange.take(khash, key, self.connection_factory, claim)
+                got = exchange.take(khash, key, self.pool.connection_factory, claim)
             if got is None:
                 return None
             cnx, meta = got
-            self.prepare_connection(cnx, key)
+            self.pool.sessions.prepare_connection(cnx, key)
             record = cnx.pooled
             record.take_over(meta)
-            record.gen_cells = (self._outages or self._init_outages()).cells
+            record.gen_cells = self.pool.outages().cells
             if opened_before_restart(cnx):
-                with self._lock:                # closed with its slot, the caller opens one
-                    self._move_locked(cnx, CLOSING)
-                self._retire([cnx])
+                with self.books.lock:                # closed with its slot, the caller opens one
+                    self.books.move_locked(cnx, CLOSING)
+                self.books.retire([cnx])
                 return None
             record.cancel_info = connection_info   # for its cancel() (a shell's libpq cannot)
-            record.direct = False if self.settings.direct_host else None
-            record.prefix = self._prefix(cnx, key, holder)
+            record.direct = False if self.pool.settings.direct_host else None
+            record.prefix = self.pool.sessions.prefix(cnx, key, holder)
         except BaseException:       # gevent.Timeout, Odoo's SIGXCPU: nothing may leak
             ours = claim[0] if claim and claim[2] and claim[0] is not None else None
-            with self._lock:
-                self._opening -= 1
+            with self.books.lock:
+                self.books.opening -= 1
                 if ours is not None and ours.pooled.state != CLOSING:    # (else being closed)
-                    self._move_locked(ours, CLOSING)    # ours with its slot: closed like any other
-                if self._waiters:
-                    self._hand_off_locked()
+                    # ours with its slot: closed like any other
+                    self.books.move_locked(ours, CLOSING)
+                if self.books.waiters:
+                    self.books.hand_off_locked()
             if ours is not None:
-                self._retire([ours])
+                self.books.retire([ours])
             elif claim and claim[2] and len(claim) > 3:
                 exchange.parking.retire(claim[3])   # received, not wrapped: slot ours
             raise
-        with self._lock:
-            self._opening -= 1
-            self._move_locked(cnx, IN_USE, holder)
+        with self.books.lock:
+            self.books.opening -= 1
+            self.books.move_locked(cnx, IN_USE, holder)
             if parked:
-                self.stats.unparked += 1
+                self.pool.stats.unparked += 1
             else:
-                self.stats.taken += 1
+                self.pool.stats.taken += 1
         return cnx
 
-    def _evict_parked(self):
+    def evict_parked(self):
         """Close a parked connection of the database with the most parked (spare ones),
         waiting for its backend to exit: its budget slot is ours. False if none."""
-        parking = self.budget.exchange.parking
+        parking = self.pool.budget.exchange.parking
         got = parking.unpark_spare()
         if got is None:
             return False
         try:
             parking.close_and_wait(got[0])
         except BaseException:
-            self.budget.release()   # the slot came with it (its backend is on its way out)
+            self.pool.budget.release()   # the slot came with it (its backend is on its way out)
             raise
-        with self._lock:
-            self.stats.closed_room += 1
+        with self.books.lock:
+            self.pool.stats.closed_room += 1
         return True
 
     def _unpark(self, exchange, khash, key, claim):
         """(connection, bookkeeping) of ``khash`` from the parking, its budget slot now
         ours; None if none is parked. Dead and expired ones are closed on the way.
-        ``claim`` says what we hold if anything is raised (see :meth:`_take`)."""
+        ``claim`` says what we hold if anything is raised (see :meth:`take`)."""
         parking = exchange.parking
         if parking is None or not khash:
             return None
@@ -325,14 +336,14 @@ class Sharing:
                 parking.want(khash)
                 return None
             fd, meta, parker, _parked_at = got
-            if parker != self.budget.pid:
+            if parker != self.pool.budget.pid:
                 parking.want(khash)     # connections of this database move: keep parking
             if (meta['expires'] and meta['expires'] <= monotonic()) or fd_readable(fd):
                 parking.retire(fd)      # expired, or the server said goodbye
                 del claim[:]            # (after: until retired, the claim says so)
                 continue
             try:
-                cnx = exchange.wrap(fd, meta, key, self.connection_factory, khash)
+                cnx = exchange.wrap(fd, meta, key, self.pool.connection_factory, khash)
             except Exception as exc:    # noqa: BLE001 - the stand-in failed: open one
                 _logger.info('db_pooling: could not take a parked connection (%s); opening '
                              'one', exc)
@@ -350,10 +361,10 @@ class Sharing:
         """For another process: our most recently used idle connection of ``khash`` if it
         can move (see :func:`.exchange.offerable`), out of the books until :meth:`lent`.
         Not with ``db_pool_reset = always``: the taker would skip the reset it promises."""
-        if self.settings.reset != 'smart' or self._closed:
+        if self.pool.settings.reset != 'smart' or self.pool.closed:
             return None
-        with self._lock:
-            for stack in self._idle.values():
+        with self.books.lock:
+            for stack in self.books.idle.values():
                 if stack[0].pooled.khash != khash:
                     continue
                 cnx = stack[-1]
@@ -361,7 +372,7 @@ class Sharing:
                 if record.dirty or (record.expires and record.expires < monotonic() + 5) \
                         or not offerable(cnx) or socket_readable(cnx):
                     return None
-                self._move_locked(cnx, LENDING)
+                self.books.move_locked(cnx, LENDING)
                 return cnx
         return None
 
@@ -370,64 +381,64 @@ class Sharing:
         slot: drop our copy without ending the session), else back to idle (closed if
         ``close_all`` ran meanwhile)."""
         # (Given: the exchange pointed our copy away before the socket left.)
-        with self._lock:
+        with self.books.lock:
             record = cnx.pooled
             doomed = not given and self._closed_since_sent_locked(record)
             if doomed:
-                self._move_locked(cnx, CLOSING)
+                self.books.move_locked(cnx, CLOSING)
             elif given:
-                self._move_locked(cnx, OUT)
-                self.stats.given += 1
+                self.books.move_locked(cnx, OUT)
+                self.pool.stats.given += 1
             else:
                 last_used = record.last_used
-                self._move_locked(cnx, IDLE)
+                self.books.move_locked(cnx, IDLE)
                 record.last_used = last_used
-            if self._waiters:
-                self._hand_off_locked()
+            if self.books.waiters:
+                self.books.hand_off_locked()
         if given:       # (OUT first: a shell may take its next session at once)
-            self.budget.exchange.keep_shell(cnx)
+            self.pool.budget.exchange.keep_shell(cnx)
         if doomed:
-            self._retire_sent_off(cnx)
+            self.books.retire_sent_off(cnx)
 
-    def _wait_for_budget(self, key, holder):
+    def wait_for_budget(self, key, holder):
         """Wait for a slot of the shared budget (a local slot is already reserved): None
         once taken, or the connection to ``key`` another thread gave back meanwhile
-        (already booked in use, see :meth:`_hand_over_locked`)."""
-        budget = self.budget
-        self.stats.budget_waits += 1
+        (already booked in use, see :meth:`hand_over_locked`)."""
+        budget = self.pool.budget
+        self.pool.stats.budget_waits += 1
         wait = BudgetWait(key, holder)
-        with self._lock:
-            self._budget_waits.setdefault(key, collections.deque()).append(wait)
+        with self.books.lock:
+            self.budget_waits.setdefault(key, collections.deque()).append(wait)
         started, taken, interrupted = monotonic(), False, False
         try:
             taken = budget.acquire(budget.priority(key_database(key), holder.thread),
-                                   self.settings.wait_timeout, wake=wait.event)
+                                   self.pool.settings.wait_timeout, wake=wait.event)
         except BaseException:       # gevent.Timeout, KeyboardInterrupt
             interrupted = True
             raise
         finally:
-            with self._lock:
-                waits = self._budget_waits.get(key)
+            with self.books.lock:
+                waits = self.budget_waits.get(key)
                 if waits and wait in waits:
                     waits.remove(wait)
                     if not waits:
-                        del self._budget_waits[key]
+                        del self.budget_waits[key]
                 if wait.cnx is not None and interrupted:
-                    self._release_grant_locked(wait.cnx)    # back to idle
+                    self.books.release_grant_locked(wait.cnx)    # back to idle
                 elif wait.cnx is None and not taken:
-                    self._opening -= 1
-                    if self._waiters:
-                        self._hand_off_locked()
+                    self.books.opening -= 1
+                    if self.books.waiters:
+                        self.books.hand_off_locked()
         if wait.cnx is not None:
             if taken:
                 budget.release()    # granted in the same instant: the slot is not needed
             return wait.cnx
         if not taken:
-            self.stats.budget_timeouts += 1
+            self.pool.stats.budget_timeouts += 1
             raise PoolTimeout(
                 f'The Connection Pool Is Full: the instance-wide budget of {budget.budget} '
                 f'server connections (db_pool_max_connections) stayed in use for '
                 f'{monotonic() - started:.1f} s (db_pool_wait_timeout = '
-                f'{self.settings.wait_timeout:g}). Held by: {budget.describe_holders()}. '
+                f'{self.pool.settings.wait_timeout:g}). Held by: {budget.describe_holders()}. '
                 f'Raise db_pool_max_connections if the server allows it, or look for long '
                 f'transactions in the processes above.')

@@ -1,8 +1,8 @@
-"""Upkeep and introspection of the per-process pool (mixed into
-:class:`.pool.ConnectionPool`): the maintenance pass (idle timeout, max lifetime, dead
-sockets, leak warnings; leaked connections are reclaimed by
-``SlotBooks._reclaim_used_locked``, which borrowers short of a slot also call), shedding idle connections for the shared
-budget's waiters, and the figures the dashboard, ``odoo-pool top`` and the metrics read.
+"""Upkeep and introspection of the per-process pool (``pool.upkeep``, :class:`Upkeep`):
+the maintenance pass (idle timeout, max lifetime, dead sockets, leak warnings; leaked
+connections are reclaimed by ``Books.reclaim_used_locked``, which borrowers short of a
+slot also call), shedding idle connections for the shared budget's waiters, and the
+figures the dashboard, ``odoo-pool top`` and the metrics read.
 """
 import logging
 import time
@@ -59,48 +59,53 @@ class PoolStats:
 
 
 class Upkeep:
-    """Maintenance passes and figures of :class:`.pool.ConnectionPool` (see the module)."""
+    """Maintenance passes and figures of one :class:`.connection_pool.ConnectionPool`
+    (``pool.upkeep``, see the module)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.books = pool.books
 
     def maintain(self):
         """One maintenance pass (the timer calls this every ``timer_period``)."""
-        settings = self.settings
+        settings = self.pool.settings
         now = monotonic()
-        with self._lock:
+        with self.books.lock:
             doomed = self._evict_idle_locked(now, settings)
-            self._reclaim_used_locked()
+            self.books.reclaim_used_locked()
             if settings.leak_warn_after:
                 self._warn_leaks_locked(now, settings.leak_warn_after)
-            if self._waiters:
-                self._hand_off_locked()
+            if self.books.waiters:
+                self.books.hand_off_locked()
         if doomed:
-            self._retire(doomed)
+            self.books.retire(doomed)
 
     def shed_idle(self):
         """While borrowers wait for the shared budget, close idle connections,
         least recently used first (the maintenance thread calls this often)."""
-        if self.budget is None or not self.budget.waiting() or not self._n_idle:
+        if self.pool.budget is None or not self.pool.budget.waiting() or not self.books.n_idle:
             return 0
-        with self._lock:
-            if self._waiters:
+        with self.books.lock:
+            if self.books.waiters:
                 return 0
-            doomed, shed = self._claim_shed_locked(self._n_idle)
+            doomed, shed = self.claim_shed_locked(self.books.n_idle)
         if doomed:
-            self._retire(doomed, shed)
+            self.books.retire(doomed, shed)
         return len(doomed)
 
-    def _claim_shed_locked(self, most):
+    def claim_shed_locked(self, most):
         """Move to CLOSING up to ``most`` LRU idle connections that the
         budget's waiters need (never more than other processes leave to close)."""
-        shed = self.budget.claim_shed(min(most, self._n_idle))
-        doomed = [self._least_recently_used_idle_locked(CLOSING) for _ in range(shed)]
-        self.stats.shed += shed
+        shed = self.pool.budget.claim_shed(min(most, self.books.n_idle))
+        doomed = [self.books.least_recently_used_idle_locked(CLOSING) for _ in range(shed)]
+        self.pool.stats.shed += shed
         return doomed, shed
 
     def _evict_idle_locked(self, now, settings):
         """Move the idle connections that must go to CLOSING; returns them."""
         idle_deadline = now - settings.idle_timeout if settings.idle_timeout else None
         doomed, timed_out = [], []
-        for stack in sorted(self._idle.values(), key=lambda st: st[0].pooled.last_used):
+        for stack in sorted(self.books.idle.values(), key=lambda st: st[0].pooled.last_used):
             for cnx in list(stack):
                 if is_dead(cnx) or opened_before_restart(cnx):
                     reason = 'closed_dead'
@@ -111,55 +116,55 @@ class Upkeep:
                     continue
                 else:
                     continue
-                self._move_locked(cnx, CLOSING)
+                self.books.move_locked(cnx, CLOSING)
                 doomed.append(cnx)
-                setattr(self.stats, reason, getattr(self.stats, reason) + 1)
-        if timed_out and self.budget is not None:
+                setattr(self.pool.stats, reason, getattr(self.pool.stats, reason) + 1)
+        if timed_out and self.pool.budget is not None:
             # min_idle connections stay open instance-wide: ask the shared state
             # how many of ours may go, so that two processes never both close
             # the last ones.
-            timed_out = timed_out[:self.budget.claim_idle_eviction(len(timed_out))]
+            timed_out = timed_out[:self.pool.budget.claim_idle_eviction(len(timed_out))]
         for cnx in timed_out:
-            self._move_locked(cnx, CLOSING)
+            self.books.move_locked(cnx, CLOSING)
             doomed.append(cnx)
-            self.stats.closed_idle += 1
+            self.pool.stats.closed_idle += 1
         return doomed
 
     def _warn_leaks_locked(self, now, limit):
-        for cnx, holder in self._used.items():
+        for cnx, holder in self.books.used.items():
             if not holder.warned and now - holder.since >= limit:
                 holder.warned = True
-                self.stats.leak_warnings += 1
+                self.pool.stats.leak_warnings += 1
                 _logger.warning(
                     '%r: a connection has been borrowed for more than %d s '
                     '(db_pool_leak_warn_after): %s. A cursor held this long is usually '
-                    'a cursor that was never closed.', self, limit, holder.describe(cnx, now))
+                    'a cursor that was never closed.', self.pool, limit, holder.describe(cnx, now))
 
     def snapshot(self):
         """Plain data about this pool, for the dashboard, the CLI and tests."""
         now = monotonic()
-        with self._lock:
+        with self.books.lock:
             return {
-                'readonly': self._readonly,
-                'maxconn': self._maxconn,
-                'in_use': len(self._used),
-                'idle': self._n_idle,
-                'opening': self._opening,
-                'closing': self._closing,
-                'waiting': len(self._waiters),
+                'readonly': self.pool.readonly,
+                'maxconn': self.books.maxconn,
+                'in_use': len(self.books.used),
+                'idle': self.books.n_idle,
+                'opening': self.books.opening,
+                'closing': self.books.closing,
+                'waiting': len(self.books.waiters),
                 'holders': [
                     {'database': key_database(c.pooled.key), 'age': now - h.since,
                      'site': format_site(h.site), 'thread': h.thread, 'url': h.url}
-                    for c, h in sorted(self._used.items(), key=lambda item: item[1].since)],
-                'stats': self.stats.as_dict(),
+                    for c, h in sorted(self.books.used.items(), key=lambda item: item[1].since)],
+                'stats': self.pool.stats.as_dict(),
             }
 
     def longest_borrow(self):
         """(wall-clock start, database, site) of the oldest current borrow, or None."""
-        with self._lock:
-            if not self._used:
+        with self.books.lock:
+            if not self.books.used:
                 return None
-            cnx, holder = min(self._used.items(), key=lambda item: item[1].since)
+            cnx, holder = min(self.books.used.items(), key=lambda item: item[1].since)
             return holder.wall_since, key_database(cnx.pooled.key), format_site(holder.site)
 
     def figures(self):
@@ -167,9 +172,10 @@ class Upkeep:
         included), idle. A borrower waiting for the budget is not in use: its local slot
         (in ``_opening``) has no slot of the budget yet, so it would show more in use than
         the process holds."""
-        with self._lock:
-            long_lived = sum(1 for cnx in self._used
+        with self.books.lock:
+            long_lived = sum(1 for cnx in self.books.used
                              if key_database(cnx.pooled.key) in LONG_LIVED_DATABASES)
-            waiting = sum(map(len, self._budget_waits.values())) if self._budget_waits else 0
-            return {'in_use': len(self._used) - long_lived + self._opening - waiting,
-                    'idle': self._n_idle, 'long_lived': long_lived}
+            budget_waits = self.pool.sharing.budget_waits
+            waiting = sum(map(len, budget_waits.values())) if budget_waits else 0
+            return {'in_use': len(self.books.used) - long_lived + self.books.opening - waiting,
+                    'idle': self.books.n_idle, 'long_lived': long_lived}

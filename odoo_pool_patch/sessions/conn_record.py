@@ -5,7 +5,7 @@ mixed into psycopg2's or Odoo's) has one from its creation; a connection adopted
 Odoo's stock pool gets one when it is tracked. The record lives as long as the psycopg2
 object: a shell (see :mod:`.exchange`) that takes the next session of its database keeps
 its record, and the take sets every field that describes a session (the donor's
-:meth:`ConnRecord.meta`, :meth:`ConnRecord.take_over`, then ``Sharing._take``). One
+:meth:`ConnRecord.meta`, :meth:`ConnRecord.take_over`, then ``Sharing.take``). One
 thread owns a connection at a time (the pool's books say which), and only that thread
 or the pool under its lock writes the record; fields are plain attributes, read without
 locks.
@@ -15,7 +15,7 @@ locks.
 class ConnRecord:
     """The pool's bookkeeping of one connection (see the module's docstring).
 
-    Identity and books (set by ``ConnectionPool.prepare_connection``):
+    Identity and books (set by ``SessionSteps.prepare_connection``):
 
     - ``key``: the DSN key it serves (:func:`.dsn.dsn_key`); ``pool``: the pool it
       belongs to; ``khash``: its database's key hash when it may move between processes
@@ -25,7 +25,7 @@ class ConnRecord:
     - ``pid``: the backend pid (a shell's libpq reports the stand-in's); ``tracked``:
       its cursors report session state (False: always the full reset).
     - ``state``: where it is in its pool's books (``pool.slots``: OUT, IN_USE, IDLE,
-      PARKING, LENDING, CLOSING), changed only by ``SlotBooks._move_locked``.
+      PARKING, LENDING, CLOSING), changed only by ``Books.move_locked``.
     - ``lent_at``: the pool's close_all count when it left for another process.
     - ``shell``: the psycopg2 object was made by a take (its libpq started against a
       stand-in): it may take the next session of its database.

@@ -6,7 +6,7 @@ connection class mixes in :class:`SessionTracking` to see autocommit toggles.
 Each ``execute`` ORs the kinds of :func:`.session_state.known_kinds` (the decision of
 :func:`.session_state.session_kinds`, remembered per text) into
 ``cnx.pooled.dirty`` (its :mod:`.conn_record`); the pool reads that mask when the
-connection is reused and clears exactly that (see ``ConnectionPool._revive``).
+connection is reused and clears exactly that (see ``SessionSteps.revive`` of the pool).
 
 The same hook adds the per-role ``SET LOCAL`` timeouts (``cnx.pooled.prefix``,
 chosen at borrow) in front of the first statement of each transaction, so they

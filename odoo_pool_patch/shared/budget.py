@@ -18,7 +18,7 @@ and served by priority, then first come first served:
 
 A slot freed by any process is handed to the best waiter directly (its row is
 marked granted), and every process closes its idle connections promptly while
-someone waits (see ``ConnectionPool.shed_idle``), so idle connections in one
+someone waits (see ``Upkeep.shed_idle`` of the pool), so idle connections in one
 worker never block a borrower in another.
 """
 import os

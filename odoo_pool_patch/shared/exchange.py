@@ -400,7 +400,7 @@ class IdleExchange:
             conn.send(b'N')
             return
         for pool in list(self._pools):
-            cnx = pool.lend_idle(khash)
+            cnx = pool.sharing.lend_idle(khash)
             if cnx is not None:
                 break
         else:
@@ -444,7 +444,7 @@ class IdleExchange:
                     if fd is not None:
                         IN_FLIGHT.pop(fd, None)
                         os.close(fd)
-                    pool.lent(cnx, given)
+                    pool.sharing.lent(cnx, given)
 
     def _settle(self, serial):
         """:meth:`SharedBudget.settle`, retried: a donor that cannot read the token must

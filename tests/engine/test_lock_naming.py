@@ -5,10 +5,13 @@ checked on its source with ``ast``: a helper's name says which lock its caller h
   called inside ``with <state>.locked()`` or from another ``*_shared_locked`` function;
 - ``*_exit_locked`` (parking): the object's ``_exit_lock``, so inside ``with
   <obj>._exit_lock`` or from another ``*_exit_locked`` method of the same object;
-- any other ``*_locked``: the ``_lock`` of the object it is called on (the pool lock in
-  pool/connection_pool.py and the pool/ modules it mixes in, the exchange's in
+- any other ``*_locked``: the ``_lock`` of the object it is called on (the exchange's in
   shared/exchange.py), so inside ``with <obj>._lock`` on that very object or from
-  another such method of ``self``.
+  another such method of ``self``. The pool lock is its books' ``lock``
+  (pool/slots.py), and the pool and its collaborators (``books``, ``sessions``,
+  ``sharing``, ``upkeep``, each with ``pool`` and ``books``) share it: in the pool/
+  modules any receiver that names one of them (``self``, ``books``, ``self.pool.sharing``,
+  ...) names the same lock's holder.
 
 And the order: a method that takes the pool lock is never called with any lock held
 (the pool lock comes first, and it is not re-entrant), and a function that takes the
@@ -20,6 +23,7 @@ defined inside a locked block does not count as running under its lock.
 """
 import ast
 import pathlib
+import re
 
 import odoo_pool_patch
 
@@ -37,8 +41,8 @@ def lock_of(expr):
     if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and \
             expr.func.attr == 'locked' and not expr.args:
         return 'shared', None
-    if isinstance(expr, ast.Attribute) and expr.attr in ('_lock', '_exit_lock'):
-        return ('own' if expr.attr == '_lock' else 'exit'), ast.unparse(expr.value)
+    if isinstance(expr, ast.Attribute) and expr.attr in ('_lock', 'lock', '_exit_lock'):
+        return ('own' if expr.attr != '_exit_lock' else 'exit'), ast.unparse(expr.value)
     if isinstance(expr, ast.Name) and expr.id == '_lock':      # maintenance's module lock
         return 'own', None
     return None
@@ -57,7 +61,8 @@ class Scan(ast.NodeVisitor):
     """Every call of a module, with the function it is in and the locks held there by
     the ``with`` blocks of that function; and which functions take which lock."""
 
-    def __init__(self):
+    def __init__(self, pool_parts=False):
+        self.pool_parts = pool_parts    # a pool/ module: its pool's parts share one lock
         self.function, self.held = '<module>', ()
         self.calls = []         # (line, function, called name, receiver, held)
         self.takes = {}         # function -> {'shared', 'own'} it takes in its own body
@@ -80,8 +85,8 @@ class Scan(ast.NodeVisitor):
     def visit_With(self, node):
         for item in node.items:
             self.visit(item)
-        locks = tuple(lock for item in node.items for lock in [lock_of(item.context_expr)]
-                      if lock is not None)
+        locks = tuple((lock[0], self.holder(lock[1])) for item in node.items
+                      for lock in [lock_of(item.context_expr)] if lock is not None)
         for kind, holder in locks:
             if kind == 'shared' or holder == 'self':
                 self.takes.setdefault(self.function, set()).add(kind)
@@ -94,7 +99,7 @@ class Scan(ast.NodeVisitor):
     def visit_Call(self, node):
         func = node.func
         if isinstance(func, ast.Attribute):
-            name, receiver = func.attr, ast.unparse(func.value)
+            name, receiver = func.attr, self.holder(ast.unparse(func.value))
         elif isinstance(func, ast.Name):
             name, receiver = func.id, None
         else:
@@ -106,8 +111,18 @@ class Scan(ast.NodeVisitor):
         self.generic_visit(node)
 
 
-def scan(source):
-    found = Scan()
+    def holder(self, receiver):
+        """``self`` for a receiver that names a part of the pool, in a pool/ module."""
+        if self.pool_parts and receiver is not None and POOL_PART.fullmatch(receiver):
+            return 'self'
+        return receiver
+
+
+POOL_PART = re.compile(r'(self\.)?(pool\.)?(self|pool|books|sessions|sharing|upkeep)')
+
+
+def scan(source, pool_parts=False):
+    found = Scan(pool_parts)
     found.visit(ast.parse(source))
     return found
 
@@ -172,12 +187,14 @@ def merged(scans):
 ENGINE_PACKAGES = ('', 'config', 'sessions', 'shared', 'pool', 'replicas', 'odoo_glue')
 
 
+# The pool and its collaborators: one lock, and one scan for the order check.
 POOL_CLASS = {f'pool/{name}.py' for name in ('connection_pool', 'slots', 'sessions', 'sharing',
                                              'upkeep')}
 
 
 def engine():
-    return {path.relative_to(ENGINE).as_posix(): scan(path.read_text())
+    return {path.relative_to(ENGINE).as_posix():
+            scan(path.read_text(), path.relative_to(ENGINE).as_posix() in POOL_CLASS)
             for package in ENGINE_PACKAGES for path in sorted((ENGINE / package).glob('*.py'))}
 
 
@@ -198,13 +215,14 @@ def test_allowed_exceptions_still_exist():
 
 def test_locks_are_taken_in_order():
     scans = engine()
-    # The pool is one class in pool/connection_pool.py and the pool/ modules it mixes in.
+    # The pool is one object with its collaborators (pool/connection_pool.py and the pool/
+    # modules of its parts).
     pool_takers = pool_lock_takers(merged(found for module, found in scans.items()
                                           if module in POOL_CLASS))
     shared_takers = {function for found in scans.values()
                      for function, kinds in found.takes.items()
                      if 'shared' in kinds and not function.startswith('__')}
-    assert {'give_back', 'lend_idle', 'lent', '_retire', 'borrow', 'maintain', 'adopt'} <= \
+    assert {'give_back', 'lend_idle', 'lent', 'retire', 'borrow', 'maintain', 'adopt'} <= \
         pool_takers
     assert {'release', 'try_acquire', 'park', '_receive', 'register'} <= shared_takers
     wrong = [line for module, found in scans.items()

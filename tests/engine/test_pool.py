@@ -404,7 +404,7 @@ def test_leak_warning_logged_once_with_borrow_site(pools, info, pool_log):
 def test_repr_and_readonly_like_stock(pools, info):
     pool = pools(5, readonly=True)
     cnx = pool.borrow(info())
-    assert pool.readonly is True and pool._maxconn == 5
+    assert pool.readonly is True and pool.books.maxconn == 5
     assert repr(pool) == 'ConnectionPool(read-only;used=1/count=1/max=5)'
     pool.give_back(cnx)
     assert repr(pools(3)) == 'ConnectionPool(read/write;used=0/count=0/max=3)'

@@ -310,7 +310,7 @@ def test_pinned_reads_ask_the_replica_then_use_the_writing_connection(pg, replic
     _write_and_wait_for_replay(pg, rw, info, first, required, 2, written)
     opened = ro.stats.opened, rw.stats.opened
     cnx = ro.borrow(info('db1'))
-    assert cnx in rw._used                               # lent by the read/write pool
+    assert cnx in rw.books.used                               # lent by the read/write pool
     cnx.set_session(readonly=True)                       # as Odoo's read-only cursor does
     with cnx.cursor() as cur:
         cur.execute('SELECT inet_server_port(), v FROM ryw')

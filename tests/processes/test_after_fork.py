@@ -132,7 +132,7 @@ def test_a_child_closes_the_parent_s_session_copies_and_nothing_that_took_their_
     shared = master(str(tmp_path / 'segment'))
     parking = shared.exchange.parking
     notes = {'in flight': lambda fd: mark_in_flight(fd),
-             'exiting': lambda fd: pool._exiting.append(
+             'exiting': lambda fd: pool.books.exiting.append(
                  [fd, monotonic() + 60, 0, after_fork.identity(fd)]),
              'parking exiting': lambda fd: parking._exiting.append(
                  [fd, monotonic() + 60, 0, after_fork.identity(fd)])}[registry]
@@ -151,7 +151,7 @@ def test_a_child_closes_the_parent_s_session_copies_and_nothing_that_took_their_
             os.close(fd)
         IN_FLIGHT.pop(live, None)
         IN_FLIGHT.pop(gone, None)
-        pool._exiting[:] = [e for e in pool._exiting if e[0] not in (live, gone)]
+        pool.books.exiting[:] = [e for e in pool.books.exiting if e[0] not in (live, gone)]
         parking._exiting[:] = []
         shared.exchange.close()
         pool.give_back(cnx)
@@ -166,8 +166,8 @@ def test_a_connection_on_its_way_to_the_parking_is_neutralized_in_a_child(family
     pool = make_pool()
     cnx = pool.borrow(info('db2'))
     pool.give_back(cnx)
-    with pool._lock:                    # the locked step of a park (park_wanted's)
-        pool._move_locked(cnx, slots.PARKING)
+    with pool.books.lock:                    # the locked step of a park (park_wanted's)
+        pool.books.move_locked(cnx, slots.PARKING)
     try:
         null = os.open(os.devnull, os.O_RDONLY)
         session, devnull = after_fork.identity(cnx.fileno()), after_fork.identity(null)
@@ -176,5 +176,5 @@ def test_a_connection_on_its_way_to_the_parking_is_neutralized_in_a_child(family
         assert tuple(collect(pid, pipe)) == devnull != session
         assert after_fork.identity(cnx.fileno()) == session     # the parent's is untouched
     finally:
-        pool._after_park(cnx, False)    # back in IDLE
-    assert cnx not in pool._lent and pool.borrow(info('db2')) is cnx
+        pool.sharing._after_park(cnx, False)    # back in IDLE
+    assert cnx not in pool.books.lent and pool.borrow(info('db2')) is cnx

@@ -54,21 +54,21 @@ def check_books(pool, known, every=True):
     """Books, slot counts and published counts agree with every known connection's state
     (``every``: ``known`` holds all the pool's connections; else a connection booked by a
     thread that has not said so yet may add to the counts)."""
-    with pool._lock:
-        idle = [cnx for stack in pool._idle.values() for cnx in stack]
-        assert all(pool._idle.values()), 'an empty idle stack'
-        assert pool._n_idle == len(idle)
+    with pool.books.lock:
+        idle = [cnx for stack in pool.books.idle.values() for cnx in stack]
+        assert all(pool.books.idle.values()), 'an empty idle stack'
+        assert pool.books.n_idle == len(idle)
         for cnx in known:
             state = cnx.pooled.state
-            assert (cnx in pool._used) == (state == slots.IN_USE), slots.STATES[state]
+            assert (cnx in pool.books.used) == (state == slots.IN_USE), slots.STATES[state]
             assert (cnx in idle) == (state == slots.IDLE), slots.STATES[state]
-            if cnx in pool._lent:
+            if cnx in pool.books.lent:
                 assert state in (slots.PARKING, slots.LENDING, slots.CLOSING)
             else:
                 assert state not in (slots.PARKING, slots.LENDING)
-        travelling = sum(1 for cnx in pool._lent if cnx.pooled.state != slots.CLOSING)
-        assert pool._closing >= travelling
-        assert pool._count() <= pool._maxconn
+        travelling = sum(1 for cnx in pool.books.lent if cnx.pooled.state != slots.CLOSING)
+        assert pool.books.closing >= travelling
+        assert pool.books.count() <= pool.books.maxconn
         published = {}
         for cnx in known:
             record = cnx.pooled
@@ -123,17 +123,17 @@ def test_every_step_of_a_random_workload_keeps_books_and_published_counts_agreed
             if rng.random() < 0.5:
                 no_demand(pool)
         elif action < 0.8:
-            with pool._lock:
-                candidates = [stack[-1] for stack in pool._idle.values()
+            with pool.books.lock:
+                candidates = [stack[-1] for stack in pool.books.idle.values()
                               if stack[-1].pooled.khash]
             if candidates:
                 khash = rng.choice(candidates).pooled.khash
-                cnx = pool.lend_idle(khash)
+                cnx = pool.sharing.lend_idle(khash)
                 if cnx is not None:
                     assert cnx.pooled.state == slots.LENDING
                     check_books(pool, known)
                     given = rng.random() < 0.5
-                    pool.lent(cnx, given)
+                    pool.sharing.lent(cnx, given)
                     if given:       # the taker took its budget slot (none here: freed)
                         pool.budget.release()
                     moves.add('given' if given else 'lent back')
@@ -143,7 +143,7 @@ def test_every_step_of_a_random_workload_keeps_books_and_published_counts_agreed
             held = [cnx for cnx in held if cnx.pooled.state == slots.IN_USE]
             moves.add('close_all')
         else:
-            pool.finish_exits()
+            pool.books.finish_exits()
         check_books(pool, known)
     faults.disarm()
     for cnx in held:
@@ -189,13 +189,13 @@ def test_threads_borrowing_giving_back_and_closing_leave_consistent_books(shared
         time.sleep(0.01)
     assert not errors, errors
     deadline = time.monotonic() + 5
-    while pool._closing and time.monotonic() < deadline:
-        pool.finish_exits()
+    while pool.books.closing and time.monotonic() < deadline:
+        pool.books.finish_exits()
         time.sleep(0.02)
     check_books(pool, known)
-    with pool._lock:
-        assert not pool._used and not pool._lent and pool._closing == 0
-        assert pool._count() == pool._n_idle
+    with pool.books.lock:
+        assert not pool.books.used and not pool.books.lent and pool.books.closing == 0
+        assert pool.books.count() == pool.books.n_idle
     assert pool.stats.parked and pool.stats.unparked
 
 
@@ -205,8 +205,8 @@ def test_a_closing_connection_never_moves_again(shared_pool, info):
     cnx = pool.borrow(info('db1'))
     pool.close_all(info('db1'))
     assert cnx.pooled.state == slots.CLOSING
-    with pool._lock, pytest.raises(PoolError):
-        pool._move_locked(cnx, slots.IDLE)
+    with pool.books.lock, pytest.raises(PoolError):
+        pool.books.move_locked(cnx, slots.IDLE)
     pool.give_back(cnx)             # ignored: closed by close_all while in use
     assert cnx.pooled.state == slots.CLOSING
 
@@ -217,17 +217,17 @@ def test_a_give_back_racing_close_all_is_ignored(shared_pool, info):
     'does not belong to the pool': the connection was not closed yet)."""
     pool = shared_pool
     cnx = pool.borrow(info('db2'))
-    with pool._lock:                    # close_all's locked step
-        pool._move_locked(cnx, slots.CLOSING)
+    with pool.books.lock:                    # close_all's locked step
+        pool.books.move_locked(cnx, slots.CLOSING)
     assert not cnx.closed
     pool.give_back(cnx)
-    pool._retire([cnx])                 # close_all's close, after the lock
+    pool.books.retire([cnx])                 # close_all's close, after the lock
     assert cnx.closed and cnx.pooled.state == slots.CLOSING
     deadline = time.monotonic() + 5
-    while pool._closing and time.monotonic() < deadline:
-        pool.finish_exits()
+    while pool.books.closing and time.monotonic() < deadline:
+        pool.books.finish_exits()
         time.sleep(0.02)
-    assert pool._count() == 0
+    assert pool.books.count() == 0
 
 
 # ------------------------------------------------------------------ races the states expose
@@ -252,8 +252,8 @@ def make_pool(tmp_path):
 def settle(pool, pg, app, sessions):
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        pool.finish_exits()
-        if not pool._closing and pg.count_connections(app) == sessions:
+        pool.books.finish_exits()
+        if not pool.books.closing and pg.count_connections(app) == sessions:
             break
         time.sleep(0.02)
     return pg.count_connections(app)
@@ -267,7 +267,7 @@ def test_a_grant_taken_while_checked_is_borrowed_again_within_the_budget(
     opened one in a slot it did not have: one session over the budget for its lifetime."""
     pool = make_pool(maxconn=1)
     pool.give_back(pool.borrow(info('db1')))
-    revive = pool._revive
+    revive = pool.sessions.revive
 
     def racing_revive(cnx):
         if taken_by == 'close_all':
@@ -276,13 +276,13 @@ def test_a_grant_taken_while_checked_is_borrowed_again_within_the_budget(
             cnx.close()             # (closed from outside)
             pool.maintain()         # the maintenance thread's reclaim
         return revive(cnx)
-    pool._revive = racing_revive
+    pool.sessions.revive = racing_revive
     try:
         cnx = pool.borrow(info('db1'))
     finally:
-        del pool._revive
+        del pool.sessions.revive
     assert settle(pool, pg, app, 1) == 1
-    assert pool._count() <= pool._maxconn
+    assert pool.books.count() <= pool.books.maxconn
     assert pool.budget.held() == 1 == pg.count_connections(app)
     pool.give_back(cnx, keep_in_pool=False)
     assert settle(pool, pg, app, 0) == 0 and pool.budget.held() == 0
@@ -319,7 +319,7 @@ def test_a_take_interrupted_while_closing_raises_the_interruption_and_frees_its_
         pool.borrow(info('db1'))
     monkeypatch.setattr(slots, 'begin_close', close)
     assert settle(pool, pg, app, 0) == 0
-    assert pool._closing == 0 and pool.budget.held() == 0
+    assert pool.books.closing == 0 and pool.budget.held() == 0
 
 
 def test_close_all_of_a_database_while_a_give_back_parks_leaves_nothing_parked(

@@ -111,12 +111,12 @@ def test_a_budget_slot_is_freed_when_the_backend_exits_not_before(high_fds, pg, 
         os.write(busy.fileno(), b'Q' + struct.pack('!i', 4 + len(query)) + query)
         pool.give_back(busy, keep_in_pool=False)
         time.sleep(0.5)                         # many maintenance passes
-        assert pool.budget.state.total_held() == 1 and len(pool._exiting) == 1
-        assert beyond_select(pool._exiting[0][0])      # the duplicate watched
+        assert pool.budget.state.total_held() == 1 and len(pool.books.exiting) == 1
+        assert beyond_select(pool.books.exiting[0][0])      # the duplicate watched
         assert pg.count_connections(app) == 1
         pg.sql('SELECT pg_terminate_backend(%s)', [backend])
         assert pg.wait_until(lambda: pool.budget.state.total_held() == 0)
-        assert pg.count_connections(app) == 0 and not pool._exiting
+        assert pg.count_connections(app) == 0 and not pool.books.exiting
         cnx = pool.borrow(info('db2'))          # idle, then close_all()
         assert beyond_select(cnx.fileno())
         pool.give_back(cnx)

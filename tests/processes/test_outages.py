@@ -143,7 +143,7 @@ def test_an_outage_longer_than_the_wait_timeout_fails_after_it_not_before(runnin
     assert f'{running.host}:{running.port}' in message
     assert 'db_pool_wait_timeout = 2' in message and 'Last error:' in message
     assert 'Connection refused' in message or 'No such file' in message, message
-    assert pool._opening == 0
+    assert pool.books.opening == 0
     running.start()
     pool.give_back(pool.borrow(info))            # the slot came back
 

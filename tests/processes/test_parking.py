@@ -13,7 +13,6 @@ from odoo_pool_patch.pool import sharing as pool_sharing
 from odoo_pool_patch.shared import shared_state as ss
 from odoo_pool_patch.shared.budget import SharedBudget
 from odoo_pool_patch.errors import PoolTimeout
-from odoo_pool_patch.pool.connection_pool import ConnectionPool
 
 from testkit import backend_pid
 from testkit.peers import borrow_while_peer_gives_back, count, parked, peer
@@ -124,7 +123,7 @@ def test_borrowers_waiting_for_the_budget_get_the_slots_of_parked_connections(
         pg, info, app, tmp_path, family, monkeypatch, shed):
     """A borrower that cannot make room itself waits in the budget's queue: the
     maintenance closes parked connections for it."""
-    monkeypatch.setattr(ConnectionPool, '_evict_parked', lambda self: False)
+    monkeypatch.setattr(pool_sharing.Sharing, 'evict_parked', lambda self: False)
     if not shed:                            # control: parked connections never shed
         monkeypatch.setattr(parking_module.Parking, 'tick', lambda self, full, idle: 0)
     start, peers = family

@@ -216,13 +216,13 @@ def exchange_counts(pool):
 def settled(pool, timeout=5.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pool.finish_exits()
-        if pool._closing == 0:
+        pool.books.finish_exits()
+        if pool.books.closing == 0:
             break
         time.sleep(0.05)
-    with pool._lock:
-        return {'count': pool._count(), 'idle': pool._n_idle, 'used': len(pool._used),
-                'closing': pool._closing, 'opening': pool._opening}
+    with pool.books.lock:
+        return {'count': pool.books.count(), 'idle': pool.books.n_idle, 'used': len(pool.books.used),
+                'closing': pool.books.closing, 'opening': pool.books.opening}
 
 
 def wanted_elsewhere(peers, tmp_path, info, make, database='db1'):

@@ -388,11 +388,11 @@ def test_maintenance_pass_is_urgent_while_borrowers_wait_or_slots_wait_for_an_ex
     query = b'SELECT pg_sleep(60)\0'
     os.write(busy.fileno(), b'Q' + struct.pack('!i', 4 + len(query)) + query)
     pool.give_back(busy, keep_in_pool=False)
-    assert pool._exiting and maintenance._urgent([pool])
+    assert pool.books.exiting and maintenance._urgent([pool])
     pool.shutdown()
     assert pool._closed and maintenance._urgent([pool])    # a closed pool's too
     pg.sql('SELECT pg_terminate_backend(%s)', [backend])   # it exits: its slot is freed
-    assert pg.wait_until(lambda: not pool._exiting, timeout=5)
+    assert pg.wait_until(lambda: not pool.books.exiting, timeout=5)
     assert budget.state.total_held() == 0
     assert not maintenance._urgent([pool])
 
@@ -493,7 +493,7 @@ def test_history_keeps_totals_for_the_dashboard(pg, shm_path, info):
     pool = ConnectionPool(5, budget=budget)
     held = [pool.borrow(info()) for _ in range(3)]
     pool.give_back(held.pop())
-    figures = pool.figures()
+    figures = pool.upkeep.figures()
     budget.publish(figures['in_use'], figures['idle'], figures['long_lived'])
     assert budget.state.record_history(period_ms=0)
     assert not budget.state.record_history(period_ms=60_000)   # one sample per period
