@@ -119,7 +119,7 @@ class TestDeadRollback(common.BaseCase):
         cr.close()
         self.assertTrue(cr._closed)
         self.assertEqual(hooks, ['postrollback'])
-        self.assertNotIn(cnx, sql_db._Pool._used)      # given back (closed)
+        self.assertNotIn(cnx, sql_db._Pool.books.used)      # given back (closed)
 
     def test_control_stock_close_raises(self):
         cr = self.doomed_after_commit()

@@ -15,7 +15,7 @@ class TestPoolActive(common.BaseCase):
         with Registry(common.get_db_name()).cursor() as cr:
             cr.execute('SELECT 1')
             self.assertIsInstance(sql_db._Pool, PoolEngine)
-            self.assertIn(cr._cnx, sql_db._Pool._used)
+            self.assertIn(cr._cnx, sql_db._Pool.books.used)
         self.assertTrue(is_active())
         self.assertTrue(issubclass(sql_db.ConnectionPool, PoolEngine))
 
