@@ -67,6 +67,29 @@ def cpu_seconds(groups=(), parents=(), pids=()):
     return found
 
 
+def side_thread_seconds(groups=()):
+    """{(pid, tid): CPU seconds} of the threads other than the main one of the processes
+    of the process ``groups``. Odoo's prefork workers (and its master) serve on their main
+    thread and start no other, so under prefork these are db_pooling's own threads: the
+    maintenance thread and the exchange's listener."""
+    found = {}
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        stat = _stat(name)
+        if not stat or stat[1] not in groups:
+            continue
+        try:
+            tids = [tid for tid in os.listdir(f'/proc/{name}/task') if tid != name]
+        except OSError:
+            continue
+        for tid in tids:
+            task = _stat(f'{name}/task/{tid}')
+            if task:
+                found[(int(name), int(tid))] = task[2]
+    return found
+
+
 def cpu_used(before, after):
     """CPU seconds between two :func:`cpu_seconds` readings: what the processes alive at
     the end used since the first reading (all of it for those started since); a
@@ -79,15 +102,17 @@ class CpuMeter:
     :meth:`start` and :meth:`stop`, read every ``interval`` s meanwhile so that a
     process that ends (a backend closed by a pool) counts up to its last reading."""
 
-    def __init__(self, interval=0.2, **which):
+    def __init__(self, interval=0.2, side_threads=False, **which):
         import threading
         self.which, self.interval = which, interval
+        # Only the side threads (side_thread_seconds) of the processes of ``groups``.
+        self.read = side_thread_seconds if side_threads else cpu_seconds
         self.first, self.last = {}, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _read(self, baseline=False):
-        for pid, used in cpu_seconds(**self.which).items():
+        for pid, used in self.read(**self.which).items():
             self.first.setdefault(pid, used if baseline else 0.0)   # new since: from 0
             self.last[pid] = used
 
@@ -188,7 +213,7 @@ def stock_pool_class(no_odoo=False):
 def merge_rounds(label, runs, worst=('peak', 'at_rest'),
                  total=('errors', 'requests', 'done', 'http_requests'),
                  mean=('mean', 'per_s', 'p50_ms', 'p99_ms', 'wait_p50_ms', 'wait_p99_ms',
-                       'new_per_s', 'postgres_per_s', 'odoo_cpu_us', 'cpu_us'),
+                       'new_per_s', 'postgres_per_s', 'odoo_cpu_us', 'side_cpu_us', 'cpu_us'),
                  also_worst=('wait_max_ms',),
                  counts=('sessions_opened', 'error_kinds', 'pool')):
     """One row per arm over its rounds: the worst of ``worst``, sums of ``total`` and of

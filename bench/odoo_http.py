@@ -48,7 +48,9 @@ COLUMNS = [('arm', 'arm', ''), ('peak', 'peak', 'd'), ('mean', 'mean', '.1f'),
            ('at_rest', 'at rest', 'd'), ('requests', 'requests', 'd'), ('per_s', 'req/s', '.1f'),
            ('p50_ms', 'p50 ms', '.1f'), ('p99_ms', 'p99 ms', '.1f'), ('errors', 'errors', 'd'),
            ('new_per_s', 'new cnx/s', '.1f'), ('postgres_per_s', 'of which postgres', '.1f'),
-           ('odoo_cpu_us', 'Odoo CPU µs/req', '.0f'), ('cpu_us', 'all CPU µs/req', '.0f')]
+           ('odoo_cpu_us', 'Odoo CPU µs/req', '.0f'),
+           # of which threads besides the main ones (under prefork: db_pooling's own)
+           ('side_cpu_us', 'side threads µs/req', '.0f'), ('cpu_us', 'all CPU µs/req', '.0f')]
 
 
 def pool_counters(path):
@@ -94,6 +96,7 @@ def run_arm(tree, cluster, workdir, databases, arm, args, counters, number=0):
         def on_measure():
             before.update(counters.sessions())
             meters.update(odoo=CpuMeter(groups=groups).start(),
+                          side=CpuMeter(groups=groups, side_threads=True).start(),
                           all=CpuMeter(groups=groups, parents=parents, pids=pids).start())
 
         used = {}
@@ -103,6 +106,7 @@ def run_arm(tree, cluster, workdir, databases, arm, args, counters, number=0):
                               {name: meter.stop() for name, meter in meters.items()}))
         calls = max(row['http_requests'], 1)
         row['odoo_cpu_us'] = 1e6 * used['odoo'] / calls
+        row['side_cpu_us'] = 1e6 * used['side'] / calls
         row['cpu_us'] = 1e6 * used['all'] / calls
         # Sessions of the measured part and its rest; counted once every backend has
         # reported them (the statistics are flushed at most once a second).
