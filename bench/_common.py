@@ -67,11 +67,9 @@ def cpu_seconds(groups=(), parents=(), pids=()):
     return found
 
 
-def side_thread_seconds(groups=()):
-    """{(pid, tid): CPU seconds} of the threads other than the main one of the processes
-    of the process ``groups``. Odoo's prefork workers (and its master) serve on their main
-    thread and start no other, so under prefork these are db_pooling's own threads: the
-    maintenance thread and the exchange's listener."""
+def thread_seconds(groups=()):
+    """{(pid, tid): CPU seconds} of every thread of the processes of the process
+    ``groups`` (see :class:`CpuMeter`'s ``side_threads``)."""
     found = {}
     for name in os.listdir('/proc'):
         if not name.isdigit():
@@ -80,7 +78,7 @@ def side_thread_seconds(groups=()):
         if not stat or stat[1] not in groups:
             continue
         try:
-            tids = [tid for tid in os.listdir(f'/proc/{name}/task') if tid != name]
+            tids = os.listdir(f'/proc/{name}/task')
         except OSError:
             continue
         for tid in tids:
@@ -105,8 +103,12 @@ class CpuMeter:
     def __init__(self, interval=0.2, side_threads=False, **which):
         import threading
         self.which, self.interval = which, interval
-        # Only the side threads (side_thread_seconds) of the processes of ``groups``.
-        self.read = side_thread_seconds if side_threads else cpu_seconds
+        # side_threads: only the threads of the processes of ``groups`` other than the
+        # busiest of each process. An Odoo prefork worker serves requests on one thread
+        # (its main thread waits in join), so these are the threads db_pooling starts
+        # (maintenance, the exchange's listener) and whatever else a module starts.
+        self.side_threads = side_threads
+        self.read = thread_seconds if side_threads else cpu_seconds
         self.first, self.last = {}, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -129,7 +131,13 @@ class CpuMeter:
         self._stop.set()
         self._thread.join()
         self._read()
-        return sum(used - self.first[pid] for pid, used in self.last.items())
+        used = {key: last - self.first[key] for key, last in self.last.items()}
+        if not self.side_threads:
+            return sum(used.values())
+        busiest = {}
+        for (pid, _tid), seconds in used.items():
+            busiest[pid] = max(busiest.get(pid, 0.0), seconds)
+        return sum(used.values()) - sum(busiest.values())
 
 
 def postmaster_pid(cluster):

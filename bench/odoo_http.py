@@ -49,7 +49,7 @@ COLUMNS = [('arm', 'arm', ''), ('peak', 'peak', 'd'), ('mean', 'mean', '.1f'),
            ('p50_ms', 'p50 ms', '.1f'), ('p99_ms', 'p99 ms', '.1f'), ('errors', 'errors', 'd'),
            ('new_per_s', 'new cnx/s', '.1f'), ('postgres_per_s', 'of which postgres', '.1f'),
            ('odoo_cpu_us', 'Odoo CPU µs/req', '.0f'),
-           # of which threads besides the main ones (under prefork: db_pooling's own)
+           # of which threads besides the busiest of each process (prefork: db_pooling's own)
            ('side_cpu_us', 'side threads µs/req', '.0f'), ('cpu_us', 'all CPU µs/req', '.0f')]
 
 

@@ -46,7 +46,7 @@ class SessionSteps:
         self._prefixes = (None, None)   # (settings, {role: SET LOCAL timeouts})
 
     def open_in_slot(self, connection_info, key, holder):
-        """Connect in a slot already reserved (``_opening``); give it back on failure.
+        """Connect in a slot already reserved (``books.opening``); give it back on failure.
         Through an outage of the server, waits for it until ``db_pool_wait_timeout`` after
         the borrow began (see :mod:`.outage`); a replica's failure is the router's to handle."""
         direct = self.direct_info(connection_info, key)
@@ -54,13 +54,13 @@ class SessionSteps:
         outages = self.pool.outages()
         server = server_of(info)
         replica = self.pool.router is not None and server in self.pool.router.replica_names
-        factory = self.pool.connection_factory
+        pool = self.pool
         try:
             if replica:
-                cnx = psycopg2.connect(connection_factory=factory, **info)
+                cnx = psycopg2.connect(connection_factory=pool.connection_factory, **info)
             else:
                 cnx = outages.connect(
-                    lambda: psycopg2.connect(connection_factory=factory, **info),
+                    lambda: psycopg2.connect(connection_factory=pool.connection_factory, **info),
                     server, holder.since + self.pool.settings.wait_timeout,
                     self.pool.settings.wait_timeout)
         except BaseException as exc:

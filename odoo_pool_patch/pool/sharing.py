@@ -109,7 +109,7 @@ class Sharing:
 
     def park_now_locked(self, record):
         """At a give-back (under the pool lock), the connection of ``record`` may be
-        parked (:meth:`_should_park_locked`): whether to park it now. Inside a
+        parked (:meth:`should_park_locked`): whether to park it now. Inside a
         request only when a process waits for that database right now; otherwise it stays
         idle here for the request's next cursor and is parked at the request's end."""
         if _DEFERRAL.active and not self.pool.budget.exchange.parking.wanted(
@@ -162,7 +162,7 @@ class Sharing:
             exchange.parking.wanted(record.khash)
 
     def park(self, cnx):
-        """Send ``cnx`` to the parking (counted in ``_closing`` meanwhile); kept idle
+        """Send ``cnx`` to the parking (counted in ``books.closing`` meanwhile); kept idle
         here if it cannot go."""
         exchange = self.pool.budget.exchange
         sent = [False]              # set by the parking inside its locked step

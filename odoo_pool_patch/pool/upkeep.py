@@ -170,7 +170,7 @@ class Upkeep:
     def figures(self):
         """Cheap counts for the shared state: in use (long-lived ones apart, being opened
         included), idle. A borrower waiting for the budget is not in use: its local slot
-        (in ``_opening``) has no slot of the budget yet, so it would show more in use than
+        (in ``books.opening``) has no slot of the budget yet, so it would show more in use than
         the process holds."""
         with self.books.lock:
             long_lived = sum(1 for cnx in self.books.used

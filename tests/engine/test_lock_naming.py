@@ -31,7 +31,7 @@ ENGINE = pathlib.Path(odoo_pool_patch.__file__).parent
 
 # (module, function, helper): why that call may go without the lock. (Empty: the one
 # exception there was, odoo_install.adopt booking connections of a pool no other thread
-# saw yet, now calls ConnectionPool.adopt, which takes the lock.)
+# saw yet, now calls pool.sessions.adopt, which takes the lock.)
 ALLOWED = {}
 
 
@@ -63,16 +63,26 @@ class Scan(ast.NodeVisitor):
 
     def __init__(self, pool_parts=False):
         self.pool_parts = pool_parts    # a pool/ module: its pool's parts share one lock
-        self.function, self.held = '<module>', ()
+        self.function, self.held, self.aliases = '<module>', (), set()
         self.calls = []         # (line, function, called name, receiver, held)
         self.takes = {}         # function -> {'shared', 'own'} it takes in its own body
         self.self_calls = {}    # function -> names it calls on self
 
     def visit_FunctionDef(self, node):
-        outer = self.function, self.held
-        self.function, self.held = node.name, ()
+        outer = self.function, self.held, self.aliases
+        self.function, self.held, self.aliases = node.name, (), set()
         self.generic_visit(node)
-        self.function, self.held = outer
+        self.function, self.held, self.aliases = outer
+
+    def visit_Assign(self, node):
+        """``books = self.books``: a local name for a part of this pool (in pool/ modules)."""
+        self.generic_visit(node)
+        for target in node.targets:
+            if isinstance(target, ast.Name):
+                if self.pool_parts and self.holder(ast.unparse(node.value)) == 'self':
+                    self.aliases.add(target.id)
+                else:
+                    self.aliases.discard(target.id)
 
     visit_AsyncFunctionDef = visit_FunctionDef
 
@@ -112,13 +122,17 @@ class Scan(ast.NodeVisitor):
 
 
     def holder(self, receiver):
-        """``self`` for a receiver that names a part of the pool, in a pool/ module."""
-        if self.pool_parts and receiver is not None and POOL_PART.fullmatch(receiver):
+        """``self`` for a receiver that names this pool or one of its parts, in a pool/
+        module: ``self``, ``self.books``, ``self.pool.sharing``... or a local name given one
+        of them in this function; a ``pool`` or ``books`` that came from elsewhere (another
+        pool's) stays itself."""
+        if self.pool_parts and receiver is not None and (
+                POOL_PART.fullmatch(receiver) or receiver in self.aliases):
             return 'self'
         return receiver
 
 
-POOL_PART = re.compile(r'(self\.)?(pool\.)?(self|pool|books|sessions|sharing|upkeep)')
+POOL_PART = re.compile(r'self(\.pool)?(\.(books|sessions|sharing|upkeep))?')
 
 
 def scan(source, pool_parts=False):
@@ -146,8 +160,8 @@ def naming_violations(module, found):
 
 
 def pool_lock_takers(found):
-    """Methods of the pool (pool/connection_pool.py and its mixins, scanned as one) that take the
-    pool lock, themselves or through a method of self."""
+    """Methods of the pool (pool/connection_pool.py and its parts, scanned as one) that take
+    the pool lock, themselves or through a method of the pool or a part."""
     takers = {function for function, kinds in found.takes.items() if 'own' in kinds}
     while True:
         more = {function for function, names in found.self_calls.items()
@@ -173,7 +187,7 @@ def order_violations(module, found, pool_takers, shared_takers):
 
 
 def merged(scans):
-    """One scan of several modules' methods (the mixins of one class)."""
+    """One scan of several modules' methods (the pool and its parts)."""
     whole = Scan()
     for found in scans:
         for function, kinds in found.takes.items():
@@ -263,6 +277,39 @@ class Budget:
             self._finish_exits_exit_locked()
         self._finish_exits_exit_locked()        # wrong: no lock
 '''
+
+
+POOL_SAMPLE = '''
+class Sharing:
+    def fine(self, pool):
+        books = self.books
+        with books.lock:
+            self.pool.books.move_locked(1)
+            self.books.hand_off_locked()
+            self.pool.sharing.park_now_locked(2)
+        with self.pool.books.lock:
+            books.move_locked(3)
+        with pool.books.lock:
+            self.books.move_locked(4)           # wrong: another pool's lock
+        other = pool.books
+        with other.lock:
+            books.move_locked(5)                # wrong: another pool's lock
+        books = pool.books
+        with self.books.lock:
+            books.move_locked(6)                # wrong: books is another pool's now
+        pool.books.move_locked(7)               # wrong: no lock
+    def hand_over_locked(self):
+        self.books.move_locked(8)
+        self.pool.sessions.prefix_locked(9)
+        pool = self.other
+        pool.books.move_locked(10)              # wrong: another pool's, without its lock
+'''
+
+
+def test_the_checks_tell_this_pools_parts_from_another_pool():
+    wrong = naming_violations('pool/sample.py', scan(POOL_SAMPLE, pool_parts=True))
+    expected = [n for n, line in enumerate(POOL_SAMPLE.splitlines(), 1) if '# wrong' in line]
+    assert sorted(int(line.split(':')[1]) for line in wrong) == expected, '\n'.join(wrong)
 
 
 def test_the_checks_catch_calls_without_the_lock():
