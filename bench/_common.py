@@ -53,38 +53,38 @@ def _stat(pid):
     return int(fields[1]), int(fields[2]), (int(fields[11]) + int(fields[12])) / TICK
 
 
+def _processes():
+    """(pid, (ppid, pgrp, CPU seconds)) of every process still there."""
+    for name in os.listdir('/proc'):
+        if name.isdigit():
+            stat = _stat(name)
+            if stat:
+                yield int(name), stat
+
+
 def cpu_seconds(groups=(), parents=(), pids=()):
     """{pid: CPU seconds} of the processes of the process ``groups`` (an Odoo server
     started in a session of its own), the children of ``parents`` (a postmaster's
     backends) and ``pids`` (PgBouncer)."""
-    found = {}
-    for name in os.listdir('/proc'):
-        if not name.isdigit():
-            continue
-        stat = _stat(name)
-        if stat and (stat[1] in groups or stat[0] in parents or int(name) in pids):
-            found[int(name)] = stat[2]
-    return found
+    return {pid: stat[2] for pid, stat in _processes()
+            if stat[1] in groups or stat[0] in parents or pid in pids}
 
 
 def thread_seconds(groups=()):
     """{(pid, tid): CPU seconds} of every thread of the processes of the process
     ``groups`` (see :class:`CpuMeter`'s ``side_threads``)."""
     found = {}
-    for name in os.listdir('/proc'):
-        if not name.isdigit():
-            continue
-        stat = _stat(name)
-        if not stat or stat[1] not in groups:
+    for pid, stat in _processes():
+        if stat[1] not in groups:
             continue
         try:
-            tids = os.listdir(f'/proc/{name}/task')
+            tids = os.listdir(f'/proc/{pid}/task')
         except OSError:
             continue
         for tid in tids:
-            task = _stat(f'{name}/task/{tid}')
+            task = _stat(f'{pid}/task/{tid}')
             if task:
-                found[(int(name), int(tid))] = task[2]
+                found[(pid, int(tid))] = task[2]
     return found
 
 
