@@ -51,23 +51,23 @@ class SessionSteps:
         the borrow began (see :mod:`.outage`); a replica's failure is the router's to handle."""
         direct = self.direct_info(connection_info, key)
         info = direct or connection_info
-        outages = self.pool.outages()
-        server = server_of(info)
-        replica = self.pool.router is not None and server in self.pool.router.replica_names
         pool = self.pool
+        outages = pool.outages()
+        server = server_of(info)
+        replica = pool.router is not None and server in pool.router.replica_names
         try:
             if replica:
                 cnx = psycopg2.connect(connection_factory=pool.connection_factory, **info)
             else:
                 cnx = outages.connect(
                     lambda: psycopg2.connect(connection_factory=pool.connection_factory, **info),
-                    server, holder.since + self.pool.settings.wait_timeout,
-                    self.pool.settings.wait_timeout)
+                    server, holder.since + pool.settings.wait_timeout,
+                    pool.settings.wait_timeout)
         except BaseException as exc:
             with self.books.lock:
                 self.books.opening -= 1
-                if self.pool.budget is not None:
-                    self.pool.budget.release()
+                if pool.budget is not None:
+                    pool.budget.release()
                 if self.books.waiters:
                     self.books.hand_off_locked()
             explained = (explain_failure(exc, info)
@@ -83,13 +83,13 @@ class SessionSteps:
         if not replica:             # (a replica has no outage row: the router bans it)
             record.gen_cells = outages.cells
             record.gen_cell, record.gen = outages.generation(server)
-        record.direct = (direct is not None) if self.pool.settings.direct_host else None
+        record.direct = (direct is not None) if pool.settings.direct_host else None
         record.prefix = self.prefix(cnx, key, holder)
         record_tls(cnx, info)
         with self.books.lock:
             self.books.opening -= 1
             self.books.move_locked(cnx, IN_USE, holder)
-            self.pool.stats.opened += 1
+            pool.stats.opened += 1
         return cnx
 
     def prepare_connection(self, cnx, key):

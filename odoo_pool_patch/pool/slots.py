@@ -1,11 +1,7 @@
 """Slots and books of the per-process pool: :class:`Books`, one per
 :class:`.connection_pool.ConnectionPool`, holds its lock (the pool lock: see the lock order in
-:mod:`.connection_pool`) and, under it: ``idle`` (DSN key -> stack of idle connections, the
-last freed last), ``used`` (connection -> :class:`.borrowers.Holder`), ``lent``
-(connections travelling to another process), ``opening`` / ``closing`` (slots reserved for
-a connect; held by a connection that travels or whose backend is exiting), ``exiting``
-(sockets watched for that exit), ``waiters`` (FIFO of borrowers waiting for a slot). A slot
-is counted for every connection in use, idle, travelling or closing and for every connect
+:mod:`.connection_pool`) and, under it, the books (its docstring lists them). A slot is
+counted for every connection in use, idle, travelling or closing and for every connect
 under way; never more than ``maxconn``.
 
 Where a connection is, is its record's ``state`` (``cnx.pooled.state``), and one function
@@ -191,9 +187,10 @@ class Books:
             cnx = stack[-1]
             self.move_locked(cnx, IN_USE, holder)
             return cnx
-        if take and self.pool.budget is not None and self.pool.budget.exchange is not None and \
+        budget = self.pool.budget
+        if take and budget is not None and budget.exchange is not None and \
                 self.count() < self.maxconn:
-            exchange = self.pool.budget.exchange
+            exchange = budget.exchange
             khash = exchange.hash_of(key)
             if khash and ((exchange.parking is not None and exchange.parking.count(khash)) or
                           exchange.offered(khash)):
@@ -201,7 +198,6 @@ class Books:
                 return TAKE
         if self.exiting and self.count() >= self.maxconn:
             self.finish_exits_locked()
-        budget = self.pool.budget
         if self.count() < self.maxconn and (
                 budget is None or
                 budget.try_acquire(budget.priority(key_database(key), holder.thread))):
